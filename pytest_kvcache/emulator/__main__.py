@@ -1,0 +1,203 @@
+"""Command line of the emulator: ``python -m pytest_kvcache.emulator --port P ...``.
+
+Serves until SIGTERM or SIGINT, then stops cleanly (exit status 0).  Logs go to
+stderr: emulator lines in vLLM's style and LMCache-style lines
+(``LMCache INFO: Retrieved 776 out of total 776 tokens``).  ``--log-level warning``
+silences the per-request lines (a caller that pipes stderr without reading it should
+use it, or send stderr to a file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import signal
+import sys
+from typing import Sequence
+
+from .costmodel import PROFILES, TIERS, make_profile
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {text}")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pytest_kvcache.emulator",
+        description="An emulated vLLM + LMCache OpenAI-compatible server.",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--model", default="emulated-model", help="served model name")
+    p.add_argument("--backend", choices=TIERS, default="none", help="offload tier")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="timing profile")
+    p.add_argument("--slowdown", type=_positive_float, default=1.0,
+                   help="multiplies every modeled time (fixed profile included)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per cache chunk")
+    p.add_argument("--disk-path", default=None, help="directory of the disk/gds tier")
+    p.add_argument("--cpu-size-gb", type=_positive_float, default=128.0,
+                   help="cpu tier size in GB of the real model's KV")
+    p.add_argument("--disk-size-gb", type=_positive_float, default=512.0,
+                   help="disk/gds tier size in GB of the real model's KV")
+    p.add_argument("--payload-scale", type=_positive_float, default=1 / 4096,
+                   help="bytes stored per real-model KV byte (default 1/4096)")
+    p.add_argument("--fixed-ttft-ms", type=_nonneg_float, default=None,
+                   help="fixed profile: time to first token (default 40)")
+    p.add_argument("--fixed-itl-ms", type=_nonneg_float, default=None,
+                   help="fixed profile: interval between tokens (default 8)")
+    p.add_argument("--max-model-len", type=_positive_int, default=131072)
+    p.add_argument("--config-json", default=None,
+                   help="JSON object overriding profile fields (e.g. prefill_base_ms, "
+                        "bandwidth_gbps) and emulator settings (use_odirect, spin_ms, "
+                        "vocab_size, error_rate, crash_after, stall_ms, stall_every, "
+                        "default_max_tokens, send_headers_early)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    return p
+
+
+def parse_settings(argv: Sequence[str] | None = None):
+    """Parse ``argv`` into a :class:`~.app.Settings` (argparse errors exit with 2)."""
+    from .app import EMULATOR_KEYS, Settings
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    overrides: dict = {}
+    extras: dict = {}
+    if args.config_json:
+        try:
+            cfg = json.loads(args.config_json)
+        except json.JSONDecodeError as exc:
+            parser.error(f"--config-json is not valid JSON: {exc}")
+        if not isinstance(cfg, dict):
+            parser.error("--config-json must be a JSON object")
+        for k, v in cfg.items():
+            if k in EMULATOR_KEYS:
+                try:
+                    extras[k] = EMULATOR_KEYS[k](v)
+                except (TypeError, ValueError):
+                    parser.error(f"--config-json: bad value for {k!r}: {v!r}")
+            else:
+                overrides[k] = v
+    if args.fixed_ttft_ms is not None:
+        overrides["fixed_ttft_ms"] = args.fixed_ttft_ms
+    if args.fixed_itl_ms is not None:
+        overrides["fixed_itl_ms"] = args.fixed_itl_ms
+    try:
+        profile = make_profile(args.profile, overrides)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--config-json: {exc}")
+    if args.backend in ("disk", "gds") and not args.disk_path:
+        parser.error(f"--backend {args.backend} requires --disk-path")
+    if extras.get("vocab_size", 32000) <= 16:
+        parser.error("--config-json: vocab_size too small")
+    return Settings(
+        host=args.host, port=args.port, model=args.model, backend=args.backend,
+        profile=profile, slowdown=args.slowdown, seed=args.seed, chunk_size=args.chunk_size,
+        disk_path=args.disk_path, cpu_size_gb=args.cpu_size_gb, disk_size_gb=args.disk_size_gb,
+        payload_scale=args.payload_scale, max_model_len=args.max_model_len, **extras,
+    ), args
+
+
+def _setup_logging(level: str) -> None:
+    lvl = getattr(logging, level.upper())
+    root = logging.getLogger("pytest_kvcache.emulator")
+    root.setLevel(lvl)
+    root.propagate = False
+    h = logging.StreamHandler(sys.stderr)
+    h.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [emulator] %(message)s",
+                                     "%m-%d %H:%M:%S"))
+    root.addHandler(h)
+    lm = logging.getLogger("pytest_kvcache.emulator.lmcache")
+    lm.propagate = False
+    lm.setLevel(lvl)
+    h2 = logging.StreamHandler(sys.stderr)
+    h2.setFormatter(logging.Formatter("[%(asctime)s] LMCache %(levelname)s: %(message)s"))
+    lm.addHandler(h2)
+
+
+async def _serve(settings) -> None:
+    from aiohttp import web
+
+    from .app import create_app
+
+    log = logging.getLogger("pytest_kvcache.emulator")
+    app = create_app(settings)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    p = settings.profile
+    log.info("serving %s on http://%s:%d (backend=%s, profile=%s, slowdown=%g, chunk_size=%d)",
+             settings.model, settings.host, settings.port, settings.backend, p.name,
+             settings.slowdown, settings.chunk_size)
+    log.info("Application startup complete.")
+    # A full collection walks every object made at import (aiohttp, the vocabulary):
+    # ~10 ms, long enough to spoil a first-token deadline.  Freeze them once.
+    gc.collect()
+    gc.freeze()
+    await stop.wait()
+    n = app["emulator"].abort_requests()
+    log.info("shutting down (%d requests aborted)", n)
+    await runner.cleanup()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, args = parse_settings(argv)
+    _setup_logging(args.log_level)
+    try:
+        asyncio.run(_serve(settings))
+    except OSError as exc:
+        logging.getLogger("pytest_kvcache.emulator").error("cannot serve: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

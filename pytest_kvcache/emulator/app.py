@@ -1,0 +1,780 @@
+"""The emulator's aiohttp application: vLLM's OpenAI-compatible API over a cost model.
+
+Endpoints (vLLM's shapes): ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
+``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /metrics`` (Prometheus text, vLLM and LMCache names), and the emulator-only
+``POST /reset_prefix_cache`` (empties the offload tier, like vLLM's endpoint of that
+name empties its own cache).
+
+Scheduling: in the modeled profiles one prefill worker takes requests FIFO (so TTFT
+grows with concurrency), looks the prompt up in the prefix cache, really reads the hit
+chunks from the tier (verified; a bad chunk ends the hit), sleeps to the deadline
+``now + slowdown * modeled_ms`` and hands the first token to the request.  New chunks
+are written to the tier in the background (LMCache offloads asynchronously); a later
+lookup that meets a chunk still being written waits for that write.  Decode then runs
+per request.  In the ``fixed`` profile every request is independent.
+
+Every sleep is to an absolute deadline: ``asyncio.sleep`` to ``deadline - spin_ms``,
+then yielding (``asyncio.sleep(0)``) until ``perf_counter() >= deadline``, because
+epoll rounds timeouts to whole milliseconds.  Each chunk is encoded before its
+deadline and stamped just before its write.  The response headers of a stream leave
+together with the first chunk (one send; ``send_headers_early`` in ``--config-json``
+sends them at once, as vLLM does).
+
+The last JSON chunk of a streamed response (and the body of a non-streamed one)
+carries ``emulator_timing``: ``queue_ms`` (arrival to prefill start), ``ttft_ms``
+(arrival to the first content chunk's write), ``itl_ms`` (gaps between content chunk
+writes), ``cached_tokens``, ``computed_tokens`` and ``arrival_perf_s`` (the server's
+``time.perf_counter()`` at arrival: CLOCK_MONOTONIC, comparable with a client's on the
+same Linux host).  Arrival is the handler's entry, before the body is read.
+
+``max_tokens`` defaults to 16; exactly ``max_tokens`` tokens are always generated
+(``finish_reason: "length"``), one per chunk.  Fault knobs (``--config-json``):
+``error_rate`` (fraction of requests answered 500), ``crash_after`` (the process exits
+with status 3 when request N+1 arrives), ``stall_ms`` + ``stall_every`` (every N-th
+request's first token comes ``stall_ms`` late).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import sys
+import time
+from array import array
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from .costmodel import Profile, make_profile
+from .prefix_cache import PrefixCache, make_tier
+from .tokenizer import get_tokenizer
+
+__all__ = ["Settings", "Emulator", "create_app", "EMULATOR_KEYS"]
+
+log = logging.getLogger("pytest_kvcache.emulator")
+lmlog = logging.getLogger("pytest_kvcache.emulator.lmcache")
+
+perf = time.perf_counter
+
+#: --config-json keys that are not profile fields (see Settings)
+EMULATOR_KEYS = {
+    "use_odirect": bool,
+    "spin_ms": float,
+    "vocab_size": int,
+    "error_rate": float,
+    "crash_after": int,
+    "stall_ms": float,
+    "stall_every": int,
+    "default_max_tokens": int,
+    "send_headers_early": bool,
+}
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+_ITL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+                0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+
+
+@dataclass
+class Settings:
+    """Everything the emulator is configured with (the CLI builds one)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "emulated-model"
+    backend: str = "none"
+    profile: Profile = field(default_factory=lambda: make_profile("quick"))
+    slowdown: float = 1.0
+    seed: int = 0
+    chunk_size: int = 256
+    disk_path: str | None = None
+    cpu_size_gb: float = 128.0
+    disk_size_gb: float = 512.0
+    payload_scale: float = 1 / 4096
+    max_model_len: int = 131072
+    # --config-json extras (EMULATOR_KEYS)
+    use_odirect: bool = False
+    spin_ms: float = 1.5
+    vocab_size: int = 32000
+    error_rate: float = 0.0
+    crash_after: int = 0
+    stall_ms: float = 0.0
+    stall_every: int = 0
+    default_max_tokens: int = 16
+    send_headers_early: bool = False
+
+
+class _Hist:
+    __slots__ = ("buckets", "counts", "total", "n")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)
+        self.total = 0.0
+        self.n = 0
+
+    def observe(self, v: float) -> None:
+        self.n += 1
+        self.total += v
+        for i, b in enumerate(self.buckets):
+            if v <= b:
+                self.counts[i] += 1
+                break
+
+    def lines(self, name: str, labels: str) -> list[str]:
+        out = [f"# TYPE {name} histogram"]
+        acc = 0
+        for b, c in zip(self.buckets, self.counts):
+            acc += c
+            out.append(f'{name}_bucket{{{labels},le="{b}"}} {acc}')
+        out.append(f'{name}_bucket{{{labels},le="+Inf"}} {self.n}')
+        out.append(f"{name}_count{{{labels}}} {self.n}")
+        out.append(f"{name}_sum{{{labels}}} {self.total}")
+        return out
+
+
+class _Stats:
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.success = 0
+        self.failed = 0
+        self.aborted = 0
+        self.queries = 0
+        self.ext_queries = 0
+        self.ext_hits = 0
+        self.local_compute = 0
+        self.lm_requested = 0
+        self.lm_hit = 0
+        self.lm_stored = 0
+        self.ttft = _Hist(_TTFT_BUCKETS)
+        self.itl = _Hist(_ITL_BUCKETS)
+
+
+class _Request:
+    __slots__ = ("rid", "seq", "ids", "keys", "arrival", "n", "max_tokens")
+
+    def __init__(self, rid: str, seq: int, ids: list[int], arrival: float, max_tokens: int) -> None:
+        self.rid = rid
+        self.seq = seq
+        self.ids = ids
+        self.keys: list[bytes] = []
+        self.arrival = arrival
+        self.n = len(ids)
+        self.max_tokens = max_tokens
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _EventStream(web.StreamResponse):
+    """A streamed response whose headers leave with the first chunk (one send, not two).
+
+    aiohttp >= 3.12 buffers headers when ``_send_headers_immediately`` is false; older
+    versions send them at ``prepare()`` as before.  Clients see the status line no later
+    than the first token, exactly when they need it.
+    """
+
+    _send_headers_immediately = False
+
+
+def _error(message: str, code: int) -> web.Response:
+    etype = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}.get(code, "BadRequestError")
+    body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
+    return web.Response(status=code, text=json.dumps(body), content_type="application/json")
+
+
+async def sleep_until(deadline: float, spin: float) -> None:
+    """Sleep until ``perf_counter() >= deadline``: coarse sleep, then yield-spin."""
+    while True:
+        rem = deadline - perf()
+        if rem <= 0:
+            return
+        if rem > spin:
+            await asyncio.sleep(rem - spin)
+        else:
+            await asyncio.sleep(0)
+
+
+class Emulator:
+    """State of one emulated server: tokenizer, prefix cache, scheduler, metrics."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.profile = settings.profile
+        self.fixed = self.profile.kind == "fixed"
+        self.tok = get_tokenizer(settings.vocab_size)
+        self.tok.enable_fast()
+        gb = settings.cpu_size_gb if settings.backend == "cpu" else settings.disk_size_gb
+        capacity = int(gb * 1e9 * settings.payload_scale)
+        disk_path = settings.disk_path
+        if settings.backend in ("disk", "gds") and not disk_path:
+            raise ValueError(f"--backend {settings.backend} needs --disk-path")
+        tier = make_tier(settings.backend, capacity_bytes=capacity, disk_path=disk_path,
+                         use_odirect=settings.use_odirect)
+        self.cache = PrefixCache(tier, chunk_size=settings.chunk_size,
+                                 kv_bytes_per_token=self.profile.kv_bytes_per_token,
+                                 payload_scale=settings.payload_scale,
+                                 namespace=settings.model)
+        self.tier_name = settings.backend
+        self.threaded_io = settings.backend in ("disk", "gds")
+        self.stats = _Stats()
+        self.created = int(time.time())
+        self.spin = settings.spin_ms / 1000.0
+        self.slow = settings.slowdown
+        self._seq = 0
+        self._rid_prefix = os.urandom(4).hex()
+        self._fault_rng = random.Random(settings.seed ^ 0x5EED)
+        self.waiting = 0
+        self.running = 0  # past the queue, not finished
+        self.decoding = 0  # past the first token, not finished
+        self.context_tokens = 0  # tokens of running requests (GPU KV usage)
+        self._queue: asyncio.Queue | None = None
+        self._worker: asyncio.Task | None = None
+        self._pending: dict[bytes, asyncio.Future] = {}
+        self._bg: set[asyncio.Task] = set()
+        self._active: set[asyncio.Task] = set()  # handlers generating tokens
+
+    def abort_requests(self) -> int:
+        """Cancel every request in flight (used on SIGTERM); return how many."""
+        tasks = [t for t in self._active if not t.done()]
+        for t in tasks:
+            t.cancel()
+        return len(tasks)
+
+    # -- lifecycle ------------------------------------------------------------------
+    async def startup(self, app: web.Application) -> None:
+        self._queue = asyncio.Queue()
+        if not self.fixed:
+            self._worker = asyncio.get_running_loop().create_task(self._prefill_worker())
+
+    async def shutdown(self, app: web.Application) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            try:
+                await self._worker
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=5)
+
+    # -- helpers --------------------------------------------------------------------
+    def _next_rid(self, prefix: str) -> tuple[str, int]:
+        self._seq += 1
+        return f"{prefix}-{self._rid_prefix}{self._seq:08x}", self._seq
+
+    async def _io(self, fn, *args):
+        if self.threaded_io:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _await_pending(self, keys: list[bytes]) -> None:
+        """Wait for in-flight writes of leading keys not yet in the tier."""
+        tier = self.cache.tier
+        for k in keys:
+            if tier.contains(k):
+                continue
+            fut = self._pending.get(k)
+            if fut is None:
+                return
+            await asyncio.shield(fut)
+
+    async def _lookup_and_load(self, req: _Request) -> int:
+        """Real lookup + verified load; return the number of cached tokens."""
+        if not self.cache.enabled or not req.keys:
+            return 0
+        await self._await_pending(req.keys)
+        hit_chunks = self.cache.lookup(req.keys)
+        if hit_chunks == 0:
+            return 0
+        loaded = await self._io(self.cache.load, req.keys[:hit_chunks])
+        if loaded < hit_chunks:
+            log.warning("request %s: %d of %d hit chunks failed verification; recomputing",
+                        req.rid, hit_chunks - loaded, hit_chunks)
+        return loaded * self.cache.chunk_size
+
+    def _store_background(self, req: _Request, from_chunk: int) -> int:
+        """Start writing the chunks from ``from_chunk`` on; return tokens to be stored."""
+        if not self.cache.enabled:
+            return 0
+        tier = self.cache.tier
+        keys = [k for k in req.keys[from_chunk:] if not tier.contains(k) and k not in self._pending]
+        if not keys:
+            return 0
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        for k in keys:
+            self._pending[k] = fut
+        stored_tokens = len(keys) * self.cache.chunk_size
+
+        async def run() -> None:
+            try:
+                await self._io(self.cache.store, keys)
+            except Exception as exc:  # a failed offload write is logged, not fatal
+                log.warning("offload write failed: %s", exc)
+            finally:
+                for k in keys:
+                    self._pending.pop(k, None)
+                if not fut.done():
+                    fut.set_result(None)
+            self.stats.lm_stored += stored_tokens
+            lmlog.info("Stored %d out of total %d tokens", stored_tokens, req.n)
+
+        task = loop.create_task(run())
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return stored_tokens
+
+    def _account_prefill(self, req: _Request, cached: int) -> None:
+        st = self.stats
+        st.prompt_tokens += req.n
+        st.queries += req.n
+        st.local_compute += req.n - cached
+        if self.cache.enabled:
+            st.ext_queries += req.n
+            st.ext_hits += cached
+            st.lm_requested += req.n
+            st.lm_hit += cached
+            lmlog.info("Reqid: %s, Total tokens %d, LMCache hit tokens: %d, need to load: %d",
+                       req.rid, req.n, cached, cached)
+            if cached:
+                lmlog.info("Retrieved %d out of total %d tokens", cached, req.n)
+
+    # -- scheduling -----------------------------------------------------------------
+    async def _prefill_worker(self) -> None:
+        assert self._queue is not None
+        prof = self.profile
+        while True:
+            req, fut = await self._queue.get()
+            self.waiting -= 1
+            self.running += 1
+            self.context_tokens += req.n
+            start = perf()
+            try:
+                cached = await self._lookup_and_load(req)
+                stored = self._store_background(req, cached // self.cache.chunk_size)
+                modeled = prof.ttft_model_ms(self.tier_name, req.n, cached, stored)
+                deadline = perf() + self.slow * modeled / 1000.0
+                self._account_prefill(req, cached)
+                await sleep_until(deadline, self.spin)
+            except asyncio.CancelledError:
+                if not fut.done():
+                    fut.cancel()
+                raise
+            except Exception as exc:  # never kill the worker
+                log.exception("prefill failed for %s", req.rid)
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            if not fut.done():
+                fut.set_result(((start - req.arrival) * 1000.0, cached, deadline))
+
+    async def _first_token(self, req: _Request) -> tuple[float, int, float]:
+        """Return (queue_ms, cached, deadline of the first token).
+
+        In the modeled profiles this waits for the prefill worker (the deadline has then
+        passed); in the fixed profile it returns at once and the caller sleeps to the
+        deadline after preparing the first chunk, so the write leaves on time.
+        """
+        if self.fixed:
+            cached = self.cache.lookup(req.keys) * self.cache.chunk_size if self.cache.enabled else 0
+            self._account_prefill(req, cached)
+            self.running += 1
+            self.context_tokens += req.n
+            return 0.0, cached, req.arrival + self.slow * self.profile.fixed_ttft_ms / 1000.0
+        assert self._queue is not None
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting += 1
+        self._queue.put_nowait((req, fut))
+        queue_ms, cached, deadline = await fut
+        return queue_ms, cached, deadline
+
+    def _itl_s(self) -> float:
+        return self.slow * self.profile.itl_ms(self.decoding) / 1000.0
+
+    async def _fixed_cache_work(self, req: _Request) -> None:
+        """Fixed profile: real load/store after the response (no timing effect)."""
+        if not self.cache.enabled or not req.keys:
+            return
+        try:
+            cached = await self._lookup_and_load(req)
+            self._store_background(req, cached // self.cache.chunk_size)
+        except Exception as exc:
+            log.warning("cache work failed for %s: %s", req.rid, exc)
+
+    # -- request parsing ------------------------------------------------------------
+    async def _body(self, request: web.Request) -> dict:
+        try:
+            body = json.loads(await request.read())
+        except Exception:
+            raise BadRequest("request body is not valid JSON")
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        return body
+
+    def _check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.s.model:
+            raise BadRequest(f"The model `{model}` does not exist.", 404)
+
+    def _ids_from_prompt(self, prompt: Any) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        if isinstance(prompt, list):
+            if not prompt:
+                return []
+            v = self.s.vocab_size
+            try:
+                arr = array("I", prompt)  # C speed: rejects non-ints and negatives
+            except OverflowError:
+                raise BadRequest(f"token id out of vocabulary range [0, {v})") from None
+            except TypeError:
+                if all(isinstance(p, (str, list)) for p in prompt):
+                    raise BadRequest("the emulator serves one prompt per request") from None
+                raise BadRequest("'prompt' must be a string, a list of token ids, "
+                                 "or a one-element list of either") from None
+            if max(arr) >= v:
+                raise BadRequest(f"token ids must be integers in [0, {v})")
+            return prompt
+        raise BadRequest("'prompt' must be a string or a list of token ids")
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        try:
+            return self.tok.apply_chat_template(body.get("messages"),
+                                                bool(body.get("add_generation_prompt", True)))
+        except ValueError as exc:
+            raise BadRequest(str(exc))
+
+    def _max_tokens(self, body: dict, n: int, chat: bool) -> int:
+        mt = body.get("max_tokens")
+        if chat and body.get("max_completion_tokens") is not None:
+            mt = body.get("max_completion_tokens")
+        if mt is None:
+            mt = self.s.default_max_tokens
+        if type(mt) is not int or mt < 1:
+            raise BadRequest("max_tokens must be a positive integer")
+        m = self.s.max_model_len
+        if n + mt > m:
+            raise BadRequest(
+                f"This model's maximum context length is {m} tokens. However, you requested "
+                f"{n + mt} tokens ({n} in the messages, {mt} in the completion). Please reduce "
+                "the length of the messages or completion.")
+        return mt
+
+    # -- handlers -------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        m = self.s.model
+        body = {"object": "list", "data": [{
+            "id": m, "object": "model", "created": self.created, "owned_by": "vllm",
+            "root": m, "parent": None, "max_model_len": self.s.max_model_len,
+            "permission": []}]}
+        return web.json_response(body)
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            self._check_model(body)
+            if "messages" in body:
+                ids = self._chat_ids(body)
+            elif isinstance(body.get("prompt"), str):
+                ids = self.tok.encode(body["prompt"])
+            else:
+                raise BadRequest("'prompt' (a string) or 'messages' is required")
+        except BadRequest as exc:
+            return _error(str(exc), exc.code)
+        return web.json_response({"count": len(ids), "max_model_len": self.s.max_model_len,
+                                  "tokens": ids, "token_strs": None})
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            self._check_model(body)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+                raise BadRequest("'tokens' must be a list of integers")
+            try:
+                text = self.tok.decode(ids)
+            except ValueError as exc:
+                raise BadRequest(str(exc))
+        except BadRequest as exc:
+            return _error(str(exc), exc.code)
+        return web.json_response({"prompt": text})
+
+    async def reset_prefix_cache(self, request: web.Request) -> web.Response:
+        if self._bg:
+            await asyncio.wait(list(self._bg), timeout=30)
+        await self._io(self.cache.clear)
+        log.info("prefix cache reset")
+        return web.Response(status=200)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrival = perf()
+        # Let every request that arrived in the same burst stamp its arrival before any
+        # of them parses its body: otherwise the 16th of 16 simultaneous requests is
+        # stamped only after the other 15 were parsed (~0.3 ms each).
+        await asyncio.sleep(0)
+        try:
+            body = await self._body(request)
+            self._check_model(body)
+            if chat:
+                ids = self._chat_ids(body)
+            else:
+                if "prompt" not in body:
+                    raise BadRequest("'prompt' is required")
+                ids = self._ids_from_prompt(body["prompt"])
+            n = len(ids)
+            if n == 0:
+                raise BadRequest("The prompt is empty: at least one token is required")
+            max_tokens = self._max_tokens(body, n, chat)
+            stream = bool(body.get("stream", False))
+            so = body.get("stream_options") or {}
+            if not isinstance(so, dict):
+                raise BadRequest("stream_options must be an object")
+            include_usage = bool(so.get("include_usage", False)) and stream
+            continuous = bool(so.get("continuous_usage_stats", False)) and stream
+        except BadRequest as exc:
+            return _error(str(exc), exc.code)
+
+        rid, seq = self._next_rid("chatcmpl" if chat else "cmpl")
+        s = self.s
+        if s.crash_after and seq > s.crash_after:
+            log.error("fault injection: crashing after %d requests", s.crash_after)
+            sys.stderr.flush()
+            os._exit(3)
+        if s.error_rate and self._fault_rng.random() < s.error_rate:
+            self.stats.failed += 1
+            return _error("fault injection: internal server error", 500)
+
+        req = _Request(rid, seq, ids, arrival, max_tokens)
+        if self.cache.enabled:
+            req.keys = self.cache.keys(ids)
+        resp: web.StreamResponse | None = None
+        if stream:
+            cls = web.StreamResponse if s.send_headers_early else _EventStream
+            resp = cls(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
+        started = False
+        me = asyncio.current_task()
+        if me is not None:
+            self._active.add(me)
+        try:
+            queue_ms, cached, deadline = await self._first_token(req)
+            started = True
+            if s.stall_every and s.stall_ms and seq % s.stall_every == 0:
+                deadline += self.slow * s.stall_ms / 1000.0
+            return await self._emit(request, resp, req, chat, body, queue_ms, cached,
+                                    deadline, include_usage, continuous)
+        except ConnectionResetError:
+            # the client went away mid-stream (a load generator's timeout, a test)
+            log.debug("request %s: client disconnected", rid)
+            self.stats.aborted += 1
+            return resp if resp is not None else web.Response(status=499)
+        except asyncio.CancelledError:
+            self.stats.aborted += 1
+            raise
+        finally:
+            if me is not None:
+                self._active.discard(me)
+            if started:
+                self.running -= 1
+                self.context_tokens -= req.n
+            if self.fixed:
+                task = asyncio.get_running_loop().create_task(self._fixed_cache_work(req))
+                self._bg.add(task)
+                task.add_done_callback(self._bg.discard)
+
+    async def _emit(self, request, resp, req: _Request, chat: bool, body: dict,
+                    queue_ms: float, cached: int, deadline: float,
+                    include_usage: bool, continuous: bool) -> web.StreamResponse:
+        tok = self.tok
+        model = self.s.model
+        created = int(time.time())
+        n = req.n
+        rng = random.Random(self.s.seed * 1_000_003 + req.seq)
+        lo, hi = tok.num_special, tok.vocab_size
+        words = [" " + tok.id_to_word(i) for i in
+                 (lo + int(rng.random() * (hi - lo)) for _ in range(req.max_tokens))]
+        fixed = self.fixed
+        itl_fixed = self.slow * self.profile.fixed_itl_ms / 1000.0
+        first_deadline = deadline
+        stamps: list[float] = []
+        self.decoding += 1
+        try:
+            if resp is None:  # non-streaming: wait through all the token deadlines
+                for k in range(req.max_tokens):
+                    if k:
+                        deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s()
+                    await sleep_until(deadline, self.spin if k == req.max_tokens - 1 else 0.0)
+                    stamps.append(perf())
+                    self.stats.generation_tokens += 1
+                timing = self._timing(req, queue_ms, cached, stamps)
+                self._finish(req, stamps)
+                text = "".join(words)
+                usage = {"prompt_tokens": n, "total_tokens": n + req.max_tokens,
+                         "completion_tokens": req.max_tokens, "prompt_tokens_details": None}
+                if chat:
+                    choice = {"index": 0, "message": {"role": "assistant", "content": text,
+                                                      "tool_calls": []},
+                              "logprobs": None, "finish_reason": "length", "stop_reason": None}
+                    obj = "chat.completion"
+                else:
+                    choice = {"index": 0, "text": text, "logprobs": None,
+                              "finish_reason": "length", "stop_reason": None,
+                              "prompt_logprobs": None}
+                    obj = "text_completion"
+                out = {"id": req.rid, "object": obj, "created": created, "model": model,
+                       "choices": [choice], "usage": usage, "emulator_timing": timing}
+                return web.json_response(out)
+
+            obj = "chat.completion.chunk" if chat else "text_completion"
+            head = {"id": req.rid, "object": obj, "created": created, "model": model}
+            dumps = json.dumps
+            mt = req.max_tokens
+            for k in range(mt):
+                # build the chunk first, then sleep to its deadline, stamp and write, so
+                # that the bytes leave as close to the deadline as the loop allows
+                last = k == mt - 1
+                finish = "length" if last else None
+                if chat:
+                    choice = {"index": 0, "delta": {"content": words[k]}, "logprobs": None,
+                              "finish_reason": finish, "stop_reason": None}
+                else:
+                    choice = {"index": 0, "text": words[k], "logprobs": None,
+                              "finish_reason": finish, "stop_reason": None}
+                chunk = dict(head, choices=[choice])
+                if continuous:
+                    chunk["usage"] = {"prompt_tokens": n, "total_tokens": n + k + 1,
+                                      "completion_tokens": k + 1}
+                payload = b""
+                if k == 0 and chat:
+                    role = dict(head, choices=[{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}])
+                    if continuous:
+                        role["usage"] = {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0}
+                    payload = b"data: " + dumps(role).encode() + b"\n\n"
+                timed = last and not include_usage
+                if not timed:
+                    payload += b"data: " + dumps(chunk).encode() + b"\n\n"
+                if k:
+                    deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s()
+                await sleep_until(deadline, self.spin)
+                # stamps are taken just before each write (the write hands the bytes to
+                # the socket at once; aiohttp sets TCP_NODELAY)
+                stamps.append(perf())
+                if timed:
+                    chunk["emulator_timing"] = self._timing(req, queue_ms, cached, stamps)
+                    payload += b"data: " + dumps(chunk).encode() + b"\n\n"
+                await resp.write(payload)
+                self.stats.generation_tokens += 1
+            tail = b""
+            if include_usage:
+                final = dict(head, choices=[], usage={"prompt_tokens": n, "total_tokens": n + mt,
+                                                      "completion_tokens": mt})
+                final["emulator_timing"] = self._timing(req, queue_ms, cached, stamps)
+                tail = b"data: " + dumps(final).encode() + b"\n\n"
+            await resp.write(tail + b"data: [DONE]\n\n")
+            self._finish(req, stamps)
+            await resp.write_eof()
+            return resp
+        finally:
+            self.decoding -= 1
+
+    def _timing(self, req: _Request, queue_ms: float, cached: int, stamps: list[float]) -> dict:
+        t0 = req.arrival
+        ttft = (stamps[0] - t0) * 1000.0 if stamps else None
+        itl = [round((b - a) * 1000.0, 4) for a, b in zip(stamps, stamps[1:])]
+        return {"queue_ms": round(queue_ms, 4), "ttft_ms": None if ttft is None else round(ttft, 4),
+                "itl_ms": itl, "cached_tokens": cached, "computed_tokens": req.n - cached,
+                "arrival_perf_s": t0}
+
+    def _finish(self, req: _Request, stamps: list[float]) -> None:
+        st = self.stats
+        st.success += 1
+        if stamps:
+            st.ttft.observe(stamps[0] - req.arrival)
+            for a, b in zip(stamps, stamps[1:]):
+                st.itl.observe(b - a)
+
+    # -- metrics --------------------------------------------------------------------
+    async def metrics(self, request: web.Request) -> web.Response:
+        st = self.stats
+        lab = f'model_name="{self.s.model}"'
+        out: list[str] = []
+
+        def metric(name: str, kind: str, value: float, labels: str = lab) -> None:
+            out.append(f"# TYPE {name} {kind}")
+            out.append(f"{name}{{{labels}}} {value}")
+
+        metric("vllm:num_requests_running", "gauge", self.running)
+        metric("vllm:num_requests_waiting", "gauge", self.waiting)
+        cap = self.profile.gpu_kv_capacity_tokens
+        metric("vllm:kv_cache_usage_perc", "gauge", min(1.0, self.context_tokens / cap) if cap else 0.0)
+        metric("vllm:prompt_tokens_total", "counter", st.prompt_tokens)
+        metric("vllm:generation_tokens_total", "counter", st.generation_tokens)
+        metric("vllm:request_success_total", "counter", st.success, lab + ',finished_reason="length"')
+        metric("emulator:requests_aborted_total", "counter", st.aborted)
+        metric("emulator:requests_failed_total", "counter", st.failed)
+        metric("vllm:prefix_cache_queries_total", "counter", st.queries)
+        metric("vllm:prefix_cache_hits_total", "counter", 0)
+        metric("vllm:external_prefix_cache_queries_total", "counter", st.ext_queries)
+        metric("vllm:external_prefix_cache_hits_total", "counter", st.ext_hits)
+        out.append("# TYPE vllm:prompt_tokens_by_source_total counter")
+        for src, v in (("local_compute", st.local_compute), ("local_cache_hit", 0),
+                       ("external_kv_transfer", st.ext_hits)):
+            out.append(f'vllm:prompt_tokens_by_source_total{{{lab},source="{src}"}} {v}')
+        out.extend(st.ttft.lines("vllm:time_to_first_token_seconds", lab))
+        out.extend(st.itl.lines("vllm:inter_token_latency_seconds", lab))
+        if self.cache.enabled:
+            metric("lmcache:num_requested_tokens_total", "counter", st.lm_requested)
+            metric("lmcache:num_hit_tokens_total", "counter", st.lm_hit)
+            metric("lmcache:num_stored_tokens_total", "counter", st.lm_stored)
+            rate = st.lm_hit / st.lm_requested if st.lm_requested else 0.0
+            metric("lmcache:retrieve_hit_rate", "gauge", rate)
+            usage = self.cache.modeled_usage()
+            if self.tier_name == "cpu":
+                metric("lmcache:local_cpu_usage", "gauge", usage)
+            else:
+                metric("lmcache:local_cpu_usage", "gauge", 0)
+                metric("lmcache:local_disk_usage", "gauge", usage)
+            metric("emulator:tier_stored_bytes", "gauge", self.cache.usage())
+            metric("emulator:tier_chunks", "gauge", len(self.cache.tier))
+        return web.Response(text="\n".join(out) + "\n",
+                            content_type="text/plain", charset="utf-8")
+
+
+def create_app(settings: Settings) -> web.Application:
+    """The aiohttp application serving one emulated model."""
+    emu = Emulator(settings)
+    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app["emulator"] = emu
+    app.on_startup.append(emu.startup)
+    app.on_shutdown.append(emu.shutdown)
+    r = app.router
+    r.add_get("/health", emu.health)
+    r.add_get("/v1/models", emu.models)
+    r.add_post("/tokenize", emu.tokenize)
+    r.add_post("/detokenize", emu.detokenize)
+    r.add_post("/v1/completions", emu.completions)
+    r.add_post("/v1/chat/completions", emu.chat_completions)
+    r.add_get("/metrics", emu.metrics)
+    r.add_post("/reset_prefix_cache", emu.reset_prefix_cache)
+    return app

@@ -1,0 +1,500 @@
+"""Chunked prefix cache with LMCache semantics, over storage tiers that do real I/O.
+
+* A prompt's token ids are cut into chunks of ``chunk_size`` tokens; only whole chunks
+  are keys (LMCache's ``save_unfull_chunk: false``), so prompts shorter than one chunk
+  never hit.  Chunk keys form a hash chain: ``key[i] = blake2b(key[i-1] + ids of chunk
+  i)`` with ``key[-1] = blake2b(namespace)`` (the namespace holds the model name and the
+  chunk size), so a key names the whole prefix up to its chunk.
+* A lookup returns the longest run of consecutive chunks present from the start.
+* Every stored chunk holds real bytes: ``chunk_size * kv_bytes_per_token *
+  payload_scale`` of them (payload_scale defaults to 1/4096: 3,584 bytes for a
+  256-token chunk of Qwen2.5-7B, so a 100k-token prompt stores ~1.4 MB and large
+  scenarios fit in RAM and on disk).  The content is derived from the key, so a read
+  is verified (length, and for files a header with magic and crc32, then a comparison
+  with the expected content); a corrupt or short chunk is evicted and counts as a miss.
+* Tier sizes are given in GB of the *real* model's KV (like LMCache's
+  ``max_local_cpu_size``): a tier holds as many tokens as a real one of that size would,
+  and the bytes actually held are that times ``payload_scale``.  ``usage()`` returns
+  the bytes actually held; :meth:`PrefixCache.modeled_usage` the real-model equivalent.
+
+Tiers share one small interface (``contains``, ``get``, ``put``, ``evict``, ``usage``,
+``clear``), LRU with a byte limit, thread-safe (disk I/O runs in worker threads):
+
+``none``  never stores, never hits.
+``cpu``   bytes in an ``OrderedDict``.
+``disk``  one real file per chunk (``<key hex>.kvchunk``) under a directory, written
+          atomically (temporary file + ``os.replace``), read back on a hit; the index is
+          rebuilt from the directory at start (hits survive a restart).  With
+          ``use_odirect`` files are padded to 4 KiB and read/written with ``O_DIRECT``
+          through aligned buffers, falling back to buffered I/O where the filesystem
+          refuses it (tmpfs).
+``gds``   the disk tier under another name (its bandwidth is modeled in costmodel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import threading
+import zlib
+from array import array
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+__all__ = [
+    "Tier",
+    "NoneTier",
+    "CpuTier",
+    "DiskTier",
+    "PrefixCache",
+    "chunk_keys",
+    "make_tier",
+]
+
+log = logging.getLogger("pytest_kvcache.emulator")
+
+_MAGIC = b"KVEM"
+_HEADER = struct.Struct("<4sIII")  # magic, payload length, crc32, reserved
+_ALIGN = 4096
+_SUFFIX = ".kvchunk"
+
+
+def chunk_keys(ids: Sequence[int], chunk_size: int, namespace: bytes = b"") -> list[bytes]:
+    """Hash-chain keys of the whole chunks of ``ids`` (a partial tail has no key)."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    n = len(ids) // chunk_size
+    if n == 0:
+        return []
+    raw = array("I", ids[: n * chunk_size]).tobytes()
+    step = chunk_size * 4
+    prev = hashlib.blake2b(b"kvem-root|" + namespace, digest_size=16).digest()
+    keys = []
+    blake = hashlib.blake2b
+    for i in range(n):
+        h = blake(prev, digest_size=16)
+        h.update(raw[i * step : (i + 1) * step])
+        prev = h.digest()
+        keys.append(prev)
+    return keys
+
+
+# -------------------------------------------------------------------------------------
+# tiers
+# -------------------------------------------------------------------------------------
+class Tier:
+    """Interface of a storage tier (LRU with a byte limit)."""
+
+    name = "base"
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = int(capacity_bytes)
+        self._lock = threading.Lock()
+
+    def contains(self, key: bytes) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def get(self, key: bytes) -> bytes | None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:  # pragma: no cover
+        """Store ``data``; return the keys evicted to make room."""
+        raise NotImplementedError
+
+    def evict(self, key: bytes) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def usage(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def clear(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class NoneTier(Tier):
+    name = "none"
+
+    def __init__(self) -> None:
+        super().__init__(0)
+
+    def contains(self, key: bytes) -> bool:
+        return False
+
+    def get(self, key: bytes) -> bytes | None:
+        return None
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:
+        return []
+
+    def evict(self, key: bytes) -> bool:
+        return False
+
+    def usage(self) -> int:
+        return 0
+
+    def __len__(self) -> int:
+        return 0
+
+    def clear(self) -> None:
+        pass
+
+
+class CpuTier(Tier):
+    name = "cpu"
+
+    def __init__(self, capacity_bytes: int) -> None:
+        super().__init__(capacity_bytes)
+        self._data: OrderedDict[bytes, bytes] = OrderedDict()
+        self._used = 0
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._data
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._lock:
+            data = self._data.get(key)
+            if data is not None:
+                self._data.move_to_end(key)
+            return data
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:
+        size = len(data)
+        evicted: list[bytes] = []
+        with self._lock:
+            if size > self.capacity_bytes:
+                return evicted
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._used -= len(old)
+            while self._data and self._used + size > self.capacity_bytes:
+                k, v = self._data.popitem(last=False)
+                self._used -= len(v)
+                evicted.append(k)
+            self._data[key] = data
+            self._used += size
+        return evicted
+
+    def evict(self, key: bytes) -> bool:
+        with self._lock:
+            v = self._data.pop(key, None)
+            if v is None:
+                return False
+            self._used -= len(v)
+            return True
+
+    def usage(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._used = 0
+
+
+class DiskTier(Tier):
+    name = "disk"
+
+    def __init__(self, path: str, capacity_bytes: int, use_odirect: bool = False, name: str = "disk") -> None:
+        super().__init__(capacity_bytes)
+        self.name = name
+        self.path = os.path.abspath(path)
+        os.makedirs(self.path, exist_ok=True)
+        self.use_odirect = bool(use_odirect) and hasattr(os, "O_DIRECT")
+        self.odirect_active = self.use_odirect
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> payload bytes
+        self._used = 0
+        self._tmp_seq = 0
+        self._rebuild()
+
+    # -- files ----------------------------------------------------------------------
+    def _file(self, key: bytes) -> str:
+        return os.path.join(self.path, key.hex() + _SUFFIX)
+
+    def _rebuild(self) -> None:
+        found = []
+        try:
+            entries = list(os.scandir(self.path))
+        except OSError:
+            return
+        for e in entries:
+            if e.name.startswith(".") and ".tmp" in e.name:
+                try:
+                    os.unlink(e.path)  # our own leftover temporary file
+                except OSError:
+                    pass
+                continue
+            if not e.name.endswith(_SUFFIX):
+                continue
+            try:
+                key = bytes.fromhex(e.name[: -len(_SUFFIX)])
+                st = e.stat()
+            except (ValueError, OSError):
+                continue
+            found.append((st.st_mtime, key, max(0, st.st_size - _HEADER.size)))
+        found.sort()
+        for _, key, size in found:
+            self._index[key] = size
+            self._used += size
+        if found:
+            log.info("disk tier %s: %d chunks found from a previous run", self.path, len(found))
+        self._evict_to(0)
+
+    def _write_file(self, fname: str, blob: bytes) -> None:
+        self._tmp_seq += 1
+        tmp = os.path.join(self.path, f".{os.path.basename(fname)}.tmp{os.getpid()}.{self._tmp_seq}")
+        if self.odirect_active:
+            try:
+                self._write_odirect(tmp, blob)
+                os.replace(tmp, fname)
+                return
+            except OSError as exc:
+                self.odirect_active = False
+                log.warning("O_DIRECT refused on %s (%s); using buffered I/O", self.path, exc)
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, fname)
+
+    @staticmethod
+    def _aligned(n: int) -> int:
+        return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+    def _write_odirect(self, tmp: str, blob: bytes) -> None:
+        import mmap
+
+        size = self._aligned(len(blob))
+        buf = mmap.mmap(-1, size)
+        try:
+            buf.write(blob)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            try:
+                os.write(fd, buf)
+            finally:
+                os.close(fd)
+        finally:
+            buf.close()
+
+    def _read_odirect(self, fname: str) -> bytes:
+        import mmap
+
+        fd = os.open(fname, os.O_RDONLY | os.O_DIRECT)
+        try:
+            size = self._aligned(os.fstat(fd).st_size)
+            buf = mmap.mmap(-1, max(size, _ALIGN))
+            try:
+                n = os.readv(fd, [buf])
+                return bytes(buf[:n])
+            finally:
+                buf.close()
+        finally:
+            os.close(fd)
+
+    def _read_file(self, fname: str) -> bytes:
+        if self.odirect_active:
+            try:
+                return self._read_odirect(fname)
+            except FileNotFoundError:
+                raise
+            except OSError as exc:
+                self.odirect_active = False
+                log.warning("O_DIRECT read refused on %s (%s); using buffered I/O", self.path, exc)
+        with open(fname, "rb") as f:
+            return f.read()
+
+    # -- interface ------------------------------------------------------------------
+    def contains(self, key: bytes) -> bool:
+        return key in self._index
+
+    def get(self, key: bytes) -> bytes | None:
+        if key not in self._index:
+            return None
+        try:
+            raw = self._read_file(self._file(key))
+        except OSError:
+            self.evict(key)
+            return None
+        if len(raw) < _HEADER.size:
+            self.evict(key)
+            return None
+        magic, length, crc, _ = _HEADER.unpack_from(raw)
+        payload = raw[_HEADER.size : _HEADER.size + length]
+        if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            self.evict(key)
+            return None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+        return payload
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:
+        size = len(data)
+        if size > self.capacity_bytes:
+            return []
+        blob = _HEADER.pack(_MAGIC, size, zlib.crc32(data), 0) + data
+        self._write_file(self._file(key), blob)
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+            self._index[key] = size
+            self._used += size
+        return self._evict_to(0)
+
+    def _evict_to(self, extra: int) -> list[bytes]:
+        evicted = []
+        with self._lock:
+            while len(self._index) > 1 and self._used + extra > self.capacity_bytes:
+                k, v = self._index.popitem(last=False)
+                self._used -= v
+                evicted.append(k)
+        for k in evicted:
+            try:
+                os.unlink(self._file(k))
+            except OSError:
+                pass
+        return evicted
+
+    def evict(self, key: bytes) -> bool:
+        with self._lock:
+            v = self._index.pop(key, None)
+            if v is None:
+                return False
+            self._used -= v
+        try:
+            os.unlink(self._file(key))
+        except OSError:
+            pass
+        return True
+
+    def usage(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def clear(self) -> None:
+        with self._lock:
+            keys = list(self._index)
+            self._index.clear()
+            self._used = 0
+        for k in keys:
+            try:
+                os.unlink(self._file(k))
+            except OSError:
+                pass
+
+
+def make_tier(
+    backend: str,
+    *,
+    capacity_bytes: int,
+    disk_path: str | None = None,
+    use_odirect: bool = False,
+) -> Tier:
+    """The tier for ``backend`` (``none``, ``cpu``, ``disk``, ``gds``)."""
+    if backend == "none":
+        return NoneTier()
+    if backend == "cpu":
+        return CpuTier(capacity_bytes)
+    if backend in ("disk", "gds"):
+        if not disk_path:
+            raise ValueError(f"backend {backend!r} needs a disk path")
+        return DiskTier(disk_path, capacity_bytes, use_odirect=use_odirect, name=backend)
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+# -------------------------------------------------------------------------------------
+# the cache
+# -------------------------------------------------------------------------------------
+class PrefixCache:
+    """Chunked prefix cache over one tier (see the module docstring)."""
+
+    def __init__(
+        self,
+        tier: Tier,
+        *,
+        chunk_size: int = 256,
+        kv_bytes_per_token: int = 57_344,
+        payload_scale: float = 1 / 4096,
+        namespace: str = "",
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        if payload_scale <= 0:
+            raise ValueError("payload_scale must be positive")
+        self.tier = tier
+        self.chunk_size = int(chunk_size)
+        self.kv_bytes_per_token = int(kv_bytes_per_token)
+        self.payload_scale = float(payload_scale)
+        self.namespace = f"{namespace}|chunk={chunk_size}".encode()
+        self.payload_len = max(16, int(round(self.chunk_size * self.kv_bytes_per_token * self.payload_scale)))
+
+    @property
+    def enabled(self) -> bool:
+        return not isinstance(self.tier, NoneTier)
+
+    def keys(self, ids: Sequence[int]) -> list[bytes]:
+        return chunk_keys(ids, self.chunk_size, self.namespace)
+
+    def payload(self, key: bytes) -> bytes:
+        """The deterministic content of the chunk named ``key``."""
+        n = self.payload_len
+        seed = hashlib.blake2b(key, digest_size=64).digest()
+        return (seed * (n // 64 + 1))[:n]
+
+    def lookup(self, keys: Sequence[bytes]) -> int:
+        """Number of leading chunks present in the tier (index only, no I/O)."""
+        if not self.enabled:
+            return 0
+        n = 0
+        for k in keys:
+            if not self.tier.contains(k):
+                break
+            n += 1
+        return n
+
+    def load(self, keys: Iterable[bytes]) -> int:
+        """Read and verify leading chunks; return how many verified (stops at the first bad)."""
+        n = 0
+        for k in keys:
+            data = self.tier.get(k)
+            if data is None:
+                break
+            if len(data) != self.payload_len or data != self.payload(k):
+                self.tier.evict(k)
+                break
+            n += 1
+        return n
+
+    def store(self, keys: Iterable[bytes]) -> int:
+        """Write chunks not yet present; return how many were written."""
+        if not self.enabled:
+            return 0
+        n = 0
+        for k in keys:
+            if self.tier.contains(k):
+                continue
+            self.tier.put(k, self.payload(k))
+            n += 1
+        return n
+
+    def usage(self) -> int:
+        return self.tier.usage()
+
+    def modeled_usage(self) -> int:
+        """Bytes the stored chunks would take for the real model."""
+        return int(round(self.tier.usage() / self.payload_scale))
+
+    def clear(self) -> None:
+        self.tier.clear()

@@ -1,0 +1,87 @@
+"""The exception tree of pytest-kvcache.
+
+Every error the plugin raises on purpose derives from :class:`KVCacheError`, so a
+caller can catch the whole family, and each message names the file, option or process
+at fault and the fix::
+
+    KVCacheError
+    ├── ScenarioError          a scenario YAML file is malformed
+    ├── OptionError            a command-line option or ini value is malformed
+    ├── WorkloadError          prompts could not be built (tokenizer, dataset)
+    ├── ServerError            a server process failed to start, died or is unreachable
+    └── BaselineError          (see baselines.py) a stored baseline cannot be used
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KVCacheError",
+    "ScenarioError",
+    "OptionError",
+    "WorkloadError",
+    "ServerError",
+    "BaselineError",
+    "BaselineCorruptError",
+    "FingerprintMismatchError",
+]
+
+
+class KVCacheError(Exception):
+    """Base class of every error raised on purpose by pytest-kvcache."""
+
+
+class ScenarioError(KVCacheError):
+    """A scenario file is malformed; the message names the file and the key."""
+
+    def __init__(self, path: object, key: str, problem: str) -> None:
+        self.path = str(path)
+        self.key = key
+        self.problem = problem
+        super().__init__(f"{self.path}: key '{key}': {problem}")
+
+
+class OptionError(KVCacheError):
+    """A command-line option or ini value is malformed; the message names it."""
+
+
+class WorkloadError(KVCacheError):
+    """Prompts for a workload could not be built (tokenizer, dataset, lengths)."""
+
+
+class ServerError(KVCacheError):
+    """A server process failed to start, died, or could not be reached."""
+
+
+class BaselineError(KVCacheError):
+    """A stored baseline cannot be used (corrupt file, or recorded on another setup)."""
+
+
+class BaselineCorruptError(BaselineError):
+    """A baseline file cannot be read: bad JSON, wrong schema version, missing or
+    mistyped fields. The file is never repaired or overwritten; the message names the
+    path, what is wrong, and how to restore it."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(
+            f"baseline file {self.path} is corrupt: {problem}; restore it from git "
+            f"(git checkout -- {self.path}) or delete it and rerun with --update-baselines"
+        )
+
+
+class FingerprintMismatchError(BaselineError):
+    """The stored baseline was recorded on a different setup (hardware, versions,
+    model, configuration or workload). ``differences`` lists one line per differing
+    fingerprint key; the message says to pass --reset-baselines after an intended change."""
+
+    def __init__(self, key: str, path: object, differences: list[str]) -> None:
+        self.key = key
+        self.path = str(path)
+        self.differences = list(differences)
+        lines = "\n  ".join(self.differences)
+        super().__init__(
+            f"baseline {key!r} ({self.path}) was recorded with a different fingerprint:\n"
+            f"  {lines}\n"
+            "pass --reset-baselines to start a new history after an intended change"
+        )

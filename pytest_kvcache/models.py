@@ -1,0 +1,259 @@
+"""Frozen dataclasses passed between the plugin's modules.
+
+The core modules (scenarios, workloads, loadgen, metrics, stats, baselines) exchange
+these and nothing else, so each can be used and tested without pytest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Mapping
+
+__all__ = [
+    "BACKENDS",
+    "PHASES",
+    "ROUNDS",
+    "MetricThreshold",
+    "Scenario",
+    "ScenarioCase",
+    "RequestRecord",
+    "RoundResult",
+    "TrialResult",
+    "CaseResult",
+    "format_tokens",
+]
+
+#: Offload backends a scenario may name; each is also a pytest marker.
+BACKENDS: tuple[str, ...] = (
+    "none",
+    "cpu",
+    "disk",
+    "gds",
+    "redis",
+    "lmcache_server",
+    "mooncake",
+    "native",
+)
+
+#: Phases (kinds of benchmark) a scenario may declare; each is also a pytest marker.
+PHASES: tuple[str, ...] = (
+    "prefill",
+    "sharegpt",
+    "multiturn",
+    "cache_miss",
+    "shared_prefix",
+    "chunk_size",
+    "kv_size",
+    "decode",
+)
+
+#: Round names: ``cold`` fills the offload tier, ``warm`` should hit it.
+ROUNDS: tuple[str, ...] = ("cold", "warm")
+
+
+def format_tokens(n: int) -> str:
+    """Short human form of a token count as used in ids: 100, 1k, 10k, 1m, 1500."""
+    for size, suffix in ((1_000_000, "m"), (1_000, "k")):
+        if n >= size and n % size == 0:
+            return f"{n // size}{suffix}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class MetricThreshold:
+    """How much worse a metric may get before a significant change fails the test.
+
+    ``threshold`` is relative: 0.10 means 10% worse, in the metric's bad direction.
+    """
+
+    metric: str
+    direction: str  # "lower" (latencies) or "higher" (throughputs)
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One scenario file (or one document in it) before matrix expansion."""
+
+    name: str
+    path: str
+    phase: str
+    description: str
+    cases: tuple["ScenarioCase", ...]
+
+
+@dataclass(frozen=True)
+class ScenarioCase:
+    """One point of a scenario's matrix: what a single pytest item runs."""
+
+    scenario: str
+    path: str
+    phase: str
+    case_id: str
+    backend: str
+    input_len: int
+    concurrency: int
+    output_len: int
+    num_prompts: int
+    dataset: str
+    rounds: tuple[str, ...]
+    measure_round: str
+    trials: int
+    seed: int
+    api: str  # "completions" or "chat"
+    request_rate: float  # requests per second; math.inf sends as fast as slots allow
+    thresholds: tuple[MetricThreshold, ...]
+    lineno: int = 0
+
+    @property
+    def name(self) -> str:
+        """The pytest item name, e.g. ``prefill[cpu-10k-c16]``."""
+        return f"{self.scenario}[{self.case_id}]"
+
+    @property
+    def workload_params(self) -> dict[str, object]:
+        """What determines the prompts and the load (hashed into the fingerprint)."""
+        return {
+            "dataset": self.dataset,
+            "input_len": self.input_len,
+            "output_len": self.output_len,
+            "num_prompts": self.num_prompts,
+            "concurrency": self.concurrency,
+            "request_rate": "inf" if math.isinf(self.request_rate) else self.request_rate,
+            "rounds": list(self.rounds),
+            "measure_round": self.measure_round,
+            "seed": self.seed,
+            "api": self.api,
+        }
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """Everything observed about one request, with raw per-chunk timestamps.
+
+    Times are ``time.perf_counter()`` seconds. ``start`` is taken after the request
+    got its concurrency slot; ``queue_wait`` is the time it waited for that slot.
+    ``chunk_times``/``chunk_tokens`` hold one entry per streamed chunk with
+    non-empty text, so every latency definition can be derived afterwards.
+    """
+
+    index: int
+    prompt_len: int
+    output_len_requested: int
+    scheduled: float
+    start: float
+    end: float
+    chunk_times: tuple[float, ...] = ()
+    chunk_tokens: tuple[int, ...] = ()
+    prompt_tokens_reported: int | None = None
+    output_tokens_reported: int | None = None
+    error: str | None = None
+
+    @property
+    def queue_wait(self) -> float:
+        return self.start - self.scheduled
+
+    @property
+    def success(self) -> bool:
+        return self.error is None and bool(self.chunk_times)
+
+    @property
+    def output_tokens(self) -> int:
+        if self.output_tokens_reported is not None:
+            return self.output_tokens_reported
+        return sum(self.chunk_tokens)
+
+    @property
+    def ttft(self) -> float:
+        return self.chunk_times[0] - self.start
+
+    @property
+    def e2el(self) -> float:
+        return self.chunk_times[-1] - self.start
+
+    @property
+    def itls(self) -> tuple[float, ...]:
+        times = self.chunk_times
+        return tuple(b - a for a, b in zip(times, times[1:]))
+
+    @property
+    def tpot(self) -> float | None:
+        """(E2E - TTFT) / (output tokens - 1), vLLM's definition; None for 1 token."""
+        n = self.output_tokens
+        if n <= 1:
+            return None
+        return (self.e2el - self.ttft) / (n - 1)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One round (cold or warm) of one trial: its records and the client's guard."""
+
+    round: str
+    records: tuple[RequestRecord, ...]
+    duration: float
+    summary: Mapping[str, float | int | None]
+    max_loop_lag_ms: float
+    invalid_reason: str | None = None
+    telemetry: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> int:
+        return sum(1 for r in self.records if not r.success)
+
+    @property
+    def complete(self) -> bool:
+        return self.failed == 0 and self.invalid_reason is None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    """One trial: its rounds in order; the measured round feeds the comparison."""
+
+    index: int
+    rounds: tuple[RoundResult, ...]
+    measure_round: str
+
+    @property
+    def measured(self) -> RoundResult:
+        for r in self.rounds:
+            if r.round == self.measure_round:
+                return r
+        raise LookupError(self.measure_round)
+
+    @property
+    def usable(self) -> bool:
+        """Complete and valid in every round: only such trials are compared."""
+        return all(r.complete for r in self.rounds)
+
+    @property
+    def problem(self) -> str | None:
+        for r in self.rounds:
+            if r.invalid_reason:
+                return f"{r.round} round invalid: {r.invalid_reason}"
+            if r.failed:
+                return f"{r.round} round incomplete: {r.failed} of {len(r.records)} requests failed"
+        return None
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    """All trials of one scenario item."""
+
+    case: ScenarioCase
+    trials: tuple[TrialResult, ...]
+    server: Mapping[str, str]
+
+    @property
+    def usable_trials(self) -> tuple[TrialResult, ...]:
+        return tuple(t for t in self.trials if t.usable)
+
+    def metric_values(self, metric: str) -> list[float]:
+        """The metric's per-trial values over the usable trials (None dropped)."""
+        values = []
+        for t in self.usable_trials:
+            v = t.measured.summary.get(metric)
+            if v is not None:
+                values.append(float(v))
+        return values

@@ -1,0 +1,1 @@
+"""Reports of a run: per-item JSON files and the terminal summary table."""

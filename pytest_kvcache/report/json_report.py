@@ -1,0 +1,80 @@
+"""One JSON file per item, with ``vllm bench serve``'s field names at the top level.
+
+The top-level figures summarize the measured round of every usable trial together;
+``trials`` holds each trial's rounds with their own summaries and telemetry, and
+``verdict`` the comparison with the baseline. Incomplete or invalid trials are listed
+with the reason and left out of the top-level figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from pathlib import Path
+from typing import Mapping
+
+from .._atomic import write_json_atomic
+from ..metrics import request_details, summarize
+
+__all__ = ["RESULT_SCHEMA_VERSION", "write_item_json", "item_document"]
+
+RESULT_SCHEMA_VERSION = 1
+
+
+def _clean(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "value") and hasattr(value, "name"):  # enums
+        return value.value
+    return value
+
+
+def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
+    case = outcome.case
+    doc: dict = {"schema_version": RESULT_SCHEMA_VERSION, "item": outcome.nodeid, "status": outcome.status,
+                 "message": outcome.message}
+    result = outcome.result
+    if result is not None:
+        measured = [t.measured for t in result.usable_trials]
+        records = [r for m in measured for r in m.records]
+        doc.update(summarize(records, sum(m.duration for m in measured)) if measured else {"completed": 0})
+        doc["usable_trials"] = len(measured)
+        doc["trials"] = [
+            {
+                "index": t.index,
+                "usable": t.usable,
+                "problem": t.problem,
+                "rounds": {
+                    r.round: {**r.summary, "max_loop_lag_ms": r.max_loop_lag_ms, "invalid_reason": r.invalid_reason,
+                              "telemetry": dict(r.telemetry), "details": request_details(r.records)}
+                    for r in t.rounds
+                },
+            }
+            for t in result.trials
+        ]
+        doc["server"] = dict(result.server)
+    doc["scenario"] = {"name": case.scenario, "file": case.path, "phase": case.phase, "backend": case.backend,
+                       **case.workload_params, "trials": case.trials,
+                       "thresholds": [asdict(t) for t in case.thresholds]}
+    doc["fingerprint"] = dict(fingerprint)
+    doc["verdict"] = {
+        "zone": _worst_zone(outcome),
+        "comparisons": [{**asdict(c), "verdict": asdict(v)} for c, v in zip(outcome.comparisons, outcome.verdicts)],
+    }
+    return _clean(doc)
+
+
+def _worst_zone(outcome) -> str | None:
+    zones = [v.zone.value for v in outcome.verdicts]
+    for zone in ("FAIL", "WARN", "PASS"):
+        if zone in zones:
+            return zone
+    return None
+
+
+def write_item_json(path: Path, outcome, fingerprint: Mapping[str, str]) -> None:
+    write_json_atomic(path, item_document(outcome, fingerprint))

@@ -1,0 +1,296 @@
+"""Scenario YAML files -> :class:`~pytest_kvcache.models.Scenario` with expanded cases.
+
+A scenario file holds one mapping::
+
+    name: prefill                 # item names: prefill[cpu-10k-c16]
+    phase: prefill                # one of models.PHASES, also a marker
+    description: ...
+    matrix:                       # every combination becomes one item
+      backend: [none, cpu, disk, gds]
+      input_len: [100, 1k, 10k, 50k, 100k]
+      concurrency: [16]
+      output_len: [1]
+    dataset: random               # keys of the matrix may also stand here, as scalars
+    num_prompts: 50
+    rounds: [cold, warm]
+    measure: warm                 # the round that is compared with the baseline
+    trials: 3
+    seed: 0
+    api: completions              # or chat
+    request_rate: inf
+    thresholds:
+      median_ttft_ms: {direction: lower, threshold: 10%}
+      total_token_throughput: {direction: higher, threshold: 5%}
+
+Every error names the file and the key (:class:`~pytest_kvcache.errors.ScenarioError`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from .errors import ScenarioError
+from .models import BACKENDS, PHASES, ROUNDS, MetricThreshold, Scenario, ScenarioCase, format_tokens
+
+__all__ = [
+    "DATASETS",
+    "MATRIX_KEYS",
+    "TOKEN_COUNT_FORMS",
+    "default_thresholds",
+    "is_known_metric",
+    "load_scenario",
+    "parse_scenario",
+    "parse_token_count",
+]
+
+#: Keys that may vary in ``matrix`` (or stand at top level as one value).
+MATRIX_KEYS: tuple[str, ...] = ("backend", "input_len", "concurrency", "output_len", "num_prompts", "dataset")
+DATASETS: tuple[str, ...] = ("random",)
+APIS: tuple[str, ...] = ("completions", "chat")
+TOP_KEYS: frozenset[str] = frozenset(
+    {"name", "phase", "description", "matrix", "rounds", "measure", "trials", "seed", "api",
+     "request_rate", "thresholds", *MATRIX_KEYS}
+)
+DEFAULTS: dict[str, Any] = {
+    "dataset": "random",
+    "output_len": 1,
+    "num_prompts": 50,
+    "concurrency": 16,
+    "rounds": ["cold", "warm"],
+    "trials": 3,
+    "seed": 0,
+    "api": "completions",
+    "request_rate": math.inf,
+}
+TOKEN_COUNT_FORMS = "an integer with an optional k or m suffix, e.g. 100, 1k, 10k, 100k, 1m"
+_TOKEN_COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*$")
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_METRIC = re.compile(r"^(mean|median|std|p\d{1,2}(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
+_THROUGHPUTS = frozenset({"request_throughput", "output_throughput", "total_token_throughput"})
+
+
+def parse_token_count(text: str | int) -> int:
+    """``"10k"`` -> 10000. Raises ValueError with the accepted forms."""
+    if isinstance(text, bool):
+        raise ValueError(f"{text!r} is not a token count; use {TOKEN_COUNT_FORMS}")
+    if isinstance(text, int):
+        value = text
+    else:
+        m = _TOKEN_COUNT.match(str(text))
+        if not m:
+            raise ValueError(f"{text!r} is not a token count; use {TOKEN_COUNT_FORMS}")
+        number = float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+        if number != int(number):
+            raise ValueError(f"{text!r} is not a whole number of tokens; use {TOKEN_COUNT_FORMS}")
+        value = int(number)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be positive; use {TOKEN_COUNT_FORMS}")
+    return value
+
+
+def is_known_metric(name: str) -> bool:
+    return bool(_METRIC.match(name)) or name in _THROUGHPUTS
+
+
+def default_thresholds(output_len: int) -> tuple[MetricThreshold, ...]:
+    """TTFT +10% and throughput -5%; TPOT +10% once there is more than one token."""
+    thresholds = [
+        MetricThreshold("median_ttft_ms", "lower", 0.10),
+        MetricThreshold("total_token_throughput", "higher", 0.05),
+    ]
+    if output_len > 1:
+        thresholds.append(MetricThreshold("median_tpot_ms", "lower", 0.10))
+    return tuple(thresholds)
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Read and validate one scenario file."""
+    import yaml  # only when scenarios are collected
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ScenarioError(path, "<file>", f"cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ScenarioError(path, "<yaml>", f"not valid YAML{where}: {problem}") from None
+    return parse_scenario(data, path)
+
+
+def parse_scenario(data: Any, path: Path | str) -> Scenario:
+    if not isinstance(data, dict):
+        raise ScenarioError(path, "<top>", "a scenario file must hold a mapping with at least 'name' and 'matrix'")
+    unknown = sorted(set(map(str, data)) - TOP_KEYS)
+    if unknown:
+        raise ScenarioError(path, unknown[0], f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
+
+    name = _require(data, "name", path)
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ScenarioError(path, "name", f"{name!r} must be an identifier (letters, digits, _), e.g. prefill")
+    if "phase" not in data and name not in PHASES:
+        raise ScenarioError(path, "phase", f"is required (one of: {', '.join(PHASES)})")
+    phase = data.get("phase", name)
+    if phase not in PHASES:
+        raise ScenarioError(path, "phase", f"{phase!r} is not a known phase; use one of: {', '.join(PHASES)}")
+    description = str(data.get("description", "")).strip()
+
+    matrix = _require(data, "matrix", path)
+    if not isinstance(matrix, dict) or not matrix:
+        raise ScenarioError(path, "matrix", "must be a mapping of dimension -> list of values, e.g. {backend: [none, cpu]}")
+    for key in matrix:
+        if key not in MATRIX_KEYS:
+            raise ScenarioError(path, f"matrix.{key}", f"unknown dimension; allowed: {', '.join(MATRIX_KEYS)}")
+        if key in data:
+            raise ScenarioError(path, key, "given both at top level and in matrix; keep one")
+
+    dims: dict[str, list[Any]] = {}
+    for key in MATRIX_KEYS:
+        where = f"matrix.{key}" if key in matrix else key
+        raw = matrix[key] if key in matrix else data.get(key, DEFAULTS.get(key))
+        if raw is None:
+            raise ScenarioError(path, key, "is required (in matrix or at top level)")
+        values = raw if isinstance(raw, list) else [raw]
+        if not values:
+            raise ScenarioError(path, where, "must not be an empty list")
+        dims[key] = [_check_dim(key, v, where, path) for v in values]
+        if len(set(dims[key])) != len(dims[key]):
+            raise ScenarioError(path, where, f"repeats a value: {raw!r}")
+
+    rounds = data.get("rounds", DEFAULTS["rounds"])
+    if not isinstance(rounds, list) or not rounds or any(r not in ROUNDS for r in rounds):
+        raise ScenarioError(path, "rounds", f"{rounds!r} must be a non-empty list of {', '.join(ROUNDS)}")
+    measure = data.get("measure", rounds[-1])
+    if measure not in rounds:
+        raise ScenarioError(path, "measure", f"{measure!r} must be one of the rounds {rounds}")
+    trials = _positive_int(data.get("trials", DEFAULTS["trials"]), "trials", path)
+    seed = data.get("seed", DEFAULTS["seed"])
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ScenarioError(path, "seed", f"{seed!r} must be a non-negative integer")
+    api = data.get("api", DEFAULTS["api"])
+    if api not in APIS:
+        raise ScenarioError(path, "api", f"{api!r} must be one of {', '.join(APIS)}")
+    request_rate = _rate(data.get("request_rate", DEFAULTS["request_rate"]), path)
+    explicit = _thresholds(data.get("thresholds"), path)
+
+    varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
+    cases = []
+    for combo in itertools.product(*(dims[k] for k in MATRIX_KEYS)):
+        values = dict(zip(MATRIX_KEYS, combo))
+        cases.append(
+            ScenarioCase(
+                scenario=name,
+                path=str(path),
+                phase=phase,
+                case_id=_case_id(values, varying),
+                backend=values["backend"],
+                input_len=values["input_len"],
+                concurrency=values["concurrency"],
+                output_len=values["output_len"],
+                num_prompts=values["num_prompts"],
+                dataset=values["dataset"],
+                rounds=tuple(rounds),
+                measure_round=measure,
+                trials=trials,
+                seed=seed,
+                api=api,
+                request_rate=request_rate,
+                thresholds=explicit if explicit is not None else default_thresholds(values["output_len"]),
+            )
+        )
+    return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
+
+
+def _require(data: dict, key: str, path: Path | str) -> Any:
+    if key not in data:
+        raise ScenarioError(path, key, "is required")
+    return data[key]
+
+
+def _check_dim(key: str, value: Any, where: str, path: Path | str) -> Any:
+    if key == "backend":
+        if value not in BACKENDS:
+            raise ScenarioError(path, where, f"unknown backend {value!r}; use one of: {', '.join(BACKENDS)}")
+        return value
+    if key == "dataset":
+        if value not in DATASETS:
+            raise ScenarioError(path, where, f"unknown dataset {value!r}; use one of: {', '.join(DATASETS)}")
+        return value
+    if key == "input_len":
+        try:
+            return parse_token_count(value)
+        except ValueError as exc:
+            raise ScenarioError(path, where, str(exc)) from None
+    return _positive_int(value, where, path)
+
+
+def _positive_int(value: Any, where: str, path: Path | str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ScenarioError(path, where, f"{value!r} must be a positive integer")
+    return value
+
+
+def _rate(value: Any, path: Path | str) -> float:
+    if value in ("inf", math.inf):
+        return math.inf
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ScenarioError(path, "request_rate", f"{value!r} must be a positive number of requests per second or 'inf'")
+    return float(value)
+
+
+def _thresholds(raw: Any, path: Path | str) -> tuple[MetricThreshold, ...] | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or not raw:
+        raise ScenarioError(path, "thresholds", "must map metric names to {direction: lower|higher, threshold: 10%}")
+    out = []
+    for metric, spec in raw.items():
+        where = f"thresholds.{metric}"
+        if not is_known_metric(str(metric)):
+            raise ScenarioError(
+                path, where, "unknown metric; use vLLM's names such as median_ttft_ms, p99_ttft_ms, "
+                "mean_tpot_ms, median_itl_ms, total_token_throughput, output_throughput"
+            )
+        if not isinstance(spec, dict) or set(spec) - {"direction", "threshold"}:
+            raise ScenarioError(path, where, "must be {direction: lower|higher, threshold: 10%}")
+        direction = spec.get("direction", "higher" if "throughput" in str(metric) else "lower")
+        if direction not in ("lower", "higher"):
+            raise ScenarioError(path, f"{where}.direction", f"{direction!r} must be 'lower' or 'higher' (which is better)")
+        out.append(MetricThreshold(str(metric), direction, _fraction(spec.get("threshold"), f"{where}.threshold", path)))
+    return tuple(out)
+
+
+def _fraction(value: Any, where: str, path: Path | str) -> float:
+    """``10%`` or ``0.10`` -> 0.10."""
+    try:
+        if isinstance(value, str) and value.strip().endswith("%"):
+            number = float(value.strip()[:-1]) / 100
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            raise ValueError
+    except ValueError:
+        raise ScenarioError(path, where, f"{value!r} must be a percentage such as 10% (or a fraction such as 0.10)") from None
+    if not 0 < number < 10:
+        raise ScenarioError(path, where, f"{value!r} must be above 0%")
+    return number
+
+
+def _case_id(values: dict[str, Any], varying: Iterable[str]) -> str:
+    """Readable id: backend, human input length, then the other dimensions that vary."""
+    parts = [values["backend"], format_tokens(values["input_len"]), f"c{values['concurrency']}"]
+    varying = set(varying)
+    if "output_len" in varying:
+        parts.append(f"o{values['output_len']}")
+    if "num_prompts" in varying:
+        parts.append(f"n{values['num_prompts']}")
+    if "dataset" in varying:
+        parts.append(values["dataset"])
+    return "-".join(parts)

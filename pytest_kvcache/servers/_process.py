@@ -1,0 +1,119 @@
+"""A server subprocess with a log file, a readiness probe and a clean teardown.
+
+The process runs in its own process group (so teardown reaches its children too) and,
+on Linux, gets SIGTERM if the pytest process dies, so no server outlives a crash.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from ..errors import ServerError
+
+__all__ = ["ManagedProcess", "free_port", "log_tail"]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "(no log)"
+    tail = text.splitlines()[-lines:]
+    return "\n".join("    " + line for line in tail) if tail else "    (log is empty)"
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ManagedProcess:
+    """Start ``argv``, wait until ``health_url`` answers 200, stop the whole group."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, health_url: str,
+                 env: Mapping[str, str] | None = None, ready_timeout: float = 60.0) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.log_path = Path(log_path)
+        self.health_url = health_url
+        self.env = dict(env) if env is not None else None
+        self.ready_timeout = ready_timeout
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {' '.join(self.argv)}\n".encode())
+            log.flush()
+            try:
+                self._proc = subprocess.Popen(
+                    self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                )
+            except OSError as exc:
+                raise ServerError(f"{self.name}: cannot run {self.argv[0]!r}: {exc}") from None
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            code = self._proc.poll() if self._proc else None
+            if code is not None:
+                raise ServerError(
+                    f"{self.name} exited with code {code} while starting (log {self.log_path}):\n"
+                    f"{log_tail(self.log_path)}"
+                )
+            try:
+                with urllib.request.urlopen(self.health_url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(
+                    f"{self.name} did not answer {self.health_url} within {self.ready_timeout:g}s "
+                    f"(log {self.log_path}):\n{log_tail(self.log_path)}"
+                )
+            time.sleep(0.05)  # polling interval of the readiness probe
+
+    def stop(self, grace: float = 10.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue

@@ -1,0 +1,36 @@
+"""An OpenAI-compatible server somebody else started (``--kv-server external``)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+from ..errors import ServerError
+from ._base import ServerHandle
+
+__all__ = ["connect_external"]
+
+
+def connect_external(endpoint: str | None, model: str | None) -> ServerHandle:
+    if not endpoint:
+        raise ServerError("--kv-server external needs --kv-endpoint URL (e.g. http://127.0.0.1:8000)")
+    base_url = endpoint.rstrip("/")
+    if base_url.endswith("/v1"):
+        base_url = base_url[:-3]
+    try:
+        with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as response:
+            listing = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ServerError(
+            f"--kv-endpoint {endpoint}: GET /v1/models failed ({exc}); start the server first or fix the URL"
+        ) from None
+    served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+    if model is None:
+        if not served:
+            raise ServerError(f"--kv-endpoint {endpoint} serves no model; pass --model NAME")
+        model = served[0]
+    elif served and model not in served:
+        raise ServerError(f"--model {model!r} is not served by {endpoint}; it serves: {', '.join(served)}")
+    return ServerHandle(kind="external", base_url=base_url, model=model,
+                        info={"server": "external", "endpoint": base_url, "gpu": "unknown"})

@@ -1,0 +1,206 @@
+"""The session object: settings, the server pool, results and verdicts of one pytest run.
+
+One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``. Items call
+:meth:`KVSession.run_item`; the plugin's hooks read the collected results at the end
+to apply the session-wide correction (Holm) and to print the summary.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from . import __version__
+from .baselines import BaselineStore
+from .errors import BaselineError
+from .fingerprint import case_fingerprint
+from .models import CaseResult, ScenarioCase
+from .report.json_report import write_item_json
+from .runner import CaseRunner
+from .servers import ServerPool, ServerSettings
+
+__all__ = ["KVSession", "Settings", "ItemOutcome"]
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings
+    tokenizer: str | None
+    results_dir: Path
+    baseline_dir: Path
+    update_baselines: bool
+    reset_baselines: bool
+    strict_baselines: bool
+    alpha: float
+    trials: int | None
+    verbose: int = 0
+
+
+@dataclass
+class ItemOutcome:
+    """What one item measured and decided; the summary table is made from these."""
+
+    nodeid: str
+    case: ScenarioCase
+    result: CaseResult | None = None
+    comparisons: list = field(default_factory=list)  # stats.MetricComparison
+    verdicts: list = field(default_factory=list)  # stats.Verdict, same order
+    status: str = "measured"  # measured | compared | baseline-updated | skipped | failed
+    message: str = ""
+    json_path: Path | None = None
+
+
+class KVSession:
+    def __init__(self, settings: Settings, workdir: Path, planned_comparisons: Callable[[], int]) -> None:
+        self.settings = settings
+        self.pool = ServerPool(settings.server, workdir=workdir, log_dir=settings.results_dir / "logs")
+        self.runner: CaseRunner | None = None
+        self.store = BaselineStore(settings.baseline_dir)
+        self.outcomes: list[ItemOutcome] = []
+        self._planned = planned_comparisons
+        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.gate = None  # report.terminal.Gate, set at session end
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- one item -----------------------------------------------------------------
+
+    def run_item(self, nodeid: str, case: ScenarioCase, baseline_key: str,
+                 progress: Callable[[str], None]) -> ItemOutcome:
+        """Measure, store, compare; fail or skip the pytest item with a clear message."""
+        from .backends import BackendUnavailable
+        from .errors import KVCacheError
+
+        outcome = ItemOutcome(nodeid=nodeid, case=case)
+        self.outcomes.append(outcome)
+        try:
+            backend = self.pool.backend(case.backend)
+        except BackendUnavailable as exc:
+            outcome.status, outcome.message = "skipped", str(exc)
+            pytest.skip(str(exc))
+        try:
+            server = self.pool.acquire(backend)
+            if self.runner is None:
+                self.runner = CaseRunner(self.settings.tokenizer)
+            trials = self.runner.run(case, server.base_url, server.model, self.settings.trials or case.trials, progress)
+        except KVCacheError as exc:
+            outcome.status, outcome.message = "failed", str(exc)
+            pytest.fail(str(exc), pytrace=False)
+        result = CaseResult(case=case, trials=trials, server=dict(server.info))
+        outcome.result = result
+        fingerprint = case_fingerprint(case, server.model, server.info, backend.fingerprint())
+        outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
+
+        try:
+            self._decide(outcome, result, baseline_key, fingerprint)
+        finally:
+            write_item_json(outcome.json_path, outcome, fingerprint)
+        return outcome
+
+    def _decide(self, outcome: ItemOutcome, result: CaseResult, key: str, fingerprint: dict) -> None:
+        s = self.settings
+        usable, total = len(result.usable_trials), len(result.trials)
+        problems = [f"trial {t.index + 1}: {t.problem}" for t in result.trials if not t.usable]
+        if usable < total:
+            # An incomplete or invalid trial never enters a comparison or a baseline.
+            if usable < max(2, (total + 1) // 2):
+                self._fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
+                           + "\n  ".join(problems))
+        if s.update_baselines or s.reset_baselines:
+            if usable < total:
+                self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
+                           + "\n  ".join(problems))
+            try:
+                self.store.append(key, fingerprint, self._baseline_run(result), reset=s.reset_baselines)
+            except BaselineError as exc:
+                self._fail(outcome, str(exc))
+            outcome.status = "baseline-updated"
+            outcome.message = f"baseline {'reset' if s.reset_baselines else 'updated'}: {self.store.path_for(key)}"
+            return
+        try:
+            baseline = self.store.load(key)
+        except BaselineError as exc:
+            self._fail(outcome, str(exc))
+        if baseline is None:
+            self._skip_or_fail(outcome, f"no baseline for {key} in {s.baseline_dir}; "
+                               "run with --update-baselines to create one")
+            return
+        from .baselines import fingerprint_diff
+
+        differences = fingerprint_diff(baseline.fingerprint, fingerprint)
+        if differences:
+            self._skip_or_fail(outcome, f"baseline {baseline.path} was measured on another set-up ("
+                               + "; ".join(differences) + "); compare like with like, or rerun with "
+                               "--reset-baselines after an intended change")
+            return
+        self._compare(outcome, result, baseline)
+
+    def _compare(self, outcome: ItemOutcome, result: CaseResult, baseline) -> None:
+        from .stats import Direction, Zone, compare, verdict
+
+        s = self.settings
+        planned = max(1, self._planned())
+        failures = []
+        for threshold in outcome.case.thresholds:
+            base_values = [float(t["summary"][threshold.metric]) for run in baseline.history
+                           for t in run.get("trials", ()) if t["summary"].get(threshold.metric) is not None]
+            current = result.metric_values(threshold.metric)
+            if len(base_values) < 2 or len(current) < 1:
+                continue
+            comparison = compare(threshold.metric, base_values, current, direction=Direction(threshold.direction),
+                                 threshold=threshold.threshold, alpha=s.alpha)
+            # Bonferroni over every comparison the session may make: a conservative bound
+            # known now; Holm over the p-values actually seen is applied at session end.
+            v = verdict(comparison, min(1.0, comparison.p_worse * planned),
+                        min(1.0, comparison.p_better * planned), alpha=s.alpha,
+                        correction=f"Bonferroni over {planned}")
+            outcome.comparisons.append(comparison)
+            outcome.verdicts.append(v)
+            if v.zone is Zone.FAIL:
+                failures.append(_failure_line(comparison, planned))
+        outcome.status = "compared"
+        if failures:
+            self._fail(outcome, "performance regression:\n  " + "\n  ".join(failures))
+
+    def _baseline_run(self, result: CaseResult) -> dict:
+        return {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "plugin_version": __version__,
+            "commit": _git_commit(),
+            "trials": [
+                {"index": t.index, "summary": dict(t.measured.summary),
+                 "ttfts_ms": [round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success]}
+                for t in result.trials
+            ],
+        }
+
+    def _fail(self, outcome: ItemOutcome, message: str) -> None:
+        outcome.status, outcome.message = "failed", message
+        pytest.fail(message, pytrace=False)
+
+    def _skip_or_fail(self, outcome: ItemOutcome, message: str) -> None:
+        if self.settings.strict_baselines:
+            self._fail(outcome, message + " (--strict-baselines)")
+        outcome.status, outcome.message = "skipped", message
+        pytest.skip(message)
+
+
+def _failure_line(c, planned: int) -> str:
+    unit = " ms" if c.metric.endswith("_ms") else ""
+    return (f"{c.metric}: baseline {c.baseline_value:.4g}{unit}, current {c.current_value:.4g}{unit}, "
+            f"change {c.change_pct:+.1f}% (threshold {c.threshold * 100:.0f}%), p={c.p_worse:.2g} "
+            f"(Bonferroni over {planned} planned comparisons)")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None

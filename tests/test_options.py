@@ -1,0 +1,150 @@
+"""Every option, ini key and marker: a good value, a bad value, and --help."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ("pytester",)
+
+SCENARIO = """
+name: prefill
+phase: prefill
+matrix:
+  backend: [none, cpu, disk, gds]
+  input_len: [100, 1k, 10k, 50k, 100k]
+  concurrency: [16]
+  output_len: [1]
+"""
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "seed.yaml").write_text(SCENARIO)
+    return pytester
+
+
+def collected(result: pytest.RunResult) -> list[str]:
+    return [line.split("::")[1] for line in result.outlines if "::" in line]
+
+
+def test_help_lists_every_option_and_ini_key(project):
+    result = project.runpytest("--help")
+    text = result.stdout.str()
+    for option in ("--input-len", "--concurrency", "--backend", "--output-len", "--trials", "--kv-server",
+                   "--kv-endpoint", "--kv-server-args", "--model", "--tokenizer", "--kv-results-dir", "--baseline-dir",
+                   "--update-baselines", "--reset-baselines", "--strict-baselines", "--alpha",
+                   "--emulator-slowdown"):
+        assert option in text, option
+    for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer", "kvcache_results_dir",
+                "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_emulator_slowdown"):
+        assert ini in text, ini
+
+
+def test_markers_are_registered(project):
+    result = project.runpytest("--markers")
+    for marker in ("none", "cpu", "disk", "gds", "redis", "lmcache_server", "mooncake", "native",
+                   "prefill", "sharegpt", "multiturn", "kvcache"):
+        result.stdout.fnmatch_lines([f"@pytest.mark.{marker}:*"])
+
+
+def test_gds_and_100k_select_exactly_one_item(project):
+    result = project.runpytest("--collect-only", "-q", "--strict-markers", "-m", "gds", "--input-len", "100k")
+    assert result.ret == 0
+    assert collected(result) == ["prefill[gds-100k-c16]"]
+
+
+def test_phase_marker_and_strict_markers(project):
+    result = project.runpytest("--collect-only", "-q", "--strict-markers", "-m", "prefill and (cpu or disk)")
+    assert result.ret == 0
+    assert len(collected(result)) == 10
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--input-len", "1k,10k"], 8),
+    (["--input-len", "1k", "--input-len", "100"], 8),
+    (["--input-len", "1000"], 4),
+    (["--backend", "cpu,disk"], 10),
+    (["--backend", "none", "--input-len", "50k"], 1),
+    (["--concurrency", "16"], 20),
+    (["--concurrency", "1,8"], 0),
+    (["--output-len", "1"], 20),
+    (["--output-len", "128"], 0),
+])
+def test_filters_select_items(project, args, expected):
+    result = project.runpytest("--collect-only", "-q", *args)
+    assert len(collected(result)) == expected
+    assert result.ret == (0 if expected else pytest.ExitCode.NO_TESTS_COLLECTED)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--input-len", "ten"], "argument --input-len: 'ten': use an integer with an optional k or m suffix"),
+    (["--input-len", "1k,,x"], "argument --input-len:*1k, 10k, 100k, 1m"),
+    (["--concurrency", "0"], "argument --concurrency: '0': use positive integers"),
+    (["--backend", "floppy"], "argument --backend: 'floppy': use one or more of none, cpu, disk, gds*"),
+    (["--output-len", "x"], "argument --output-len: 'x': use positive integers*"),
+    (["--trials", "0"], "argument --trials: '0': use a positive integer"),
+    (["--kv-server", "triton"], "*argument --kv-server: invalid choice: 'triton'*"),
+    (["--kv-server", "external"], "*--kv-server external needs --kv-endpoint URL*"),
+    (["--kv-server", "external", "--kv-endpoint", "localhost"], "*--kv-endpoint / kvcache_endpoint = 'localhost'*"),
+    (["--tokenizer", "/no/such/dir"], "*--tokenizer / kvcache_tokenizer = '/no/such/dir': no such file*"),
+    (["--kv-server-args", "'--unclosed"], "*--kv-server-args / kvcache_server_args = \"'--unclosed\"*quote*"),
+    (["--alpha", "2"], "*--alpha / kvcache_alpha = '2': use a significance level*"),
+    (["--alpha", "x"], "*--alpha / kvcache_alpha = 'x'*"),
+    (["--emulator-slowdown", "-1"], "*--emulator-slowdown / kvcache_emulator_slowdown = '-1': use a factor above 0*"),
+])
+def test_bad_values_are_usage_errors_naming_the_option(project, args, message):
+    result = project.runpytest("--collect-only", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+@pytest.mark.parametrize("ini,value,message", [
+    ("kvcache_server", "triton", "kvcache_server = 'triton': use one of emulator, vllm, external"),
+    ("kvcache_alpha", "0.9", "--alpha / kvcache_alpha = '0.9'"),
+    ("kvcache_emulator_slowdown", "fast", "kvcache_emulator_slowdown = 'fast'"),
+    ("kvcache_endpoint", "nope", "kvcache_endpoint = 'nope'"),
+    ("kvcache_tokenizer", "/nope", "kvcache_tokenizer = '/nope'"),
+])
+def test_bad_ini_values_are_usage_errors(project, ini, value, message):
+    project.makeini(f"[pytest]\n{ini} = {value}\n")
+    result = project.runpytest("--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+@pytest.mark.parametrize("args", [
+    ["--kv-server", "emulator"], ["--kv-server", "vllm", "--model", "m"],
+    ["--kv-server", "external", "--kv-endpoint", "http://127.0.0.1:9"],
+    ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"], ["--emulator-slowdown", "1.3"], ["--trials", "5"],
+    ["--kv-results-dir", "out"], ["--baseline-dir", "bl"], ["--update-baselines"], ["--reset-baselines"],
+    ["--strict-baselines"], ["--model", "Qwen/Qwen2.5-7B-Instruct"],
+])
+def test_good_values_are_accepted(project, args):
+    result = project.runpytest("--collect-only", "-q", *args)
+    assert result.ret == 0, result.stderr.str()
+    assert len(collected(result)) == 20
+
+
+def test_good_ini_values_are_accepted(project):
+    project.makeini("[pytest]\nkvcache_server = external\nkvcache_endpoint = http://127.0.0.1:9\n"
+                    "kvcache_alpha = 0.01\nkvcache_emulator_slowdown = 2\nkvcache_strict_baselines = true\n"
+                    "kvcache_baseline_dir = bl\nkvcache_results_dir = out\nkvcache_model = m\n")
+    result = project.runpytest("--collect-only", "-q")
+    assert result.ret == 0, result.stderr.str()
+
+
+def test_malformed_scenario_fails_collection_naming_file_and_key(pytester):
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "bad.yaml").write_text(
+        "name: prefill\nphase: prefill\nmatrix:\n  backend: [floppy]\n  input_len: [1k]\n")
+    result = pytester.runpytest("--collect-only")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*scenarios/bad.yaml: key 'matrix.backend': unknown backend 'floppy'; use one of*"])
+    assert "Traceback" not in result.stdout.str()
+
+
+def test_yaml_outside_scenarios_is_not_collected(pytester):
+    pytester.path.joinpath("ci.yaml").write_text("jobs: {}\n")
+    result = pytester.runpytest("--collect-only", "-q")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED

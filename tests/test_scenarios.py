@@ -1,0 +1,89 @@
+"""Scenario YAML parsing and matrix expansion (no pytest machinery involved)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from pytest_kvcache.errors import ScenarioError
+from pytest_kvcache.scenarios import load_scenario, parse_scenario, parse_token_count
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text,value", [("100", 100), ("1k", 1000), ("10K", 10_000), ("100k", 100_000),
+                                        ("1m", 1_000_000), ("1.5k", 1500), (2048, 2048)])
+def test_token_counts(text, value):
+    assert parse_token_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "abc", "1x", "-5", "0", "1.0001k", "k"])
+def test_bad_token_counts_name_the_forms(text):
+    with pytest.raises(ValueError, match="1k, 10k"):
+        parse_token_count(text)
+
+
+def test_seed_matrix_expands_to_readable_ids():
+    scenario = load_scenario(ROOT / "scenarios" / "seed_prefill.yaml")
+    ids = [c.case_id for c in scenario.cases]
+    assert len(ids) == 20
+    assert ids[:5] == ["none-100-c16", "none-1k-c16", "none-10k-c16", "none-50k-c16", "none-100k-c16"]
+    assert "gds-100k-c16" in ids
+    case = scenario.cases[0]
+    assert case.name == "prefill[none-100-c16]"
+    assert (case.output_len, case.concurrency, case.num_prompts, case.trials) == (1, 16, 50, 3)
+    assert case.rounds == ("cold", "warm") and case.measure_round == "warm"
+    assert {t.metric: (t.direction, t.threshold) for t in case.thresholds} == {
+        "median_ttft_ms": ("lower", 0.10), "total_token_throughput": ("higher", 0.05)}
+
+
+def _minimal(**extra):
+    data = {"name": "s", "phase": "prefill", "matrix": {"backend": ["cpu"], "input_len": [1000]}}
+    data.update(extra)
+    return data
+
+
+def test_defaults_and_varying_dimensions_in_ids():
+    s = parse_scenario(_minimal(matrix={"backend": ["cpu"], "input_len": ["1k"], "output_len": [1, 128]}), "x.yaml")
+    assert [c.case_id for c in s.cases] == ["cpu-1k-c16-o1", "cpu-1k-c16-o128"]
+    assert math.isinf(s.cases[0].request_rate)
+    # TPOT is only compared once there is more than one output token
+    assert "median_tpot_ms" not in {t.metric for t in s.cases[0].thresholds}
+    assert "median_tpot_ms" in {t.metric for t in s.cases[1].thresholds}
+
+
+@pytest.mark.parametrize("data,key", [
+    ([1, 2], "<top>"),
+    ({"matrix": {"backend": ["cpu"]}}, "name"),
+    (_minimal(bogus=1), "bogus"),
+    (_minimal(matrix={"backend": ["floppy"], "input_len": [1]}), "matrix.backend"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": ["ten"]}), "matrix.input_len"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": [1], "color": [1]}), "matrix.color"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": []}), "matrix.input_len"),
+    (_minimal(matrix={"backend": ["cpu", "cpu"], "input_len": [1]}), "matrix.backend"),
+    (_minimal(trials=0), "trials"),
+    (_minimal(rounds=["hot"]), "rounds"),
+    (_minimal(measure="warm", rounds=["cold"]), "measure"),
+    (_minimal(phase="lunch"), "phase"),
+    (_minimal(api="grpc"), "api"),
+    (_minimal(request_rate=-1), "request_rate"),
+    (_minimal(thresholds={"median_ttft_ms": {"threshold": "ten"}}), "thresholds.median_ttft_ms.threshold"),
+    (_minimal(thresholds={"speed": {"threshold": "10%"}}), "thresholds.speed"),
+    (_minimal(thresholds={"median_ttft_ms": {"direction": "up", "threshold": "10%"}}),
+     "thresholds.median_ttft_ms.direction"),
+    (_minimal(concurrency=16, matrix={"concurrency": [1], "backend": ["cpu"], "input_len": [1]}), "concurrency"),
+])
+def test_malformed_scenarios_name_file_and_key(data, key):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "scen/bad.yaml")
+    assert info.value.key == key
+    assert str(info.value).startswith(f"scen/bad.yaml: key '{key}':")
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\nmatrix: [unclosed\n")
+    with pytest.raises(ScenarioError, match=r"broken.yaml: key '<yaml>': not valid YAML at line \d"):
+        load_scenario(path)
