@@ -5,11 +5,17 @@ bytes reaching the socket and the caller seeing them was about 1.5-2 ms per chun
 these machines (a fixed 40 ms TTFT read as 41.5-42.3 ms even at concurrency 1),
 while a raw socket read it as 40.4-40.5 ms. Here the stamp is taken first thing in
 ``data_received``, called by the event loop as soon as the socket is readable; the
-HTTP framing and the SSE event split happen right after, and JSON decoding later,
-in the request's coroutine, where its cost cannot shift a stamp.
+HTTP framing is decoded right after (offset arithmetic, no buffer shuffling) and the
+body bytes are kept with the stamp. The SSE event split and JSON decoding wait until
+the response is complete, in the request's coroutine, which wakes once per response:
+per-chunk work in the loop is what delays the *other* streams' stamps when many
+chunks arrive in the same event-loop pass (concurrency 128 and up).
 
-Each connection carries one request at a time with keep-alive, is opened before the
-round starts, and sends a request in a single write with TCP_NODELAY.
+A request's start stamp is taken inside :meth:`StreamConnection.send`, right before
+its own ``transport.write`` (a single write; TCP_NODELAY), so neither the other
+requests of a burst nor a task switch sit between the stamp and the bytes leaving.
+Each connection carries one request at a time with keep-alive and is opened before
+the round starts.
 """
 
 from __future__ import annotations
@@ -18,10 +24,9 @@ import asyncio
 import socket
 import ssl
 import time
-from collections import deque
 from urllib.parse import urlsplit
 
-__all__ = ["HTTPStreamError", "StreamConnection", "StreamPool"]
+__all__ = ["HTTPStreamError", "StreamConnection", "StreamPool", "split_events"]
 
 
 class HTTPStreamError(Exception):
@@ -30,79 +35,106 @@ class HTTPStreamError(Exception):
 
 class _ResponseParser:
     """Incremental HTTP/1.1 response parser: status and headers, then the body by
-    Content-Length, chunked transfer coding, or until the connection closes."""
+    Content-Length, chunked transfer coding, or until the connection closes.
+
+    It works on offsets into the bytes it was given (no per-byte buffer shuffling), so
+    a read holding one or a few whole chunks costs a couple of ``find`` calls and
+    slices.
+    """
+
+    __slots__ = ("_buf", "_remaining", "_state", "complete", "headers", "keep_alive", "status")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = b""
         self._state = "head"
         self.status: int | None = None
         self.headers: dict[str, str] = {}
-        self._remaining: int | None = None
+        self._remaining = 0
         self.complete = False
         self.keep_alive = True
 
     def feed(self, data: bytes) -> list[bytes]:
         """Body bytes decoded from ``data``; raises HTTPStreamError on bad framing."""
-        self._buf += data
+        if self._buf:
+            data = self._buf + data
+            self._buf = b""
         out: list[bytes] = []
+        pos = 0
+        n = len(data)
+        state = self._state
         while not self.complete:
-            if self._state == "head":
-                end = self._buf.find(b"\r\n\r\n")
+            if state == "chunk-size":
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    return out
-                self._head(bytes(self._buf[:end]).decode("latin-1"))
-                del self._buf[: end + 4]
-            elif self._state == "length":
-                take = min(self._remaining, len(self._buf))
+                    if n - pos > 1024:
+                        raise HTTPStreamError(f"chunk size line too long: {data[pos:pos + 40]!r}")
+                    break
+                line = data[pos:end]
+                try:
+                    size = int(line.split(b";", 1)[0], 16)
+                except ValueError:
+                    raise HTTPStreamError(f"bad chunk size line {line[:40]!r}") from None
+                if size < 0:
+                    raise HTTPStreamError(f"bad chunk size line {line[:40]!r}")
+                pos = end + 2
+                if size:
+                    self._remaining = size
+                    state = "chunk-data"
+                else:
+                    state = "trailer"
+            elif state == "chunk-data":
+                take = min(self._remaining, n - pos)
                 if take:
-                    out.append(bytes(self._buf[:take]))
-                    del self._buf[:take]
+                    out.append(data[pos:pos + take])
+                    pos += take
+                    self._remaining -= take
+                if self._remaining:
+                    break
+                state = "chunk-end"
+            elif state == "chunk-end":
+                if n - pos < 2:
+                    break
+                if data[pos:pos + 2] != b"\r\n":
+                    raise HTTPStreamError("chunk not followed by CRLF")
+                pos += 2
+                state = "chunk-size"
+            elif state == "head":
+                end = data.find(b"\r\n\r\n", pos)
+                if end < 0:
+                    if n - pos > 65536:
+                        raise HTTPStreamError("response head larger than 64 KiB")
+                    break
+                state = self._head(data[pos:end].decode("latin-1"))
+                pos = end + 4
+            elif state == "length":
+                take = min(self._remaining, n - pos)
+                if take:
+                    out.append(data[pos:pos + take])
+                    pos += take
                     self._remaining -= take
                 if self._remaining == 0:
                     self.complete = True
-                return out
-            elif self._state == "until-close":
-                if self._buf:
-                    out.append(bytes(self._buf))
-                    self._buf.clear()
-                return out
-            elif self._state == "chunk-size":
-                end = self._buf.find(b"\r\n")
+                break
+            elif state == "until-close":
+                if pos < n:
+                    out.append(data[pos:] if pos else data)
+                pos = n
+                break
+            elif state == "trailer":
+                end = data.find(b"\r\n", pos)
                 if end < 0:
-                    return out
-                try:
-                    size = int(bytes(self._buf[:end]).split(b";")[0].strip(), 16)
-                except ValueError:
-                    raise HTTPStreamError(f"bad chunk size line {bytes(self._buf[:end])[:40]!r}") from None
-                del self._buf[: end + 2]
-                self._remaining = size
-                self._state = "chunk-data" if size else "trailer"
-            elif self._state == "chunk-data":
-                take = min(self._remaining, len(self._buf))
-                if take:
-                    out.append(bytes(self._buf[:take]))
-                    del self._buf[:take]
-                    self._remaining -= take
-                if self._remaining:
-                    return out
-                self._state = "chunk-end"
-            elif self._state == "chunk-end":
-                if len(self._buf) < 2:
-                    return out
-                if self._buf[:2] != b"\r\n":
-                    raise HTTPStreamError("chunk not followed by CRLF")
-                del self._buf[:2]
-                self._state = "chunk-size"
-            elif self._state == "trailer":
-                end = self._buf.find(b"\r\n")
-                if end < 0:
-                    return out
-                del self._buf[: end + 2]
-                if end == 0:
+                    break
+                if end == pos:
                     self.complete = True
+                pos = end + 2
+        self._state = state
+        if pos < n:
+            if self.complete:
+                raise HTTPStreamError(f"unexpected bytes after the response: {data[pos:pos + 40]!r}")
+            self._buf = data[pos:]
         return out
 
-    def _head(self, text: str) -> None:
+    def _head(self, text: str) -> str:
         lines = text.split("\r\n")
         parts = lines[0].split(" ", 2)
         if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
@@ -112,33 +144,72 @@ class _ResponseParser:
         except ValueError:
             raise HTTPStreamError(f"bad status line {lines[0][:80]!r}") from None
         for line in lines[1:]:
-            name, _, value = line.partition(":")
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise HTTPStreamError(f"bad header line {line[:80]!r}")
             self.headers[name.strip().lower()] = value.strip()
         self.keep_alive = self.headers.get("connection", "").lower() != "close"
         if "chunked" in self.headers.get("transfer-encoding", "").lower():
-            self._state = "chunk-size"
-        elif "content-length" in self.headers:
-            self._remaining = int(self.headers["content-length"])
-            self._state = "length"
+            return "chunk-size"
+        if "content-length" in self.headers:
+            try:
+                self._remaining = int(self.headers["content-length"])
+            except ValueError:
+                raise HTTPStreamError(f"bad Content-Length {self.headers['content-length'][:40]!r}") from None
+            if self._remaining < 0:
+                raise HTTPStreamError("negative Content-Length")
             if self._remaining == 0:
                 self.complete = True
-        else:
-            self._state = "until-close"
-            self.keep_alive = False
+            return "length"
+        self.keep_alive = False
+        return "until-close"
+
+    def finish_at_eof(self) -> bool:
+        """The connection closed: True when that ends the response properly."""
+        if self._state == "until-close" and self.status is not None:
+            self.complete = True
+        return self.complete
+
+
+def split_events(pieces) -> tuple[list[tuple[float, bytes]], bytes]:
+    """``(stamp, body bytes)`` reads -> ``(stamp, SSE event)`` pairs, and the unfinished rest.
+
+    An event gets the stamp of the read that completed it. Lines may end with LF or
+    CRLF; events end with an empty line.
+    """
+    events: list[tuple[float, bytes]] = []
+    sse = b""
+    for stamp, piece in pieces:
+        sse = sse + piece if sse else piece
+        if b"\r" in sse:
+            sse = sse.replace(b"\r\n", b"\n")
+        if b"\n\n" in sse:
+            parts = sse.split(b"\n\n")
+            sse = parts.pop()
+            for ev in parts:
+                if ev:
+                    events.append((stamp, ev))
+    return events, sse
 
 
 class StreamConnection(asyncio.Protocol):
-    """One keep-alive connection; yields ``(arrival stamp, SSE event bytes)``."""
+    """One keep-alive connection carrying one request at a time.
+
+    ``data_received`` stamps the read first thing, decodes the HTTP framing and keeps
+    ``(stamp, body bytes)``; nothing else happens per read: the SSE split and JSON
+    decoding wait until the response is complete (:meth:`wait`), so the work done for
+    one stream cannot delay the stamp of another, and the request's coroutine wakes
+    once per response, not once per chunk.
+    """
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._parser: _ResponseParser | None = None
-        self._events: deque[tuple[float, bytes]] = deque()
-        self._sse = bytearray()
-        self._body = bytearray()
+        self.pieces: list[tuple[float, bytes]] = []
+        self.first_byte: float | None = None
         self._error: str | None = None
-        self._wake = asyncio.Event()
+        self._done: asyncio.Future | None = None
 
     # -- protocol callbacks (the event loop calls these) ---------------------------
 
@@ -152,91 +223,80 @@ class StreamConnection(asyncio.Protocol):
         stamp = time.perf_counter()  # first: everything after this is bookkeeping
         parser = self._parser
         if parser is None or parser.complete:
-            self._error = "unexpected bytes from the server between requests"
-            self._wake.set()
+            self._fail("unexpected bytes from the server between requests")
             return
         try:
             pieces = parser.feed(data)
         except HTTPStreamError as exc:
-            self._error = str(exc)
-            self._wake.set()
+            self._fail(str(exc))
             return
+        if self.first_byte is None:
+            self.first_byte = stamp
         for piece in pieces:
-            if parser.status == 200:
-                self._sse += piece.replace(b"\r\n", b"\n")
-                while True:
-                    end = self._sse.find(b"\n\n")
-                    if end < 0:
-                        break
-                    self._events.append((stamp, bytes(self._sse[:end])))
-                    del self._sse[: end + 2]
-            else:
-                self._body += piece
-        if self._events or parser.complete or parser.status not in (None, 200):
-            self._wake.set()
+            self.pieces.append((stamp, piece))
+        if parser.complete:
+            done = self._done
+            if done is not None and not done.done():
+                done.set_result(None)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
-        if self._parser is not None and not self._parser.complete:
-            if self._parser._state == "until-close":
-                self._parser.complete = True
+        parser = self._parser
+        if parser is not None and not parser.complete and not parser.finish_at_eof() and self._error is None:
+            if parser.status is None:
+                self._error = f"connection closed by the server before a response ({exc or 'EOF'})"
             else:
                 self._error = f"connection closed by the server mid-response ({exc or 'EOF'})"
-        self._wake.set()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _fail(self, reason: str) -> None:
+        if self._error is None:
+            self._error = reason
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     # -- the request side --------------------------------------------------------------
 
-    def send(self, request: bytes) -> None:
+    def send(self, request: bytes) -> float:
+        """Write ``request``; return the start stamp, taken right before the write."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise HTTPStreamError("connection closed before the request was sent")
         self._parser = _ResponseParser()
-        self._events.clear()
-        self._sse.clear()
-        self._body.clear()
+        self.pieces = []
+        self.first_byte = None
         self._error = None
-        self._wake.clear()
-        assert self.transport is not None
+        self._done = asyncio.get_running_loop().create_future()
+        start = time.perf_counter()
         self.transport.write(request)
+        return start
 
-    async def _wait(self, timeout: float) -> None:
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"no data from the server for {timeout:g}s") from None
-        self._wake.clear()
+    async def wait(self) -> None:
+        """Until the response is complete or broken (the caller bounds the time)."""
+        if self._done is None:
+            raise HTTPStreamError("no request sent")
+        await self._done
 
-    async def status(self, timeout: float) -> int:
-        """The response status, once the head has arrived."""
-        parser = self._parser
-        while parser.status is None:
-            if self._error:
-                raise HTTPStreamError(self._error)
-            if self.closed:
-                raise HTTPStreamError("connection closed by the server before a response")
-            await self._wait(timeout)
-        return parser.status
+    @property
+    def status(self) -> int | None:
+        return self._parser.status if self._parser is not None else None
 
-    async def events(self, timeout: float):
-        """Yield (stamp, event) until the response ends; raise on a broken stream."""
-        parser = self._parser
-        while True:
-            while self._events:
-                yield self._events.popleft()
-            if self._error:
-                raise HTTPStreamError(self._error)
-            if parser.complete:
-                return
-            if self.closed:
-                raise HTTPStreamError("connection closed by the server mid-response")
-            await self._wait(timeout)
+    @property
+    def error(self) -> str | None:
+        return self._error
 
-    async def body(self, timeout: float) -> bytes:
-        """The whole body of a non-streaming (e.g. error) response."""
-        while not self._parser.complete:
-            if self._error:
-                raise HTTPStreamError(self._error)
-            if self.closed:
-                break
-            await self._wait(timeout)
-        return bytes(self._body)
+    @property
+    def complete(self) -> bool:
+        return self._parser is not None and self._parser.complete
+
+    def events(self) -> tuple[list[tuple[float, bytes]], bytes]:
+        """The response's SSE events with their arrival stamps, and any unfinished rest."""
+        return split_events(self.pieces)
+
+    def body(self) -> bytes:
+        return b"".join(p for _, p in self.pieces)
 
     @property
     def reusable(self) -> bool:

@@ -37,9 +37,10 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ._atomic import write_text_atomic
 from .errors import BaselineCorruptError, FingerprintMismatchError

@@ -15,14 +15,14 @@ at fault and the fix::
 from __future__ import annotations
 
 __all__ = [
-    "KVCacheError",
-    "ScenarioError",
-    "OptionError",
-    "WorkloadError",
-    "ServerError",
-    "BaselineError",
     "BaselineCorruptError",
+    "BaselineError",
     "FingerprintMismatchError",
+    "KVCacheError",
+    "OptionError",
+    "ScenarioError",
+    "ServerError",
+    "WorkloadError",
 ]
 
 

@@ -5,17 +5,23 @@ Measuring rules (DESIGN.md section 3):
 * Request bodies are encoded before the round starts, so JSON encoding is never
   inside a measured interval.
 * A request's clock starts (``time.perf_counter()``) after it holds its concurrency
-  slot, just before it is sent; the wait for the slot is kept apart as queue time.
+  slot, inside ``StreamConnection.send`` right before its own write; the wait for
+  the slot is kept apart as queue time, counted from when the request was due (its
+  scheduled arrival), not from when its coroutine got around to it.
 * Every network read is stamped on arrival, in the protocol callback (see
   ``_http``: httpx added 1.5-2 ms per read); every SSE event completed by that read
   gets its stamp, with its token count (from ``continuous_usage_stats`` when the
-  server sends them, else one per event).
+  server sends them, else one per event). Events are decoded once the response is
+  complete, so per-chunk work never runs between other streams' reads and stamps.
 * The connection pool is opened before the round (one connection per slot), so a
   measured request never pays for a TCP handshake.
-* An event-loop lag monitor runs during the round. A stamp can be late by the lag at
-  its moment, so the round is invalid when the 99th percentile of the lag exceeds
-  ``max_loop_lag_ms`` or 5% of the median TTFT, whichever is larger. Garbage
-  collection is frozen during a round so that its pauses do not land in a stamp.
+* The guard: a round is invalid, with the reason, when (a) the 99th percentile of
+  the event-loop lag exceeds ``max_loop_lag_ms`` or 5% of the median TTFT, whichever
+  is larger (a stamp can be late by the lag at its moment); (b) while requests waited
+  for a slot, the time-weighted number in flight fell below ``min_concurrency_ratio``
+  of the cap; (c) with a request rate, the delivered rate fell below
+  ``min_rate_ratio`` of the seeded schedule's. Garbage collection is off during a
+  round so that its pauses do not land in a stamp.
 * Errors (HTTP status, timeouts, broken or malformed streams) become failed records
   with the reason; nothing raises out of a round.
 """
@@ -28,10 +34,12 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
-from ._http import HTTPStreamError, StreamPool
+from typing_extensions import Self
+
+from ._http import HTTPStreamError, StreamPool, split_events
 from .metrics import percentile, summarize
 from .models import RequestRecord, RoundResult
 from .workloads import Prompt
@@ -41,7 +49,14 @@ __all__ = ["LoadSpec", "open_client", "open_pool", "run_round"]
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """How to send one round of prompts."""
+    """How to send one round of prompts.
+
+    ``burstiness`` shapes request-rate arrivals as in ``vllm bench serve``: 1.0 is a
+    Poisson process, other values gamma-distributed gaps with that shape (smaller is
+    burstier), mean ``1/request_rate`` either way. ``min_concurrency_ratio`` and
+    ``min_rate_ratio`` are the client guard's floors for delivered vs configured
+    concurrency (while requests waited for a slot) and delivered vs scheduled rate.
+    """
 
     model: str
     api: str = "completions"
@@ -51,6 +66,9 @@ class LoadSpec:
     timeout_s: float = 600.0
     max_loop_lag_ms: float = 20.0
     ignore_eos: bool = True
+    burstiness: float = 1.0
+    min_concurrency_ratio: float = 0.95
+    min_rate_ratio: float = 0.95
 
 
 def open_client(base_url: str, timeout_s: float = 120.0):
@@ -86,7 +104,13 @@ def _path(api: str) -> str:
 
 
 class _LagMonitor:
-    """Samples how late the event loop wakes up; late wake-ups mean late stamps."""
+    """Samples how late the event loop runs what became ready; late means late stamps.
+
+    Every ``interval`` it measures two things and keeps the larger: how late its timer
+    woke (beyond the millisecond asyncio's ``epoll`` rounds a sleep up to), and how long
+    a callback made ready at that moment waited to run (one ``sleep(0)``), which is
+    what a socket that became readable then waits before ``data_received`` stamps it.
+    """
 
     def __init__(self, interval: float = 0.005) -> None:
         self.interval = interval
@@ -94,16 +118,19 @@ class _LagMonitor:
         self._task: asyncio.Task | None = None
 
     async def _run(self) -> None:
+        perf = time.perf_counter
         while True:
-            target = time.perf_counter() + self.interval
+            target = perf() + self.interval
             await asyncio.sleep(self.interval)
-            # asyncio rounds sleeps up to the next millisecond; lag beyond that is ours
-            self.lags.append(max(0.0, time.perf_counter() - target - 0.001))
+            woke = perf()
+            await asyncio.sleep(0)
+            ready_wait = perf() - woke
+            self.lags.append(max(0.0, woke - target - 0.001, ready_wait))
 
     def percentile_ms(self, q: float) -> float:
         return percentile(sorted(self.lags), q) * 1000.0 if self.lags else 0.0
 
-    def __enter__(self) -> "_LagMonitor":
+    def __enter__(self) -> Self:
         self._gc_was_enabled = gc.isenabled()
         gc.collect()
         gc.disable()
@@ -117,27 +144,207 @@ class _LagMonitor:
             gc.enable()
 
 
-async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Prompt, request: bytes,
-                       scheduled: float, slots: asyncio.Semaphore,
-                       on_done: Callable[[], None] | None) -> RequestRecord:
-    async with slots:
-        chunk_times: list[float] = []
-        chunk_tokens: list[int] = []
-        usage_seen: dict = {}
-        error = None
-        conn = await pool.acquire()
-        start = time.perf_counter()
+class _StreamError(Exception):
+    pass
+
+
+def _payloads(events) -> tuple[list[bytes], list[float], bool]:
+    """The ``data:`` payloads of SSE events with their stamps, and whether [DONE] came."""
+    payloads: list[bytes] = []
+    stamps: list[float] = []
+    done = False
+    for stamp, event in events:
+        if event.startswith(b"data: ") and b"\n" not in event:  # the usual one-line event
+            payload = event[6:]
+            if payload == b"[DONE]":
+                done = True
+                continue
+            payloads.append(payload)
+            stamps.append(stamp)
+            continue
+        for line in event.split(b"\n"):
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                done = True
+                continue
+            payloads.append(payload)
+            stamps.append(stamp)
+    return payloads, stamps, done
+
+
+def _load_all(payloads: list[bytes]) -> list:
+    """JSON-decode every payload: one ``json.loads`` over all of them (the per-call
+    overhead is most of the cost of a small chunk), one by one where that fails."""
+    if not payloads:
+        return []
+    try:
+        objs = json.loads(b"[" + b",".join(payloads) + b"]")
+        if len(objs) == len(payloads):
+            return objs
+    except ValueError:
+        pass
+    objs = []
+    for payload in payloads:
         try:
-            await asyncio.wait_for(
-                _exchange(conn, spec, request, chunk_times, chunk_tokens, usage_seen), spec.timeout_s)
-        except (_StreamError, HTTPStreamError) as exc:
+            objs.append(json.loads(payload))
+        except ValueError:
+            raise _StreamError(f"malformed SSE event: {payload[:120]!r}") from None
+    return objs
+
+
+def _decode(events, chunk_times: list[float], chunk_tokens: list[int], usage_seen: dict,
+            extras: dict) -> bool:
+    """Read SSE events into the lists; True once ``data: [DONE]`` was seen.
+
+    A chunk's token count comes from ``continuous_usage_stats`` when the server sends
+    them (a chunk may carry several tokens), else 1 per chunk with text.
+    """
+    payloads, stamps, done = _payloads(events)
+    seen_completion = 0
+    for stamp, obj, payload in zip(stamps, _load_all(payloads), payloads):
+        if not isinstance(obj, dict):
+            raise _StreamError(f"malformed SSE event: {payload[:120]!r}")
+        if "error" in obj and not obj.get("choices"):
+            raise _StreamError(f"server error in stream: {str(obj['error'])[:200]}")
+        usage = obj.get("usage")
+        text = ""
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+        if usage:
+            usage_seen.update({k: v for k, v in usage.items() if v is not None})
+        if "server_timing" in obj:
+            extras["server_timing"] = obj["server_timing"]
+        if text:
+            chunk_times.append(stamp)
+            completion = (usage or {}).get("completion_tokens")
+            if completion is not None:
+                chunk_tokens.append(max(completion - seen_completion, 1))
+                seen_completion = completion
+            else:
+                chunk_tokens.append(1)
+    return done
+
+
+class _Decoder:
+    """Decodes finished responses in small slices between the event loop's reads.
+
+    asyncio runs every ready callback before it polls the sockets again, so if 128
+    streams that finished together each decoded their events in their own coroutine,
+    the reads (and stamps) of every other stream would wait for all 128 decodes. Here
+    one task decodes a response, and after ``budget_s`` of work yields a loop pass
+    (``sleep(0)`` queues it behind the reads of the next pass).
+    """
+
+    def __init__(self, budget_s: float = 0.0002) -> None:
+        self.budget_s = budget_s
+        self._queue: list[tuple[Callable[[], object], asyncio.Future]] = []
+        self._wake: asyncio.Future | None = None
+        self._task: asyncio.Task | None = None
+
+    async def run(self, fn: Callable[[], object]):
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._queue.append((fn, fut))
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._loop())
+        elif self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        return await fut
+
+    async def _loop(self) -> None:
+        perf = time.perf_counter
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        while True:
+            if not queue:
+                self._wake = loop.create_future()
+                await self._wake
+                continue
+            t = perf()
+            while queue:
+                fn, fut = queue.pop(0)
+                try:
+                    result = fn()
+                except BaseException as exc:  # handed to the request that waits for it
+                    if not fut.done():
+                        fut.set_exception(exc)
+                else:
+                    if not fut.done():
+                        fut.set_result(result)
+                if perf() - t > self.budget_s:
+                    break
+            await asyncio.sleep(0)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Prompt, request: bytes,
+                       scheduled: float, slots: asyncio.Semaphore, track: _Tracker, decoder: _Decoder,
+                       on_done: Callable[[], None] | None) -> RequestRecord:
+    chunk_times: list[float] = []
+    chunk_tokens: list[int] = []
+    usage_seen: dict = {}
+    extras: dict = {}
+    error = None
+    status = None
+    pieces: list = []
+    queued = slots.locked()
+    if queued:
+        track.waiting(index, time.perf_counter())
+    async with slots:
+        conn = None
+        start = None
+        try:
+            conn = await pool.acquire()
+            start = conn.send(request)  # the stamp is taken right before its own write
+            async with asyncio.timeout(spec.timeout_s):
+                await conn.wait()
+        except HTTPStreamError as exc:
             error = str(exc)
-        except (TimeoutError, asyncio.TimeoutError) as exc:
-            error = f"timeout: {exc or f'request took longer than {spec.timeout_s:g}s'}"
+        except TimeoutError:
+            error = f"timeout: no complete response within {spec.timeout_s:g}s"
         except OSError as exc:
             error = f"connection error: {exc}"
         end = time.perf_counter()
-        pool.release(conn)
+        if start is None:
+            start = end
+        done_at = end
+        if conn is not None:
+            pieces = conn.pieces
+            if pieces:
+                done_at = min(end, pieces[-1][0])
+            if error is None and conn.error:
+                error = conn.error
+            status = conn.status
+            pool.release(conn)  # hand the slot on before any decoding
+    track.ran(index, start, done_at, queued)
+    if status is not None and status != 200:
+        if error is None or error.startswith("connection closed"):
+            body = b"".join(p for _, p in pieces).decode("utf-8", "replace")
+            error = f"HTTP {status}: {body[:300]}"
+    elif status == 200:
+        def decode():
+            events, rest = split_events(pieces)
+            finished = _decode(events, chunk_times, chunk_tokens, usage_seen, extras)
+            if rest.strip():
+                raise _StreamError(f"stream ended inside an SSE event: {rest[:120]!r}")
+            if not finished:
+                raise _StreamError("stream ended before [DONE]")
+            if not chunk_times:
+                raise _StreamError("stream finished without any text")
+
+        try:
+            await decoder.run(decode)
+        except _StreamError as exc:
+            if error is None:
+                error = str(exc)
+    if "server_timing" in extras:
+        track.server_timing[index] = extras["server_timing"]
     if on_done is not None:
         on_done()
     return RequestRecord(
@@ -155,101 +362,163 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
     )
 
 
-async def _exchange(conn, spec: LoadSpec, request: bytes, chunk_times: list[float], chunk_tokens: list[int],
-                    usage_seen: dict) -> None:
-    """Send one request and read its SSE stream into the lists (stamps from arrival)."""
-    conn.send(request)
-    status = await conn.status(spec.timeout_s)
-    if status != 200:
-        body = (await conn.body(spec.timeout_s)).decode("utf-8", "replace")
-        raise _StreamError(f"HTTP {status}: {body[:300]}")
-    done = False
-    seen_completion = 0
-    async for stamp, event in conn.events(spec.timeout_s):
-        for line in event.split(b"\n"):
-            if not line.startswith(b"data:"):
-                continue
-            payload = line[5:].strip()
-            if payload == b"[DONE]":
-                done = True
-                continue
-            try:
-                obj = json.loads(payload)
-            except ValueError:
-                raise _StreamError(f"malformed SSE event: {payload[:120]!r}") from None
-            if not isinstance(obj, dict):
-                raise _StreamError(f"malformed SSE event: {payload[:120]!r}")
-            if "error" in obj and not obj.get("choices"):
-                raise _StreamError(f"server error in stream: {str(obj['error'])[:200]}")
-            usage = obj.get("usage")
-            text = ""
-            for choice in obj.get("choices") or ():
-                text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-            if usage:
-                usage_seen.update({k: v for k, v in usage.items() if v is not None})
-            if text:
-                chunk_times.append(stamp)
-                completion = (usage or {}).get("completion_tokens")
-                if completion is not None:
-                    # continuous_usage_stats: a chunk may carry several tokens
-                    chunk_tokens.append(max(completion - seen_completion, 1))
-                    seen_completion = completion
-                else:
-                    chunk_tokens.append(1)
-    if not done:
-        raise _StreamError("stream ended before [DONE]")
-    if not chunk_times:
-        raise _StreamError("stream finished without any text")
+class _Tracker:
+    """What the guard needs besides the records: who queued for a slot, and when the
+    last byte of each response arrived (the request left the server's hands)."""
+
+    def __init__(self) -> None:
+        self.wait_from: dict[int, float] = {}
+        self.runs: list[tuple[float, float]] = []
+        self.wait_spans: list[tuple[float, float]] = []
+        self.issued: dict[int, float] = {}
+        self.server_timing: dict[int, dict] = {}
+
+    def waiting(self, index: int, t: float) -> None:
+        self.wait_from[index] = t
+
+    def ran(self, index: int, start: float, done_at: float, queued: bool) -> None:
+        self.runs.append((start, max(start, done_at)))
+        if queued:
+            self.wait_spans.append((self.wait_from.get(index, start), start))
 
 
-class _StreamError(Exception):
-    pass
+def _delivered_concurrency(runs: Sequence[tuple[float, float]], waits: Sequence[tuple[float, float]]
+                           ) -> tuple[float | None, float]:
+    """Time-weighted requests in flight over the time some request waited for a slot.
+
+    Returns (mean in flight while requests waited, seconds with a request waiting).
+    """
+    events: list[tuple[float, int, int]] = []
+    for a, b in runs:
+        events.append((a, 0, 1))
+        events.append((b, 0, -1))
+    for a, b in waits:
+        if b > a:
+            events.append((a, 1, 1))
+            events.append((b, 1, -1))
+    if not any(kind == 1 for _, kind, _ in events):
+        return None, 0.0
+    events.sort()
+    in_flight = waiting = 0
+    last = events[0][0]
+    area = span = 0.0
+    for t, kind, delta in events:
+        if waiting > 0:
+            dt = t - last
+            area += dt * in_flight
+            span += dt
+        last = t
+        if kind == 0:
+            in_flight += delta
+        else:
+            waiting += delta
+    if span <= 0:
+        return None, 0.0
+    return area / span, span
 
 
-def _arrival_offsets(n: int, rate: float, seed: int) -> list[float]:
-    """Poisson arrivals at ``rate`` per second (all at 0 when the rate is infinite)."""
+def _arrival_offsets(n: int, rate: float, seed: int, burstiness: float = 1.0) -> list[float]:
+    """Arrival offsets at ``rate`` per second (all at 0 when the rate is infinite).
+
+    Poisson (exponential gaps) for burstiness 1, else gamma gaps with shape
+    ``burstiness`` and mean ``1/rate``, as ``vllm bench serve`` draws them; seeded.
+    """
     if math.isinf(rate):
         return [0.0] * n
+    if rate <= 0 or burstiness <= 0:
+        raise ValueError("request_rate and burstiness must be positive")
     rng = random.Random(f"arrivals:{seed}")
     t, out = 0.0, []
     for _ in range(n):
         out.append(t)
-        t += rng.expovariate(rate)
+        if burstiness == 1.0:
+            t += rng.expovariate(rate)
+        else:
+            t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
     return out
 
 
 async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
-                    on_request_done: Callable[[], None] | None = None) -> RoundResult:
-    """Send ``prompts`` with the spec's concurrency cap and rate; never raises for a request."""
+                    on_request_done: Callable[[], None] | None = None, *,
+                    server_timings: dict | None = None) -> RoundResult:
+    """Send ``prompts`` with the spec's concurrency cap and rate; never raises for a request.
+
+    ``server_timings``, when given a dict, receives each request's ``server_timing``
+    object (sent by the reference server) under the request's index.
+    """
     path = _path(spec.api)
     requests = [pool.request_bytes(path, _body(spec, p)) for p in prompts]
-    await pool.open()
+    try:
+        await pool.open()
+    except OSError:
+        pass  # each request tries to connect again and records the error
     slots = asyncio.Semaphore(spec.max_concurrency)
-    offsets = _arrival_offsets(len(prompts), spec.request_rate, spec.seed)
+    offsets = _arrival_offsets(len(prompts), spec.request_rate, spec.seed, spec.burstiness)
+    track = _Tracker()
+    decoder = _Decoder()
+    perf = time.perf_counter
 
     async def scheduled_request(i: int, t0: float) -> RequestRecord:
-        delay = t0 + offsets[i] - time.perf_counter()
+        due = t0 + offsets[i]
+        delay = due - perf()
         if delay > 0:
             await asyncio.sleep(delay)
-        return await _one_request(pool, spec, i, prompts[i], requests[i], time.perf_counter(), slots,
+        track.issued[i] = perf()
+        # the request's clock for queue time starts when it was due, not when the
+        # coroutine got around to it
+        return await _one_request(pool, spec, i, prompts[i], requests[i], due, slots, track, decoder,
                                   on_request_done)
 
     with _LagMonitor() as lag:
-        t0 = time.perf_counter()
-        records = await asyncio.gather(*(scheduled_request(i, t0) for i in range(len(prompts))))
-        duration = time.perf_counter() - t0
+        t0 = perf()
+        try:
+            records = await asyncio.gather(*(scheduled_request(i, t0) for i in range(len(prompts))))
+        finally:
+            decoder.close()
+        duration = perf() - t0
     summary = summarize(records, duration)
+    reasons: list[str] = []
+
     p99_lag = lag.percentile_ms(99)
     limit = max(spec.max_loop_lag_ms, 0.05 * (summary["median_ttft_ms"] or 0.0))
-    invalid = None
+    summary["loop_lag_p99_ms"] = p99_lag
     if p99_lag > limit:
-        invalid = (f"the client's event loop lagged {p99_lag:.1f} ms at the 99th percentile (limit {limit:.1f} ms): "
-                   "timestamps may be late; reduce concurrency or spread the load over more client processes")
+        reasons.append(f"the client's event loop lagged {p99_lag:.1f} ms at the 99th percentile (limit {limit:.1f} ms): "
+                       "timestamps may be late; reduce concurrency or spread the load over more client processes")
+
+    delivered, wait_span = _delivered_concurrency(track.runs, track.wait_spans)
+    summary["configured_concurrency"] = spec.max_concurrency
+    summary["delivered_concurrency"] = delivered
+    summary["concurrency_ratio"] = None if delivered is None else delivered / spec.max_concurrency
+    if delivered is not None and wait_span > 0.001 and delivered < spec.min_concurrency_ratio * spec.max_concurrency:
+        reasons.append(f"the client delivered {delivered:.1f} requests in flight on average while requests waited "
+                       f"for a slot, configured {spec.max_concurrency} (floor {spec.min_concurrency_ratio:.0%}): "
+                       "it could not start requests fast enough")
+
+    if not math.isinf(spec.request_rate):
+        summary["configured_request_rate"] = spec.request_rate
+        issued = [track.issued[i] for i in range(len(prompts)) if i in track.issued]
+        lateness = sorted(track.issued[i] - (t0 + offsets[i]) for i in track.issued)
+        summary["p99_arrival_lateness_ms"] = percentile(lateness, 99) * 1000.0 if lateness else None
+        planned_span = offsets[-1] - offsets[0] if offsets else 0.0
+        actual_span = (max(issued) - min(issued)) if len(issued) > 1 else 0.0
+        if len(issued) > 1 and planned_span > 0 and actual_span > 0:
+            intended = (len(issued) - 1) / planned_span
+            delivered_rate = (len(issued) - 1) / actual_span
+            summary["scheduled_request_rate"] = intended
+            summary["delivered_request_rate"] = delivered_rate
+            summary["request_rate_ratio"] = delivered_rate / intended
+            if delivered_rate < spec.min_rate_ratio * intended:
+                reasons.append(f"the client issued {delivered_rate:.2f} requests/s against a schedule of "
+                               f"{intended:.2f}/s (configured {spec.request_rate:g}/s, floor "
+                               f"{spec.min_rate_ratio:.0%}): it could not keep up with the arrival rate")
+    if server_timings is not None:
+        server_timings.update(track.server_timing)
     return RoundResult(
         round=round_name,
         records=tuple(records),
         duration=duration,
         summary=summary,
         max_loop_lag_ms=lag.percentile_ms(100),
-        invalid_reason=invalid,
+        invalid_reason="; ".join(reasons) or None,
     )

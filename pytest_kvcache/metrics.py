@@ -13,11 +13,11 @@ never 0, so an undefined figure cannot be mistaken for a measured one.
 from __future__ import annotations
 
 import statistics
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .models import RequestRecord
 
-__all__ = ["DEFAULT_PERCENTILES", "summarize", "request_details", "percentile"]
+__all__ = ["DEFAULT_PERCENTILES", "percentile", "request_details", "summarize"]
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
 

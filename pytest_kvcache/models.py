@@ -7,20 +7,20 @@ these and nothing else, so each can be used and tested without pytest.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 __all__ = [
     "BACKENDS",
     "PHASES",
     "ROUNDS",
+    "CaseResult",
     "MetricThreshold",
-    "Scenario",
-    "ScenarioCase",
     "RequestRecord",
     "RoundResult",
+    "Scenario",
+    "ScenarioCase",
     "TrialResult",
-    "CaseResult",
     "format_tokens",
 ]
 
@@ -80,7 +80,7 @@ class Scenario:
     path: str
     phase: str
     description: str
-    cases: tuple["ScenarioCase", ...]
+    cases: tuple[ScenarioCase, ...]
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,9 @@ class ScenarioCase:
     api: str  # "completions" or "chat"
     request_rate: float  # requests per second; math.inf sends as fast as slots allow
     thresholds: tuple[MetricThreshold, ...]
-    lineno: int = 0
+    #: Paired design: the backend run interleaved with this one, trial by trial, and
+    #: compared with it directly instead of with a stored baseline.
+    reference_backend: str | None = None
 
     @property
     def name(self) -> str:
@@ -125,6 +127,7 @@ class ScenarioCase:
             "measure_round": self.measure_round,
             "seed": self.seed,
             "api": self.api,
+            "reference_backend": self.reference_backend,
         }
 
 

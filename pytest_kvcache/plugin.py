@@ -17,7 +17,8 @@ import pytest
 
 from .errors import KVCacheError, ScenarioError
 from .models import BACKENDS, PHASES, ScenarioCase
-from .scenarios import TOKEN_COUNT_FORMS, load_scenario, parse_token_count
+from .scenarios import TOKEN_COUNT_FORMS, load_scenario, override_thresholds, parse_threshold_override, parse_token_count
+from .backends import LMCACHE_MODES
 from .servers import SERVER_KINDS, ServerSettings
 from .session import KVSession, Settings
 
@@ -57,6 +58,13 @@ def _backends(text: str) -> list[str]:
     if not values or bad:
         raise argparse.ArgumentTypeError(f"{text!r}: use one or more of {', '.join(BACKENDS)} (comma-separated)")
     return values
+
+
+def _threshold_override(text: str) -> tuple[str, float]:
+    try:
+        return parse_threshold_override(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive_int(text: str) -> int:
@@ -108,10 +116,53 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="fail, rather than skip, items without a matching baseline (ini: kvcache_strict_baselines)")
     group.addoption("--alpha", default=None, metavar="P",
                     help="significance level of the regression gate, 0 < P < 0.5 (ini: kvcache_alpha; default 0.05)")
+    group.addoption("--threshold", action="append", type=_threshold_override, default=[], metavar="METRIC=PCT",
+                    help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
+                         "repeatable (ini: kvcache_thresholds, one per line)")
+    group.addoption("--emulator-profile", default=None, metavar="NAME",
+                    help="cost-model profile of the emulator (ini: kvcache_emulator_profile; default quick); "
+                         "python -m pytest_kvcache.emulator --help lists them")
     group.addoption("--emulator-slowdown", default=None, metavar="FACTOR",
                     help="multiply every modeled time of the emulator by FACTOR > 0, to rehearse a regression "
                          "(ini: kvcache_emulator_slowdown; default 1.0)")
 
+    group.addoption("--kv-python", default=None, metavar="PATH",
+                    help="Python interpreter that runs vLLM and LMCache for --kv-server vllm, e.g. "
+                         ".real-stack/venv/bin/python (ini: kvcache_python; default: this one)")
+    group.addoption("--kv-lmcache-mode", default=None, metavar="MODE",
+                    help=f"LMCache mode under --kv-server vllm: {', '.join(LMCACHE_MODES)}; auto takes the "
+                         "multi-process server where there is no GPU (ini: kvcache_lmcache_mode; default auto)")
+    group.addoption("--kv-lmcache", action="append", default=[], metavar="KEY=VALUE",
+                    help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
+                         "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; repeatable "
+                         "(ini: kvcache_lmcache, one per line)")
+    group.addoption("--kv-redis-url", default=None, metavar="URL",
+                    help="Redis of the redis backend, redis://HOST:PORT; default: a redis-server started on "
+                         "127.0.0.1 for the session (ini: kvcache_redis_url)")
+    group.addoption("--kv-gds-path", default=None, metavar="DIR",
+                    help="folder on a GDS mount for the gds backend (ini: kvcache_gds_path)")
+    group.addoption("--kv-label", action="append", default=[], metavar="KEY=VALUE",
+                    help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
+                         "baseline fingerprint, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
+                         "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)")
+    group.addoption("--kv-min-hit-ratio", default=None, metavar="F",
+                    help="a warm round of an offload backend fails unless it loads at least this fraction "
+                         "of the whole 256-token chunks of its prompts from the tier; 0 turns the check off "
+                         "(ini: kvcache_min_hit_ratio; default 0.5)")
+    group.addoption("--kv-ready-timeout", default=None, metavar="SECONDS",
+                    help="how long a started server may take to answer /health (ini: kvcache_ready_timeout; "
+                         "default 60 for the emulator, 600 for vllm)")
+
+    parser.addini("kvcache_python", "default of --kv-python", default="")
+    parser.addini("kvcache_lmcache_mode", "default of --kv-lmcache-mode", default="auto")
+    parser.addini("kvcache_lmcache", "LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
+                  type="linelist", default=[])
+    parser.addini("kvcache_redis_url", "default of --kv-redis-url", default="")
+    parser.addini("kvcache_gds_path", "default of --kv-gds-path", default="")
+    parser.addini("kvcache_labels", "runner labels KEY=VALUE, one per line (see --kv-label)", type="linelist",
+                  default=[])
+    parser.addini("kvcache_min_hit_ratio", "default of --kv-min-hit-ratio", default="0.5")
+    parser.addini("kvcache_ready_timeout", "default of --kv-ready-timeout", default="")
     parser.addini("kvcache_server", f"default of --kv-server: {', '.join(SERVER_KINDS)}", default="emulator")
     parser.addini("kvcache_endpoint", "default of --kv-endpoint", default="")
     parser.addini("kvcache_server_args", "default of --kv-server-args", default="")
@@ -121,7 +172,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kvcache_baseline_dir", "default of --baseline-dir", default="baselines")
     parser.addini("kvcache_strict_baselines", "default of --strict-baselines", type="bool", default=False)
     parser.addini("kvcache_alpha", "default of --alpha", default="0.05")
+    parser.addini("kvcache_thresholds", "threshold overrides METRIC=PCT, one per line (see --threshold)",
+                  type="linelist", default=[])
+    parser.addini("kvcache_emulator_profile", "default of --emulator-profile", default="quick")
     parser.addini("kvcache_emulator_slowdown", "default of --emulator-slowdown", default="1.0")
+    group.addoption("--kv-gpus-per-worker", default=None, metavar="N",
+                    help="under pytest-xdist, give each worker its own N GPUs (CUDA_VISIBLE_DEVICES: worker gwK "
+                         "gets the K-th slice of the visible ones) (ini: kvcache_gpus_per_worker)")
+    parser.addini("kvcache_gpus_per_worker", "default of --kv-gpus-per-worker", default="")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -140,6 +198,18 @@ def _float_setting(config: pytest.Config, name: str, ini: str, low: float, high:
     if not low < value < high:
         raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {raw!r}: use {form}")
     return value
+
+
+def _threshold_settings(config: pytest.Config) -> tuple[tuple[str, float], ...]:
+    overrides = dict()
+    for line in config.getini("kvcache_thresholds"):
+        try:
+            metric, value = parse_threshold_override(line)
+        except ValueError as exc:
+            raise pytest.UsageError(f"kvcache_thresholds: {exc}") from None
+        overrides[metric] = value
+    overrides.update(config.getoption("threshold"))  # the command line wins
+    return tuple(overrides.items())
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -162,22 +232,33 @@ def _settings(config: pytest.Config) -> Settings:
     if tokenizer is not None and not Path(tokenizer).exists():
         raise pytest.UsageError(f"--tokenizer / kvcache_tokenizer = {tokenizer!r}: no such file or folder; "
                                 "pass a model folder with tokenizer.json")
+    from .emulator.costmodel import PROFILES
+
+    profile = _option(config, "emulator_profile", "kvcache_emulator_profile")
+    if profile not in PROFILES:
+        raise pytest.UsageError(f"--emulator-profile / kvcache_emulator_profile = {profile!r}: use one of "
+                                f"{', '.join(sorted(PROFILES))}")
     root = config.rootpath
     results = _option(config, "kv_results_dir", "kvcache_results_dir")
+    if getattr(config, "workerinput", {}).get("kvcache_results_dir"):
+        results = config.workerinput["kvcache_results_dir"]  # an xdist worker: the controller's run folder
     if results is None:
         import datetime as _dt
 
         stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         results = root / "kvcache-results" / f"run-{stamp}"
     strict = config.getoption("strict_baselines")
+    backend_settings = _backend_settings(config, kind)
     return Settings(
         server=ServerSettings(
             kind=kind,
             endpoint=endpoint,
             model=_option(config, "model", "kvcache_model"),
             extra_args=extra_args,
+            emulator_profile=profile,
             emulator_slowdown=_float_setting(config, "emulator_slowdown", "kvcache_emulator_slowdown", 0, 1000,
                                              "a factor above 0, e.g. 1.3"),
+            **backend_settings,
         ),
         tokenizer=tokenizer,
         results_dir=(root / results) if not Path(results).is_absolute() else Path(results),
@@ -186,9 +267,71 @@ def _settings(config: pytest.Config) -> Settings:
         reset_baselines=config.getoption("reset_baselines"),
         strict_baselines=bool(strict if strict is not None else config.getini("kvcache_strict_baselines")),
         alpha=_float_setting(config, "alpha", "kvcache_alpha", 0, 0.5, "a significance level such as 0.05"),
+        thresholds=_threshold_settings(config),
         trials=config.getoption("trials"),
         verbose=config.getoption("verbose"),
+        min_hit_ratio=_min_hit_ratio(config),
     )
+
+
+def _pairs(config: pytest.Config, name: str, ini: str, example: str) -> tuple[tuple[str, str], ...]:
+    """KEY=VALUE items of a repeatable option, else of its ini lines."""
+    items = config.getoption(name) or config.getini(ini)
+    pairs = []
+    for item in items:
+        key, sep, value = str(item).partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key.strip()) or not value.strip():
+            raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {item!r}: use KEY=VALUE, e.g. {example}")
+        pairs.append((key.strip(), value.strip()))
+    return tuple(pairs)
+
+
+def _min_hit_ratio(config: pytest.Config) -> float:
+    raw = _option(config, "kv_min_hit_ratio", "kvcache_min_hit_ratio")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise pytest.UsageError(f"--kv-min-hit-ratio / kvcache_min_hit_ratio = {raw!r}: use a fraction from 0 "
+                                "to 1, e.g. 0.5 (0 turns the check off)")
+    return value
+
+
+def _backend_settings(config: pytest.Config, kind: str) -> dict:
+    """ServerSettings fields of the vLLM/LMCache options (validated)."""
+    python = _option(config, "kv_python", "kvcache_python")
+    if python is not None and not Path(python).is_file():
+        raise pytest.UsageError(f"--kv-python / kvcache_python = {python!r}: no such file; pass a Python "
+                                "interpreter that has vLLM, e.g. .real-stack/venv/bin/python")
+    mode = _option(config, "kv_lmcache_mode", "kvcache_lmcache_mode")
+    if mode not in LMCACHE_MODES:
+        raise pytest.UsageError(f"--kv-lmcache-mode / kvcache_lmcache_mode = {mode!r}: use one of "
+                                f"{', '.join(LMCACHE_MODES)}")
+    redis_url = _option(config, "kv_redis_url", "kvcache_redis_url")
+    if redis_url is not None and not re.match(r"^(redis|rediss|valkey)://[^/\s:]+(:\d+)?/?$", redis_url):
+        raise pytest.UsageError(f"--kv-redis-url / kvcache_redis_url = {redis_url!r}: use redis://HOST:PORT")
+    gds_path = _option(config, "kv_gds_path", "kvcache_gds_path")
+    raw_timeout = _option(config, "kv_ready_timeout", "kvcache_ready_timeout")
+    if raw_timeout is None:
+        timeout = 600.0 if kind == "vllm" else 60.0
+    else:
+        try:
+            timeout = float(raw_timeout)
+        except ValueError:
+            timeout = math.nan
+        if not 0 < timeout <= 86400:
+            raise pytest.UsageError(f"--kv-ready-timeout / kvcache_ready_timeout = {raw_timeout!r}: use seconds "
+                                    "above 0, e.g. 600")
+    return {
+        "python": python,
+        "lmcache_mode": mode,
+        "redis_url": redis_url,
+        "gds_path": gds_path,
+        "ready_timeout": timeout,
+        "labels": _pairs(config, "kv_label", "kvcache_labels", "bandwidth=400Gbps"),
+        "lmcache_overrides": _pairs(config, "kv_lmcache", "kvcache_lmcache", "max_local_cpu_size=20"),
+    }
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -203,6 +346,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="kvcache-"))
     config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config))
+    per_worker = _option(config, "kv_gpus_per_worker", "kvcache_gpus_per_worker")
+    if per_worker is not None:
+        _gpus_per_worker(per_worker)  # a bad value is a usage error in every process
+    _setup_worker(config, config.stash[SESSION_KEY])
 
 
 def _planned(config: pytest.Config) -> int:
@@ -245,7 +392,10 @@ def _scenario_test(request: pytest.FixtureRequest, kvcache_session: KVSession) -
             with capture.global_and_fixture_disabled():  # progress must reach the terminal now
                 reporter.write_line(f"  kvcache {item.case.name}: {text}")
 
-    kvcache_session.run_item(item.nodeid, item.case, item.baseline_key, progress)
+    try:
+        kvcache_session.run_item(item.nodeid, item.case, item.baseline_key, progress)
+    finally:
+        _record(request, kvcache_session)
 
 
 class ScenarioFile(pytest.File):
@@ -254,7 +404,9 @@ class ScenarioFile(pytest.File):
             scenario = load_scenario(self.path)
         except ScenarioError as exc:
             raise self.CollectError(str(exc)) from None
+        overrides = self.config.stash[SESSION_KEY].settings.thresholds
         for case in scenario.cases:
+            case = override_thresholds(case, overrides)
             yield ScenarioItem.from_parent(self, name=case.name, callobj=_scenario_test, case=case)
 
     class CollectError(Exception):
@@ -310,6 +462,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # Counted after -m/-k deselection: the comparisons this session may make.
     planned = sum(len(item.case.thresholds) for item in session.items if isinstance(item, ScenarioItem))
     session.config.stash[_PLANNED_KEY] = max(1, planned)
+    session.config.stash[_ORDER_KEY] = {item.nodeid: i for i, item in enumerate(session.items)}
 
 
 @pytest.fixture(scope="session")
@@ -326,11 +479,17 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if kv is None:
         return
     kv.close()
+    if _worker_id(session.config) is not None:
+        _finish_worker(session.config, kv)  # the controller decides and writes the run files
+        return
     from .report.terminal import session_gate
 
+    order = session.config.stash.get(_ORDER_KEY, {})
+    kv.outcomes.sort(key=lambda o: order.get(o.nodeid, len(order)))  # xdist: back in collection order
     kv.gate = gate = session_gate(kv.outcomes, kv.settings.alpha)
     if gate.failed and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _write_run_files(session, kv)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -341,3 +500,149 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 
     for line in render_summary(kv.outcomes, kv.gate, kv.settings):
         terminalreporter.write_line(line)
+    files = config.stash.get(_RUN_FILES_KEY, None)
+    if isinstance(files, Exception):
+        terminalreporter.write_line(f"pytest-kvcache: the run files could not be written: "
+                                    f"{type(files).__name__}: {files}", red=True)
+    elif files:
+        terminalreporter.write_line(f"pytest-kvcache: report {files['report.html']} (CSV, markdown, plots beside it)")
+
+
+# -- run files, header, JUnit properties, pytest-benchmark, pytest-xdist (report/) ---------
+
+_ORDER_KEY = pytest.StashKey[dict]()
+_RUN_FILES_KEY = pytest.StashKey[object]()
+
+
+def _worker_id(config: pytest.Config) -> str | None:
+    workerinput = getattr(config, "workerinput", None)
+    return workerinput.get("workerid") if workerinput else None
+
+
+def _worker_gpus(worker: str, per_worker: int, visible: list[str]) -> str:
+    """The CUDA_VISIBLE_DEVICES of xdist worker ``gwN``: the N-th slice of ``per_worker`` GPUs."""
+    index = int(worker.removeprefix("gw") or 0)
+    wanted = visible[index * per_worker:(index + 1) * per_worker]
+    if len(wanted) < per_worker:
+        raise pytest.UsageError(
+            f"--kv-gpus-per-worker / kvcache_gpus_per_worker = {per_worker}: worker {worker} needs GPUs "
+            f"{index * per_worker}..{(index + 1) * per_worker - 1} but {len(visible)} are visible "
+            f"({','.join(visible) or 'none'}); use fewer workers (-n) or fewer GPUs per worker")
+    return ",".join(wanted)
+
+
+def _visible_gpus() -> list[str]:
+    import os
+
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    from .report.terminal import detect_gpus
+
+    return [str(i) for i in range(len(detect_gpus()))]
+
+
+def _setup_worker(config: pytest.Config, kv: KVSession) -> None:
+    """An xdist worker: its own server log folder (ports and scratch folders are already
+    per process) and, with --kv-gpus-per-worker, its own GPUs."""
+    worker = _worker_id(config)
+    if worker is None:
+        return
+    kv.pool.log_dir = kv.pool.log_dir / worker
+    per_worker = _option(config, "kv_gpus_per_worker", "kvcache_gpus_per_worker")
+    if per_worker is not None:
+        import os
+
+        os.environ["CUDA_VISIBLE_DEVICES"] = _worker_gpus(worker, _gpus_per_worker(per_worker), _visible_gpus())
+
+
+def _gpus_per_worker(text) -> int:
+    try:
+        value = int(str(text))
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise pytest.UsageError(f"--kv-gpus-per-worker / kvcache_gpus_per_worker = {text!r}: use a positive "
+                                "integer (GPUs given to each pytest-xdist worker)")
+    return value
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    kv = config.stash.get(SESSION_KEY, None)
+    if kv is None:
+        return []
+    from .report.terminal import detect_gpus, header_lines
+
+    server = kv.settings.server
+    versions = None
+    if server.kind == "emulator":
+        gpu = f"emulated (cost-model profile {server.emulator_profile})"
+    else:
+        names = detect_gpus()
+        gpu = f"{len(names)} x {names[0]}" if names and len(set(names)) == 1 else (", ".join(names) or "none")
+        if server.kind == "vllm":
+            try:
+                versions = kv.pool.probe.info()
+            except Exception as exc:  # the header must not stop the run; the server start will say more
+                versions = {"probe": f"failed: {exc}"}
+    return header_lines(kv.settings, gpu=gpu, versions=versions)
+
+
+def _record(request: pytest.FixtureRequest, kv: KVSession) -> None:
+    """JUnit properties and the pytest-benchmark entry of the item that just ran."""
+    item = request.node
+    outcome = next((o for o in reversed(kv.outcomes) if o.nodeid == item.nodeid), None)
+    if outcome is None:
+        return
+    from .report.properties import fill_benchmark, junit_properties
+
+    item.user_properties.extend(junit_properties(outcome, kv.settings.results_dir))
+    bench = getattr(request.config, "_benchmarksession", None)
+    if (bench is not None and not bench.disabled and not getattr(bench, "skip", False) and outcome.result is not None
+            and outcome.result.usable_trials):
+        fill_benchmark(request.getfixturevalue("benchmark"), outcome)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:
+    """xdist controller -> worker: one results folder for the whole run."""
+    kv = node.config.stash.get(SESSION_KEY, None)
+    if kv is not None:
+        node.workerinput["kvcache_results_dir"] = str(kv.settings.results_dir)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """xdist worker -> controller: its items' outcomes, so the gate and files come out once."""
+    kv = node.config.stash.get(SESSION_KEY, None)
+    data = getattr(node, "workeroutput", {}).get("kvcache_outcomes")
+    if kv is None or not data:
+        return
+    import pickle
+
+    received = pickle.loads(data)  # written by _finish_worker of this same plugin, in a child process
+    kv.outcomes.extend(outcome for _, outcome in received)
+    order = node.config.stash.setdefault(_ORDER_KEY, {})
+    order.update({outcome.nodeid: index for index, outcome in received})
+
+
+def _finish_worker(config: pytest.Config, kv: KVSession) -> None:
+    import pickle
+
+    order = config.stash.get(_ORDER_KEY, {})
+    config.workeroutput["kvcache_outcomes"] = pickle.dumps(
+        [(order.get(o.nodeid, 0), o) for o in kv.outcomes], protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _write_run_files(session: pytest.Session, kv: KVSession) -> None:
+    if not kv.outcomes:
+        return
+    from .report.run_files import write_run_files
+
+    config = session.config
+    try:
+        header = pytest_report_header(config)
+        config.stash[_RUN_FILES_KEY] = write_run_files(kv.settings.results_dir, kv.outcomes, kv.gate, kv.settings,
+                                                       store=kv.store, header=header, started=kv.started)
+    except Exception as exc:  # the verdicts stand without the report files; say what went wrong
+        config.stash[_RUN_FILES_KEY] = exc

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Mapping
 
 from .loadgen import LoadSpec, open_client, open_pool, run_round
 from .models import ScenarioCase, TrialResult
+from .telemetry import Snapshot, TelemetrySource, summarize
 from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts
 
 __all__ = ["CaseRunner", "Progress", "parse_prometheus"]
@@ -54,12 +55,16 @@ class CaseRunner:
         self._prompts: dict[tuple, list[Prompt]] = {}
         self._cache_items = prompt_cache_items
 
-    def run(self, case: ScenarioCase, base_url: str, model: str, trials: int,
-            progress: Progress | None = None) -> tuple[TrialResult, ...]:
-        return asyncio.run(self._run(case, base_url, model, trials, progress or (lambda _: None)))
+    def run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
+            progress: Progress | None = None, telemetry: TelemetrySource | None = None) -> tuple[TrialResult, ...]:
+        """Run the trials with these indices (each index fixes its prompts).
 
-    async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: int,
-                   progress: Progress) -> tuple[TrialResult, ...]:
+        ``telemetry`` says where the server's metrics and logs are (default: its /metrics)."""
+        source = telemetry or TelemetrySource(metrics_urls=(f"{base_url.rstrip('/')}/metrics",))
+        return asyncio.run(self._run(case, base_url, model, trials, progress or (lambda _: None), source))
+
+    async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
+                   progress: Progress, source: TelemetrySource) -> tuple[TrialResult, ...]:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
                         request_rate=case.request_rate, seed=case.seed)
         results = []
@@ -67,7 +72,7 @@ class CaseRunner:
         try:
             async with open_client(base_url) as client:
                 codec = self._local or ServerTokenizer(client, model)
-                for trial in range(trials):
+                for trial in trials:
                     prompts = await self._prompts_for(codec, case, trial, model)
                     rounds = []
                     for round_name in case.rounds:
@@ -77,12 +82,12 @@ class CaseRunner:
                             nonlocal done
                             done += 1
                             if done == len(prompts) or done % max(1, len(prompts) // 4) == 0:
-                                progress(f"trial {trial + 1}/{trials} {round_name}: {done}/{len(prompts)} requests")
+                                progress(f"trial {trial + 1} {round_name}: {done}/{len(prompts)} requests")
 
-                        before = await _scrape(client)
+                        before = await _snapshot(client, source)
                         result = await run_round(pool, spec, prompts, round_name, on_request_done=tick)
-                        after = await _scrape(client)
-                        rounds.append(replace(result, telemetry=_delta(before, after)))
+                        after = await _snapshot(client, source)
+                        rounds.append(replace(result, telemetry=summarize(source, before, after)))
                     results.append(TrialResult(index=trial, rounds=tuple(rounds), measure_round=case.measure_round))
         finally:
             pool.close()
@@ -100,20 +105,17 @@ class CaseRunner:
         return self._prompts[key]
 
 
-async def _scrape(client) -> dict[str, float] | None:
-    import httpx
-
-    try:
-        response = await client.get("/metrics", timeout=10)
-    except httpx.HTTPError:
-        return None
-    if response.status_code != 200:
-        return None
-    return parse_prometheus(response.text)
-
-
-def _delta(before: Mapping[str, float] | None, after: Mapping[str, float] | None) -> dict[str, float]:
-    if before is None or after is None:
-        return {}
-    return {name: after.get(name, 0.0) - before.get(name, 0.0) for name in TELEMETRY_COUNTERS if name in after}
-
+async def _snapshot(client, source: TelemetrySource) -> Snapshot:
+    """Metrics and log offsets now; the server's own page through the client."""
+    own = {}
+    for url in source.metrics_urls:
+        if url.startswith(str(client.base_url).rstrip("/")):
+            text = None
+            try:
+                response = await client.get(url, timeout=10)
+                if response.status_code == 200:
+                    text = response.text
+            except Exception:  # noqa: BLE001 - telemetry is best effort
+                text = None
+            own[url] = text
+    return await asyncio.to_thread(source.snapshot, own)

@@ -18,6 +18,8 @@ A scenario file holds one mapping::
     seed: 0
     api: completions              # or chat
     request_rate: inf
+    paired_with: {backend: none}  # optional: run each item interleaved with this backend
+                                  # and compare the two trial by trial (no baseline needed)
     thresholds:
       median_ttft_ms: {direction: lower, threshold: 10%}
       total_token_throughput: {direction: higher, threshold: 5%}
@@ -30,11 +32,21 @@ from __future__ import annotations
 import itertools
 import math
 import re
+from dataclasses import replace
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .errors import ScenarioError
-from .models import BACKENDS, PHASES, ROUNDS, MetricThreshold, Scenario, ScenarioCase, format_tokens
+from .models import (
+    BACKENDS,
+    PHASES,
+    ROUNDS,
+    MetricThreshold,
+    Scenario,
+    ScenarioCase,
+    format_tokens,
+)
 
 __all__ = [
     "DATASETS",
@@ -43,7 +55,9 @@ __all__ = [
     "default_thresholds",
     "is_known_metric",
     "load_scenario",
+    "override_thresholds",
     "parse_scenario",
+    "parse_threshold_override",
     "parse_token_count",
 ]
 
@@ -53,7 +67,7 @@ DATASETS: tuple[str, ...] = ("random",)
 APIS: tuple[str, ...] = ("completions", "chat")
 TOP_KEYS: frozenset[str] = frozenset(
     {"name", "phase", "description", "matrix", "rounds", "measure", "trials", "seed", "api",
-     "request_rate", "thresholds", *MATRIX_KEYS}
+     "request_rate", "thresholds", "paired_with", *MATRIX_KEYS}
 )
 DEFAULTS: dict[str, Any] = {
     "dataset": "random",
@@ -179,17 +193,20 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         raise ScenarioError(path, "api", f"{api!r} must be one of {', '.join(APIS)}")
     request_rate = _rate(data.get("request_rate", DEFAULTS["request_rate"]), path)
     explicit = _thresholds(data.get("thresholds"), path)
+    reference = _paired_with(data.get("paired_with"), path)
 
     varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
     cases = []
     for combo in itertools.product(*(dims[k] for k in MATRIX_KEYS)):
         values = dict(zip(MATRIX_KEYS, combo))
+        if reference is not None and values["backend"] == reference:
+            continue  # a backend paired with itself compares nothing
         cases.append(
             ScenarioCase(
                 scenario=name,
                 path=str(path),
                 phase=phase,
-                case_id=_case_id(values, varying),
+                case_id=_case_id(values, varying, reference),
                 backend=values["backend"],
                 input_len=values["input_len"],
                 concurrency=values["concurrency"],
@@ -203,8 +220,11 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
                 api=api,
                 request_rate=request_rate,
                 thresholds=explicit if explicit is not None else default_thresholds(values["output_len"]),
+                reference_backend=reference,
             )
         )
+    if not cases:
+        raise ScenarioError(path, "paired_with", "leaves no item: every backend of the matrix is the reference")
     return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
 
 
@@ -267,6 +287,33 @@ def _thresholds(raw: Any, path: Path | str) -> tuple[MetricThreshold, ...] | Non
     return tuple(out)
 
 
+def parse_threshold_override(text: str) -> tuple[str, float]:
+    """``"median_ttft_ms=15%"`` -> ("median_ttft_ms", 0.15)."""
+    metric, sep, value = text.partition("=")
+    metric = metric.strip()
+    if not sep or not is_known_metric(metric):
+        raise ValueError(f"{text!r}: use METRIC=PCT with a vLLM metric name, e.g. median_ttft_ms=15% or "
+                         "total_token_throughput=5%")
+    value = value.strip()
+    try:
+        return metric, _fraction(value if value.endswith("%") else float(value), "threshold", "<command line>")
+    except (ValueError, ScenarioError):
+        raise ValueError(f"{text!r}: the threshold must be a percentage above 0, e.g. 15%") from None
+
+
+def override_thresholds(case: ScenarioCase, overrides: Iterable[tuple[str, float]]) -> ScenarioCase:
+    """The case with these metrics' thresholds replaced (or added, lower-is-better
+    unless the metric is a throughput)."""
+    thresholds = {t.metric: t for t in case.thresholds}
+    changed = False
+    for metric, value in overrides:
+        direction = thresholds[metric].direction if metric in thresholds else (
+            "higher" if metric in _THROUGHPUTS else "lower")
+        thresholds[metric] = MetricThreshold(metric, direction, value)
+        changed = True
+    return replace(case, thresholds=tuple(thresholds.values())) if changed else case
+
+
 def _fraction(value: Any, where: str, path: Path | str) -> float:
     """``10%`` or ``0.10`` -> 0.10."""
     try:
@@ -283,9 +330,21 @@ def _fraction(value: Any, where: str, path: Path | str) -> float:
     return number
 
 
-def _case_id(values: dict[str, Any], varying: Iterable[str]) -> str:
+def _paired_with(raw: Any, path: Path | str) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"backend"}:
+        raise ScenarioError(path, "paired_with", "must be {backend: NAME}, the configuration to compare against")
+    if raw["backend"] not in BACKENDS:
+        raise ScenarioError(path, "paired_with.backend",
+                            f"unknown backend {raw['backend']!r}; use one of: {', '.join(BACKENDS)}")
+    return raw["backend"]
+
+
+def _case_id(values: dict[str, Any], varying: Iterable[str], reference: str | None = None) -> str:
     """Readable id: backend, human input length, then the other dimensions that vary."""
-    parts = [values["backend"], format_tokens(values["input_len"]), f"c{values['concurrency']}"]
+    backend = values["backend"] if reference is None else f"{values['backend']}-vs-{reference}"
+    parts = [backend, format_tokens(values["input_len"]), f"c{values['concurrency']}"]
     varying = set(varying)
     if "output_len" in varying:
         parts.append(f"o{values['output_len']}")

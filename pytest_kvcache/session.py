@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
@@ -24,7 +24,7 @@ from .report.json_report import write_item_json
 from .runner import CaseRunner
 from .servers import ServerPool, ServerSettings
 
-__all__ = ["KVSession", "Settings", "ItemOutcome"]
+__all__ = ["ItemOutcome", "KVSession", "Settings"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,11 @@ class Settings:
     strict_baselines: bool
     alpha: float
     trials: int | None
+    thresholds: tuple[tuple[str, float], ...] = ()  # --threshold overrides: (metric, fraction)
     verbose: int = 0
+    #: a warm round of an offload backend must load at least this fraction of the whole
+    #: chunks of its prompts from the tier (telemetry.check_hits); 0 turns the check off
+    min_hit_ratio: float = 0.5
 
 
 @dataclass
@@ -53,6 +57,7 @@ class ItemOutcome:
     status: str = "measured"  # measured | compared | baseline-updated | skipped | failed
     message: str = ""
     json_path: Path | None = None
+    reference: CaseResult | None = None  # paired design: the reference configuration's trials
 
 
 class KVSession:
@@ -74,34 +79,101 @@ class KVSession:
     def run_item(self, nodeid: str, case: ScenarioCase, baseline_key: str,
                  progress: Callable[[str], None]) -> ItemOutcome:
         """Measure, store, compare; fail or skip the pytest item with a clear message."""
-        from .backends import BackendUnavailable
-        from .errors import KVCacheError
 
         outcome = ItemOutcome(nodeid=nodeid, case=case)
         self.outcomes.append(outcome)
-        try:
-            backend = self.pool.backend(case.backend)
-        except BackendUnavailable as exc:
-            outcome.status, outcome.message = "skipped", str(exc)
-            pytest.skip(str(exc))
-        try:
-            server = self.pool.acquire(backend)
-            if self.runner is None:
-                self.runner = CaseRunner(self.settings.tokenizer)
-            trials = self.runner.run(case, server.base_url, server.model, self.settings.trials or case.trials, progress)
-        except KVCacheError as exc:
-            outcome.status, outcome.message = "failed", str(exc)
-            pytest.fail(str(exc), pytrace=False)
-        result = CaseResult(case=case, trials=trials, server=dict(server.info))
+        trials = self.settings.trials or case.trials
+        if case.reference_backend is not None:
+            self._run_paired(outcome, case, trials, baseline_key, progress)
+            return outcome
+        backend = self._backend(outcome, case.backend)
+        server, results = self._measure(outcome, case, backend, range(trials), progress)
+        result = CaseResult(case=case, trials=results, server=dict(server.info))
         outcome.result = result
         fingerprint = case_fingerprint(case, server.model, server.info, backend.fingerprint())
         outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
-
         try:
             self._decide(outcome, result, baseline_key, fingerprint)
         finally:
             write_item_json(outcome.json_path, outcome, fingerprint)
         return outcome
+
+    def _backend(self, outcome: ItemOutcome, name: str):
+        from .backends import BackendUnavailable
+
+        try:
+            return self.pool.backend(name)
+        except BackendUnavailable as exc:
+            outcome.status, outcome.message = "skipped", str(exc)
+            pytest.skip(str(exc))
+
+    def _measure(self, outcome: ItemOutcome, case: ScenarioCase, backend, trial_indices, progress):
+        from .errors import KVCacheError
+
+        error = None
+        try:
+            server = self.pool.acquire(backend)
+            if self.runner is None:
+                self.runner = CaseRunner(self.settings.tokenizer)
+            results = self.runner.run(case, server.base_url, server.model, list(trial_indices), progress,
+                                      telemetry=server.telemetry)
+        except KVCacheError as exc:
+            error = str(exc)
+        if error is not None:  # failed outside the except block: one message, no chained traceback
+            self._fail(outcome, error)
+        from .telemetry import check_hits
+
+        problem = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio)
+        if problem:
+            self._fail(outcome, f"{problem}\n  server log: {server.log_path}")
+        return server, results
+
+    def _run_paired(self, outcome: ItemOutcome, case: ScenarioCase, trials: int, key: str,
+                    progress: Callable[[str], None]) -> None:
+        """Alternate reference and candidate trial by trial (A B, B A, ...), then compare pairs."""
+        reference = self._backend(outcome, case.reference_backend)
+        candidate = self._backend(outcome, case.backend)
+        by_side: dict[str, list] = {"reference": [], "candidate": []}
+        servers = {}
+        for trial in range(trials):
+            order = [("reference", reference), ("candidate", candidate)]
+            for side, backend in order if trial % 2 == 0 else order[::-1]:
+                server, results = self._measure(outcome, case, backend, [trial],
+                                                lambda text, side=side: progress(f"{side} {text}"))
+                by_side[side].extend(results)
+                servers[side] = server
+        outcome.reference = CaseResult(case=case, trials=tuple(by_side["reference"]),
+                                       server=dict(servers["reference"].info))
+        outcome.result = CaseResult(case=case, trials=tuple(by_side["candidate"]),
+                                    server=dict(servers["candidate"].info))
+        outcome.json_path = self.settings.results_dir / f"{key}.json"
+        try:
+            self._compare_paired(outcome)
+        finally:
+            write_item_json(outcome.json_path, outcome, {"design": "paired", "reference": case.reference_backend,
+                                                         "candidate": case.backend})
+
+    def _compare_paired(self, outcome: ItemOutcome) -> None:
+        from .stats import Direction, compare_paired
+
+        ref, cand = outcome.reference, outcome.result
+        pairs = [(r, c) for r, c in zip(ref.trials, cand.trials) if r.usable and c.usable]
+        if len(pairs) < 2:
+            problems = [f"trial {t.index + 1} ({side}): {t.problem}" for side, res in (("reference", ref),
+                        ("candidate", cand)) for t in res.trials if not t.usable]
+            self._fail(outcome, f"only {len(pairs)} complete pairs of trials, too few to compare:\n  "
+                       + "\n  ".join(problems))
+        comparisons = []
+        for threshold in outcome.case.thresholds:
+            values = [(r.measured.summary.get(threshold.metric), c.measured.summary.get(threshold.metric))
+                      for r, c in pairs]
+            values = [(a, b) for a, b in values if a is not None and b is not None]
+            if len(values) >= 2:
+                comparisons.append(compare_paired(threshold.metric, [a for a, _ in values], [b for _, b in values],
+                                                  direction=Direction(threshold.direction),
+                                                  threshold=threshold.threshold, alpha=self.settings.alpha))
+        self._judge(outcome, comparisons, "paired comparison: the candidate is worse than the reference",
+                    better_is_news=False)
 
     def _decide(self, outcome: ItemOutcome, result: CaseResult, key: str, fingerprint: dict) -> None:
         s = self.settings
@@ -142,31 +214,47 @@ class KVSession:
         self._compare(outcome, result, baseline)
 
     def _compare(self, outcome: ItemOutcome, result: CaseResult, baseline) -> None:
-        from .stats import Direction, Zone, compare, verdict
+        from .stats import Direction, compare
 
-        s = self.settings
-        planned = max(1, self._planned())
-        failures = []
+        comparisons = []
         for threshold in outcome.case.thresholds:
             base_values = [float(t["summary"][threshold.metric]) for run in baseline.history
                            for t in run.get("trials", ()) if t["summary"].get(threshold.metric) is not None]
             current = result.metric_values(threshold.metric)
             if len(base_values) < 2 or len(current) < 1:
                 continue
-            comparison = compare(threshold.metric, base_values, current, direction=Direction(threshold.direction),
-                                 threshold=threshold.threshold, alpha=s.alpha)
-            # Bonferroni over every comparison the session may make: a conservative bound
-            # known now; Holm over the p-values actually seen is applied at session end.
+            comparisons.append(compare(threshold.metric, base_values, current,
+                                       direction=Direction(threshold.direction),
+                                       threshold=threshold.threshold, alpha=self.settings.alpha))
+        self._judge(outcome, comparisons, "performance regression")
+
+    def _judge(self, outcome: ItemOutcome, comparisons: list, headline: str, better_is_news: bool = True) -> None:
+        """Verdicts with Bonferroni over every comparison the session may make: a
+        conservative bound known now; Holm over the p-values actually seen is applied
+        at session end (report.terminal.session_gate) and decides the exit status.
+
+        Against a stored baseline a significant improvement is a WARN (refresh the
+        baseline); in a paired design it is the expected answer, so a PASS."""
+        from dataclasses import replace as _replace
+
+        from .stats import Zone, verdict
+
+        planned = max(1, self._planned())
+        failures = []
+        for comparison in comparisons:
             v = verdict(comparison, min(1.0, comparison.p_worse * planned),
-                        min(1.0, comparison.p_better * planned), alpha=s.alpha,
+                        min(1.0, comparison.p_better * planned), alpha=self.settings.alpha,
                         correction=f"Bonferroni over {planned}")
+            if not better_is_news and v.zone is Zone.WARN and v.better and not v.beyond_threshold:
+                v = _replace(v, zone=Zone.PASS, reason=f"{comparison.metric}: the candidate is "
+                             f"{abs(comparison.change_pct):.1f}% better than the reference")
             outcome.comparisons.append(comparison)
             outcome.verdicts.append(v)
             if v.zone is Zone.FAIL:
                 failures.append(_failure_line(comparison, planned))
         outcome.status = "compared"
         if failures:
-            self._fail(outcome, "performance regression:\n  " + "\n  ".join(failures))
+            self._fail(outcome, f"{headline}:\n  " + "\n  ".join(failures))
 
     def _baseline_run(self, result: CaseResult) -> dict:
         return {

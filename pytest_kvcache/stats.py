@@ -52,31 +52,33 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = [
-    "SD_LOG_FLOOR",
     "BOOTSTRAP_MIN_TRIALS",
     "PREDICTION_MIN_HISTORY",
+    "SD_LOG_FLOOR",
     "Direction",
-    "Zone",
     "MetricComparison",
     "Verdict",
+    "Zone",
+    "benjamini_hochberg",
+    "bootstrap_ratio_ci",
     "compare",
     "compare_batch",
-    "bootstrap_ratio_ci",
-    "rank_test_allowed",
-    "mann_whitney",
+    "compare_paired",
     "holm",
-    "benjamini_hochberg",
-    "verdict",
+    "mann_whitney",
     "minimum_detectable_effect",
-    "trials_needed",
+    "rank_test_allowed",
     "threshold_log",
+    "trials_needed",
+    "verdict",
 ]
 
 #: Floor on each side's log-scale standard deviation (about 0.1% relative noise).
@@ -94,7 +96,7 @@ class Direction(str, enum.Enum):
     HIGHER_IS_BETTER = "higher"  # throughputs, hit rates
 
     @classmethod
-    def coerce(cls, value: "Direction | str") -> "Direction":
+    def coerce(cls, value: Direction | str) -> Direction:
         """Accept a Direction or its string value ("lower"/"higher")."""
         if isinstance(value, Direction):
             return value
@@ -217,7 +219,7 @@ def _check_threshold(threshold: float, direction: Direction) -> None:
         )
 
 
-def threshold_log(threshold: float, direction: "Direction | str") -> float:
+def threshold_log(threshold: float, direction: Direction | str) -> float:
     """The practical threshold as a positive log-scale distance in the bad direction.
 
     ``log(1 + threshold)`` for lower-is-better, ``-log(1 - threshold)`` for
@@ -237,7 +239,7 @@ def _pct_from_log(delta: float, direction: Direction) -> float:
     return -math.expm1(-delta) * 100.0
 
 
-def _log_values(metric: str, side: str, values: Sequence[float]) -> "np.ndarray":
+def _log_values(metric: str, side: str, values: Sequence[float]) -> np.ndarray:
     import numpy as np
 
     try:
@@ -256,8 +258,8 @@ def _log_values(metric: str, side: str, values: Sequence[float]) -> "np.ndarray"
 
 
 def _welch_core(
-    lx: "np.ndarray", ly: "np.ndarray"
-) -> tuple["np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray", "np.ndarray"]:
+    lx: np.ndarray, ly: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Welch statistics for rows of log values, with the variance floor.
 
     ``lx`` is (..., n1) baseline, ``ly`` is (..., n2) current, both with n >= 2.
@@ -301,7 +303,7 @@ def compare(
     baseline: Sequence[float],
     current: Sequence[float],
     *,
-    direction: "Direction | str",
+    direction: Direction | str,
     threshold: float,
     alpha: float = 0.05,
     confidence: float = 0.95,
@@ -447,9 +449,83 @@ def compare(
     )
 
 
+def compare_paired(
+    metric: str,
+    reference: Sequence[float],
+    candidate: Sequence[float],
+    *,
+    direction: Direction | str,
+    threshold: float,
+    alpha: float = 0.05,
+    confidence: float = 0.95,
+    power: float = 0.8,
+) -> MetricComparison:
+    """Paired comparison of two configurations run interleaved in one session.
+
+    Trial ``i`` of the reference and of the candidate ran back to back, so they share
+    the machine's state; the test works on the per-pair log ratios
+    ``log(candidate[i] / reference[i])`` (one-sample t, ``n - 1`` df), which removes the
+    drift between pairs: the most reliable design on a noisy machine. The candidate
+    plays the part of "current", the reference of "baseline".
+    """
+    from scipy import stats as st
+
+    d = Direction.coerce(direction)
+    _check_threshold(threshold, d)
+    _check_alpha(alpha)
+    lx = _log_values(metric, "reference", reference)
+    ly = _log_values(metric, "candidate", candidate)
+    if lx.size != ly.size:
+        raise ValueError(f"{metric}: paired comparison needs as many reference as candidate trials "
+                         f"({lx.size} vs {ly.size})")
+    n = int(lx.size)
+    diffs = ly - lx
+    mean = float(diffs.mean())
+    ratio = math.exp(mean)
+    notes: list[str] = []
+    if n < 2:
+        return MetricComparison(
+            metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
+            confidence=float(confidence), n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
+            current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0,
+            ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient", sd_log=None,
+            mde_pct=None, trials_needed=None,
+            note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
+    sd = float(diffs.std(ddof=1))
+    if sd < SD_LOG_FLOOR:
+        notes.append(f"pair-to-pair noise below the floor ({SD_LOG_FLOOR:g}); the floor was used")
+        sd = SD_LOG_FLOOR
+    se = sd / math.sqrt(n)
+    df = n - 1
+    p_worse, p_better = _one_sided(mean / se, df, d)
+    half = float(st.t.ppf(0.5 + confidence / 2.0, df)) * se
+    k = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df))
+    mde_log = k * se
+    mde_pct = _pct_from_log(mde_log, d)
+    needed = None
+    target = threshold_log(threshold, d)
+    if mde_log > target:
+        m = n
+        while m < 10_000:
+            m += 1
+            if (st.t.ppf(1.0 - alpha, m - 1) + st.t.ppf(power, m - 1)) * sd / math.sqrt(m) <= target:
+                break
+        needed = m
+        notes.append(f"can detect only a {mde_pct:.1f}% change (threshold {threshold * 100:g}%); "
+                     f"{needed} pairs would be needed")
+    return MetricComparison(
+        metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha), confidence=float(confidence),
+        n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
+        current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0,
+        ci_low=math.exp(mean - half), ci_high=math.exp(mean + half),
+        p_worse=min(max(float(p_worse), 0.0), 1.0), p_better=min(max(float(p_better), 0.0), 1.0),
+        test="paired-t", sd_log=sd, mde_pct=mde_pct, trials_needed=needed, note="; ".join(notes),
+    )
+
+
 def compare_batch(
-    baseline: Any, current: Any, *, direction: "Direction | str"
-) -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]:
+    baseline: Any, current: Any, *, direction: Direction | str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Vectorized Welch path of :func:`compare` for many comparisons at once.
 
     ``baseline`` is an array (..., k) and ``current`` (..., m) of positive trial values
@@ -531,7 +607,7 @@ def mann_whitney(
     baseline: Sequence[float],
     current: Sequence[float],
     *,
-    direction: "Direction | str",
+    direction: Direction | str,
     alpha: float = 0.05,
 ) -> float | None:
     """One-sided Mann-Whitney p that current is worse, or None when not allowed.
@@ -733,7 +809,7 @@ def trials_needed(
     *,
     alpha: float,
     power: float = 0.8,
-    direction: "Direction | str" = Direction.LOWER_IS_BETTER,
+    direction: Direction | str = Direction.LOWER_IS_BETTER,
 ) -> int:
     """Smallest equal number of trials per side (>= 2) whose MDE is <= the threshold.
 

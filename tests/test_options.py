@@ -33,11 +33,12 @@ def test_help_lists_every_option_and_ini_key(project):
     text = result.stdout.str()
     for option in ("--input-len", "--concurrency", "--backend", "--output-len", "--trials", "--kv-server",
                    "--kv-endpoint", "--kv-server-args", "--model", "--tokenizer", "--kv-results-dir", "--baseline-dir",
-                   "--update-baselines", "--reset-baselines", "--strict-baselines", "--alpha",
-                   "--emulator-slowdown"):
+                   "--update-baselines", "--reset-baselines", "--strict-baselines", "--alpha", "--threshold",
+                   "--emulator-profile", "--emulator-slowdown"):
         assert option in text, option
     for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer", "kvcache_results_dir",
-                "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_emulator_slowdown"):
+                "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_thresholds", "kvcache_emulator_profile",
+                "kvcache_emulator_slowdown"):
         assert ini in text, ini
 
 
@@ -89,8 +90,12 @@ def test_filters_select_items(project, args, expected):
     (["--kv-server", "external", "--kv-endpoint", "localhost"], "*--kv-endpoint / kvcache_endpoint = 'localhost'*"),
     (["--tokenizer", "/no/such/dir"], "*--tokenizer / kvcache_tokenizer = '/no/such/dir': no such file*"),
     (["--kv-server-args", "'--unclosed"], "*--kv-server-args / kvcache_server_args = \"'--unclosed\"*quote*"),
+    (["--threshold", "median_ttft_ms"], "*argument --threshold: 'median_ttft_ms': use METRIC=PCT*"),
+    (["--threshold", "speed=5%"], "*argument --threshold: 'speed=5%': use METRIC=PCT*"),
+    (["--threshold", "median_ttft_ms=-5%"], "*argument --threshold: 'median_ttft_ms=-5%': the threshold must be*"),
     (["--alpha", "2"], "*--alpha / kvcache_alpha = '2': use a significance level*"),
     (["--alpha", "x"], "*--alpha / kvcache_alpha = 'x'*"),
+    (["--emulator-profile", "warp"], "*--emulator-profile / kvcache_emulator_profile = 'warp': use one of*quick*"),
     (["--emulator-slowdown", "-1"], "*--emulator-slowdown / kvcache_emulator_slowdown = '-1': use a factor above 0*"),
 ])
 def test_bad_values_are_usage_errors_naming_the_option(project, args, message):
@@ -101,7 +106,9 @@ def test_bad_values_are_usage_errors_naming_the_option(project, args, message):
 
 @pytest.mark.parametrize("ini,value,message", [
     ("kvcache_server", "triton", "kvcache_server = 'triton': use one of emulator, vllm, external"),
+    ("kvcache_thresholds", "ttft=5", "kvcache_thresholds: 'ttft=5': use METRIC=PCT"),
     ("kvcache_alpha", "0.9", "--alpha / kvcache_alpha = '0.9'"),
+    ("kvcache_emulator_profile", "warp", "kvcache_emulator_profile = 'warp'"),
     ("kvcache_emulator_slowdown", "fast", "kvcache_emulator_slowdown = 'fast'"),
     ("kvcache_endpoint", "nope", "kvcache_endpoint = 'nope'"),
     ("kvcache_tokenizer", "/nope", "kvcache_tokenizer = '/nope'"),
@@ -116,7 +123,7 @@ def test_bad_ini_values_are_usage_errors(project, ini, value, message):
 @pytest.mark.parametrize("args", [
     ["--kv-server", "emulator"], ["--kv-server", "vllm", "--model", "m"],
     ["--kv-server", "external", "--kv-endpoint", "http://127.0.0.1:9"],
-    ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"], ["--emulator-slowdown", "1.3"], ["--trials", "5"],
+    ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"], ["--threshold", "median_ttft_ms=15%", "--threshold", "p99_ttft_ms=0.3"], ["--emulator-slowdown", "1.3"], ["--emulator-profile", "fixed"], ["--trials", "5"],
     ["--kv-results-dir", "out"], ["--baseline-dir", "bl"], ["--update-baselines"], ["--reset-baselines"],
     ["--strict-baselines"], ["--model", "Qwen/Qwen2.5-7B-Instruct"],
 ])
@@ -128,7 +135,7 @@ def test_good_values_are_accepted(project, args):
 
 def test_good_ini_values_are_accepted(project):
     project.makeini("[pytest]\nkvcache_server = external\nkvcache_endpoint = http://127.0.0.1:9\n"
-                    "kvcache_alpha = 0.01\nkvcache_emulator_slowdown = 2\nkvcache_strict_baselines = true\n"
+                    "kvcache_alpha = 0.01\nkvcache_emulator_slowdown = 2\nkvcache_emulator_profile = fixed\nkvcache_strict_baselines = true\n"
                     "kvcache_baseline_dir = bl\nkvcache_results_dir = out\nkvcache_model = m\n")
     result = project.runpytest("--collect-only", "-q")
     assert result.ret == 0, result.stderr.str()
@@ -148,3 +155,17 @@ def test_yaml_outside_scenarios_is_not_collected(pytester):
     pytester.path.joinpath("ci.yaml").write_text("jobs: {}\n")
     result = pytester.runpytest("--collect-only", "-q")
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def test_threshold_overrides_reach_the_items(project):
+    project.makeini("[pytest]\nkvcache_thresholds =\n    median_ttft_ms=20%\n    p90_itl_ms=7%\n")
+    project.makeconftest("""
+def pytest_collection_finish(session):
+    for item in session.items:
+        print("THRESHOLDS", item.name, sorted((t.metric, t.direction, t.threshold) for t in item.case.thresholds))
+""")
+    result = project.runpytest("--collect-only", "-q", "-s", "--threshold", "median_ttft_ms=15%",
+                               "--input-len", "1k", "--backend", "cpu")
+    assert result.ret == 0
+    assert ("THRESHOLDS prefill[cpu-1k-c16] [('median_ttft_ms', 'lower', 0.15), ('p90_itl_ms', 'lower', 0.07), "
+            "('total_token_throughput', 'higher', 0.05)]") in result.stdout.str()

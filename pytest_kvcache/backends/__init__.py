@@ -1,28 +1,105 @@
 """Offload backends: what each one needs from the server it runs under.
 
-``provision(name, server_kind, workdir)`` returns the arguments, environment and
-LMCache settings for one backend, creating what it needs on disk; it raises
-:class:`BackendUnavailable` (turned into a skip with its reason) where the backend
-cannot run here.
+``provision(name, server_kind, workdir, options, probe)`` returns a :class:`BackendConfig`:
+the server's extra arguments and environment, LMCache's settings, the files to write
+(LMCache's YAML) and the services to start first (``redis-server``, LMCache's server,
+Mooncake's master and metadata server). It raises :class:`BackendUnavailable` (turned
+into a skip with its reason) where the backend cannot run here.
+
+A configuration is a *template*: ports are written ``{port:NAME}`` and the backend's
+scratch folder ``{workdir}``; the server pool picks free ports and renders it when it
+starts the server (:meth:`BackendConfig.render`). So two items with the same backend
+have equal keys (one server serves both) and the fingerprint of a baseline does not
+change with the ports of the day.
+
+LMCache runs in one of two modes (``--kv-lmcache-mode``):
+
+* ``inprocess``: vLLM's ``LMCacheConnectorV1`` with a generated ``LMCACHE_CONFIG_FILE``
+  (GPU runners; on a CPU build it starts, logs "No supported cpu connector found" and
+  silently recomputes: the hit check catches that);
+* ``mp``: vLLM's ``LMCacheMPConnector`` talking to ``lmcache server`` (an L1 DRAM tier
+  and optional L2 adapters: ``fs`` for disk, ``resp`` for Redis);
+* ``auto`` (default): ``mp`` where there is no GPU and the installed LMCache has it,
+  else ``inprocess``.
+
+No pytest import here.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..models import BACKENDS
+from .probe import StackProbe
 
-__all__ = ["BackendConfig", "BackendUnavailable", "provision"]
+__all__ = [
+    "CHUNK_SIZE",
+    "LMCACHE_MODES",
+    "BackendConfig",
+    "BackendOptions",
+    "BackendUnavailable",
+    "Rendered",
+    "ServiceSpec",
+    "provision",
+]
 
 #: LMCache's chunk size, also the emulator's (prompts shorter than one chunk never hit).
 CHUNK_SIZE = 256
 
+LMCACHE_MODES: tuple[str, ...] = ("auto", "inprocess", "mp")
+
+_PORT = re.compile(r"\{port:([a-z0-9_]+)\}")
+
 
 class BackendUnavailable(Exception):
     """This backend cannot run with this server on this machine; ``str()`` says why."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """What the options say about backends (one per session)."""
+
+    lmcache_mode: str = "auto"
+    #: A Redis the user runs (``redis://host:port``); None: start ``redis-server``.
+    redis_url: str | None = None
+    gds_path: str | None = None
+    #: LMCache settings overriding the defaults (``--kv-lmcache KEY=VALUE``), values as JSON.
+    lmcache_overrides: tuple[tuple[str, str], ...] = ()
+    #: vLLM native offloading buffer, GiB.
+    native_size_gb: float = 4.0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """A process a backend needs before the server starts (templates: {port:X}, {workdir})."""
+
+    name: str
+    #: empty: nothing to start, only check that ``host:fixed_port`` is ready (a user's Redis)
+    argv: tuple[str, ...]
+    #: readiness: "redis" (PING on port), "tcp" (accepts on port), "http:/path" (200 on port)
+    ready: str
+    port: str
+    env: tuple[tuple[str, str], ...] = ()
+    host: str = "127.0.0.1"
+    fixed_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A configuration with real ports and paths, ready to start."""
+
+    vllm_args: tuple[str, ...]
+    env: dict[str, str]
+    services: tuple[ServiceSpec, ...]
+    files: dict[str, str]
+    metrics_urls: tuple[str, ...]
+    ports: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -32,35 +109,95 @@ class BackendConfig:
     emulator_args: tuple[str, ...] = ()
     vllm_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
+    #: LMCache settings (in-process YAML keys, or the multi-process server's), values as JSON
     lmcache: tuple[tuple[str, str], ...] = ()
+    #: "inprocess" | "mp" | "native" | "" (no connector)
+    mode: str = ""
+    services: tuple[ServiceSpec, ...] = ()
+    #: files written under the workdir before the start: (relative name, template)
+    files: tuple[tuple[str, str], ...] = ()
+    metrics_urls: tuple[str, ...] = ()
+    #: folders under the workdir to create before the start (the disk tier)
+    dirs: tuple[str, ...] = ()
+    #: where the configuration came from (probed versions), not part of the key
+    notes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> tuple:
         """Equal keys may share one server."""
-        return (self.name, self.emulator_args, self.vllm_args, self.env, self.lmcache)
+        return (self.name, self.emulator_args, self.vllm_args, self.env, self.lmcache, self.mode,
+                self.services, self.files)
+
+    @property
+    def expects_hits(self) -> bool:
+        return self.name != "none"
 
     def fingerprint(self) -> dict[str, str]:
         """The configuration, with this session's scratch folder blanked out."""
         config = {"emulator_args": self.emulator_args, "vllm_args": self.vllm_args, "lmcache": dict(self.lmcache)}
+        if self.mode:
+            config["mode"] = self.mode
+        if self.services:
+            config["services"] = [[s.name, *s.argv[1:]] for s in self.services]
         text = json.dumps(config, sort_keys=True)
         if self.workdir:
             text = text.replace(self.workdir, "<workdir>")
         return {"backend": self.name, "backend_config": text}
+
+    def port_names(self) -> list[str]:
+        texts = [*self.vllm_args, *(v for _, v in self.env), *(c for _, c in self.files), *self.metrics_urls]
+        for s in self.services:
+            texts.extend(s.argv)
+            texts.extend(v for _, v in s.env)
+            texts.append(f"{{port:{s.port}}}" if s.port else "")
+        names: list[str] = []
+        for text in texts:
+            for name in _PORT.findall(text):
+                if name not in names:
+                    names.append(name)
+        return names
+
+    def render(self, ports: Mapping[str, int]) -> Rendered:
+        """Fill in ports and the workdir; create the folders and write the files."""
+        workdir = self.workdir or ""
+
+        def fill(text: str) -> str:
+            text = _PORT.sub(lambda m: str(ports[m.group(1)]), text)
+            return text.replace("{workdir}", workdir)
+
+        if self.workdir:
+            Path(self.workdir).mkdir(parents=True, exist_ok=True)
+            for d in self.dirs:
+                Path(fill(d)).mkdir(parents=True, exist_ok=True)
+        files = {}
+        for rel, content in self.files:
+            path = Path(workdir) / rel
+            path.write_text(fill(content), encoding="utf-8")
+            files[str(path)] = fill(content)
+        services = tuple(replace(s, argv=tuple(fill(a) for a in s.argv),
+                                 env=tuple((k, fill(v)) for k, v in s.env)) for s in self.services)
+        return Rendered(vllm_args=tuple(fill(a) for a in self.vllm_args),
+                        env={k: fill(v) for k, v in self.env}, services=services, files=files,
+                        metrics_urls=tuple(fill(u) for u in self.metrics_urls), ports=dict(ports))
 
     def cleanup(self) -> None:
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-def provision(name: str, server_kind: str, workdir: Path) -> BackendConfig:
+def provision(name: str, server_kind: str, workdir: Path, options: BackendOptions | None = None,
+              probe: StackProbe | None = None) -> BackendConfig:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}")
+    options = options or BackendOptions()
     if server_kind == "external":
         # The endpoint is configured by whoever started it; the backend is a label.
         return BackendConfig(name=name, workdir=None)
     if server_kind == "emulator":
         return _emulator(name, workdir)
-    return _vllm_lmcache(name, workdir)
+    from .vllm import vllm_backend
+
+    return vllm_backend(name, Path(workdir), options, probe or StackProbe())
 
 
 #: Tier sizes of the emulated host, in GB of the real model's KV cache: room for the
@@ -81,30 +218,12 @@ def _emulator(name: str, workdir: Path) -> BackendConfig:
         path.mkdir(parents=True, exist_ok=True)
         return BackendConfig(name=name, workdir=str(path), emulator_args=(
             "--backend", name, "--disk-path", str(path), "--disk-size-gb", EMULATED_DISK_GB))
-    raise BackendUnavailable(f"backend '{name}' is not emulated yet; run it with --kv-server vllm on a runner that has it")
+    raise BackendUnavailable(f"backend '{name}' is not emulated yet; run it with --kv-server vllm on a runner "
+                             "that has it")
 
 
-def _vllm_lmcache(name: str, workdir: Path) -> BackendConfig:
-    """In-process LMCache (LMCacheConnectorV1) configured through LMCACHE_* variables."""
-    if name == "none":
-        return BackendConfig(name=name, workdir=None)
-    connector = ("--kv-transfer-config", json.dumps({"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}))
-    if name == "cpu":
-        settings = {"chunk_size": str(CHUNK_SIZE), "local_cpu": "True", "max_local_cpu_size": "5"}
-        return BackendConfig(name=name, workdir=None, vllm_args=connector, lmcache=tuple(settings.items()),
-                             env=_lmcache_env(settings))
-    if name == "disk":
-        path = workdir / "disk-tier"
-        path.mkdir(parents=True, exist_ok=True)
-        settings = {"chunk_size": str(CHUNK_SIZE), "local_cpu": "False", "max_local_cpu_size": "5",
-                    "local_disk": f"file://{path}/", "max_local_disk_size": "50"}
-        return BackendConfig(name=name, workdir=str(path), vllm_args=connector, lmcache=tuple(settings.items()),
-                             env=_lmcache_env(settings))
-    if name == "gds":
-        if shutil.which("nvidia-smi") is None:
-            raise BackendUnavailable("backend 'gds' needs an NVIDIA GPU with cuFile and a GDS mount; none here")
-    raise BackendUnavailable(f"backend '{name}' is not wired for --kv-server vllm yet")
-
-
-def _lmcache_env(settings: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    return tuple((f"LMCACHE_{k.upper()}", v) for k, v in settings.items())
+def parse_redis_url(url: str) -> tuple[str, int]:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("redis", "rediss", "valkey") or not parsed.hostname:
+        raise ValueError(f"{url!r}: use redis://HOST:PORT")
+    return parsed.hostname, parsed.port or 6379

@@ -7,4 +7,4 @@ cache and its tiers), :mod:`.app` (the aiohttp application).  Importing this pac
 imports nothing heavy; aiohttp is loaded by :mod:`.app` only.
 """
 
-__all__ = ["tokenizer", "costmodel", "prefix_cache", "app"]
+__all__ = ["app", "costmodel", "prefix_cache", "tokenizer"]

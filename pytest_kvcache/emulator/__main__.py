@@ -16,7 +16,7 @@ import json
 import logging
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from .costmodel import PROFILES, TIERS, make_profile
 

@@ -10,9 +10,11 @@ Scheduling: in the modeled profiles one prefill worker takes requests FIFO (so T
 grows with concurrency), looks the prompt up in the prefix cache, really reads the hit
 chunks from the tier (verified; a bad chunk ends the hit), sleeps to the deadline
 ``now + slowdown * modeled_ms`` and hands the first token to the request.  New chunks
-are written to the tier in the background (LMCache offloads asynchronously); a later
-lookup that meets a chunk still being written waits for that write.  Decode then runs
-per request.  In the ``fixed`` profile every request is independent.
+are written to the tier in the background by one writer thread (LMCache offloads
+asynchronously); a later lookup that meets a chunk still being written serves it from
+the write buffer (LMCache stages offloads in CPU memory) with the tier's modeled
+transfer time but no real read.  Reads use their own threads, so they never queue
+behind a write backlog.  Decode then runs per request.  In the ``fixed`` profile every request is independent.
 
 Every sleep is to an absolute deadline: ``asyncio.sleep`` to ``deadline - spin_ms``,
 then yielding (``asyncio.sleep(0)``) until ``perf_counter() >= deadline``, because
@@ -38,6 +40,7 @@ request's first token comes ``stall_ms`` late).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,6 +49,7 @@ import sys
 import time
 from array import array
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from aiohttp import web
@@ -54,7 +58,7 @@ from .costmodel import Profile, make_profile
 from .prefix_cache import PrefixCache, make_tier
 from .tokenizer import get_tokenizer
 
-__all__ = ["Settings", "Emulator", "create_app", "EMULATOR_KEYS"]
+__all__ = ["EMULATOR_KEYS", "Emulator", "Settings", "create_app"]
 
 log = logging.getLogger("pytest_kvcache.emulator")
 lmlog = logging.getLogger("pytest_kvcache.emulator.lmcache")
@@ -110,7 +114,7 @@ class Settings:
 
 
 class _Hist:
-    __slots__ = ("buckets", "counts", "total", "n")
+    __slots__ = ("buckets", "counts", "n", "total")
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
@@ -157,7 +161,7 @@ class _Stats:
 
 
 class _Request:
-    __slots__ = ("rid", "seq", "ids", "keys", "arrival", "n", "max_tokens")
+    __slots__ = ("arrival", "ids", "keys", "max_tokens", "n", "rid", "seq")
 
     def __init__(self, rid: str, seq: int, ids: list[int], arrival: float, max_tokens: int) -> None:
         self.rid = rid
@@ -242,6 +246,7 @@ class Emulator:
         self._pending: dict[bytes, asyncio.Future] = {}
         self._bg: set[asyncio.Task] = set()
         self._active: set[asyncio.Task] = set()  # handlers generating tokens
+        self._pools = None  # (read, write) thread pools of file tiers, made on first use
 
     def abort_requests(self) -> int:
         """Cancel every request in flight (used on SIGTERM); return how many."""
@@ -259,43 +264,58 @@ class Emulator:
     async def shutdown(self, app: web.Application) -> None:
         if self._worker is not None:
             self._worker.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._worker
-            except (asyncio.CancelledError, Exception):
-                pass
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=5)
+        if self._pools is not None:
+            for pool in self._pools:
+                pool.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers --------------------------------------------------------------------
     def _next_rid(self, prefix: str) -> tuple[str, int]:
         self._seq += 1
         return f"{prefix}-{self._rid_prefix}{self._seq:08x}", self._seq
 
-    async def _io(self, fn, *args):
-        if self.threaded_io:
-            return await asyncio.to_thread(fn, *args)
-        return fn(*args)
+    async def _io(self, fn, *args, write: bool = False):
+        """Run tier I/O: inline for memory tiers, in a thread for file tiers.
 
-    async def _await_pending(self, keys: list[bytes]) -> None:
-        """Wait for in-flight writes of leading keys not yet in the tier."""
-        tier = self.cache.tier
-        for k in keys:
-            if tier.contains(k):
-                continue
-            fut = self._pending.get(k)
-            if fut is None:
-                return
-            await asyncio.shield(fut)
+        Reads and writes have separate pools, so a read on the prefill path never
+        queues behind a backlog of offload writes (one writer thread, as LMCache's
+        local disk backend writes in the background).
+        """
+        if not self.threaded_io:
+            return fn(*args)
+        if self._pools is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pools = (ThreadPoolExecutor(2, thread_name_prefix="kv-read"),
+                           ThreadPoolExecutor(1, thread_name_prefix="kv-write"))
+        pool = self._pools[1] if write else self._pools[0]
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def _lookup_and_load(self, req: _Request) -> int:
-        """Real lookup + verified load; return the number of cached tokens."""
+        """Real lookup + verified load; return the number of cached tokens.
+
+        A chunk whose offload write is still in flight is served from the write buffer
+        (LMCache stages offloads in CPU memory), so no lookup waits for a write and a
+        warm round right after a cold one hits fully; only chunks already in the tier
+        are read back (for real) and verified.
+        """
         if not self.cache.enabled or not req.keys:
             return 0
-        await self._await_pending(req.keys)
-        hit_chunks = self.cache.lookup(req.keys)
+        tier = self.cache.tier
+        pending = self._pending
+        hit_chunks = 0
+        for k in req.keys:
+            if not (tier.contains(k) or k in pending):
+                break
+            hit_chunks += 1
         if hit_chunks == 0:
             return 0
-        loaded = await self._io(self.cache.load, req.keys[:hit_chunks])
+        keys = req.keys[:hit_chunks]
+        buffered = frozenset(k for k in keys if k in pending)
+        loaded = await self._io(self.cache.load, keys, buffered)
         if loaded < hit_chunks:
             log.warning("request %s: %d of %d hit chunks failed verification; recomputing",
                         req.rid, hit_chunks - loaded, hit_chunks)
@@ -317,8 +337,8 @@ class Emulator:
 
         async def run() -> None:
             try:
-                await self._io(self.cache.store, keys)
-            except Exception as exc:  # a failed offload write is logged, not fatal
+                await self._io(self.cache.store, keys, write=True)
+            except Exception as exc:  # a failed offload write is logged, not fatal  # noqa: BLE001 - never let it kill the server
                 log.warning("offload write failed: %s", exc)
             finally:
                 for k in keys:
@@ -407,14 +427,14 @@ class Emulator:
         try:
             cached = await self._lookup_and_load(req)
             self._store_background(req, cached // self.cache.chunk_size)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - never let it kill the server
             log.warning("cache work failed for %s: %s", req.rid, exc)
 
     # -- request parsing ------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict:
         try:
             body = json.loads(await request.read())
-        except Exception:
+        except Exception:  # noqa: BLE001 - never let it kill the server
             raise BadRequest("request body is not valid JSON")
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
@@ -516,7 +536,7 @@ class Emulator:
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=30)
-        await self._io(self.cache.clear)
+        await self._io(self.cache.clear, write=True)
         log.info("prefix cache reset")
         return web.Response(status=200)
 
@@ -701,7 +721,7 @@ class Emulator:
     def _timing(self, req: _Request, queue_ms: float, cached: int, stamps: list[float]) -> dict:
         t0 = req.arrival
         ttft = (stamps[0] - t0) * 1000.0 if stamps else None
-        itl = [round((b - a) * 1000.0, 4) for a, b in zip(stamps, stamps[1:])]
+        itl = [round((b - a) * 1000.0, 4) for a, b in pairwise(stamps)]
         return {"queue_ms": round(queue_ms, 4), "ttft_ms": None if ttft is None else round(ttft, 4),
                 "itl_ms": itl, "cached_tokens": cached, "computed_tokens": req.n - cached,
                 "arrival_perf_s": t0}
@@ -711,7 +731,7 @@ class Emulator:
         st.success += 1
         if stamps:
             st.ttft.observe(stamps[0] - req.arrival)
-            for a, b in zip(stamps, stamps[1:]):
+            for a, b in pairwise(stamps):
                 st.itl.observe(b - a)
 
     # -- metrics --------------------------------------------------------------------

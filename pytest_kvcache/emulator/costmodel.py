@@ -60,10 +60,11 @@ Any field of :class:`Profile` can be overridden with ``--config-json``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
-__all__ = ["Profile", "PROFILES", "make_profile", "TIERS"]
+__all__ = ["PROFILES", "TIERS", "Profile", "make_profile"]
 
 TIERS = ("none", "cpu", "disk", "gds")
 

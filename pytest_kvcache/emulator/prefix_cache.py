@@ -41,14 +41,14 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 __all__ = [
-    "Tier",
-    "NoneTier",
     "CpuTier",
     "DiskTier",
+    "NoneTier",
     "PrefixCache",
+    "Tier",
     "chunk_keys",
     "make_tier",
 ]
@@ -438,7 +438,7 @@ class PrefixCache:
         self.kv_bytes_per_token = int(kv_bytes_per_token)
         self.payload_scale = float(payload_scale)
         self.namespace = f"{namespace}|chunk={chunk_size}".encode()
-        self.payload_len = max(16, int(round(self.chunk_size * self.kv_bytes_per_token * self.payload_scale)))
+        self.payload_len = max(16, round(self.chunk_size * self.kv_bytes_per_token * self.payload_scale))
 
     @property
     def enabled(self) -> bool:
@@ -464,10 +464,17 @@ class PrefixCache:
             n += 1
         return n
 
-    def load(self, keys: Iterable[bytes]) -> int:
-        """Read and verify leading chunks; return how many verified (stops at the first bad)."""
+    def load(self, keys: Iterable[bytes], buffered: frozenset[bytes] = frozenset()) -> int:
+        """Read and verify leading chunks; return how many verified (stops at the first bad).
+
+        Keys in ``buffered`` are still being written; they are served from the write
+        buffer (the content is known) without reading the tier.
+        """
         n = 0
         for k in keys:
+            if k in buffered:
+                n += 1
+                continue
             data = self.tier.get(k)
             if data is None:
                 break
@@ -494,7 +501,7 @@ class PrefixCache:
 
     def modeled_usage(self) -> int:
         """Bytes the stored chunks would take for the real model."""
-        return int(round(self.tier.usage() / self.payload_scale))
+        return round(self.tier.usage() / self.payload_scale)
 
     def clear(self) -> None:
         self.tier.clear()

@@ -25,7 +25,8 @@ So a conversation costs ``sum(words(content) + 3) + 2`` tokens.
 from __future__ import annotations
 
 import zlib
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 __all__ = ["SPECIAL_TOKENS", "WordTokenizer", "get_tokenizer"]
 
@@ -204,7 +205,7 @@ class WordTokenizer:
                 elif isinstance(part, str):
                     texts.append(part)
                 else:
-                    raise ValueError("message content parts must be text parts")
+                    raise ValueError("message content parts must be text parts")  # noqa: TRY004
             return " ".join(texts)
         raise ValueError("message content must be a string or a list of text parts")
 
@@ -217,7 +218,7 @@ class WordTokenizer:
         out: list[int] = []
         for m in messages:
             if not isinstance(m, dict):
-                raise ValueError("each message must be an object")
+                raise ValueError("each message must be an object")  # noqa: TRY004
             role = m.get("role")
             if role not in ROLE_IDS:
                 raise ValueError(f"unknown message role {role!r}")

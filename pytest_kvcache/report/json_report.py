@@ -9,14 +9,14 @@ with the reason and left out of the top-level figures.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Mapping
 
 from .._atomic import write_json_atomic
 from ..metrics import request_details, summarize
 
-__all__ = ["RESULT_SCHEMA_VERSION", "write_item_json", "item_document"]
+__all__ = ["RESULT_SCHEMA_VERSION", "item_document", "write_item_json"]
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -43,20 +43,11 @@ def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
         records = [r for m in measured for r in m.records]
         doc.update(summarize(records, sum(m.duration for m in measured)) if measured else {"completed": 0})
         doc["usable_trials"] = len(measured)
-        doc["trials"] = [
-            {
-                "index": t.index,
-                "usable": t.usable,
-                "problem": t.problem,
-                "rounds": {
-                    r.round: {**r.summary, "max_loop_lag_ms": r.max_loop_lag_ms, "invalid_reason": r.invalid_reason,
-                              "telemetry": dict(r.telemetry), "details": request_details(r.records)}
-                    for r in t.rounds
-                },
-            }
-            for t in result.trials
-        ]
+        doc["trials"] = _trials(result)
         doc["server"] = dict(result.server)
+    if outcome.reference is not None:
+        doc["reference"] = {"backend": case.reference_backend, "trials": _trials(outcome.reference),
+                            "server": dict(outcome.reference.server)}
     doc["scenario"] = {"name": case.scenario, "file": case.path, "phase": case.phase, "backend": case.backend,
                        **case.workload_params, "trials": case.trials,
                        "thresholds": [asdict(t) for t in case.thresholds]}
@@ -66,6 +57,22 @@ def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
         "comparisons": [{**asdict(c), "verdict": asdict(v)} for c, v in zip(outcome.comparisons, outcome.verdicts)],
     }
     return _clean(doc)
+
+
+def _trials(result) -> list[dict]:
+    return [
+        {
+            "index": t.index,
+            "usable": t.usable,
+            "problem": t.problem,
+            "rounds": {
+                r.round: {**r.summary, "max_loop_lag_ms": r.max_loop_lag_ms, "invalid_reason": r.invalid_reason,
+                          "telemetry": dict(r.telemetry), "details": request_details(r.records)}
+                for r in t.rounds
+            },
+        }
+        for t in result.trials
+    ]
 
 
 def _worst_zone(outcome) -> str | None:

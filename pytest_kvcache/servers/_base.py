@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+
+from ..telemetry import TelemetrySource
 
 __all__ = ["SERVER_KINDS", "ServerHandle", "ServerSettings"]
 
@@ -21,6 +23,15 @@ class ServerSettings:
     emulator_slowdown: float = 1.0
     ready_timeout: float = 60.0
     extra_args: tuple[str, ...] = ()
+    #: the interpreter that runs vLLM and LMCache (None: this one)
+    python: str | None = None
+    #: labels the fixture cannot set (bandwidth, arcc, direction, storage mount), recorded on every result
+    labels: tuple[tuple[str, str], ...] = ()
+    #: LMCache mode and backend settings (see backends.BackendOptions)
+    lmcache_mode: str = "auto"
+    redis_url: str | None = None
+    gds_path: str | None = None
+    lmcache_overrides: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -34,6 +45,8 @@ class ServerHandle:
     log_path: Path | None = None
     _stop: Callable[[], None] | None = field(default=None, repr=False)
     _alive: Callable[[], bool] | None = field(default=None, repr=False)
+    #: where the telemetry of this server and its backend's services is
+    telemetry: TelemetrySource = field(default_factory=TelemetrySource)
 
     def alive(self) -> bool:
         return self._alive() if self._alive else True

@@ -1,23 +1,31 @@
 from __future__ import annotations
 
+import atexit
 import sys
 from pathlib import Path
 
-from ..backends import BackendConfig, provision
+from ..backends import BackendConfig, BackendOptions, ServiceSpec, provision
+from ..backends.probe import StackProbe, probe_stack
 from ..errors import ServerError
+from ..telemetry import TelemetrySource
 from ._base import ServerHandle, ServerSettings
-from ._process import ManagedProcess, free_port
+from ._process import ManagedProcess, free_port, http_ready, redis_ready, tcp_ready
 from .external import connect_external
 from .vllm import vllm_command
 
 __all__ = ["ServerPool"]
+
+#: Readiness timeout of the backend's services (redis-server, lmcache server, ...), s.
+SERVICE_READY_TIMEOUT = 120.0
 
 
 class ServerPool:
     """One server at a time, reused while the backend configuration stays the same.
 
     Servers are started lazily by :meth:`acquire` and stopped when the next item
-    needs another configuration, or by :meth:`close` at the end of the session.
+    needs another configuration, or by :meth:`close` at the end of the session (and
+    at interpreter exit, as a last resort). A backend's services are started before
+    the server and stopped after it.
     """
 
     def __init__(self, settings: ServerSettings, workdir: Path, log_dir: Path) -> None:
@@ -26,10 +34,25 @@ class ServerPool:
         self.log_dir = Path(log_dir)
         self._current: tuple[tuple, ServerHandle, BackendConfig] | None = None
         self._broken: dict[tuple, str] = {}
+        self._probe: StackProbe | None = None
         self.started = 0
+        atexit.register(self.close)
+
+    @property
+    def probe(self) -> StackProbe:
+        """The installed vLLM/LMCache stack (probed once, only for --kv-server vllm)."""
+        if self._probe is None:
+            self._probe = probe_stack(self.settings.python or sys.executable)
+        return self._probe
+
+    def backend_options(self) -> BackendOptions:
+        s = self.settings
+        return BackendOptions(lmcache_mode=s.lmcache_mode, redis_url=s.redis_url, gds_path=s.gds_path,
+                              lmcache_overrides=s.lmcache_overrides)
 
     def backend(self, name: str) -> BackendConfig:
-        return provision(name, self.settings.kind, self.workdir / name)
+        probe = self.probe if self.settings.kind == "vllm" else None
+        return provision(name, self.settings.kind, self.workdir / name, self.backend_options(), probe)
 
     def acquire(self, backend: BackendConfig) -> ServerHandle:
         key = backend.key
@@ -60,30 +83,105 @@ class ServerPool:
     def close(self) -> None:
         self._release()
 
+    # -- starting ------------------------------------------------------------------------------
+
+    def _start_services(self, backend: BackendConfig, specs: tuple[ServiceSpec, ...],
+                        ports: dict[str, int]) -> list[ManagedProcess]:
+        started: list[ManagedProcess] = []
+        try:
+            for spec in specs:
+                port = spec.fixed_port if spec.fixed_port is not None else ports.get(spec.port)
+                if spec.ready == "redis":
+                    check = redis_ready(port, spec.host)
+                elif spec.ready.startswith("http:"):
+                    check = http_ready(f"http://{spec.host}:{port}{spec.ready[5:]}")
+                else:
+                    check = tcp_ready(port, spec.host)
+                if not spec.argv:  # a service somebody else runs: only checked
+                    if not check():
+                        raise ServerError(f"{spec.name} does not answer ({spec.ready} on {spec.host}:{port}); "
+                                          f"start it or fix the URL (backend '{backend.name}')")
+                    continue
+                slug = spec.name.replace(" ", "_").replace("/", "_")
+                log_path = self.log_dir / f"{slug}-{backend.name}-{self.started}.log"
+                env = None
+                if spec.env:
+                    import os
+
+                    env = dict(os.environ, **dict(spec.env))
+                process = ManagedProcess(f"{spec.name} (backend '{backend.name}')", spec.argv, log_path=log_path,
+                                         env=env, ready=check, ready_timeout=SERVICE_READY_TIMEOUT,
+                                         watch=list(started))
+                process.start()
+                started.append(process)
+        except BaseException:
+            for process in reversed(started):
+                process.stop()
+            raise
+        return started
+
     def _start(self, backend: BackendConfig) -> ServerHandle:
         s = self.settings
         if s.kind == "external":
-            return connect_external(s.endpoint, s.model)
+            handle = connect_external(s.endpoint, s.model)
+            info = dict(handle.info)
+            info.update({f"label.{k}": v for k, v in s.labels})
+            handle.info = info
+            handle.telemetry = TelemetrySource(metrics_urls=(f"{handle.base_url}/metrics",))
+            return handle
         port = free_port()
         base_url = f"http://127.0.0.1:{port}"
         log_path = self.log_dir / f"{s.kind}-{backend.name}-{self.started}.log"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
         env = None
+        services: list[ManagedProcess] = []
+        extra_metrics: tuple[str, ...] = ()
         if s.kind == "emulator":
             model = s.model or "emulated-model"
             argv = [sys.executable, "-m", "pytest_kvcache.emulator", "--host", "127.0.0.1", "--port", str(port),
                     "--model", model, "--profile", s.emulator_profile, "--slowdown", repr(s.emulator_slowdown),
                     *backend.emulator_args, *s.extra_args]
-            info = {"server": "emulator", "emulator_profile": s.emulator_profile, "gpu": "emulated"}
+            info = {"server": "emulator", "emulator_profile": s.emulator_profile, "gpu": "emulated",
+                    "server_args": " ".join(s.extra_args)}
+            info.update({f"label.{k}": v for k, v in s.labels})
             name = f"emulator ({backend.name})"
         else:
             if not s.model:
                 raise ServerError("--kv-server vllm needs --model (a model folder or name)")
             model = s.model
-            argv, env, info = vllm_command(model, port, backend, s.extra_args)
-            name = f"vllm serve ({backend.name})"
+            ports = {n: free_port() for n in backend.port_names()}
+            rendered = backend.render(ports)
+            services = self._start_services(backend, rendered.services, ports)
+            extra_metrics = rendered.metrics_urls
+            try:
+                argv, env, info = vllm_command(model, port, backend, rendered.vllm_args, rendered.env, s.extra_args,
+                                               self.probe, labels=s.labels)
+            except BaseException:
+                for process in reversed(services):
+                    process.stop()
+                raise
+            name = f"vLLM server (backend '{backend.name}')"
         process = ManagedProcess(name, argv, log_path=log_path, health_url=f"{base_url}/health", env=env,
-                                 ready_timeout=s.ready_timeout)
-        process.start()
+                                 ready_timeout=s.ready_timeout, watch=services)
+        try:
+            process.start()
+        except BaseException:
+            for p in reversed(services):
+                p.stop()
+            raise
         self.started += 1
+
+        def stop() -> None:
+            process.stop()
+            for p in reversed(services):
+                p.stop()
+
+        def alive() -> bool:
+            return process.alive() and all(p.alive() for p in services)
+
+        telemetry = TelemetrySource(metrics_urls=(f"{base_url}/metrics", *extra_metrics),
+                                    log_paths=(str(log_path), *(str(p.log_path) for p in services)))
+        if services:
+            info = dict(info, services=", ".join(p.name.split(" (")[0] for p in services))
         return ServerHandle(kind=s.kind, base_url=base_url, model=model, info=info, log_path=log_path,
-                            _stop=process.stop, _alive=process.alive)
+                            _stop=stop, _alive=alive, telemetry=telemetry)

@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from ..errors import ServerError
 
-__all__ = ["ManagedProcess", "free_port", "log_tail"]
+__all__ = ["ManagedProcess", "free_port", "http_ready", "log_tail", "redis_ready", "tcp_ready"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -38,6 +39,38 @@ def log_tail(path: Path, lines: int = 30) -> str:
     return "\n".join("    " + line for line in tail) if tail else "    (log is empty)"
 
 
+def http_ready(url: str) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+    return check
+
+
+def tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                return True
+        except OSError:
+            return False
+    return check
+
+
+def redis_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
+    """PING in RESP, without a Redis client library."""
+    def check() -> bool:
+        try:
+            with socket.create_connection((host, port), timeout=1) as s:
+                s.sendall(b"*1\r\n$4\r\nPING\r\n")
+                return s.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+    return check
+
+
 def _die_with_parent() -> None:  # runs in the child between fork and exec
     if sys.platform.startswith("linux"):
         import ctypes
@@ -47,14 +80,22 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class ManagedProcess:
-    """Start ``argv``, wait until ``health_url`` answers 200, stop the whole group."""
+    """Start ``argv``, wait until it is ready, stop the whole group.
 
-    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, health_url: str,
-                 env: Mapping[str, str] | None = None, ready_timeout: float = 60.0) -> None:
+    Ready: ``health_url`` answers 200, or ``ready`` (a check) returns True. While
+    waiting, the process's exit and the readiness of the processes it depends on
+    (``watch``: other ManagedProcesses) are checked, so a dead dependency ends the wait
+    at once with its own name and log tail."""
+
+    def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, health_url: str | None = None,
+                 env: Mapping[str, str] | None = None, ready_timeout: float = 60.0,
+                 ready: Callable[[], bool] | None = None, watch: Sequence[ManagedProcess] = ()) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.health_url = health_url
+        self._ready = ready or (http_ready(health_url) if health_url else (lambda: True))
+        self.watch = list(watch)
         self.env = dict(env) if env is not None else None
         self.ready_timeout = ready_timeout
         self._proc: subprocess.Popen | None = None
@@ -89,16 +130,21 @@ class ManagedProcess:
                     f"{self.name} exited with code {code} while starting (log {self.log_path}):\n"
                     f"{log_tail(self.log_path)}"
                 )
-            try:
-                with urllib.request.urlopen(self.health_url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
+            for dep in self.watch:
+                if not dep.alive():
+                    self.stop()
+                    raise ServerError(
+                        f"{dep.name} died while {self.name} was starting (log {dep.log_path}):\n"
+                        f"{log_tail(dep.log_path)}\n  {self.name} log {self.log_path}:\n"
+                        f"{log_tail(self.log_path, 10)}"
+                    )
+            if self._ready():
+                return
             if time.monotonic() > deadline:
                 self.stop()
+                what = self.health_url or "its readiness check"
                 raise ServerError(
-                    f"{self.name} did not answer {self.health_url} within {self.ready_timeout:g}s "
+                    f"{self.name} did not answer {what} within {self.ready_timeout:g}s "
                     f"(log {self.log_path}):\n{log_tail(self.log_path)}"
                 )
             time.sleep(0.05)  # polling interval of the readiness probe

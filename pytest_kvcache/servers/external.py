@@ -16,8 +16,7 @@ def connect_external(endpoint: str | None, model: str | None) -> ServerHandle:
     if not endpoint:
         raise ServerError("--kv-server external needs --kv-endpoint URL (e.g. http://127.0.0.1:8000)")
     base_url = endpoint.rstrip("/")
-    if base_url.endswith("/v1"):
-        base_url = base_url[:-3]
+    base_url = base_url.removesuffix("/v1")
     try:
         with urllib.request.urlopen(f"{base_url}/v1/models", timeout=10) as response:
             listing = json.load(response)

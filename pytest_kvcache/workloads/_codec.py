@@ -6,8 +6,9 @@ included), so a prompt built to N tokens arrives as ``usage.prompt_tokens == N``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from ..errors import WorkloadError
 

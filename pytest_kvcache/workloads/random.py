@@ -17,7 +17,7 @@ from ..errors import WorkloadError
 from ._codec import TokenCodec
 from ._prompt import Prompt
 
-__all__ = ["build_random_prompts", "SAMPLED_IDS"]
+__all__ = ["SAMPLED_IDS", "build_random_prompts"]
 
 #: Token ids are drawn from this range: above the usual special and byte tokens and
 #: inside even a tiny 4096-token vocabulary, so one seed means the same ids everywhere.

@@ -16,7 +16,11 @@ from pytest_kvcache.emulator.prefix_cache import (
     PrefixCache,
     chunk_keys,
 )
-from pytest_kvcache.emulator.tokenizer import SPECIAL_TOKENS, WordTokenizer, get_tokenizer
+from pytest_kvcache.emulator.tokenizer import (
+    SPECIAL_TOKENS,
+    WordTokenizer,
+    get_tokenizer,
+)
 
 
 # -- tokenizer ---------------------------------------------------------------------------

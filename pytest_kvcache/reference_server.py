@@ -1,0 +1,671 @@
+"""A reference OpenAI-compatible server whose timings are fixed and known.
+
+It exists to measure the load generator's own error: every streamed request gets its
+first content chunk at ``arrival + ttft`` and chunk ``k`` at ``arrival + ttft + k*itl``,
+where ``arrival`` is stamped (``time.perf_counter()``) in ``data_received`` when the
+first byte of the request's head arrives. The last JSON event of a stream carries the
+truth::
+
+    "server_timing": {"arrival_perf_s": 123.4, "chunk_perf_s": [123.44, 123.448, ...]}
+
+``chunk_perf_s`` are the stamps taken right before each content chunk was handed to the
+socket. ``perf_counter`` is ``CLOCK_MONOTONIC`` on Linux, so the stamps compare directly
+with a client's in another process.
+
+Run it with::
+
+    python -m pytest_kvcache.reference_server --host 127.0.0.1 --port 8123 \\
+        --ttft-ms 40 --itl-ms 8 [--model NAME] [--tokens-per-chunk 1] [--error-every N] \\
+        [--cut-after-chunks K [--cut-every N]] [--malformed-every N] \\
+        [--stall-every N --stall-s S] [--early-headers]
+
+How deadlines are kept with little CPU: it is one asyncio process with raw
+``asyncio.Protocol`` connections (no web framework), and all chunk deadlines sit in one
+heap served by a Linux ``timerfd`` armed at the earliest deadline with an absolute
+``CLOCK_MONOTONIC`` time (``epoll``'s own timeout is rounded up to whole milliseconds).
+The timer fires ``EARLY_S`` before the deadline (and the timer slack is set to 1 ns), and a wake-up serves every deadline due within ``EARLY_S`` (spinning the few microseconds to
+each), so requests that arrived together are written together. Without ``timerfd``
+(not Linux) it falls back to ``loop.call_later`` a little early plus a spin. Request
+parsing happens after every connection that became readable in the same event-loop
+pass was stamped, so a burst of requests gets arrival stamps that do not wait for each
+other's JSON decoding.
+
+Endpoints, in vLLM's shapes: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
+``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``,
+``max_tokens``, ``stream_options.include_usage``/``continuous_usage_stats``; exactly
+``max_tokens`` tokens, the final usage event, ``data: [DONE]``). Tokens are words of the
+emulator's :class:`~pytest_kvcache.emulator.tokenizer.WordTokenizer`.
+
+Fault knobs count generation requests from 1 and apply to request ``seq`` when
+``seq % N == 0``: ``--error-every`` answers HTTP 500 with a JSON error;
+``--cut-after-chunks K`` closes the connection after K content chunks (every
+``--cut-every`` request, default all); ``--malformed-every`` sends one event that is not
+JSON in place of the second chunk; ``--stall-every`` pauses the stream ``--stall-s``
+seconds after the first chunk. SIGTERM and SIGINT stop it with exit code 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import heapq
+import itertools
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+from .emulator.tokenizer import get_tokenizer
+
+__all__ = ["ReferenceServer", "ReferenceSettings", "main", "serve"]
+
+perf = time.perf_counter
+EARLY_S = 100e-6  # the timerfd is armed this early; the rest of the wait is a spin
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = "reference-model"
+    ttft_ms: float = 40.0
+    itl_ms: float = 8.0
+    tokens_per_chunk: int = 1
+    max_model_len: int = 1_000_000
+    vocab_size: int = 32000
+    error_every: int = 0
+    cut_after_chunks: int = 0
+    cut_every: int = 1
+    malformed_every: int = 0
+    stall_every: int = 0
+    stall_s: float = 0.0
+    early_headers: bool = False
+
+
+# -- precise timers -------------------------------------------------------------------------
+class _timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _timespec), ("it_value", _timespec)]
+
+
+def _timerfd():
+    """(fd, settime function) of a CLOCK_MONOTONIC timerfd, or None where unavailable."""
+    if not sys.platform.startswith("linux") or time.get_clock_info("perf_counter").implementation != \
+            "clock_gettime(CLOCK_MONOTONIC)":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        create, settime = libc.timerfd_create, libc.timerfd_settime
+    except (OSError, AttributeError):
+        return None
+    create.argtypes = [ctypes.c_int, ctypes.c_int]
+    settime.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(_itimerspec), ctypes.c_void_p]
+    fd = create(1, os.O_NONBLOCK | os.O_CLOEXEC)  # CLOCK_MONOTONIC
+    try:  # timer slack (50 us by default) would make every wake-up that much late
+        libc.prctl(29, 1, 0, 0, 0)  # PR_SET_TIMERSLACK, 1 ns
+    except AttributeError:
+        pass
+    if fd < 0:
+        return None
+    spec = _itimerspec()
+    ref = ctypes.byref(spec)
+
+    def arm(when: float) -> None:
+        sec = int(when)
+        nsec = int((when - sec) * 1e9)
+        if sec == 0 and nsec == 0:
+            nsec = 1  # a zero value would disarm
+        spec.it_value.tv_sec = sec
+        spec.it_value.tv_nsec = nsec
+        settime(fd, 1, ref, None)  # TFD_TIMER_ABSTIME
+
+    return fd, arm
+
+
+class _Timers:
+    """One heap of deadlines (perf_counter seconds) served with microsecond precision."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.heap: list = []
+        self._seq = itertools.count()
+        self._armed: float | None = None
+        self._firing = False
+        self._handle: asyncio.TimerHandle | None = None
+        tfd = _timerfd()
+        if tfd is not None:
+            self._fd, self._arm_fd = tfd
+            loop.add_reader(self._fd, self._on_fd)
+        else:
+            self._fd = None
+
+    def at(self, when: float, fn, *args) -> None:
+        heapq.heappush(self.heap, (when, next(self._seq), fn, args))
+        if not self._firing and (self._armed is None or when < self._armed):
+            self._arm(when)
+
+    def _arm(self, when: float) -> None:
+        self._armed = when
+        if self._fd is not None:
+            self._arm_fd(when - EARLY_S)
+        else:  # fallback: wake ~1.5 ms early (epoll rounds to ms) and spin
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self.loop.call_later(max(0.0, when - perf() - 0.0015), self._fire)
+
+    def _on_fd(self) -> None:
+        try:
+            os.read(self._fd, 8)
+        except BlockingIOError:
+            return
+        self._fire()
+
+    def _fire(self) -> None:
+        self._armed = None
+        self._firing = True
+        heap = self.heap
+        horizon = EARLY_S if self._fd is not None else 0.002
+        try:
+            while heap and heap[0][0] <= perf() + horizon:
+                when, _, fn, args = heapq.heappop(heap)
+                while perf() < when:
+                    pass
+                try:
+                    fn(*args)
+                except Exception as exc:  # one broken stream must not stop the others
+                    print(f"reference server: timer callback failed: {exc!r}", file=sys.stderr)
+        finally:
+            self._firing = False
+        if heap:
+            self._arm(heap[0][0])
+
+    def close(self) -> None:
+        if self._fd is not None:
+            self.loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- HTTP -------------------------------------------------------------------------------------
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+            413: "Payload Too Large", 500: "Internal Server Error"}
+_STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+                b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
+
+
+def _response(status: int, body: bytes = b"", content_type: str = "application/json",
+              close: bool = False) -> bytes:
+    head = (f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n")
+    return head.encode("latin-1") + body
+
+
+def _json_response(status: int, obj) -> bytes:
+    return _response(status, json.dumps(obj).encode())
+
+
+def _error_body(message: str, code: int) -> dict:
+    kind = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}.get(code, "Error")
+    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(payload), payload)
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, code: int = 400) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Request:
+    __slots__ = ("arrival", "body", "headers", "method", "path")
+
+    def __init__(self, arrival: float, method: str, path: str, headers: dict, body: bytes) -> None:
+        self.arrival, self.method, self.path, self.headers, self.body = arrival, method, path, headers, body
+
+
+class _Connection(asyncio.Protocol):
+    MAX_HEAD = 65536
+
+    def __init__(self, server: ReferenceServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._buf = b""
+        self._arrival = 0.0
+        self._queue: list[_Request] = []
+        self._busy = False
+        self._scheduled = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.connections.add(self)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        stamp = perf()  # the arrival stamp of a request whose head starts here
+        if not self._buf:
+            self._arrival = stamp
+        self._buf += data
+        if not self._scheduled:
+            # parse after every connection readable in this loop pass has been stamped
+            self._scheduled = True
+            self.server.loop.call_soon(self._parse, stamp)
+
+    def _parse(self, stamp: float) -> None:
+        self._scheduled = False
+        while self._buf and not self.closed:
+            end = self._buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(self._buf) > self.MAX_HEAD:
+                    self._fail(413, "request head too large")
+                return
+            lines = self._buf[:end].decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+                self._fail(400, "bad request line")
+                return
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if "chunked" in headers.get("transfer-encoding", "").lower():
+                self._fail(400, "chunked request bodies are not supported; send Content-Length")
+                return
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                self._fail(400, "bad Content-Length")
+                return
+            if len(self._buf) < end + 4 + length:
+                return
+            body = self._buf[end + 4: end + 4 + length]
+            self._buf = self._buf[end + 4 + length:]
+            self._queue.append(_Request(self._arrival, parts[0], parts[1].split("?", 1)[0], headers, body))
+            self._arrival = stamp  # pipelined bytes after this request arrived with it
+        self._next()
+
+    def _fail(self, code: int, message: str) -> None:
+        self.write(_response(code, json.dumps(_error_body(message, code)).encode(), close=True))
+        self.close()
+
+    def _next(self) -> None:
+        if self._busy or not self._queue or self.closed:
+            return
+        req = self._queue.pop(0)
+        self._busy = True
+        self.server.handle(self, req)
+
+    def done(self) -> None:
+        """The current response is complete: serve the next pipelined request."""
+        self._busy = False
+        if self._queue:
+            self._next()
+
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+# -- the streams ---------------------------------------------------------------------------
+class _Stream:
+    """One streamed generation: chunk k is written at ``first + k*itl``."""
+
+    __slots__ = (
+        "arrival",
+        "conn",
+        "continuous",
+        "cut_after",
+        "first",
+        "head",
+        "include_usage",
+        "itl",
+        "k",
+        "malformed",
+        "max_tokens",
+        "middle",
+        "n_prompt",
+        "nchunks",
+        "prefix",
+        "server",
+        "stall_done",
+        "stall_s",
+        "stamps",
+        "suffix",
+        "tok",
+        "tpc",
+        "usage_head",
+        "word_base",
+        "word_span",
+    )
+
+    def fire(self) -> None:
+        conn = self.conn
+        if conn.closed:
+            return
+        k = self.k
+        last = k == self.nchunks - 1
+        parts = []
+        if self.malformed and k == 1:
+            parts.append(b'data: {"id": "broken", "choices": [{"text": \n\n')
+        else:
+            done = min(self.max_tokens, (k + 1) * self.tpc)
+            usage = (b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
+                     % (self.n_prompt, self.n_prompt + done, done)) if self.continuous else b""
+            parts.append(self.prefix + self.text(k) + (self.suffix if last else self.middle) + usage)
+        if k == 0 and self.head:
+            payload_head = self.head
+        else:
+            payload_head = b""
+        stamp = perf()
+        self.stamps.append(stamp)
+        if last and not self.include_usage:
+            body = parts[0] + b',"server_timing":' + self.timing() + b"}\n\n"
+        else:
+            body = parts[0] + (b"}\n\n" if not parts[0].endswith(b"\n\n") else b"")
+        conn.write(payload_head + _chunk(body))
+        self.k = k + 1
+        if self.cut_after and self.k >= self.cut_after and not last:
+            conn.close()
+            return
+        if last:
+            tail = b""
+            if self.include_usage:
+                mt = self.max_tokens
+                tail = (self.usage_head + b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
+                        % (self.n_prompt, self.n_prompt + mt, mt) + b',"server_timing":' + self.timing() + b"}\n\n")
+            conn.write(_chunk(tail + b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            self.server.finished += 1
+            conn.done()
+            return
+        when = self.first + self.k * self.itl
+        if self.stall_s and k == 0:
+            self.first += self.stall_s
+            when += self.stall_s
+        self.server.timers.at(when, self.fire)
+
+    def text(self, k: int) -> bytes:
+        """Chunk k's text as a JSON string: its tokens' words, each after a space (the
+        words are plain ASCII letters, so no escaping is needed)."""
+        tok, base, span, tpc = self.tok, self.word_base, self.word_span, self.tpc
+        lo = tok.num_special
+        words = [tok.id_to_word(lo + (base - lo + j * 104729) % span)
+                 for j in range(k * tpc, min(self.max_tokens, (k + 1) * tpc))]
+        return ('" ' + " ".join(words) + '"').encode()
+
+    def timing(self) -> bytes:
+        return (b'{"arrival_perf_s":%s,"chunk_perf_s":[%s]}'
+                % (repr(self.arrival).encode(), ",".join(map(repr, self.stamps)).encode()))
+
+
+class ReferenceServer:
+    def __init__(self, settings: ReferenceSettings, loop: asyncio.AbstractEventLoop) -> None:
+        self.s = settings
+        self.loop = loop
+        self.tok = get_tokenizer(settings.vocab_size)
+        self.timers = _Timers(loop)
+        self.connections: set[_Connection] = set()
+        self.seq = 0
+        self.finished = 0
+        self.created = int(time.time())
+        self._server: asyncio.AbstractServer | None = None
+
+    async def start(self) -> None:
+        self._server = await self.loop.create_server(lambda: _Connection(self), self.s.host, self.s.port,
+                                                     backlog=4096, reuse_address=True)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.connections):
+            c.close()
+        self.timers.close()
+
+    # -- dispatch -----------------------------------------------------------------------
+    def handle(self, conn: _Connection, req: _Request) -> None:
+        try:
+            route = (req.method, req.path)
+            if route == ("GET", "/health"):
+                conn.write(_response(200, b"", "text/plain"))
+            elif route == ("GET", "/v1/models"):
+                m = self.s.model
+                conn.write(_json_response(200, {"object": "list", "data": [{
+                    "id": m, "object": "model", "created": self.created, "owned_by": "vllm", "root": m,
+                    "parent": None, "max_model_len": self.s.max_model_len, "permission": []}]}))
+            elif route == ("POST", "/tokenize"):
+                conn.write(self._tokenize(self._json(req)))
+            elif route == ("POST", "/detokenize"):
+                conn.write(self._detokenize(self._json(req)))
+            elif route in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+                if self._generate(conn, req, chat=req.path.endswith("chat/completions")):
+                    return  # the stream calls conn.done() when it ends
+            elif req.path in ("/health", "/v1/models", "/tokenize", "/detokenize", "/v1/completions",
+                              "/v1/chat/completions"):
+                raise _BadRequest(f"method {req.method} not allowed", 405)
+            else:
+                raise _BadRequest(f"no route {req.path}", 404)
+        except _BadRequest as exc:
+            conn.write(_json_response(exc.code, _error_body(str(exc), exc.code)))
+        conn.done()
+
+    def _json(self, req: _Request) -> dict:
+        try:
+            body = json.loads(req.body)
+        except ValueError:
+            raise _BadRequest("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _BadRequest("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and model != self.s.model:
+            raise _BadRequest(f"The model `{model}` does not exist.", 404)
+        return body
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        try:
+            return self.tok.apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True)))
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+
+    def _tokenize(self, body: dict) -> bytes:
+        if "messages" in body:
+            ids = self._chat_ids(body)
+        elif isinstance(body.get("prompt"), str):
+            ids = self.tok.encode(body["prompt"])
+        else:
+            raise _BadRequest("'prompt' (a string) or 'messages' is required")
+        return _json_response(200, {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids,
+                                    "token_strs": None})
+
+    def _detokenize(self, body: dict) -> bytes:
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise _BadRequest("'tokens' must be a list of integers")
+        try:
+            return _json_response(200, {"prompt": self.tok.decode(ids)})
+        except ValueError as exc:
+            raise _BadRequest(str(exc)) from None
+
+    def _prompt_len(self, body: dict, chat: bool) -> int:
+        if chat:
+            return len(self._chat_ids(body))
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tok.count(prompt)
+        if isinstance(prompt, list) and all(type(i) is int and 0 <= i < self.s.vocab_size for i in prompt):
+            return len(prompt)
+        raise _BadRequest("'prompt' must be a string or a list of token ids")
+
+    def _generate(self, conn: _Connection, req: _Request, chat: bool) -> bool:
+        """Answer a generation request; True when a stream was started (it ends itself)."""
+        s = self.s
+        body = self._json(req)
+        n = self._prompt_len(body, chat)
+        if n == 0:
+            raise _BadRequest("The prompt is empty: at least one token is required")
+        mt = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
+            else body.get("max_tokens", 16)
+        if type(mt) is not int or mt < 1:
+            raise _BadRequest("max_tokens must be a positive integer")
+        if n + mt > s.max_model_len:
+            raise _BadRequest(f"This model's maximum context length is {s.max_model_len} tokens.")
+        stream = bool(body.get("stream", False))
+        so = body.get("stream_options") or {}
+        if not isinstance(so, dict):
+            raise _BadRequest("stream_options must be an object")
+        self.seq += 1
+        seq = self.seq
+        if s.error_every and seq % s.error_every == 0:
+            conn.write(_json_response(500, _error_body("reference server: injected internal error", 500)))
+            return False
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-ref{seq}"
+        lo, hi = self.tok.num_special, self.tok.vocab_size
+        ttft, itl = s.ttft_ms / 1000.0, s.itl_ms / 1000.0
+        tpc = max(1, s.tokens_per_chunk)
+        nchunks = -(-mt // tpc)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        model = json.dumps(s.model)
+        if not stream:
+            words = [self.tok.id_to_word(lo + (seq * 7919 + k * 104729) % (hi - lo)) for k in range(mt)]
+            self.timers.at(req.arrival + ttft + (nchunks - 1) * itl, self._whole, conn, req, rid, chat, n, mt,
+                           words, model)
+            return True
+        head = b'data: {"id":"%s","object":"%s","created":%d,"model":%s' % (
+            rid.encode(), obj.encode(), self.created, model.encode())
+        st = _Stream()
+        st.conn, st.server, st.arrival = conn, self, req.arrival
+        st.first, st.itl = req.arrival + ttft, itl
+        st.word_base, st.word_span, st.tok = lo + seq * 7919, hi - lo, self.tok
+        if chat:
+            st.prefix = head + b',"choices":[{"index":0,"delta":{"content":'
+            st.middle = b'},"logprobs":null,"finish_reason":null}]'
+            st.suffix = b'},"logprobs":null,"finish_reason":"length"}]'
+        else:
+            st.prefix = head + b',"choices":[{"index":0,"text":'
+            st.middle = b',"logprobs":null,"finish_reason":null,"stop_reason":null}]'
+            st.suffix = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]'
+        st.usage_head = head + b',"choices":[]'
+        st.n_prompt, st.max_tokens, st.tpc, st.nchunks, st.k = n, mt, tpc, nchunks, 0
+        st.continuous = bool(so.get("continuous_usage_stats", False))
+        st.include_usage = bool(so.get("include_usage", False))
+        st.stamps = []
+        st.cut_after = s.cut_after_chunks if (s.cut_after_chunks and seq % max(1, s.cut_every) == 0) else 0
+        st.malformed = bool(s.malformed_every and seq % s.malformed_every == 0 and nchunks > 2)
+        st.stall_s = s.stall_s if (s.stall_every and seq % s.stall_every == 0) else 0.0
+        first_events = b""
+        if chat:
+            role = head + b',"choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,' \
+                          b'"finish_reason":null}]'
+            if st.continuous:
+                role += b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":0}' % (n, n)
+            first_events = _chunk(role + b"}\n\n")
+        if s.early_headers:
+            conn.write(_STREAM_HEAD)
+            st.head = first_events
+        else:
+            st.head = _STREAM_HEAD + first_events
+        self.timers.at(st.first, st.fire)
+        return True
+
+    def _whole(self, conn: _Connection, req: _Request, rid: str, chat: bool, n: int, mt: int,
+               words: list[str], model: str) -> None:
+        stamp = perf()
+        text = "".join(" " + w for w in words)
+        usage = {"prompt_tokens": n, "total_tokens": n + mt, "completion_tokens": mt}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                      "finish_reason": "length"}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": "length", "stop_reason": None}
+        out = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": self.created,
+               "model": self.s.model, "choices": [choice], "usage": usage,
+               "server_timing": {"arrival_perf_s": req.arrival, "chunk_perf_s": [stamp]}}
+        conn.write(_json_response(200, out))
+        self.finished += 1
+        conn.done()
+
+
+async def serve(settings: ReferenceSettings, ready=None) -> None:
+    """Run until SIGTERM/SIGINT (or cancellation)."""
+    loop = asyncio.get_running_loop()
+    server = ReferenceServer(settings, loop)
+    await server.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
+            pass
+    print(f"reference server listening on http://{settings.host}:{server.port} "
+          f"(ttft {settings.ttft_ms:g} ms, itl {settings.itl_ms:g} ms, "
+          f"timer {'timerfd' if server.timers._fd is not None else 'call_later+spin'})", flush=True)
+    if ready is not None:
+        ready(server)
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pytest_kvcache.reference_server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="reference-model")
+    p.add_argument("--ttft-ms", type=float, default=40.0)
+    p.add_argument("--itl-ms", type=float, default=8.0)
+    p.add_argument("--tokens-per-chunk", type=int, default=1)
+    p.add_argument("--max-model-len", type=int, default=1_000_000)
+    p.add_argument("--error-every", type=int, default=0, metavar="N")
+    p.add_argument("--cut-after-chunks", type=int, default=0, metavar="K")
+    p.add_argument("--cut-every", type=int, default=1, metavar="N")
+    p.add_argument("--malformed-every", type=int, default=0, metavar="N")
+    p.add_argument("--stall-every", type=int, default=0, metavar="N")
+    p.add_argument("--stall-s", type=float, default=0.0, metavar="S")
+    p.add_argument("--early-headers", action="store_true",
+                   help="send the response head at once, not with the first chunk (as vLLM does)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    settings = ReferenceSettings(
+        host=a.host, port=a.port, model=a.model, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
+        tokens_per_chunk=a.tokens_per_chunk, max_model_len=a.max_model_len, error_every=a.error_every,
+        cut_after_chunks=a.cut_after_chunks, cut_every=a.cut_every, malformed_every=a.malformed_every,
+        stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers)
+    try:
+        asyncio.run(serve(settings))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

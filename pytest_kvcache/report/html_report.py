@@ -1,0 +1,127 @@
+"""``report.html``: the summary table, the plots and links to every file of the run folder.
+
+One static page with relative links and no scripts: it opens from a downloaded CI
+artifact (``file://``) with no server.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from urllib.parse import quote
+
+__all__ = ["render_html"]
+
+_CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5em auto;max-width:1280px;
+     padding:0 1em;color:#222}
+h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;font-size:.85em;margin:.5em 0} th,td{border:1px solid #ccc;padding:3px 7px;
+text-align:left;white-space:nowrap} th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
+td.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner{padding:.6em 1em;border-radius:4px;font-weight:600;margin:.8em 0}
+.fail{background:#fde2e1;color:#8b1a12} .pass{background:#e3f5e1;color:#1d5e17} .info{background:#eef2f7}
+.PASS{color:#1d7a13;font-weight:600} .WARN{color:#a65c00;font-weight:600} .FAIL{color:#b3150b;font-weight:700}
+.plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0;border:1px solid #ddd;padding:.5em;background:#fff}
+figure img{max-width:600px;width:100%;height:auto;display:block} figcaption{font-size:.8em;color:#555;max-width:600px}
+ul.header{font-family:ui-monospace,monospace;font-size:.85em;list-style:none;padding-left:0}
+.notes{font-size:.85em;color:#444} .wrap{overflow-x:auto;max-width:100%}
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _href(rel: str) -> str:
+    return quote(rel, safe="/")
+
+
+def _num(value) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            text = str(cell)
+            cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "FAIL") else ""
+            if not cls and text[:1] in "-+0123456789[" and text not in ("-",):
+                cls = "num"
+            cells.append(f'<td class="{cls}">{cell if isinstance(cell, _Raw) else _e(cell)}</td>' if cls
+                         else f"<td>{cell if isinstance(cell, _Raw) else _e(cell)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<div class="wrap"><table id="{table_id}"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table></div>')
+
+
+class _Raw(str):
+    """Already escaped HTML for a table cell."""
+
+
+def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: Sequence[Mapping],
+                plots: Sequence[str], captions: Mapping[str, str] | None = None) -> str:
+    from .run_files import PLOT_FILES
+
+    captions = captions or PLOT_FILES
+    gate = session.get("gate") or {}
+    if gate.get("failed"):
+        banner = f'<div class="banner fail">Regression gate FAILED: {_e(", ".join(gate.get("failing", [])))}</div>'
+    elif gate.get("comparisons"):
+        banner = f'<div class="banner pass">{_e(gate.get("line") or "Regression gate passed")}</div>'
+    else:
+        banner = '<div class="banner info">No comparison with a baseline in this run.</div>'
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>pytest-kvcache run {_e(run.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>pytest-kvcache run <code>{_e(run.name)}</code></h1>",
+        f"<div>finished {_e(session.get('finished'))}</div>",
+        banner,
+    ]
+    if session.get("header"):
+        parts.append('<ul class="header">' + "".join(f"<li>{_e(h)}</li>" for h in session["header"]) + "</ul>")
+    summary = session.get("summary") or {}
+    parts.append("<h2>Verdicts</h2>")
+    if summary.get("rows"):
+        parts.append(_table(summary["header"], summary["rows"], "summary"))
+    else:
+        parts.append("<p>No items ran.</p>")
+    if summary.get("notes"):
+        parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in summary["notes"]) + "</ul>")
+
+    from .rows import item_rows
+
+    parts.append("<h2>Items</h2>")
+    rows = []
+    for r in item_rows(run, per_trial=False):
+        link = _Raw(f'<a href="{_href(r["file"])}">{_e(r["file"])}</a>')
+        rows.append((r["item"], r["kvcache"], r["modality"], r["input_len"], r["concurrency"], _num(r["mean_ttft_ms"]),
+                     _num(r["median_ttft_ms"]), _num(r["p99_ttft_ms"]), _num(r["total_token_throughput"]),
+                     f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"].upper(), link))
+    parts.append(_table(("item", "backend", "modality", "input len", "concurrency", "mean TTFT (ms)",
+                         "median TTFT (ms)", "p99 TTFT (ms)", "total throughput (tok/s)", "usable trials",
+                         "verdict", "JSON"), rows, "items"))
+
+    parts.append("<h2>Plots</h2><div class=\"plots\">")
+    for rel in plots:
+        name = rel.split("/")[-1]
+        parts.append(f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(name)}"></a>'
+                     f"<figcaption>{_e(captions.get(name, name))}</figcaption></figure>")
+    parts.append("</div>")
+
+    parts.append("<h2>Pareto frontier (mean TTFT vs total token throughput, per trial)</h2>")
+    parts.append(_table(("item", "trial", "mean TTFT (ms)", "total throughput (tok/s)"),
+                        [(r["item"], r["iteration"], _num(r["mean_ttft_ms"]), _num(r["total_token_throughput"]))
+                         for r in frontier], "pareto"))
+    links = ["results.csv", "pareto_frontier.csv", "summary.md", "run.json", "logs/"]
+    parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{_href(f)}">{_e(f)}</a></li>' for f in links)
+                 + f"<li>{len(trial_rows)} CSV rows (one per item and trial)</li></ul>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"

@@ -1,0 +1,61 @@
+"""The run's markdown summary, for ``$GITHUB_STEP_SUMMARY`` (GitHub-flavoured tables)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+__all__ = ["md_table", "render_markdown"]
+
+
+def _cell(value) -> str:
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |",
+             "|" + "|".join(" --- " for _ in header) + "|"]
+    lines.extend("| " + " | ".join(_cell(c) for c in row) + " |" for row in rows)
+    return lines
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | None = None) -> str:
+    """Headline (gate), set-up, the summary table, per-item figures and the file list."""
+    gate = session.get("gate") or {}
+    if gate.get("failed"):
+        headline = "❌ **Regression gate FAILED**: " + ", ".join(gate.get("failing", []))
+    elif gate.get("comparisons"):
+        headline = f"✅ Regression gate passed ({gate['comparisons']} comparisons, Holm-corrected)"
+    else:
+        headline = "ℹ️ No comparison with a baseline in this run"
+    out = ["## pytest-kvcache results", "", headline, ""]
+    if session.get("header"):
+        out += [f"- {line.removeprefix('kvcache: ')}" for line in session["header"]] + [""]
+    summary = session.get("summary") or {}
+    if summary.get("rows"):
+        out += ["### Verdicts", ""] + md_table(summary["header"], summary["rows"]) + [""]
+    if summary.get("notes"):
+        out += [f"- {note}" for note in summary["notes"]] + [""]
+    from .rows import item_rows
+
+    rows = item_rows(run, per_trial=False)
+    if rows:
+        out += ["### Figures per item (measured round, usable trials pooled)", ""]
+        out += md_table(("item", "backend", "modality", "input len", "mean TTFT (ms)", "std TTFT (ms)",
+                         "median TTFT (ms)", "total throughput (tok/s)", "usable trials", "verdict"),
+                        [(r["item"], r["kvcache"], r["modality"], r["input_len"], _fmt(r["mean_ttft_ms"]),
+                          _fmt(r["std_ttft_ms"]), _fmt(r["median_ttft_ms"]), _fmt(r["total_token_throughput"]),
+                          f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"]) for r in rows])
+        out.append("")
+    base = (link_base.rstrip("/") + "/") if link_base else ""
+    files = ["report.html", "results.csv", "pareto_frontier.csv", "run.json", *plots]
+    out += ["### Files in the run folder", "", ", ".join(f"`{base}{f}`" for f in files), ""]
+    return "\n".join(out)

