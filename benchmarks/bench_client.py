@@ -166,11 +166,12 @@ def vllm_bench(url: str) -> str:
                "--random-output-len", "32", "--num-prompts", str(2 * c), "--max-concurrency", str(c),
                "--ignore-eos"]
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"failed to run vllm bench serve: {exc}"
         med = [line for line in p.stdout.splitlines() if "Median TTFT" in line]
-        out.append(f"c={c}: {med[0].strip() if med else 'no TTFT line (rc %d): %s' % (p.returncode, p.stderr[-300:])}"
+        line = med[0].strip() if med else f"no TTFT line (rc {p.returncode}): {p.stderr[-300:]}"
+        out.append(f"c={c}: {line}"
                    f" (truth 40 ms)")
     return "; ".join(out)
 

@@ -268,7 +268,7 @@ class _Decoder:
                 fn, fut = queue.pop(0)
                 try:
                     result = fn()
-                except BaseException as exc:  # handed to the request that waits for it
+                except Exception as exc:  # noqa: BLE001 - handed to the request that waits for it
                     if not fut.done():
                         fut.set_exception(exc)
                 else:

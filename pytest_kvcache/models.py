@@ -104,6 +104,7 @@ class ScenarioCase:
     api: str  # "completions" or "chat"
     request_rate: float  # requests per second; math.inf sends as fast as slots allow
     thresholds: tuple[MetricThreshold, ...]
+    burstiness: float = 1.0  # gamma shape of the arrivals (1 = Poisson)
     #: Paired design: the backend run interleaved with this one, trial by trial, and
     #: compared with it directly instead of with a stored baseline.
     reference_backend: str | None = None
@@ -123,6 +124,7 @@ class ScenarioCase:
             "num_prompts": self.num_prompts,
             "concurrency": self.concurrency,
             "request_rate": "inf" if math.isinf(self.request_rate) else self.request_rate,
+            "burstiness": self.burstiness,
             "rounds": list(self.rounds),
             "measure_round": self.measure_round,
             "seed": self.seed,

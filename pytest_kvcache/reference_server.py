@@ -179,7 +179,7 @@ class _Timers:
                     pass
                 try:
                     fn(*args)
-                except Exception as exc:  # one broken stream must not stop the others
+                except Exception as exc:  # noqa: BLE001 - one broken stream must not stop the others
                     print(f"reference server: timer callback failed: {exc!r}", file=sys.stderr)
         finally:
             self._firing = False

@@ -66,7 +66,7 @@ class CaseRunner:
     async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
                    progress: Progress, source: TelemetrySource) -> tuple[TrialResult, ...]:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
-                        request_rate=case.request_rate, seed=case.seed)
+                        request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed)
         results = []
         pool = open_pool(base_url, case.concurrency)
         try:

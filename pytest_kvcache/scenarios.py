@@ -17,7 +17,8 @@ A scenario file holds one mapping::
     trials: 3
     seed: 0
     api: completions              # or chat
-    request_rate: inf
+    request_rate: inf             # requests per second (Poisson arrivals), or inf
+    burstiness: 1.0               # gamma arrivals as in vLLM: < 1 burstier, > 1 more regular
     paired_with: {backend: none}  # optional: run each item interleaved with this backend
                                   # and compare the two trial by trial (no baseline needed)
     thresholds:
@@ -67,7 +68,7 @@ DATASETS: tuple[str, ...] = ("random",)
 APIS: tuple[str, ...] = ("completions", "chat")
 TOP_KEYS: frozenset[str] = frozenset(
     {"name", "phase", "description", "matrix", "rounds", "measure", "trials", "seed", "api",
-     "request_rate", "thresholds", "paired_with", *MATRIX_KEYS}
+     "request_rate", "burstiness", "thresholds", "paired_with", *MATRIX_KEYS}
 )
 DEFAULTS: dict[str, Any] = {
     "dataset": "random",
@@ -192,6 +193,9 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if api not in APIS:
         raise ScenarioError(path, "api", f"{api!r} must be one of {', '.join(APIS)}")
     request_rate = _rate(data.get("request_rate", DEFAULTS["request_rate"]), path)
+    burstiness = data.get("burstiness", 1.0)
+    if isinstance(burstiness, bool) or not isinstance(burstiness, (int, float)) or not 0 < burstiness < math.inf:
+        raise ScenarioError(path, "burstiness", f"{burstiness!r} must be a positive number (1 = Poisson arrivals)")
     explicit = _thresholds(data.get("thresholds"), path)
     reference = _paired_with(data.get("paired_with"), path)
 
@@ -219,6 +223,7 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
                 seed=seed,
                 api=api,
                 request_rate=request_rate,
+                burstiness=float(burstiness),
                 thresholds=explicit if explicit is not None else default_thresholds(values["output_len"]),
                 reference_backend=reference,
             )

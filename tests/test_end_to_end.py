@@ -113,9 +113,9 @@ def test_external_endpoint_with_known_ttft(pytester, tmp_path):
     """Against a server whose TTFT is fixed at 40 ms, external mode reports it within 2 ms."""
     port = free_port()
     server = ManagedProcess(
-        "fixed-timing emulator",
-        [sys.executable, "-m", "pytest_kvcache.emulator", "--port", str(port), "--model", "fixed-model",
-         "--profile", "fixed", "--fixed-ttft-ms", "40", "--fixed-itl-ms", "8"],
+        "reference server",
+        [sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port), "--model", "fixed-model",
+         "--ttft-ms", "40", "--itl-ms", "8"],
         log_path=tmp_path / "fixed.log", health_url=f"http://127.0.0.1:{port}/health")
     server.start()
     try:

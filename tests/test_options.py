@@ -34,11 +34,14 @@ def test_help_lists_every_option_and_ini_key(project):
     for option in ("--input-len", "--concurrency", "--backend", "--output-len", "--trials", "--kv-server",
                    "--kv-endpoint", "--kv-server-args", "--model", "--tokenizer", "--kv-results-dir", "--baseline-dir",
                    "--update-baselines", "--reset-baselines", "--strict-baselines", "--alpha", "--threshold",
-                   "--emulator-profile", "--emulator-slowdown"):
+                   "--emulator-profile", "--emulator-slowdown", "--kv-python", "--kv-lmcache-mode", "--kv-lmcache",
+                   "--kv-redis-url", "--kv-gds-path", "--kv-label", "--kv-min-hit-ratio", "--kv-ready-timeout"):
         assert option in text, option
     for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer", "kvcache_results_dir",
                 "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_thresholds", "kvcache_emulator_profile",
-                "kvcache_emulator_slowdown"):
+                "kvcache_emulator_slowdown", "kvcache_python", "kvcache_lmcache_mode", "kvcache_lmcache",
+                "kvcache_redis_url", "kvcache_gds_path", "kvcache_labels", "kvcache_min_hit_ratio",
+                "kvcache_ready_timeout"):
         assert ini in text, ini
 
 
@@ -97,6 +100,14 @@ def test_filters_select_items(project, args, expected):
     (["--alpha", "x"], "*--alpha / kvcache_alpha = 'x'*"),
     (["--emulator-profile", "warp"], "*--emulator-profile / kvcache_emulator_profile = 'warp': use one of*quick*"),
     (["--emulator-slowdown", "-1"], "*--emulator-slowdown / kvcache_emulator_slowdown = '-1': use a factor above 0*"),
+    (["--kv-python", "/no/python"], "*--kv-python / kvcache_python = '/no/python': no such file*"),
+    (["--kv-lmcache-mode", "gpu"], "*--kv-lmcache-mode / kvcache_lmcache_mode = 'gpu': use one of auto, inprocess, mp*"),
+    (["--kv-lmcache", "chunk_size"], "*--kv-lmcache / kvcache_lmcache = 'chunk_size': use KEY=VALUE*"),
+    (["--kv-redis-url", "localhost:6379"], "*--kv-redis-url / kvcache_redis_url = 'localhost:6379': use redis://*"),
+    (["--kv-label", "bandwidth"], "*--kv-label / kvcache_labels = 'bandwidth': use KEY=VALUE, e.g. bandwidth=400Gbps*"),
+    (["--kv-label", "=x"], "*--kv-label / kvcache_labels = '=x': use KEY=VALUE*"),
+    (["--kv-min-hit-ratio", "1.5"], "*--kv-min-hit-ratio / kvcache_min_hit_ratio = '1.5': use a fraction from 0 to 1*"),
+    (["--kv-ready-timeout", "0"], "*--kv-ready-timeout / kvcache_ready_timeout = '0': use seconds above 0*"),
 ])
 def test_bad_values_are_usage_errors_naming_the_option(project, args, message):
     result = project.runpytest("--collect-only", *args)
@@ -112,6 +123,13 @@ def test_bad_values_are_usage_errors_naming_the_option(project, args, message):
     ("kvcache_emulator_slowdown", "fast", "kvcache_emulator_slowdown = 'fast'"),
     ("kvcache_endpoint", "nope", "kvcache_endpoint = 'nope'"),
     ("kvcache_tokenizer", "/nope", "kvcache_tokenizer = '/nope'"),
+    ("kvcache_python", "/nope", "kvcache_python = '/nope'"),
+    ("kvcache_lmcache_mode", "gpu", "kvcache_lmcache_mode = 'gpu'"),
+    ("kvcache_lmcache", "\n  chunk_size", "kvcache_lmcache = 'chunk_size'"),
+    ("kvcache_redis_url", "http://x", "kvcache_redis_url = 'http://x'"),
+    ("kvcache_labels", "\n  bandwidth", "kvcache_labels = 'bandwidth'"),
+    ("kvcache_min_hit_ratio", "-0.1", "kvcache_min_hit_ratio = '-0.1'"),
+    ("kvcache_ready_timeout", "soon", "kvcache_ready_timeout = 'soon'"),
 ])
 def test_bad_ini_values_are_usage_errors(project, ini, value, message):
     project.makeini(f"[pytest]\n{ini} = {value}\n")
@@ -126,6 +144,11 @@ def test_bad_ini_values_are_usage_errors(project, ini, value, message):
     ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"], ["--threshold", "median_ttft_ms=15%", "--threshold", "p99_ttft_ms=0.3"], ["--emulator-slowdown", "1.3"], ["--emulator-profile", "fixed"], ["--trials", "5"],
     ["--kv-results-dir", "out"], ["--baseline-dir", "bl"], ["--update-baselines"], ["--reset-baselines"],
     ["--strict-baselines"], ["--model", "Qwen/Qwen2.5-7B-Instruct"],
+    ["--kv-python", "/usr/bin/env"], ["--kv-lmcache-mode", "mp"], ["--kv-lmcache-mode", "inprocess"],
+    ["--kv-lmcache", "max_local_cpu_size=20", "--kv-lmcache", 'extra_config={"use_odirect": true}'],
+    ["--kv-redis-url", "redis://10.0.0.5:6379"], ["--kv-gds-path", "/mnt/gds"],
+    ["--kv-label", "bandwidth=400Gbps", "--kv-label", "arcc=on"], ["--kv-min-hit-ratio", "0"],
+    ["--kv-min-hit-ratio", "0.9"], ["--kv-ready-timeout", "900"],
 ])
 def test_good_values_are_accepted(project, args):
     result = project.runpytest("--collect-only", "-q", *args)
@@ -169,3 +192,57 @@ def pytest_collection_finish(session):
     assert result.ret == 0
     assert ("THRESHOLDS prefill[cpu-1k-c16] [('median_ttft_ms', 'lower', 0.15), ('p90_itl_ms', 'lower', 0.07), "
             "('total_token_throughput', 'higher', 0.05)]") in result.stdout.str()
+
+
+def test_good_ini_values_of_the_real_server_options_are_accepted(project):
+    project.makeini("[pytest]\nkvcache_python = /usr/bin/env\nkvcache_lmcache_mode = mp\n"
+                    "kvcache_lmcache =\n  max_local_cpu_size=20\n  chunk_size=256\n"
+                    "kvcache_redis_url = redis://127.0.0.1:6379\nkvcache_gds_path = /mnt/gds\n"
+                    "kvcache_labels =\n  bandwidth=800Gbps\n  direction=east-west\n"
+                    "kvcache_min_hit_ratio = 0.25\nkvcache_ready_timeout = 120\n")
+    result = project.runpytest("--collect-only", "-q")
+    assert result.ret == 0, result.stderr.str()
+
+
+def test_labels_are_recorded_on_every_result(pytester):
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "s.yaml").write_text(
+        "name: s\nphase: prefill\nmatrix:\n  backend: [none]\n  input_len: [100]\n  concurrency: [1]\n"
+        "  output_len: [1]\nnum_prompts: 2\ntrials: 2\n")
+    pytester.makeini("[pytest]\nkvcache_labels =\n  bandwidth=800Gbps\n")
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--emulator-profile", "fixed",
+                                           "--kv-label", "arcc=on", "--kv-label", "direction=north-south",
+                                           "--update-baselines", "--kv-results-dir", "out", timeout=120)
+    assert result.ret == 0, result.stdout.str()
+    import json
+
+    (path,) = pytester.path.joinpath("out").rglob("s[[]none-100-c1[]].json")
+    server = json.loads(path.read_text())["server"]
+    # options replace the ini lines; each label is a key of the server info (and the fingerprint)
+    assert server["label.arcc"] == "on" and server["label.direction"] == "north-south"
+    assert "label.bandwidth" not in server
+
+
+# -- --kv-gpus-per-worker (pytest-xdist scale-out; report/ and plugin's xdist hooks) ----
+
+
+def test_help_lists_gpus_per_worker(project):
+    text = project.runpytest("--help").stdout.str()
+    assert "--kv-gpus-per-worker" in text and "kvcache_gpus_per_worker" in text
+
+
+@pytest.mark.parametrize("args,ini", [(["--kv-gpus-per-worker", "0"], None), (["--kv-gpus-per-worker", "two"], None),
+                                      ([], "kvcache_gpus_per_worker = -1")])
+def test_bad_gpus_per_worker_is_a_usage_error(project, args, ini):
+    if ini:
+        project.makeini(f"[pytest]\n{ini}\n")
+    result = project.runpytest("--collect-only", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*--kv-gpus-per-worker / kvcache_gpus_per_worker = *: use a positive integer*"])
+
+
+def test_good_gpus_per_worker_is_accepted(project):
+    result = project.runpytest("--collect-only", "-q", "--kv-gpus-per-worker", "2")
+    assert result.ret == 0, result.stderr.str()
+    project.makeini("[pytest]\nkvcache_gpus_per_worker = 4\n")
+    assert project.runpytest("--collect-only", "-q").ret == 0

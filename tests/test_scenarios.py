@@ -69,6 +69,7 @@ def test_defaults_and_varying_dimensions_in_ids():
     (_minimal(phase="lunch"), "phase"),
     (_minimal(api="grpc"), "api"),
     (_minimal(request_rate=-1), "request_rate"),
+    (_minimal(burstiness=0), "burstiness"),
     (_minimal(thresholds={"median_ttft_ms": {"threshold": "ten"}}), "thresholds.median_ttft_ms.threshold"),
     (_minimal(thresholds={"speed": {"threshold": "10%"}}), "thresholds.speed"),
     (_minimal(thresholds={"median_ttft_ms": {"direction": "up", "threshold": "10%"}}),

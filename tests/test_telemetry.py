@@ -234,12 +234,15 @@ thresholds:
 
 
 def _emulated(pytester, backends, input_len="1k", *args):
-    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios").mkdir(exist_ok=True)
     pytester.path.joinpath("scenarios", "hits.yaml").write_text(EMULATED.format(backends=backends,
                                                                                 input_len=input_len))
+    import uuid
+
+    run = uuid.uuid4().hex[:8]
     return pytester.runpytest_subprocess("-p", "no:cacheprovider", "--emulator-profile", "fixed",
-                                         "--update-baselines", "--baseline-dir", "bl", "--kv-results-dir", "out",
-                                         *args, timeout=300)
+                                         "--update-baselines", "--baseline-dir", f"bl-{run}",
+                                         "--kv-results-dir", "out", *args, timeout=300)
 
 
 def test_emulator_offload_hits_pass_and_none_shows_no_external_hits(pytester):
@@ -253,8 +256,8 @@ def test_emulator_offload_hits_pass_and_none_shows_no_external_hits(pytester):
 
 
 def test_emulator_with_offload_silently_disabled_is_caught(pytester):
-    # a tier of size 0: LMCache-style "Stored" lines, lookups, but nothing ever comes back
-    result = _emulated(pytester, "cpu", "1k", "--kv-server-args=--cpu-size-gb 0")
+    # a tier too small for one chunk: LMCache-style "Stored" lines, lookups, but nothing ever comes back
+    result = _emulated(pytester, "cpu", "1k", "--kv-server-args=--cpu-size-gb 1e-9")
     assert result.ret == pytest.ExitCode.TESTS_FAILED
     result.stdout.fnmatch_lines([
         "*trial 1 warm round of backend 'cpu' loaded 0 tokens from the offload tier, 0% of the 3072 expected*",
@@ -262,5 +265,5 @@ def test_emulator_with_offload_silently_disabled_is_caught(pytester):
 
 
 def test_short_prompts_expect_no_hits_and_the_check_can_be_turned_off(pytester):
-    assert _emulated(pytester, "cpu", "200", "--kv-server-args=--cpu-size-gb 0").ret == 0
-    assert _emulated(pytester, "cpu", "1k", "--kv-server-args=--cpu-size-gb 0", "--kv-min-hit-ratio", "0").ret == 0
+    assert _emulated(pytester, "cpu", "200", "--kv-server-args=--cpu-size-gb 1e-9").ret == 0
+    assert _emulated(pytester, "cpu", "1k", "--kv-server-args=--cpu-size-gb 1e-9", "--kv-min-hit-ratio", "0").ret == 0

@@ -17,6 +17,9 @@ __all__ = ["ServerPool"]
 
 #: Readiness timeout of the backend's services (redis-server, lmcache server, ...), s.
 SERVICE_READY_TIMEOUT = 120.0
+#: Niceness of vLLM and its services where they share the CPU cores with the load
+#: generator (no GPU): the client's clock must not wait for a busy server's threads.
+CPU_SERVER_NICE = 5
 
 
 class ServerPool:
@@ -44,6 +47,9 @@ class ServerPool:
         if self._probe is None:
             self._probe = probe_stack(self.settings.python or sys.executable)
         return self._probe
+
+    def _nice(self) -> int:
+        return CPU_SERVER_NICE if self.settings.kind == "vllm" and not self.probe.gpu else 0
 
     def backend_options(self) -> BackendOptions:
         s = self.settings
@@ -111,7 +117,7 @@ class ServerPool:
                     env = dict(os.environ, **dict(spec.env))
                 process = ManagedProcess(f"{spec.name} (backend '{backend.name}')", spec.argv, log_path=log_path,
                                          env=env, ready=check, ready_timeout=SERVICE_READY_TIMEOUT,
-                                         watch=list(started))
+                                         watch=list(started), nice=self._nice())
                 process.start()
                 started.append(process)
         except BaseException:
@@ -162,7 +168,8 @@ class ServerPool:
                 raise
             name = f"vLLM server (backend '{backend.name}')"
         process = ManagedProcess(name, argv, log_path=log_path, health_url=f"{base_url}/health", env=env,
-                                 ready_timeout=s.ready_timeout, watch=services)
+                                 ready_timeout=s.ready_timeout, watch=services,
+                                 nice=self._nice() if s.kind == "vllm" else 0)
         try:
             process.start()
         except BaseException:

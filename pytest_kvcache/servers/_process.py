@@ -89,13 +89,15 @@ class ManagedProcess:
 
     def __init__(self, name: str, argv: Sequence[str], *, log_path: Path, health_url: str | None = None,
                  env: Mapping[str, str] | None = None, ready_timeout: float = 60.0,
-                 ready: Callable[[], bool] | None = None, watch: Sequence[ManagedProcess] = ()) -> None:
+                 ready: Callable[[], bool] | None = None, watch: Sequence[ManagedProcess] = (),
+                 nice: int = 0) -> None:
         self.name = name
         self.argv = list(argv)
         self.log_path = Path(log_path)
         self.health_url = health_url
         self._ready = ready or (http_ready(health_url) if health_url else (lambda: True))
         self.watch = list(watch)
+        self.nice = nice
         self.env = dict(env) if env is not None else None
         self.ready_timeout = ready_timeout
         self._proc: subprocess.Popen | None = None
@@ -115,11 +117,16 @@ class ManagedProcess:
             try:
                 self._proc = subprocess.Popen(
                     self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    env=self.env, start_new_session=True, preexec_fn=_die_with_parent,
+                    env=self.env, start_new_session=True, preexec_fn=self._in_child,
                 )
             except OSError as exc:
                 raise ServerError(f"{self.name}: cannot run {self.argv[0]!r}: {exc}") from None
         self._wait_ready()
+
+    def _in_child(self) -> None:  # between fork and exec
+        _die_with_parent()
+        if self.nice:
+            os.nice(self.nice)
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout

@@ -69,6 +69,11 @@ def vllm_command(model: str, port: int, backend: BackendConfig, rendered_args: S
     if not probe.gpu:
         # CPU build: its KV cache lives in RAM; 1 GiB is enough for the benchmarks' tiny models.
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Its OpenMP threads spin on every core they are bound to; leave the last core to the
+        # load generator (and LMCache's server), or the client's clock lags and trials are invalid.
+        cores = os.cpu_count() or 1
+        if cores >= 2:
+            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{cores - 2}")
     info = {
         "server": "vllm",
         **probe.info(),

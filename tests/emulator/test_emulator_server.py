@@ -359,9 +359,8 @@ def test_none_backend_never_hits(emu_factory):
         ttft_of(emu.url, random_ids(10_000, seed))
     ids = random_ids(10_000, 21)
     runs = [ttft_of(emu.url, ids) for _ in range(4)]
-    assert all(r["cached_tokens"] == 0 for r in runs)
-    first, rest = runs[0]["ttft_ms"], [r["ttft_ms"] for r in runs[1:]]
-    assert statistics.median(rest) > 0.8 * first, (first, rest)
+    # every repeat recomputes the whole prompt: nothing is loaded, so nothing can be faster
+    assert all(r["cached_tokens"] == 0 and r["computed_tokens"] == 10_000 for r in runs)
     assert emu.metric("vllm:external_prefix_cache_hits_total") == 0
     assert "lmcache:num_hit_tokens_total" not in httpx.get(emu.url + "/metrics").text
 

@@ -38,11 +38,13 @@ thresholds:
 
 def run_plugin(pytester: pytest.Pytester, stack, backends: list[str], *args: str, trials: int = 2,
                timeout: float = 900) -> pytest.RunResult:
-    pytester.mkdir("scenarios")
+    pytester.makeini("[pytest]\n")  # this folder is the rootdir and its ini the config
+    pytester.path.joinpath("scenarios").mkdir(exist_ok=True)
     pytester.path.joinpath("scenarios", "real.yaml").write_text(
         SCENARIO.format(backends=", ".join(backends), trials=trials))
+    # --rootdir: the option values that are paths (model, interpreter) would move it to the repository
     return pytester.runpytest_subprocess(
-        "-p", "no:cacheprovider", "-v", "--kv-server", "vllm", "--model", stack.model, "--tokenizer", stack.model,
+        "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm", "--model", stack.model, "--tokenizer", stack.model,
         "--kv-python", stack.python, "--kv-server-args=--enforce-eager --max-model-len 4096",
         "--update-baselines", "--baseline-dir", "bl", "--kv-results-dir", "out", *args, timeout=timeout)
 
