@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import shlex
 from pathlib import Path
@@ -342,9 +343,10 @@ def pytest_configure(config: pytest.Config) -> None:
         if phase not in BACKENDS:
             config.addinivalue_line("markers", f"{phase}: items of the '{phase}' phase")
     settings = _settings(config)
-    import tempfile
-
-    workdir = Path(tempfile.mkdtemp(prefix="kvcache-"))
+    # Scratch space of the disk-backed tiers, made on first use and removed at the end;
+    # beside the results rather than in /tmp, which is much slower to create files in
+    # on some hosts (0.9 ms a file here against 30 us on the project's disk).
+    workdir = settings.results_dir / f".scratch-{os.getpid()}"
     config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config))
     per_worker = _option(config, "kv_gpus_per_worker", "kvcache_gpus_per_worker")
     if per_worker is not None:

@@ -17,13 +17,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pytest_kvcache.backends import BackendConfig, BackendOptions, BackendUnavailable, provision
-from pytest_kvcache.backends.probe import StackProbe, parse_help_flags, probe_stack, vllm_flags
+from pytest_kvcache.backends import (
+    BackendConfig,
+    BackendOptions,
+    BackendUnavailable,
+    provision,
+)
+from pytest_kvcache.backends.probe import (
+    StackProbe,
+    parse_help_flags,
+    probe_stack,
+    vllm_flags,
+)
 from pytest_kvcache.backends.vllm import (
     DOCUMENTED_LMCACHE_FLAGS,
     DOCUMENTED_LMCACHE_SETTINGS,
     _inprocess,
-    _mp,
     gds_missing,
 )
 from pytest_kvcache.servers.vllm import DOCUMENTED_VLLM_FLAGS

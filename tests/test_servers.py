@@ -34,7 +34,7 @@ def test_cpu_build_runs_the_module_with_prefix_cache_off(tmp_path, monkeypatch):
 
 
 def test_gpu_build_uses_vllm_serve_with_sizes_and_devices():
-    argv, env, info = vllm_command("Qwen/Qwen2.5-7B-Instruct", 8001, NONE, ("--kv-transfer-config", "{}"),
+    argv, env, _ = vllm_command("Qwen/Qwen2.5-7B-Instruct", 8001, NONE, ("--kv-transfer-config", "{}"),
                                    {"LMCACHE_CONFIG_FILE": "/w/lmcache.yaml"}, (), GPU, tensor_parallel_size=2,
                                    max_model_len=131072, gpu_memory_utilization=0.9, cuda_visible_devices="0,1")
     assert argv[:3] == ["/venv/bin/vllm", "serve", "Qwen/Qwen2.5-7B-Instruct"]
