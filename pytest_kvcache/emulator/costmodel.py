@@ -54,6 +54,52 @@ No queue, no cache effect on timing: the first chunk leaves exactly
 ``slowdown * fixed_itl_ms``, whatever the concurrency.  The cache is still looked up
 and filled (after the response) so telemetry stays realistic.
 
+The ``redis`` tier (real GET/SET against ``--redis-url``) is modeled at 3.5 GB/s in the
+quick profile: slower than disk, as in seed 001 (warm/cold TTFT gain: cpu 47%, disk 38%,
+redis 25%); at 10k tokens warm redis is ~6.3 ms against 8.2 ms cold (0.77).
+
+Seed profiles (real time scale)
+-------------------------------
+These model the seeds' set-ups at real speed (``time_scale`` 1.0: the real model's KV
+bytes over the real link).  Their TTFTs are real-GPU sized (a 10k-token cold prefill
+takes ~0.1-1 s), so tests run them with ``--slowdown`` well below 1 (every modeled time
+shrinks by the same factor, ratios are kept).  They schedule like vLLM
+(``scheduler: "batched"``): continuous batching with at most ``max_num_seqs`` running
+sequences and a per-step budget of ``max_num_batched_tokens`` tokens (decode tokens
+first, then prefill chunks in arrival order: chunked prefill), a waiting queue, and
+TTFT counted from arrival (queueing included).  A step with ``p`` prefill tokens of
+contexts ``n_i`` and ``d`` decoding sequences lasts::
+
+    step_ms = step_base_ms + prefill_ms_per_token * p
+              + prefill_ms_per_token_sq * sum(c_i * n_i) / 1000
+              + decode_ms_per_running_seq * d
+
+plus the load/store time of the sequences whose first chunk is in the step.
+
+KV bytes per token come from each model's configuration
+(layers x KV heads x head_dim x 2 (K and V) x 2 bytes (bf16); MLA: layers x
+(kv_lora_rank + qk_rope_head_dim) x 2 bytes):
+
+========================  ===============================  ===========  =================
+profile                   model / GPU                      KV B/token   bandwidth GB/s
+========================  ===============================  ===========  =================
+``a100-qwen2.5-7b``       Qwen2.5-7B-Instruct, A100-80GB   57,344       cpu 20 (seed 001
+                          28 L x 4 KV x 128                             log: 19.9), disk 3,
+                                                                        gds 6, redis 1.5
+``rtx4090-qwen3-8b``      Qwen3-8B, RTX 4090 24GB          147,456      cpu 24, disk 7,
+                          36 L x 8 KV x 128                             gds 7, redis 6
+``h100-mistral-7b``       Mistral-7B-v0.1, H100-80GB       131,072      cpu 50, disk 6,
+                          32 L x 8 KV x 128                             gds 12, redis 2
+``h100x8-deepseek-v3``    DeepSeek-V3 (MLA), 8 x H100,     70,272       cpu 50, disk 6,
+                          TP=8; 61 L x (512 + 64)                       gds 12, redis 2
+========================  ===============================  ===========  =================
+
+Prefill coefficients come from the model's FLOPs per token (2 x parameters, active
+parameters for DeepSeek-V3's MoE) and attention FLOPs (growing with context) at a
+plausible fraction of the GPU's bf16 peak; the RTX 4090 profile is matched to seed 004's
+20k-token cold TTFT (0.75 s).  DeepSeek-V3's MLA latent is the same on every TP rank;
+LMCache stores one copy, so its KV bytes per token are those of one rank.
+
 Any field of :class:`Profile` can be overridden with ``--config-json``.
 """
 
@@ -64,9 +110,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PROFILES", "TIERS", "Profile", "make_profile"]
+__all__ = ["PROFILES", "TIERS", "Profile", "kv_bytes_per_token", "make_profile", "mla_kv_bytes_per_token"]
 
-TIERS = ("none", "cpu", "disk", "gds")
+TIERS = ("none", "cpu", "disk", "gds", "redis")
 
 
 @dataclass(frozen=True)
@@ -85,7 +131,7 @@ class Profile:
     # offload tier
     kv_bytes_per_token: int = 57_344
     bandwidth_gbps: Mapping[str, float] = field(
-        default_factory=lambda: {"cpu": 25.0, "disk": 6.0, "gds": 12.0}
+        default_factory=lambda: {"cpu": 25.0, "disk": 6.0, "gds": 12.0, "redis": 3.5}
     )
     time_scale: float = 0.02
     lookup_ms: float = 0.05
@@ -96,6 +142,14 @@ class Profile:
     # fixed profile
     fixed_ttft_ms: float = 40.0
     fixed_itl_ms: float = 8.0
+    # scheduling: "fifo" (one prefill at a time, the quick profile) or "batched"
+    # (vLLM-like continuous batching, see the module docstring)
+    scheduler: str = "fifo"
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    step_base_ms: float = 0.0
+    # documentation of a seed profile (model, GPU, where the numbers come from)
+    description: str = ""
 
     # ---------------------------------------------------------------------------------
     def prefill_ms(self, computed_tokens: int, context_tokens: int) -> float:
@@ -140,9 +194,58 @@ class Profile:
         return d
 
 
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    """KV cache bytes per token of a multi-head / grouped-query attention model."""
+    return layers * kv_heads * head_dim * 2 * dtype_bytes
+
+
+def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, qk_rope_head_dim: int, dtype_bytes: int = 2) -> int:
+    """KV cache bytes per token of a multi-head latent attention (MLA) model."""
+    return layers * (kv_lora_rank + qk_rope_head_dim) * dtype_bytes
+
+
+def _seed_profile(name: str, **kw: Any) -> Profile:
+    base = dict(time_scale=1.0, scheduler="batched", lookup_ms=0.2, store_base_ms=0.2,
+                store_fraction=0.1, gpu_kv_capacity_tokens=400_000)
+    base.update(kw)
+    return Profile(name=name, **base)
+
+
 PROFILES: dict[str, Profile] = {
     "quick": Profile(),
     "fixed": Profile(name="fixed", kind="fixed"),
+    # Qwen2.5-7B-Instruct (7.6B params) on A100-80GB: ~150 TFLOP/s effective bf16
+    "a100-qwen2.5-7b": _seed_profile(
+        "a100-qwen2.5-7b", description="Qwen2.5-7B-Instruct on NVIDIA A100-SXM4-80GB (seed 001)",
+        kv_bytes_per_token=kv_bytes_per_token(28, 4, 128),
+        prefill_base_ms=12.0, prefill_ms_per_token=0.1, prefill_ms_per_token_sq=1.3e-3,
+        step_base_ms=12.0, decode_base_ms=13.0, decode_ms_per_running_seq=0.4,
+        max_num_seqs=256, max_num_batched_tokens=8192,
+        bandwidth_gbps={"cpu": 20.0, "disk": 3.0, "gds": 6.0, "redis": 1.5}),
+    # Qwen3-8B on RTX 4090 24GB, matched to seed 004 (20k tokens cold: 0.75 s)
+    "rtx4090-qwen3-8b": _seed_profile(
+        "rtx4090-qwen3-8b", description="Qwen3-8B on NVIDIA RTX 4090 24GB (seed 004)",
+        kv_bytes_per_token=kv_bytes_per_token(36, 8, 128),
+        prefill_base_ms=20.0, prefill_ms_per_token=0.025, prefill_ms_per_token_sq=5e-4,
+        step_base_ms=20.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.8,
+        max_num_seqs=128, max_num_batched_tokens=2048, gpu_kv_capacity_tokens=100_000,
+        bandwidth_gbps={"cpu": 24.0, "disk": 7.0, "gds": 7.0, "redis": 6.0}),
+    # Mistral-7B-v0.1 on H100-80GB: ~450 TFLOP/s effective bf16
+    "h100-mistral-7b": _seed_profile(
+        "h100-mistral-7b", description="Mistral-7B-v0.1 on NVIDIA H100-80GB",
+        kv_bytes_per_token=kv_bytes_per_token(32, 8, 128),
+        prefill_base_ms=8.0, prefill_ms_per_token=0.032, prefill_ms_per_token_sq=5.8e-4,
+        step_base_ms=8.0, decode_base_ms=7.0, decode_ms_per_running_seq=0.15,
+        max_num_seqs=256, max_num_batched_tokens=8192,
+        bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
+    # DeepSeek-V3 (671B, 37B active, MLA) on 8 x H100 with tensor parallelism 8
+    "h100x8-deepseek-v3": _seed_profile(
+        "h100x8-deepseek-v3", description="DeepSeek-V3 (MLA) on 8 x NVIDIA H100, TP=8",
+        kv_bytes_per_token=mla_kv_bytes_per_token(61, 512, 64),
+        prefill_base_ms=30.0, prefill_ms_per_token=0.04, prefill_ms_per_token_sq=1.6e-3,
+        step_base_ms=30.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.3,
+        max_num_seqs=256, max_num_batched_tokens=8192, gpu_kv_capacity_tokens=600_000,
+        bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
 }
 
 
@@ -156,7 +259,7 @@ def make_profile(name: str, overrides: Mapping[str, Any] | None = None) -> Profi
     fields = {f.name: f for f in dataclasses.fields(Profile)}
     kw: dict[str, Any] = {}
     for key, value in overrides.items():
-        if key not in fields or key in ("name", "kind"):
+        if key not in fields or key in ("name", "kind", "description"):
             raise ValueError(f"unknown profile field {key!r}")
         if key == "bandwidth_gbps":
             if not isinstance(value, Mapping):
@@ -164,8 +267,15 @@ def make_profile(name: str, overrides: Mapping[str, Any] | None = None) -> Profi
             merged = dict(base.bandwidth_gbps)
             merged.update({str(k): float(v) for k, v in value.items()})
             kw[key] = merged
-        elif key in ("kv_bytes_per_token", "gpu_kv_capacity_tokens"):
+        elif key in ("kv_bytes_per_token", "gpu_kv_capacity_tokens", "max_num_seqs",
+                     "max_num_batched_tokens"):
             kw[key] = int(value)
+            if kw[key] <= 0 and key != "gpu_kv_capacity_tokens":
+                raise ValueError(f"{key} must be positive")
+        elif key == "scheduler":
+            if value not in ("fifo", "batched"):
+                raise ValueError("scheduler must be 'fifo' or 'batched'")
+            kw[key] = str(value)
         else:
             kw[key] = float(value)
     return dataclasses.replace(base, **kw)
