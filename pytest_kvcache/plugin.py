@@ -190,6 +190,13 @@ def _option(config: pytest.Config, name: str, ini: str):
     return value if value != "" else None
 
 
+def _choice_setting(config: pytest.Config, name: str, ini: str, choices) -> str:
+    value = _option(config, name, ini)
+    if value not in choices:
+        raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {value!r}: use one of {', '.join(choices)}")
+    return value
+
+
 def _float_setting(config: pytest.Config, name: str, ini: str, low: float, high: float, form: str) -> float:
     raw = _option(config, name, ini)
     try:
@@ -235,10 +242,7 @@ def _settings(config: pytest.Config) -> Settings:
                                 "pass a model folder with tokenizer.json")
     from .emulator.costmodel import PROFILES
 
-    profile = _option(config, "emulator_profile", "kvcache_emulator_profile")
-    if profile not in PROFILES:
-        raise pytest.UsageError(f"--emulator-profile / kvcache_emulator_profile = {profile!r}: use one of "
-                                f"{', '.join(sorted(PROFILES))}")
+    profile = _choice_setting(config, "emulator_profile", "kvcache_emulator_profile", sorted(PROFILES))
     root = config.rootpath
     results = _option(config, "kv_results_dir", "kvcache_results_dir")
     if getattr(config, "workerinput", {}).get("kvcache_results_dir"):
@@ -305,10 +309,7 @@ def _backend_settings(config: pytest.Config, kind: str) -> dict:
     if python is not None and not Path(python).is_file():
         raise pytest.UsageError(f"--kv-python / kvcache_python = {python!r}: no such file; pass a Python "
                                 "interpreter that has vLLM, e.g. .real-stack/venv/bin/python")
-    mode = _option(config, "kv_lmcache_mode", "kvcache_lmcache_mode")
-    if mode not in LMCACHE_MODES:
-        raise pytest.UsageError(f"--kv-lmcache-mode / kvcache_lmcache_mode = {mode!r}: use one of "
-                                f"{', '.join(LMCACHE_MODES)}")
+    mode = _choice_setting(config, "kv_lmcache_mode", "kvcache_lmcache_mode", LMCACHE_MODES)
     redis_url = _option(config, "kv_redis_url", "kvcache_redis_url")
     if redis_url is not None and not re.match(r"^(redis|rediss|valkey)://[^/\s:]+(:\d+)?/?$", redis_url):
         raise pytest.UsageError(f"--kv-redis-url / kvcache_redis_url = {redis_url!r}: use redis://HOST:PORT")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kvproject import make_project, run_pytest
 
 from pytest_kvcache.report.rows import SEED_COLUMNS
 
@@ -40,14 +41,10 @@ def compare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
-    project = tmp_path_factory.mktemp("compare-project")
-    (project / "scenarios").mkdir()
-    (project / "scenarios" / "small.yaml").write_text(SCENARIO)
+    project = make_project(tmp_path_factory.mktemp("compare-project"), SCENARIO)
     for name, labels in RUNS.items():
         args = [a for label in labels for a in ("--kv-label", label)]
-        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:benchmark",
-                               f"--kv-results-dir=kvcache-results/{name}", *args],
-                              cwd=project, capture_output=True, text=True, timeout=300)
+        done = run_pytest(project, "-p", "no:benchmark", f"--kv-results-dir=kvcache-results/{name}", *args)
         assert done.returncode in (0, 1), done.stdout + done.stderr  # skipped: no baseline; never an error
         assert (project / "kvcache-results" / name / "run.json").is_file(), done.stdout
     return project

@@ -13,10 +13,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from kvproject import make_project, run_pytest
 
 from pytest_kvcache.report.rows import SEED_COLUMNS
 
@@ -40,20 +40,16 @@ PLOTS = ("ttft_vs_input_len.png", "throughput_vs_input_len.png", "baseline_vs_cu
          "network.png")
 
 
-def _pytest(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args], cwd=project,
-                          capture_output=True, text=True, timeout=300)
+
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
-    project = tmp_path_factory.mktemp("report-project")
-    (project / "scenarios").mkdir()
-    (project / "scenarios" / "small.yaml").write_text(SCENARIO)
+    project = make_project(tmp_path_factory.mktemp("report-project"), SCENARIO)
     labels = ["--kv-label", "bandwidth=400Gbps", "--kv-label", "direction=east-west"]
-    first = _pytest(project, "--update-baselines", "--kv-results-dir=first", *labels)
+    first = run_pytest(project, "--update-baselines", "--kv-results-dir=first", *labels)
     assert first.returncode == 0, first.stdout + first.stderr
-    second = _pytest(project, "-v", "--kv-results-dir=out", "--junitxml=junit.xml", "--benchmark-json=bench.json",
+    second = run_pytest(project, "-v", "--kv-results-dir=out", "--junitxml=junit.xml", "--benchmark-json=bench.json",
                      *labels)
     # 0, or 1 if this machine's noise made an item FAIL/WARN: the files must be there either way
     assert second.returncode in (0, 1), second.stdout + second.stderr

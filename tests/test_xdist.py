@@ -6,10 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from kvproject import make_project, run_pytest
 
 pytest.importorskip("xdist", reason="pytest-xdist is not installed (pip install -e '.[test]')")
 
@@ -34,16 +34,12 @@ thresholds:
 
 
 def _pytest(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rA", "--emulator-profile",
-                           "fixed", *args], cwd=project,
-                          capture_output=True, text=True, timeout=300)
+    return run_pytest(project, "-rA", "--emulator-profile", "fixed", *args)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict:
-    project = tmp_path_factory.mktemp("xdist-project")
-    (project / "scenarios").mkdir()
-    (project / "scenarios" / "small.yaml").write_text(SCENARIO)
+    project = make_project(tmp_path_factory.mktemp("xdist-project"), SCENARIO)
     base = _pytest(project, "--update-baselines", "--kv-results-dir=base")
     assert base.returncode == 0, base.stdout + base.stderr
     out = {}

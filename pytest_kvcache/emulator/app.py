@@ -35,6 +35,26 @@ same Linux host).  Arrival is the handler's entry, before the body is read.
 ``error_rate`` (fraction of requests answered 500), ``crash_after`` (the process exits
 with status 3 when request N+1 arrives), ``stall_ms`` + ``stall_every`` (every N-th
 request's first token comes ``stall_ms`` late).
+
+Knobs for testing the plugin (``--config-json`` keys, most also flags; all seeded by
+``--seed`` and deterministic given the order in which requests arrive):
+
+* ``offload_disabled`` (``--offload-disabled``): the tier accepts nothing and never
+  hits, like a misconfigured LMCache that silently recomputes; lookups are still
+  counted (``vllm:external_prefix_cache_queries_total``, ``lmcache:num_requested_tokens_total``,
+  "LMCache hit tokens: 0" log lines) and cost their lookup time.
+* ``jitter`` (``--jitter``, a fraction in [0, 1)): every modeled time of a request
+  (prefill/step share, load, each decode interval) is multiplied by a factor drawn
+  uniformly from ``[1 - jitter, 1 + jitter]`` by a generator seeded with
+  ``(seed, request number)``.  Modeled profiles only (the fixed profile stays exact).
+* ``slowdown_prefill``, ``slowdown_decode``, ``slowdown_load`` (``--slowdown-prefill``
+  etc., default 1.0): multiply the modeled compute of prefill, the decode intervals, and
+  the modeled load + store transfer, on top of ``--slowdown``.  In the fixed profile
+  ``slowdown_prefill`` scales the fixed TTFT and ``slowdown_decode`` the fixed ITL.
+
+``emulator_timing`` also carries ``modeled_ms``: the modeled (scaled) prefill-side time
+of the request without queueing and real I/O, so tests can compare the model's figures
+without wall-clock noise.
 """
 
 from __future__ import annotations
@@ -76,6 +96,12 @@ EMULATOR_KEYS = {
     "stall_every": int,
     "default_max_tokens": int,
     "send_headers_early": bool,
+    "offload_disabled": bool,
+    "jitter": float,
+    "slowdown_prefill": float,
+    "slowdown_decode": float,
+    "slowdown_load": float,
+    "redis_url": str,
 }
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
@@ -111,6 +137,13 @@ class Settings:
     stall_every: int = 0
     default_max_tokens: int = 16
     send_headers_early: bool = False
+    offload_disabled: bool = False
+    jitter: float = 0.0
+    slowdown_prefill: float = 1.0
+    slowdown_decode: float = 1.0
+    slowdown_load: float = 1.0
+    redis_url: str | None = None
+    redis_size_gb: float = 512.0
 
 
 class _Hist:
@@ -161,7 +194,7 @@ class _Stats:
 
 
 class _Request:
-    __slots__ = ("arrival", "ids", "keys", "max_tokens", "n", "rid", "seq")
+    __slots__ = ("arrival", "ids", "keys", "max_tokens", "modeled_ms", "n", "rid", "rng", "seq")
 
     def __init__(self, rid: str, seq: int, ids: list[int], arrival: float, max_tokens: int) -> None:
         self.rid = rid
@@ -171,6 +204,8 @@ class _Request:
         self.arrival = arrival
         self.n = len(ids)
         self.max_tokens = max_tokens
+        self.modeled_ms = 0.0
+        self.rng: random.Random | None = None
 
 
 class BadRequest(Exception):
@@ -217,19 +252,31 @@ class Emulator:
         self.fixed = self.profile.kind == "fixed"
         self.tok = get_tokenizer(settings.vocab_size)
         self.tok.enable_fast()
-        gb = settings.cpu_size_gb if settings.backend == "cpu" else settings.disk_size_gb
+        gb = {"cpu": settings.cpu_size_gb, "redis": settings.redis_size_gb}.get(
+            settings.backend, settings.disk_size_gb)
         capacity = int(gb * 1e9 * settings.payload_scale)
         disk_path = settings.disk_path
         if settings.backend in ("disk", "gds") and not disk_path:
             raise ValueError(f"--backend {settings.backend} needs --disk-path")
+        if not 0.0 <= settings.jitter < 1.0:
+            raise ValueError("jitter must be in [0, 1)")
+        for k in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):
+            if not getattr(settings, k) > 0:
+                raise ValueError(f"{k} must be > 0")
         tier = make_tier(settings.backend, capacity_bytes=capacity, disk_path=disk_path,
-                         use_odirect=settings.use_odirect)
+                         use_odirect=settings.use_odirect, redis_url=settings.redis_url,
+                         redis_prefix=f"kvem@{settings.model}@{settings.chunk_size}@")
         self.cache = PrefixCache(tier, chunk_size=settings.chunk_size,
                                  kv_bytes_per_token=self.profile.kv_bytes_per_token,
                                  payload_scale=settings.payload_scale,
                                  namespace=settings.model)
         self.tier_name = settings.backend
-        self.threaded_io = settings.backend in ("disk", "gds")
+        self.threaded_io = settings.backend in ("disk", "gds", "redis")
+        self.offload_disabled = settings.offload_disabled
+        self.jitter = settings.jitter
+        self.slow_prefill = settings.slowdown_prefill
+        self.slow_decode = settings.slowdown_decode
+        self.slow_load = settings.slowdown_load
         self.stats = _Stats()
         self.created = int(time.time())
         self.spin = settings.spin_ms / 1000.0
@@ -259,7 +306,8 @@ class Emulator:
     async def startup(self, app: web.Application) -> None:
         self._queue = asyncio.Queue()
         if not self.fixed:
-            self._worker = asyncio.get_running_loop().create_task(self._prefill_worker())
+            worker = self._batched_worker if self.profile.scheduler == "batched" else self._prefill_worker
+            self._worker = asyncio.get_running_loop().create_task(worker())
 
     async def shutdown(self, app: web.Application) -> None:
         if self._worker is not None:
@@ -302,7 +350,7 @@ class Emulator:
         warm round right after a cold one hits fully; only chunks already in the tier
         are read back (for real) and verified.
         """
-        if not self.cache.enabled or not req.keys:
+        if not self.cache.enabled or not req.keys or self.offload_disabled:
             return 0
         tier = self.cache.tier
         pending = self._pending
@@ -323,7 +371,7 @@ class Emulator:
 
     def _store_background(self, req: _Request, from_chunk: int) -> int:
         """Start writing the chunks from ``from_chunk`` on; return tokens to be stored."""
-        if not self.cache.enabled:
+        if not self.cache.enabled or self.offload_disabled:
             return 0
         tier = self.cache.tier
         keys = [k for k in req.keys[from_chunk:] if not tier.contains(k) and k not in self._pending]
@@ -381,8 +429,9 @@ class Emulator:
             try:
                 cached = await self._lookup_and_load(req)
                 stored = self._store_background(req, cached // self.cache.chunk_size)
-                modeled = prof.ttft_model_ms(self.tier_name, req.n, cached, stored)
-                deadline = perf() + self.slow * modeled / 1000.0
+                modeled = self._modeled_prefill_ms(req, cached, stored)
+                req.modeled_ms = modeled
+                deadline = perf() + modeled / 1000.0
                 self._account_prefill(req, cached)
                 await sleep_until(deadline, self.spin)
             except asyncio.CancelledError:
@@ -397,6 +446,113 @@ class Emulator:
             if not fut.done():
                 fut.set_result(((start - req.arrival) * 1000.0, cached, deadline))
 
+    def _jitter(self, req: _Request) -> float:
+        """A seeded factor in [1 - jitter, 1 + jitter] (exactly 1.0 without jitter)."""
+        if not self.jitter:
+            return 1.0
+        if req.rng is None:
+            req.rng = random.Random((self.s.seed * 1_000_003 + req.seq) ^ 0x71773E)
+        return 1.0 + self.jitter * (2.0 * req.rng.random() - 1.0)
+
+    def _modeled_prefill_ms(self, req: _Request, cached: int, stored: int) -> float:
+        """FIFO scheduler: scaled modeled prefill + load + store time of ``req`` (ms)."""
+        prof = self.profile
+        tier = self.tier_name
+        if self.slow_prefill == 1.0 and self.slow_load == 1.0 and not self.jitter:
+            return self.slow * prof.ttft_model_ms(tier, req.n, cached, stored)
+        j = self._jitter(req)
+        return self.slow * j * (self.slow_prefill * prof.prefill_ms(req.n - cached, req.n)
+                                + self.slow_load * (prof.load_ms(tier, cached) + prof.store_ms(tier, stored)))
+
+    async def _batched_worker(self) -> None:
+        """vLLM-like continuous batching (profiles with ``scheduler: "batched"``).
+
+        Each step serves every decoding sequence one token (their intervals are modeled
+        per request by :meth:`_itl_s`; here they only take budget and step time) and
+        fills the rest of ``max_num_batched_tokens`` with prefill chunks of admitted
+        sequences in arrival order (chunked prefill).  A sequence is admitted from the
+        waiting queue while fewer than ``max_num_seqs`` run; on admission its cached
+        prefix is looked up and really loaded, and its load/store time joins its first
+        step.  A sequence's first token leaves when the step that ends its prefill ends.
+        """
+        assert self._queue is not None
+        prof = self.profile
+        q = self._queue
+        waiting: list = []
+        prefilling: list[list] = []  # [req, fut, remaining, cached, start, extra_ms, j]
+        while True:
+            if not waiting and not prefilling:
+                waiting.append(await q.get())
+            while not q.empty():
+                waiting.append(q.get_nowait())
+            # admit
+            while waiting and self.running < prof.max_num_seqs:
+                req, fut = waiting.pop(0)
+                self.waiting -= 1
+                if fut.done():  # the client went away while waiting
+                    continue
+                self.running += 1
+                self.context_tokens += req.n
+                start = perf()
+                try:
+                    cached = await self._lookup_and_load(req)
+                    stored = self._store_background(req, cached // self.cache.chunk_size)
+                except Exception as exc:  # never kill the worker
+                    log.exception("load failed for %s", req.rid)
+                    self.running -= 1
+                    self.context_tokens -= req.n
+                    if not fut.done():
+                        fut.set_exception(exc)
+                    continue
+                self._account_prefill(req, cached)
+                j = self._jitter(req)
+                extra = self.slow_load * j * (prof.load_ms(self.tier_name, cached)
+                                              + prof.store_ms(self.tier_name, stored))
+                prefilling.append([req, fut, max(1, req.n - cached), cached, start, extra, j])
+            if not prefilling:
+                continue
+            # one step
+            t0 = perf()
+            budget = max(1, prof.max_num_batched_tokens - self.decoding)
+            compute = prof.step_base_ms
+            other = 0.0
+            finished = []
+            scheduled = []
+            for e in prefilling:
+                if budget <= 0:
+                    break
+                req, fut, remaining, cached, start, extra, j = e
+                c = min(remaining, budget)
+                budget -= c
+                ctx = req.n - remaining + c
+                compute += j * (prof.prefill_ms_per_token * c + prof.prefill_ms_per_token_sq * c * ctx / 1000.0)
+                other += extra
+                e[5] = 0.0
+                e[2] = remaining - c
+                scheduled.append(e[0])
+                if e[2] == 0:
+                    finished.append(e)
+            step_ms = self.slow * (self.slow_prefill * compute + other
+                                   + self.slow_decode * prof.decode_ms_per_running_seq * self.decoding)
+            deadline = t0 + step_ms / 1000.0
+            for r in scheduled:
+                r.modeled_ms += step_ms
+            try:
+                await sleep_until(deadline, self.spin)
+            except asyncio.CancelledError:
+                for e in prefilling:
+                    if not e[1].done():
+                        e[1].cancel()
+                raise
+            for e in finished:
+                prefilling.remove(e)
+                req, fut = e[0], e[1]
+                if fut.done():  # cancelled: give its slot back
+                    self.running -= 1
+                    self.context_tokens -= req.n
+                    continue
+                fut.set_result(((e[4] - req.arrival) * 1000.0, e[3], deadline))
+
     async def _first_token(self, req: _Request) -> tuple[float, int, float]:
         """Return (queue_ms, cached, deadline of the first token).
 
@@ -409,7 +565,11 @@ class Emulator:
             self._account_prefill(req, cached)
             self.running += 1
             self.context_tokens += req.n
-            return 0.0, cached, req.arrival + self.slow * self.profile.fixed_ttft_ms / 1000.0
+            ttft_ms = self.slow * self.profile.fixed_ttft_ms
+            if self.slow_prefill != 1.0:
+                ttft_ms *= self.slow_prefill
+            req.modeled_ms = ttft_ms
+            return 0.0, cached, req.arrival + ttft_ms / 1000.0
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
         self.waiting += 1
@@ -417,8 +577,13 @@ class Emulator:
         queue_ms, cached, deadline = await fut
         return queue_ms, cached, deadline
 
-    def _itl_s(self) -> float:
-        return self.slow * self.profile.itl_ms(self.decoding) / 1000.0
+    def _itl_s(self, req: _Request | None = None) -> float:
+        itl = self.slow * self.profile.itl_ms(self.decoding) / 1000.0
+        if self.slow_decode != 1.0:
+            itl *= self.slow_decode
+        if self.jitter and req is not None:
+            itl *= self._jitter(req)
+        return itl
 
     async def _fixed_cache_work(self, req: _Request) -> None:
         """Fixed profile: real load/store after the response (no timing effect)."""
@@ -635,6 +800,8 @@ class Emulator:
                  (lo + int(rng.random() * (hi - lo)) for _ in range(req.max_tokens))]
         fixed = self.fixed
         itl_fixed = self.slow * self.profile.fixed_itl_ms / 1000.0
+        if self.slow_decode != 1.0:
+            itl_fixed *= self.slow_decode
         first_deadline = deadline
         stamps: list[float] = []
         self.decoding += 1
@@ -642,7 +809,7 @@ class Emulator:
             if resp is None:  # non-streaming: wait through all the token deadlines
                 for k in range(req.max_tokens):
                     if k:
-                        deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s()
+                        deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s(req)
                     await sleep_until(deadline, self.spin if k == req.max_tokens - 1 else 0.0)
                     stamps.append(perf())
                     self.stats.generation_tokens += 1
@@ -695,7 +862,7 @@ class Emulator:
                 if not timed:
                     payload += b"data: " + dumps(chunk).encode() + b"\n\n"
                 if k:
-                    deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s()
+                    deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s(req)
                 await sleep_until(deadline, self.spin)
                 # stamps are taken just before each write (the write hands the bytes to
                 # the socket at once; aiohttp sets TCP_NODELAY)
@@ -724,6 +891,7 @@ class Emulator:
         itl = [round((b - a) * 1000.0, 4) for a, b in pairwise(stamps)]
         return {"queue_ms": round(queue_ms, 4), "ttft_ms": None if ttft is None else round(ttft, 4),
                 "itl_ms": itl, "cached_tokens": cached, "computed_tokens": req.n - cached,
+                "modeled_ms": round(req.modeled_ms, 4),
                 "arrival_perf_s": t0}
 
     def _finish(self, req: _Request, stamps: list[float]) -> None:

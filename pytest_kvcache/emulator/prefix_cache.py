@@ -29,6 +29,12 @@ Tiers share one small interface (``contains``, ``get``, ``put``, ``evict``, ``us
           through aligned buffers, falling back to buffered I/O where the filesystem
           refuses it (tmpfs).
 ``gds``   the disk tier under another name (its bandwidth is modeled in costmodel).
+``redis`` real GET/SET/DEL against a Redis server (``--redis-url redis://host:port[/db]``)
+          through a small built-in RESP client (no extra package), one connection per
+          thread.  Values carry the same header (magic, length, crc32) as files; keys
+          are named like LMCache's (``kvem@<namespace>@<key hex>kv_bytes``).  The LRU
+          index is rebuilt with ``SCAN`` at start (hits survive an emulator restart
+          while the server lives).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ __all__ = [
     "DiskTier",
     "NoneTier",
     "PrefixCache",
+    "RedisTier",
     "Tier",
     "chunk_keys",
     "make_tier",
@@ -395,14 +402,235 @@ class DiskTier(Tier):
                 pass
 
 
+class RespError(Exception):
+    """An error reply of a Redis server, or a broken connection."""
+
+
+def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
+    """``redis://[:password@]host[:port][/db]`` -> (host, port, db, password)."""
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    if u.scheme not in ("redis", "valkey") or not u.hostname:
+        raise ValueError(f"{url!r}: use redis://HOST:PORT[/DB]")
+    db = int(u.path.strip("/") or 0)
+    return u.hostname, u.port or 6379, db, u.password
+
+
+class RespClient:
+    """A minimal synchronous Redis client (RESP2), one socket per thread."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.host, self.port, self.db, self.password = parse_redis_url(url)
+        self.timeout = timeout
+        self._local = threading.local()
+
+    def _conn(self):
+        c = getattr(self._local, "conn", None)
+        if c is None:
+            import socket
+
+            sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            c = (sock, sock.makefile("rb"))
+            self._local.conn = c
+            if self.password:
+                self.call("AUTH", self.password)
+            if self.db:
+                self.call("SELECT", str(self.db))
+        return c
+
+    def close(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None:
+            self._local.conn = None
+            try:
+                c[1].close()
+                c[0].close()
+            except OSError:
+                pass
+
+    @staticmethod
+    def _encode(args: Sequence[bytes | str]) -> bytes:
+        out = [b"*%d\r\n" % len(args)]
+        for a in args:
+            b = a.encode() if isinstance(a, str) else bytes(a)
+            out.append(b"$%d\r\n" % len(b))
+            out.append(b)
+            out.append(b"\r\n")
+        return b"".join(out)
+
+    def _read(self, f):
+        line = f.readline()
+        if not line.endswith(b"\r\n"):
+            raise RespError("connection closed by the Redis server")
+        t, rest = line[:1], line[1:-2]
+        if t == b"+":
+            return rest
+        if t == b"-":
+            raise RespError(rest.decode(errors="replace"))
+        if t == b":":
+            return int(rest)
+        if t == b"$":
+            n = int(rest)
+            if n < 0:
+                return None
+            data = f.read(n + 2)
+            if len(data) != n + 2:
+                raise RespError("connection closed by the Redis server")
+            return data[:-2]
+        if t == b"*":
+            n = int(rest)
+            return None if n < 0 else [self._read(f) for _ in range(n)]
+        raise RespError(f"bad reply {line!r}")
+
+    def call(self, *args: bytes | str):
+        sock, f = self._conn()
+        try:
+            sock.sendall(self._encode(args))
+            return self._read(f)
+        except (OSError, RespError) as exc:
+            if not isinstance(exc, RespError) or "closed" in str(exc):
+                self.close()
+            raise RespError(str(exc)) from exc
+
+
+class RedisTier(Tier):
+    """Chunks as Redis strings (real GET/SET/DEL), LRU with a byte limit."""
+
+    name = "redis"
+
+    def __init__(self, url: str, capacity_bytes: int, prefix: str = "kvem@") -> None:
+        super().__init__(capacity_bytes)
+        self.url = url
+        self.prefix = prefix.encode()
+        self.client = RespClient(url)
+        self.client.call("PING")
+        self._index: OrderedDict[bytes, int] = OrderedDict()
+        self._used = 0
+        self._rebuild()
+
+    def _rkey(self, key: bytes) -> bytes:
+        return self.prefix + key.hex().encode() + b"kv_bytes"
+
+    def _rebuild(self) -> None:
+        cursor = b"0"
+        pattern = self.prefix.replace(b"*", b"\\*") + b"*kv_bytes"
+        found = 0
+        while True:
+            cursor, names = self.client.call("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
+            for name in names:
+                hexkey = name[len(self.prefix): -len(b"kv_bytes")]
+                try:
+                    key = bytes.fromhex(hexkey.decode())
+                except ValueError:
+                    continue
+                size = max(0, int(self.client.call("STRLEN", name)) - _HEADER.size)
+                self._index[key] = size
+                self._used += size
+                found += 1
+            if cursor in (b"0", 0):
+                break
+        if found:
+            log.info("redis tier %s: %d chunks found", self.url, found)
+        self._evict_to(0)
+
+    def contains(self, key: bytes) -> bool:
+        return key in self._index
+
+    def get(self, key: bytes) -> bytes | None:
+        if key not in self._index:
+            return None
+        try:
+            raw = self.client.call("GET", self._rkey(key))
+        except RespError as exc:
+            log.warning("redis GET failed: %s", exc)
+            return None
+        if raw is None or len(raw) < _HEADER.size:
+            self.evict(key)
+            return None
+        magic, length, crc, _ = _HEADER.unpack_from(raw)
+        payload = raw[_HEADER.size: _HEADER.size + length]
+        if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+            self.evict(key)
+            return None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+        return payload
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:
+        size = len(data)
+        if size > self.capacity_bytes:
+            return []
+        blob = _HEADER.pack(_MAGIC, size, zlib.crc32(data), 0) + data
+        self.client.call("SET", self._rkey(key), blob)
+        with self._lock:
+            old = self._index.pop(key, None)
+            if old is not None:
+                self._used -= old
+            self._index[key] = size
+            self._used += size
+        return self._evict_to(0)
+
+    def _evict_to(self, extra: int) -> list[bytes]:
+        evicted = []
+        with self._lock:
+            while len(self._index) > 1 and self._used + extra > self.capacity_bytes:
+                k, v = self._index.popitem(last=False)
+                self._used -= v
+                evicted.append(k)
+        if evicted:
+            try:
+                self.client.call("DEL", *[self._rkey(k) for k in evicted])
+            except RespError as exc:
+                log.warning("redis DEL failed: %s", exc)
+        return evicted
+
+    def evict(self, key: bytes) -> bool:
+        with self._lock:
+            v = self._index.pop(key, None)
+            if v is None:
+                return False
+            self._used -= v
+        try:
+            self.client.call("DEL", self._rkey(key))
+        except RespError:
+            pass
+        return True
+
+    def usage(self) -> int:
+        return self._used
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def clear(self) -> None:
+        with self._lock:
+            keys = list(self._index)
+            self._index.clear()
+            self._used = 0
+        for i in range(0, len(keys), 512):
+            try:
+                self.client.call("DEL", *[self._rkey(k) for k in keys[i: i + 512]])
+            except RespError as exc:
+                log.warning("redis DEL failed: %s", exc)
+
+
 def make_tier(
     backend: str,
     *,
     capacity_bytes: int,
     disk_path: str | None = None,
     use_odirect: bool = False,
+    redis_url: str | None = None,
+    redis_prefix: str = "kvem@",
 ) -> Tier:
-    """The tier for ``backend`` (``none``, ``cpu``, ``disk``, ``gds``)."""
+    """The tier for ``backend`` (``none``, ``cpu``, ``disk``, ``gds``, ``redis``)."""
+    if backend == "redis":
+        if not redis_url:
+            raise ValueError("backend 'redis' needs a redis URL")
+        return RedisTier(redis_url, capacity_bytes, prefix=redis_prefix)
     if backend == "none":
         return NoneTier()
     if backend == "cpu":
