@@ -150,11 +150,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="a warm round of an offload backend fails unless it loads at least this fraction "
                          "of the whole 256-token chunks of its prompts from the tier; 0 turns the check off "
                          "(ini: kvcache_min_hit_ratio; default 0.5)")
+    group.addoption("--kv-tensor-parallel-size", type=_positive_int, default=None, metavar="N",
+                    help="vllm serve --tensor-parallel-size (ini: kvcache_tensor_parallel_size)")
+    group.addoption("--kv-max-model-len", type=_positive_int, default=None, metavar="N",
+                    help="vllm serve --max-model-len (ini: kvcache_max_model_len)")
+    group.addoption("--kv-gpu-memory-utilization", default=None, metavar="F",
+                    help="vllm serve --gpu-memory-utilization, 0 < F <= 1 (ini: kvcache_gpu_memory_utilization)")
     group.addoption("--kv-ready-timeout", default=None, metavar="SECONDS",
                     help="how long a started server may take to answer /health (ini: kvcache_ready_timeout; "
                          "default 60 for the emulator, 600 for vllm)")
 
     parser.addini("kvcache_python", "default of --kv-python", default="")
+    parser.addini("kvcache_tensor_parallel_size", "default of --kv-tensor-parallel-size", default="")
+    parser.addini("kvcache_max_model_len", "default of --kv-max-model-len", default="")
+    parser.addini("kvcache_gpu_memory_utilization", "default of --kv-gpu-memory-utilization", default="")
     parser.addini("kvcache_lmcache_mode", "default of --kv-lmcache-mode", default="auto")
     parser.addini("kvcache_lmcache", "LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
                   type="linelist", default=[])
@@ -333,7 +342,23 @@ def _backend_settings(config: pytest.Config, kind: str) -> dict:
         "ready_timeout": timeout,
         "labels": _pairs(config, "kv_label", "kvcache_labels", "bandwidth=400Gbps"),
         "lmcache_overrides": _pairs(config, "kv_lmcache", "kvcache_lmcache", "max_local_cpu_size=20"),
+        "tensor_parallel_size": _int_setting(config, "kv_tensor_parallel_size", "kvcache_tensor_parallel_size"),
+        "max_model_len": _int_setting(config, "kv_max_model_len", "kvcache_max_model_len"),
+        "gpu_memory_utilization": (
+            None if _option(config, "kv_gpu_memory_utilization", "kvcache_gpu_memory_utilization") is None
+            else _float_setting(config, "kv_gpu_memory_utilization", "kvcache_gpu_memory_utilization", 0, 1.000001,
+                                "a fraction of GPU memory above 0 and at most 1, e.g. 0.9")),
     }
+
+
+def _int_setting(config: pytest.Config, name: str, ini: str) -> int | None:
+    raw = _option(config, name, ini)
+    if raw is None or isinstance(raw, int):
+        return raw
+    try:
+        return _positive_int(raw)
+    except argparse.ArgumentTypeError:
+        raise pytest.UsageError(f"{ini} = {raw!r}: use a positive integer") from None
 
 
 def pytest_configure(config: pytest.Config) -> None:

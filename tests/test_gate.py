@@ -123,3 +123,18 @@ def test_paired_comparison_without_a_baseline(pytester, candidate, reference, ou
         assert comparison["change_pct"] > 20 and comparison["verdict"]["zone"] == "FAIL"
         result.stdout.fnmatch_lines(["*paired comparison: the candidate is worse than the reference*"])
     assert not (pytester.path / "baselines").exists()  # no baseline needed, none written
+
+
+def test_truncated_baseline_is_a_clear_error_and_stays_as_it_was(project):
+    run(project, "--update-baselines").assert_outcomes(passed=1)
+    path = project.path / "baselines" / "gate" / f"{ITEM}.json"
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    truncated = path.read_bytes()
+    for args in ((), ("--update-baselines",), ("--reset-baselines",)):
+        result = run(project, *args)
+        result.assert_outcomes(failed=1)
+        text = result.stdout.str()
+        assert str(path) in text and "git checkout" in text, text  # names the file and the fix
+        assert "Traceback" not in text
+        assert path.read_bytes() == truncated  # never repaired or overwritten silently

@@ -246,3 +246,38 @@ def test_good_gpus_per_worker_is_accepted(project):
     assert result.ret == 0, result.stderr.str()
     project.makeini("[pytest]\nkvcache_gpus_per_worker = 4\n")
     assert project.runpytest("--collect-only", "-q").ret == 0
+
+
+@pytest.mark.parametrize("option,good,bad", [
+    ("--kv-tensor-parallel-size", "8", "0"),
+    ("--kv-max-model-len", "16384", "long"),
+    ("--kv-gpu-memory-utilization", "0.9", "1.5"),
+])
+def test_vllm_engine_options(project, option, good, bad):
+    assert option in project.runpytest("--help").stdout.str()
+    ini = "kvcache_" + option[5:].replace("-", "_")
+    assert ini in project.runpytest("--help").stdout.str()
+    accepted = project.runpytest("--collect-only", "-q", option, good)
+    assert accepted.ret == 0, accepted.stderr.str()
+    refused = project.runpytest("--collect-only", option, bad)
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines([f"*{option}*{bad}*"])
+    project.makeini(f"[pytest]\n{ini} = {bad}\n")
+    from_ini = project.runpytest("--collect-only")
+    assert from_ini.ret == pytest.ExitCode.USAGE_ERROR
+    from_ini.stderr.fnmatch_lines([f"*{ini}*{bad}*"])
+
+
+def test_vllm_engine_options_reach_the_server_settings(project):
+    project.makeini("[pytest]\nkvcache_max_model_len = 4096\n")
+    project.makeconftest("""
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    s = session.config.stash[SESSION_KEY].settings.server
+    print("ENGINE", s.tensor_parallel_size, s.max_model_len, s.gpu_memory_utilization)
+""")
+    result = project.runpytest("--collect-only", "-q", "-s", "--kv-tensor-parallel-size", "8",
+                               "--kv-gpu-memory-utilization", "0.85")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["ENGINE 8 4096 0.85"])

@@ -194,7 +194,7 @@ def provision(name: str, server_kind: str, workdir: Path, options: BackendOption
         # The endpoint is configured by whoever started it; the backend is a label.
         return BackendConfig(name=name, workdir=None)
     if server_kind == "emulator":
-        return _emulator(name, workdir)
+        return _emulator(name, workdir, options)
     from .vllm import vllm_backend
 
     return vllm_backend(name, Path(workdir), options, probe or StackProbe())
@@ -207,7 +207,30 @@ EMULATED_CPU_GB = "400"
 EMULATED_DISK_GB = "1000"
 
 
-def _emulator(name: str, workdir: Path) -> BackendConfig:
+def _emulator(name: str, workdir: Path, options: BackendOptions | None = None) -> BackendConfig:
+    """The emulator's arguments for backend ``name``.
+
+    ``redis`` reuses the vLLM path's Redis service: a ``redis-server`` the pool starts
+    (template port ``{port:redis}``, scratch folder ``{workdir}``), or the user's Redis
+    (``options.redis_url``), which the pool only checks.  The emulator gets its URL as
+    ``--redis-url`` (a template until the pool renders ``emulator_args``).
+    """
+    options = options or BackendOptions()
+    if name == "redis":
+        from .vllm import _redis_service, _user_redis
+
+        path = Path(workdir) / "redis-tier"
+        if options.redis_url:
+            parse_redis_url(options.redis_url)
+            path.mkdir(parents=True, exist_ok=True)
+            return BackendConfig(name=name, workdir=str(path), services=(_user_redis(options.redis_url),),
+                                 emulator_args=("--backend", name, "--redis-url", options.redis_url,
+                                                "--redis-size-gb", EMULATED_DISK_GB))
+        if shutil.which("redis-server") is None:
+            raise BackendUnavailable("backend 'redis' needs redis-server on PATH (or --kv-redis-url of a running Redis)")
+        return BackendConfig(name=name, workdir=str(path), services=(_redis_service(),),
+                             emulator_args=("--backend", name, "--redis-url", "redis://127.0.0.1:{port:redis}",
+                                            "--redis-size-gb", EMULATED_DISK_GB))
     if name == "none":
         return BackendConfig(name=name, workdir=None, emulator_args=("--backend", name))
     if name == "cpu":

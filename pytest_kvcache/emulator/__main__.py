@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--model", default="emulated-model", help="served model name")
     p.add_argument("--backend", choices=TIERS, default="none", help="offload tier")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick", help="timing profile")
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="timing profile: " + "; ".join(
+                       f"{n}: {PROFILES[n].description or n} ({PROFILES[n].kv_bytes_per_token} KV B/token, "
+                       f"{PROFILES[n].scheduler} scheduler)" for n in sorted(PROFILES)))
     p.add_argument("--slowdown", type=_positive_float, default=1.0,
                    help="multiplies every modeled time (fixed profile included)")
     p.add_argument("--seed", type=int, default=0)
@@ -86,12 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fixed profile: time to first token (default 40)")
     p.add_argument("--fixed-itl-ms", type=_nonneg_float, default=None,
                    help="fixed profile: interval between tokens (default 8)")
+    p.add_argument("--redis-url", default=None,
+                   help="redis tier: the Redis server, redis://HOST:PORT[/DB] (real GET/SET)")
+    p.add_argument("--redis-size-gb", type=_positive_float, default=512.0,
+                   help="redis tier size in GB of the real model's KV")
+    k = p.add_argument_group(
+        "knobs for testing the plugin (seeded by --seed, deterministic; also --config-json keys "
+        "offload_disabled, jitter, slowdown_prefill, slowdown_decode, slowdown_load)")
+    k.add_argument("--offload-disabled", action="store_true", default=None,
+                   help="the tier stores nothing and never hits (a misconfigured LMCache silently "
+                        "recomputing); lookups are still counted in /metrics and the logs")
+    k.add_argument("--jitter", type=_nonneg_float, default=None,
+                   help="fraction in [0, 1): each modeled time is multiplied by a seeded uniform "
+                        "factor in [1-j, 1+j] (modeled profiles)")
+    k.add_argument("--slowdown-prefill", type=_positive_float, default=None,
+                   help="multiplies modeled prefill compute (fixed profile: the TTFT), on top of --slowdown")
+    k.add_argument("--slowdown-decode", type=_positive_float, default=None,
+                   help="multiplies decode intervals (fixed profile: the ITL), on top of --slowdown")
+    k.add_argument("--slowdown-load", type=_positive_float, default=None,
+                   help="multiplies modeled load/store transfer of the offload tier, on top of --slowdown")
     p.add_argument("--max-model-len", type=_positive_int, default=131072)
     p.add_argument("--config-json", default=None,
                    help="JSON object overriding profile fields (e.g. prefill_base_ms, "
                         "bandwidth_gbps) and emulator settings (use_odirect, spin_ms, "
                         "vocab_size, error_rate, crash_after, stall_ms, stall_every, "
-                        "default_max_tokens, send_headers_early)")
+                        "default_max_tokens, send_headers_early, offload_disabled, jitter, "
+                        "slowdown_prefill, slowdown_decode, slowdown_load, redis_url; profile fields "
+                        "scheduler, max_num_seqs, max_num_batched_tokens, step_base_ms)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
 
@@ -127,15 +151,38 @@ def parse_settings(argv: Sequence[str] | None = None):
         profile = make_profile(args.profile, overrides)
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
+    for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",
+                 "slowdown_load", "redis_url"):
+        value = getattr(args, name)
+        if value is not None:
+            extras[name] = value
     if args.backend in ("disk", "gds") and not args.disk_path:
         parser.error(f"--backend {args.backend} requires --disk-path")
+    if args.backend == "redis" and not extras.get("redis_url"):
+        parser.error("--backend redis requires --redis-url")
+    if extras.get("redis_url"):
+        if "{" in extras["redis_url"]:
+            parser.error(f"--redis-url {extras['redis_url']!r} is an unrendered template "
+                         "(the caller must start the Redis service and fill in its port)")
+        from .prefix_cache import parse_redis_url
+
+        try:
+            parse_redis_url(extras["redis_url"])
+        except ValueError as exc:
+            parser.error(f"--redis-url: {exc}")
+    if not 0.0 <= extras.get("jitter", 0.0) < 1.0:
+        parser.error("--jitter must be in [0, 1)")
+    for name in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):
+        if not extras.get(name, 1.0) > 0:
+            parser.error(f"{name} must be > 0")
     if extras.get("vocab_size", 32000) <= 16:
         parser.error("--config-json: vocab_size too small")
     return Settings(
         host=args.host, port=args.port, model=args.model, backend=args.backend,
         profile=profile, slowdown=args.slowdown, seed=args.seed, chunk_size=args.chunk_size,
         disk_path=args.disk_path, cpu_size_gb=args.cpu_size_gb, disk_size_gb=args.disk_size_gb,
-        payload_scale=args.payload_scale, max_model_len=args.max_model_len, **extras,
+        payload_scale=args.payload_scale, max_model_len=args.max_model_len,
+        redis_size_gb=args.redis_size_gb, **extras,
     ), args
 
 

@@ -940,6 +940,9 @@ class Emulator:
             usage = self.cache.modeled_usage()
             if self.tier_name == "cpu":
                 metric("lmcache:local_cpu_usage", "gauge", usage)
+            elif self.tier_name == "redis":
+                metric("lmcache:local_cpu_usage", "gauge", 0)
+                metric("lmcache:remote_storage_usage", "gauge", usage)
             else:
                 metric("lmcache:local_cpu_usage", "gauge", 0)
                 metric("lmcache:local_disk_usage", "gauge", usage)

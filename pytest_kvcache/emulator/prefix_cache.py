@@ -485,8 +485,8 @@ class RespClient:
         raise RespError(f"bad reply {line!r}")
 
     def call(self, *args: bytes | str):
-        sock, f = self._conn()
         try:
+            sock, f = self._conn()
             sock.sendall(self._encode(args))
             return self._read(f)
         except (OSError, RespError) as exc:

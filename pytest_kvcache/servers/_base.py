@@ -32,6 +32,10 @@ class ServerSettings:
     redis_url: str | None = None
     gds_path: str | None = None
     lmcache_overrides: tuple[tuple[str, str], ...] = ()
+    #: vllm serve's engine settings (None: vLLM's default)
+    tensor_parallel_size: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass

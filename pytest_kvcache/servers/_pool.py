@@ -161,7 +161,10 @@ class ServerPool:
             extra_metrics = rendered.metrics_urls
             try:
                 argv, env, info = vllm_command(model, port, backend, rendered.vllm_args, rendered.env, s.extra_args,
-                                               self.probe, labels=s.labels)
+                                               self.probe, labels=s.labels,
+                                               tensor_parallel_size=s.tensor_parallel_size,
+                                               max_model_len=s.max_model_len,
+                                               gpu_memory_utilization=s.gpu_memory_utilization)
             except BaseException:
                 for process in reversed(services):
                     process.stop()
