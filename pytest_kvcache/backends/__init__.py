@@ -236,6 +236,12 @@ def _emulator(name: str, workdir: Path, options: BackendOptions | None = None) -
     if name == "cpu":
         return BackendConfig(name=name, workdir=None,
                              emulator_args=("--backend", name, "--cpu-size-gb", EMULATED_CPU_GB))
+    if name == "waterfall":  # RAM over disk; reachable once "waterfall" is in models.BACKENDS
+        path = workdir / "waterfall-tier"
+        path.mkdir(parents=True, exist_ok=True)
+        return BackendConfig(name=name, workdir=str(path), emulator_args=(
+            "--backend", name, "--disk-path", str(path), "--cpu-size-gb", EMULATED_CPU_GB,
+            "--disk-size-gb", EMULATED_DISK_GB))
     if name in ("disk", "gds"):
         path = workdir / f"{name}-tier"
         path.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--model", default="emulated-model", help="served model name")
-    p.add_argument("--backend", choices=TIERS, default="none", help="offload tier")
+    p.add_argument("--backend", choices=TIERS, default="none",
+                   help="offload tier (waterfall: cpu over disk, --cpu-size-gb of RAM demoting LRU "
+                        "chunks to --disk-size-gb under --disk-path)")
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                    help="timing profile: " + "; ".join(
                        f"{n}: {PROFILES[n].description or n} ({PROFILES[n].kv_bytes_per_token} KV B/token, "
@@ -78,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiplies every modeled time (fixed profile included)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per cache chunk")
-    p.add_argument("--disk-path", default=None, help="directory of the disk/gds tier")
+    p.add_argument("--disk-path", default=None, help="directory of the disk/gds tier (waterfall: its disk)")
     p.add_argument("--cpu-size-gb", type=_positive_float, default=128.0,
                    help="cpu tier size in GB of the real model's KV")
     p.add_argument("--disk-size-gb", type=_positive_float, default=512.0,
@@ -156,7 +158,7 @@ def parse_settings(argv: Sequence[str] | None = None):
         value = getattr(args, name)
         if value is not None:
             extras[name] = value
-    if args.backend in ("disk", "gds") and not args.disk_path:
+    if args.backend in ("disk", "gds", "waterfall") and not args.disk_path:
         parser.error(f"--backend {args.backend} requires --disk-path")
     if args.backend == "redis" and not extras.get("redis_url"):
         parser.error("--backend redis requires --redis-url")

@@ -194,7 +194,7 @@ class _Stats:
 
 
 class _Request:
-    __slots__ = ("arrival", "ids", "keys", "max_tokens", "modeled_ms", "n", "rid", "rng", "seq")
+    __slots__ = ("arrival", "ids", "keys", "max_tokens", "modeled_ms", "n", "rid", "rng", "seq", "split")
 
     def __init__(self, rid: str, seq: int, ids: list[int], arrival: float, max_tokens: int) -> None:
         self.rid = rid
@@ -206,6 +206,7 @@ class _Request:
         self.max_tokens = max_tokens
         self.modeled_ms = 0.0
         self.rng: random.Random | None = None
+        self.split: dict[str, int] | None = None  # waterfall: hit tokens per tier
 
 
 class BadRequest(Exception):
@@ -252,11 +253,12 @@ class Emulator:
         self.fixed = self.profile.kind == "fixed"
         self.tok = get_tokenizer(settings.vocab_size)
         self.tok.enable_fast()
-        gb = {"cpu": settings.cpu_size_gb, "redis": settings.redis_size_gb}.get(
+        gb = {"cpu": settings.cpu_size_gb, "waterfall": settings.cpu_size_gb,
+              "redis": settings.redis_size_gb}.get(
             settings.backend, settings.disk_size_gb)
         capacity = int(gb * 1e9 * settings.payload_scale)
         disk_path = settings.disk_path
-        if settings.backend in ("disk", "gds") and not disk_path:
+        if settings.backend in ("disk", "gds", "waterfall") and not disk_path:
             raise ValueError(f"--backend {settings.backend} needs --disk-path")
         if not 0.0 <= settings.jitter < 1.0:
             raise ValueError("jitter must be in [0, 1)")
@@ -265,13 +267,14 @@ class Emulator:
                 raise ValueError(f"{k} must be > 0")
         tier = make_tier(settings.backend, capacity_bytes=capacity, disk_path=disk_path,
                          use_odirect=settings.use_odirect, redis_url=settings.redis_url,
-                         redis_prefix=f"kvem@{settings.model}@{settings.chunk_size}@")
+                         redis_prefix=f"kvem@{settings.model}@{settings.chunk_size}@",
+                         lower_capacity_bytes=int(settings.disk_size_gb * 1e9 * settings.payload_scale))
         self.cache = PrefixCache(tier, chunk_size=settings.chunk_size,
                                  kv_bytes_per_token=self.profile.kv_bytes_per_token,
                                  payload_scale=settings.payload_scale,
                                  namespace=settings.model)
         self.tier_name = settings.backend
-        self.threaded_io = settings.backend in ("disk", "gds", "redis")
+        self.threaded_io = settings.backend in ("disk", "gds", "redis", "waterfall")
         self.offload_disabled = settings.offload_disabled
         self.jitter = settings.jitter
         self.slow_prefill = settings.slowdown_prefill
@@ -363,7 +366,15 @@ class Emulator:
             return 0
         keys = req.keys[:hit_chunks]
         buffered = frozenset(k for k in keys if k in pending)
+        where = getattr(tier, "where", None)
+        # which tier serves each chunk, looked up before the load (which promotes)
+        places = ["cpu" if k in buffered else where(k) for k in keys] if where else None
         loaded = await self._io(self.cache.load, keys, buffered)
+        if places is not None:
+            split: dict[str, int] = {}
+            for place in places[:loaded]:
+                split[place] = split.get(place, 0) + self.cache.chunk_size
+            req.split = split
         if loaded < hit_chunks:
             log.warning("request %s: %d of %d hit chunks failed verification; recomputing",
                         req.rid, hit_chunks - loaded, hit_chunks)
@@ -419,7 +430,6 @@ class Emulator:
     # -- scheduling -----------------------------------------------------------------
     async def _prefill_worker(self) -> None:
         assert self._queue is not None
-        prof = self.profile
         while True:
             req, fut = await self._queue.get()
             self.waiting -= 1
@@ -458,11 +468,16 @@ class Emulator:
         """FIFO scheduler: scaled modeled prefill + load + store time of ``req`` (ms)."""
         prof = self.profile
         tier = self.tier_name
-        if self.slow_prefill == 1.0 and self.slow_load == 1.0 and not self.jitter:
+        if self.slow_prefill == 1.0 and self.slow_load == 1.0 and not self.jitter and req.split is None:
             return self.slow * prof.ttft_model_ms(tier, req.n, cached, stored)
         j = self._jitter(req)
         return self.slow * j * (self.slow_prefill * prof.prefill_ms(req.n - cached, req.n)
-                                + self.slow_load * (prof.load_ms(tier, cached) + prof.store_ms(tier, stored)))
+                                + self.slow_load * (self._load_ms(req, cached) + prof.store_ms(tier, stored)))
+
+    def _load_ms(self, req: _Request, cached: int) -> float:
+        if req.split is not None and cached:
+            return self.profile.load_split_ms(req.split)
+        return self.profile.load_ms(self.tier_name, cached)
 
     async def _batched_worker(self) -> None:
         """vLLM-like continuous batching (profiles with ``scheduler: "batched"``).
@@ -506,7 +521,7 @@ class Emulator:
                     continue
                 self._account_prefill(req, cached)
                 j = self._jitter(req)
-                extra = self.slow_load * j * (prof.load_ms(self.tier_name, cached)
+                extra = self.slow_load * j * (self._load_ms(req, cached)
                                               + prof.store_ms(self.tier_name, stored))
                 prefilling.append([req, fut, max(1, req.n - cached), cached, start, extra, j])
             if not prefilling:
@@ -940,6 +955,10 @@ class Emulator:
             usage = self.cache.modeled_usage()
             if self.tier_name == "cpu":
                 metric("lmcache:local_cpu_usage", "gauge", usage)
+            elif self.tier_name == "waterfall":
+                tier = self.cache.tier
+                metric("lmcache:local_cpu_usage", "gauge", round(tier.upper.usage() / self.cache.payload_scale))
+                metric("lmcache:local_disk_usage", "gauge", round(tier.lower.usage() / self.cache.payload_scale))
             elif self.tier_name == "redis":
                 metric("lmcache:local_cpu_usage", "gauge", 0)
                 metric("lmcache:remote_storage_usage", "gauge", usage)

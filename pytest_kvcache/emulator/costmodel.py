@@ -58,6 +58,9 @@ The ``redis`` tier (real GET/SET against ``--redis-url``) is modeled at 3.5 GB/s
 quick profile: slower than disk, as in seed 001 (warm/cold TTFT gain: cpu 47%, disk 38%,
 redis 25%); at 10k tokens warm redis is ~6.3 ms against 8.2 ms cold (0.77).
 
+The ``waterfall`` tier (RAM over disk) stores at the cpu bandwidth; a hit's chunks are
+loaded at the bandwidth of the tier each one was found in (``load_split_ms``).
+
 Seed profiles (real time scale)
 -------------------------------
 These model the seeds' set-ups at real speed (``time_scale`` 1.0: the real model's KV
@@ -112,7 +115,7 @@ from typing import Any
 
 __all__ = ["PROFILES", "TIERS", "Profile", "kv_bytes_per_token", "make_profile", "mla_kv_bytes_per_token"]
 
-TIERS = ("none", "cpu", "disk", "gds", "redis")
+TIERS = ("none", "cpu", "disk", "gds", "redis", "waterfall")
 
 
 @dataclass(frozen=True)
@@ -162,9 +165,12 @@ class Profile:
         )
 
     def transfer_ms(self, tier: str, tokens: int) -> float:
-        """Modeled time to move ``tokens`` tokens of real-model KV over ``tier``."""
+        """Modeled time to move ``tokens`` tokens of real-model KV over ``tier``
+        (``waterfall``: writes land in RAM, so the cpu bandwidth)."""
         if tier == "none" or tokens <= 0:
             return 0.0
+        if tier == "waterfall":
+            tier = "cpu"
         bw = float(self.bandwidth_gbps[tier]) * 1e9
         return self.time_scale * 1000.0 * tokens * self.kv_bytes_per_token / bw
 
@@ -172,6 +178,10 @@ class Profile:
         if tier == "none":
             return 0.0
         return self.lookup_ms + self.transfer_ms(tier, cached_tokens)
+
+    def load_split_ms(self, split: Mapping[str, int]) -> float:
+        """Load time of a hit served by several tiers (waterfall): ``{tier: tokens}``."""
+        return self.lookup_ms + sum(self.transfer_ms(t, n) for t, n in split.items())
 
     def store_ms(self, tier: str, stored_tokens: int) -> float:
         if tier == "none":
@@ -205,8 +215,8 @@ def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, qk_rope_head_dim: int
 
 
 def _seed_profile(name: str, **kw: Any) -> Profile:
-    base = dict(time_scale=1.0, scheduler="batched", lookup_ms=0.2, store_base_ms=0.2,
-                store_fraction=0.1, gpu_kv_capacity_tokens=400_000)
+    base: dict[str, Any] = {"time_scale": 1.0, "scheduler": "batched", "lookup_ms": 0.2, "store_base_ms": 0.2,
+                            "store_fraction": 0.1, "gpu_kv_capacity_tokens": 400_000}
     base.update(kw)
     return Profile(name=name, **base)
 

@@ -29,6 +29,11 @@ Tiers share one small interface (``contains``, ``get``, ``put``, ``evict``, ``us
           through aligned buffers, falling back to buffered I/O where the filesystem
           refuses it (tmpfs).
 ``gds``   the disk tier under another name (its bandwidth is modeled in costmodel).
+``waterfall`` a cpu tier over a disk tier (as LMCache's local CPU backend over its local
+          disk, and the MLPerf storage benchmark's tiers): new chunks go to RAM; chunks
+          the RAM's LRU pushes out are demoted to disk (real files); a hit is served by
+          the fastest tier holding the chunk, and a disk hit is promoted back to RAM.
+          :meth:`WaterfallTier.where` says which tier holds a key (for the cost model).
 ``redis`` real GET/SET/DEL against a Redis server (``--redis-url redis://host:port[/db]``)
           through a small built-in RESP client (no extra package), one connection per
           thread.  Values carry the same header (magic, length, crc32) as files; keys
@@ -56,6 +61,7 @@ __all__ = [
     "PrefixCache",
     "RedisTier",
     "Tier",
+    "WaterfallTier",
     "chunk_keys",
     "make_tier",
 ]
@@ -170,8 +176,12 @@ class CpuTier(Tier):
             return data
 
     def put(self, key: bytes, data: bytes) -> list[bytes]:
+        return [k for k, _ in self.put_items(key, data)]
+
+    def put_items(self, key: bytes, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Like :meth:`put`, returning the evicted (key, data) pairs (for demotion)."""
         size = len(data)
-        evicted: list[bytes] = []
+        evicted: list[tuple[bytes, bytes]] = []
         with self._lock:
             if size > self.capacity_bytes:
                 return evicted
@@ -181,7 +191,7 @@ class CpuTier(Tier):
             while self._data and self._used + size > self.capacity_bytes:
                 k, v = self._data.popitem(last=False)
                 self._used -= len(v)
-                evicted.append(k)
+                evicted.append((k, v))
             self._data[key] = data
             self._used += size
         return evicted
@@ -400,6 +410,70 @@ class DiskTier(Tier):
                 os.unlink(self._file(k))
             except OSError:
                 pass
+
+
+class WaterfallTier(Tier):
+    """A cpu tier over a disk tier: hits from the fastest holder, LRU demotion to disk."""
+
+    name = "waterfall"
+
+    def __init__(self, upper: CpuTier, lower: Tier) -> None:
+        super().__init__(upper.capacity_bytes + lower.capacity_bytes)
+        self.upper = upper
+        self.lower = lower
+
+    def where(self, key: bytes) -> str | None:
+        """Name of the fastest tier holding ``key`` (index only, no I/O)."""
+        if self.upper.contains(key):
+            return self.upper.name
+        if self.lower.contains(key):
+            return self.lower.name
+        return None
+
+    def contains(self, key: bytes) -> bool:
+        return self.upper.contains(key) or self.lower.contains(key)
+
+    def _to_upper(self, key: bytes, data: bytes) -> list[bytes]:
+        """Put in RAM; demote what RAM's LRU pushes out; return keys dropped from both."""
+        dropped: list[bytes] = []
+        for k, v in self.upper.put_items(key, data):
+            if not self.lower.contains(k):
+                dropped.extend(self.lower.put(k, v))
+        return dropped
+
+    def get(self, key: bytes) -> bytes | None:
+        data = self.upper.get(key)
+        if data is not None:
+            return data
+        data = self.lower.get(key)
+        if data is not None:  # promote: the chunk is hot again
+            with self._lock:
+                self._to_upper(key, data)
+        return data
+
+    def put(self, key: bytes, data: bytes) -> list[bytes]:
+        with self._lock:
+            return self._to_upper(key, data)
+
+    def evict(self, key: bytes) -> bool:
+        a = self.upper.evict(key)
+        b = self.lower.evict(key)
+        return a or b
+
+    def usage(self) -> int:
+        return self.upper.usage() + self.lower.usage()
+
+    def __len__(self) -> int:
+        """Distinct chunks held (a promoted chunk keeps its copy on disk)."""
+        lower = getattr(self.lower, "_index", None)
+        if lower is None:
+            return len(self.upper) + len(self.lower)
+        return len(self.upper) + sum(1 for k in list(lower) if not self.upper.contains(k))
+
+    def clear(self) -> None:
+        with self._lock:
+            self.upper.clear()
+            self.lower.clear()
 
 
 class RespError(Exception):
@@ -625,8 +699,15 @@ def make_tier(
     use_odirect: bool = False,
     redis_url: str | None = None,
     redis_prefix: str = "kvem@",
+    lower_capacity_bytes: int | None = None,
 ) -> Tier:
-    """The tier for ``backend`` (``none``, ``cpu``, ``disk``, ``gds``, ``redis``)."""
+    """The tier for ``backend`` (``none``, ``cpu``, ``disk``, ``gds``, ``redis``;
+    ``waterfall`` takes ``capacity_bytes`` for RAM and ``lower_capacity_bytes`` for disk)."""
+    if backend == "waterfall":
+        if not disk_path:
+            raise ValueError("backend 'waterfall' needs a disk path")
+        return WaterfallTier(CpuTier(capacity_bytes),
+                             DiskTier(disk_path, lower_capacity_bytes or capacity_bytes, use_odirect=use_odirect))
     if backend == "redis":
         if not redis_url:
             raise ValueError("backend 'redis' needs a redis URL")

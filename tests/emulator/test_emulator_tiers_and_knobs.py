@@ -18,11 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_emulator_server import (  # noqa: F401 - emu_factory is a fixture
+from test_emulator_server import (
     MODEL,
     ROOT,
     Emu,
-    emu_factory,
     free_port,
     random_ids,
     raw_stream,
@@ -91,8 +90,19 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
-def modeled(events) -> float:
-    return timing_of(events)["modeled_ms"]
+@pytest.fixture(scope="module")
+def emu_factory(tmp_path_factory):
+    started: list[Emu] = []
+    tmp = tmp_path_factory.mktemp("emu")
+
+    def start(*args: str) -> Emu:
+        e = Emu(tmp, *args)
+        started.append(e)
+        return e
+
+    yield start
+    for e in started:
+        e.stop()
 
 
 def body_of(ids, max_tokens: int = 1) -> dict:
@@ -204,7 +214,7 @@ def test_help_documents_knobs_and_profiles():
 ])
 def test_bad_new_arguments_exit_2(args):
     r = subprocess.run([sys.executable, "-m", "pytest_kvcache.emulator", "--port", "1", *args],
-                       capture_output=True, text=True, cwd=ROOT, timeout=30)
+                       capture_output=True, text=True, cwd=ROOT, timeout=30, check=False)
     assert r.returncode == 2, (args, r.stderr)
 
 
@@ -410,11 +420,11 @@ def test_seed004_small_overhead_on_pure_misses(emu_factory):
     on = emu_factory("--backend", "cpu", *common)
     for n in (1024, 8192):
         for seed in range(3):
-            ids = random_ids(n, 200 + seed)
+            ids = random_ids(n, 200 + seed + n)
             a, b = ttft_of(off.url, ids), ttft_of(on.url, ids)
             assert b["cached_tokens"] == 0
             assert 1.0 < b["modeled_ms"] / a["modeled_ms"] < 1.15, (n, a, b)
-    ids = random_ids(8192, 200)
+    ids = random_ids(8192, 200 + 8192)  # seen above: now a hit
     assert ttft_of(on.url, ids)["modeled_ms"] < 0.5 * ttft_of(off.url, ids)["modeled_ms"]
 
 
@@ -430,3 +440,42 @@ def test_ttft_rises_with_input_length(emu_factory):
             served.append(t["ttft_ms"])
         assert model[0] < model[1] < model[2], (profile, model)
         assert served[0] < served[2], (profile, served)
+
+
+# -- the waterfall tier (cpu over disk) ----------------------------------------------------
+def test_waterfall_tier_demotes_to_disk_and_promotes_on_hit(tmp_path):
+    tier = make_tier("waterfall", capacity_bytes=2 * 100, disk_path=str(tmp_path / "wf"),
+                     lower_capacity_bytes=10 * 100)
+    cache = PrefixCache(tier, chunk_size=4, kv_bytes_per_token=25, payload_scale=1.0)
+    keys = cache.keys(list(range(16)))  # 4 chunks; RAM holds 2
+    assert cache.store(keys) == 4
+    assert [tier.where(k) for k in keys] == ["disk", "disk", "cpu", "cpu"]
+    assert len(list((tmp_path / "wf").glob("*.kvchunk"))) == 2  # real files for the demoted
+    assert len(tier) == 4 and cache.lookup(keys) == 4
+    assert cache.load(keys) == 4  # verified, from the fastest holder
+    # the hits promoted the first chunks back to RAM (LRU), demoting the others
+    assert tier.where(keys[3]) == "cpu" and tier.where(keys[0]) == "disk"
+    assert all(tier.contains(k) for k in keys)
+    tier.clear()
+    assert len(tier) == 0 and not list((tmp_path / "wf").glob("*.kvchunk"))
+
+
+def test_waterfall_backend_hits_priced_by_the_tier_holding_them(emu_factory, tmp_path):
+    # RAM for ~4 chunks of 256 tokens (Qwen2.5-7B KV: 14.7 MB a chunk)
+    emu = emu_factory("--backend", "waterfall", "--disk-path", str(tmp_path / "wf"), "--cpu-size-gb", "0.06",
+                      "--log-level", "warning")
+    cpu = emu_factory("--backend", "cpu", "--log-level", "warning")
+    disk = emu_factory("--backend", "disk", "--disk-path", str(tmp_path / "d"), "--log-level", "warning")
+    small = random_ids(1000, 500)  # 3 chunks: fit in RAM
+    big = random_ids(6000, 501)  # 23 chunks: most end on disk
+    out = {}
+    for name, emu_ in (("wf", emu), ("cpu", cpu), ("disk", disk)):
+        ttft_of(emu_.url, small)
+        out[name, "small"] = ttft_of(emu_.url, small)
+        ttft_of(emu_.url, big)
+        out[name, "big"] = ttft_of(emu_.url, big)
+    assert out["wf", "small"]["cached_tokens"] == 768 and out["wf", "big"]["cached_tokens"] == 5888
+    assert out["wf", "small"]["modeled_ms"] == pytest.approx(out["cpu", "small"]["modeled_ms"], rel=1e-6)
+    assert out["cpu", "big"]["modeled_ms"] < out["wf", "big"]["modeled_ms"] < out["disk", "big"]["modeled_ms"]
+    assert emu.metric("lmcache:local_disk_usage") > 0 and emu.metric("lmcache:local_cpu_usage") > 0
+    assert list((tmp_path / "wf").glob("*.kvchunk"))
