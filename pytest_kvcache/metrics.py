@@ -6,6 +6,9 @@ the first chunk with text; E2E latency to the last chunk with text; TPOT is
 text chunks. Percentiles use linear interpolation (numpy's default, as vLLM does).
 Latencies are in milliseconds, throughputs per second of the round's duration.
 
+Goodput (``request_goodput``) is vLLM's: completed requests meeting every given SLO
+(``ttft``, ``tpot``, ``e2el`` in ms; a one-token request has TPOT 0) per second.
+
 A metric with no samples (TPOT and ITL when one token is generated) is ``None``,
 never 0, so an undefined figure cannot be mistaken for a measured one.
 """
@@ -13,11 +16,11 @@ never 0, so an undefined figure cannot be mistaken for a measured one.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from .models import RequestRecord
 
-__all__ = ["DEFAULT_PERCENTILES", "percentile", "request_details", "summarize"]
+__all__ = ["DEFAULT_PERCENTILES", "goodput", "parse_percentiles", "percentile", "request_details", "summarize"]
 
 DEFAULT_PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0)
 
@@ -30,6 +33,36 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(sorted_values) - 1)
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def parse_percentiles(text: str) -> tuple[float, ...]:
+    """``"50,90,99"`` -> (50.0, 90.0, 99.0); ValueError naming the accepted form."""
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            q = float(part)
+        except ValueError:
+            raise ValueError(f"{text!r}: use comma-separated percentiles between 0 and 100, e.g. 50,90,99") from None
+        if not 0 < q <= 100:
+            raise ValueError(f"{text!r}: {part} is not a percentile between 0 (excluded) and 100")
+        if q not in out:
+            out.append(q)
+    return tuple(out)
+
+
+def goodput(records: Sequence[RequestRecord], duration: float, slos: Mapping[str, float]) -> float | None:
+    """Requests per second that completed within every SLO (ms), as vLLM counts them."""
+    if duration <= 0:
+        return None
+    good = 0
+    for r in records:
+        if not r.success:
+            continue
+        measured = {"ttft": r.ttft * 1000.0, "tpot": (r.tpot or 0.0) * 1000.0, "e2el": r.e2el * 1000.0}
+        if all(measured[k] <= v for k, v in slos.items()):
+            good += 1
+    return good / duration
 
 
 def _pct_name(q: float) -> str:
@@ -50,7 +83,8 @@ def _describe(prefix: str, values_s: Iterable[float], percentiles: Sequence[floa
 
 
 def summarize(records: Sequence[RequestRecord], duration: float,
-              percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, float | int | None]:
+              percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+              slos: Mapping[str, float] | None = None) -> dict[str, float | int | None]:
     ok = [r for r in records if r.success]
     input_tokens = sum(r.prompt_tokens_reported if r.prompt_tokens_reported is not None else r.prompt_len for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
@@ -71,6 +105,8 @@ def summarize(records: Sequence[RequestRecord], duration: float,
     queue = [r.queue_wait * 1000.0 for r in records]
     summary["mean_queue_ms"] = statistics.fmean(queue) if queue else None
     summary["max_queue_ms"] = max(queue) if queue else None
+    if slos:
+        summary["request_goodput"] = goodput(records, duration, slos)
     return summary
 
 

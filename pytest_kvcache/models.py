@@ -34,6 +34,7 @@ BACKENDS: tuple[str, ...] = (
     "lmcache_server",
     "mooncake",
     "native",
+    "waterfall",
 )
 
 #: Phases (kinds of benchmark) a scenario may declare; each is also a pytest marker.
@@ -108,6 +109,21 @@ class ScenarioCase:
     #: Paired design: the backend run interleaved with this one, trial by trial, and
     #: compared with it directly instead of with a stored baseline.
     reference_backend: str | None = None
+    #: The dataset's options as canonical JSON ("" when none), see workloads.
+    dataset_options: str = ""
+    #: Requests sent before each round and not recorded (warm-up).
+    warmup_requests: int = 0
+    #: Service-level objectives for goodput, (metric, ms) with metric ttft, tpot or e2el.
+    slos: tuple[tuple[str, float], ...] = ()
+    #: KV-size target in GB (10^9 bytes) that chose num_prompts; 0 when none.
+    kv_target_gb: float = 0.0
+
+    @property
+    def options(self) -> dict:
+        """``dataset_options`` as a dict."""
+        import json
+
+        return json.loads(self.dataset_options) if self.dataset_options else {}
 
     @property
     def name(self) -> str:
@@ -130,6 +146,10 @@ class ScenarioCase:
             "seed": self.seed,
             "api": self.api,
             "reference_backend": self.reference_backend,
+            # only when set, so fingerprints of older scenarios do not change
+            **({"dataset_options": self.options} if self.dataset_options else {}),
+            **({"warmup_requests": self.warmup_requests} if self.warmup_requests else {}),
+            **({"kv_target_gb": self.kv_target_gb} if self.kv_target_gb else {}),
         }
 
 

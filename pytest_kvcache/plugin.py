@@ -190,6 +190,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="under pytest-xdist, give each worker its own N GPUs (CUDA_VISIBLE_DEVICES: worker gwK "
                          "gets the K-th slice of the visible ones) (ini: kvcache_gpus_per_worker)")
     parser.addini("kvcache_gpus_per_worker", "default of --kv-gpus-per-worker", default="")
+    group.addoption("--percentiles", default=None, metavar="Q[,Q]",
+                    help="percentiles reported for TTFT, TPOT, ITL and E2E latency, e.g. 50,90,99 "
+                         "(ini: kvcache_percentiles)")
+    parser.addini("kvcache_percentiles", "default of --percentiles", default="50,90,99")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -285,7 +289,18 @@ def _settings(config: pytest.Config) -> Settings:
         trials=config.getoption("trials"),
         verbose=config.getoption("verbose"),
         min_hit_ratio=_min_hit_ratio(config),
+        percentiles=_percentiles(config),
     )
+
+
+def _percentiles(config: pytest.Config) -> tuple[float, ...]:
+    from .metrics import parse_percentiles
+
+    raw = _option(config, "percentiles", "kvcache_percentiles") or "50,90,99"
+    try:
+        return parse_percentiles(raw)
+    except ValueError as exc:
+        raise pytest.UsageError(f"--percentiles / kvcache_percentiles: {exc}") from None
 
 
 def _pairs(config: pytest.Config, name: str, ini: str, example: str) -> tuple[tuple[str, str], ...]:

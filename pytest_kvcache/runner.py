@@ -3,6 +3,12 @@
 Each trial sends its own prompts (seeded by the trial index, the same in every run),
 first in the cold round that fills the offload tier, then in the warm round that
 should hit it. Server counters are scraped around every round (telemetry).
+
+A case with ``warmup_requests`` sends that many other prompts before each round and
+records nothing of them. Multi-turn prompts (``Prompt.turn``) are sent turn by turn
+within a round: turn k of every conversation, then turn k+1, and the round's records
+and summary cover all turns. Summaries carry the requested percentiles and, with
+SLOs, ``request_goodput``.
 """
 
 from __future__ import annotations
@@ -13,9 +19,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from .loadgen import LoadSpec, open_client, open_pool, run_round
-from .models import ScenarioCase, TrialResult
+from .metrics import DEFAULT_PERCENTILES
+from .metrics import summarize as summarize_records
+from .models import RoundResult, ScenarioCase, TrialResult
 from .telemetry import Snapshot, TelemetrySource, summarize
-from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts
+from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, build_random_prompts
 
 __all__ = ["CaseRunner", "Progress", "parse_prometheus"]
 
@@ -49,7 +57,9 @@ def parse_prometheus(text: str) -> dict[str, float]:
 class CaseRunner:
     """Holds what survives between cases: the tokenizer choice and built prompts."""
 
-    def __init__(self, tokenizer_path: str | None = None, prompt_cache_items: int = 64) -> None:
+    def __init__(self, tokenizer_path: str | None = None, prompt_cache_items: int = 64,
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
+        self._percentiles = tuple(percentiles)
         self._local = LocalTokenizer(tokenizer_path) if tokenizer_path else None
         self._tokenizer_source = tokenizer_path
         self._prompts: dict[tuple, list[Prompt]] = {}
@@ -74,6 +84,7 @@ class CaseRunner:
                 codec = self._local or ServerTokenizer(client, model)
                 for trial in trials:
                     prompts = await self._prompts_for(codec, case, trial, model)
+                    warmup = await self._warmup_for(codec, case, trial, model)
                     rounds = []
                     for round_name in case.rounds:
                         done = 0
@@ -84,8 +95,11 @@ class CaseRunner:
                             if done == len(prompts) or done % max(1, len(prompts) // 4) == 0:
                                 progress(f"trial {trial + 1} {round_name}: {done}/{len(prompts)} requests")
 
+                        if warmup:
+                            progress(f"trial {trial + 1} {round_name}: {len(warmup)} warm-up requests")
+                            await run_round(pool, spec, warmup, "warmup")
                         before = await _snapshot(client, source)
-                        result = await run_round(pool, spec, prompts, round_name, on_request_done=tick)
+                        result = await self._round(pool, spec, prompts, round_name, tick, case)
                         after = await _snapshot(client, source)
                         rounds.append(replace(result, telemetry=summarize(source, before, after)))
                     results.append(TrialResult(index=trial, rounds=tuple(rounds), measure_round=case.measure_round))
@@ -93,15 +107,64 @@ class CaseRunner:
             pool.close()
         return tuple(results)
 
+    async def _round(self, pool, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
+                     tick: Callable[[], None], case: ScenarioCase) -> RoundResult:
+        """One round; multi-turn prompts go turn by turn; summary with our percentiles and SLOs."""
+        turns = sorted({p.turn for p in prompts})
+        if len(turns) <= 1:
+            result = await run_round(pool, spec, prompts, round_name, on_request_done=tick)
+            return self._resummarize(result, [result], case)
+        parts = []
+        for turn in turns:
+            group = [p for p in prompts if p.turn == turn]
+            parts.append(await run_round(pool, spec, group, round_name, on_request_done=tick))
+        records, offset = [], 0
+        for part in parts:
+            records.extend(replace(r, index=r.index + offset) for r in part.records)
+            offset += len(part.records)
+        reasons = [f"turn {t}: {p.invalid_reason}" for t, p in zip(turns, parts) if p.invalid_reason]
+        merged = RoundResult(round=round_name, records=tuple(records), duration=sum(p.duration for p in parts),
+                             summary={}, max_loop_lag_ms=max(p.max_loop_lag_ms for p in parts),
+                             invalid_reason="; ".join(reasons) or None)
+        return self._resummarize(merged, parts, case)
+
+    def _resummarize(self, result: RoundResult, parts: Sequence[RoundResult], case: ScenarioCase) -> RoundResult:
+        guard = {k: v for k, v in parts[-1].summary.items() if not re.match(r"^p[0-9.]+_", k)}
+        lags = [p.summary.get("loop_lag_p99_ms") for p in parts if p.summary.get("loop_lag_p99_ms") is not None]
+        if lags:
+            guard["loop_lag_p99_ms"] = max(lags)
+        wanted = list(self._percentiles)
+        for t in case.thresholds:  # a threshold on pNN needs pNN, whatever was asked for
+            m = re.match(r"^p([0-9.]+)_", t.metric)
+            if m and float(m.group(1)) not in wanted:
+                wanted.append(float(m.group(1)))
+        summary = summarize_records(result.records, result.duration, wanted, dict(case.slos))
+        summary.update({k: v for k, v in guard.items() if k not in summary})  # the client's guard figures
+        if len(parts) > 1:
+            summary["turns"] = len(parts)
+        return replace(result, summary=summary)
+
+    async def _warmup_for(self, codec, case: ScenarioCase, trial: int, model: str) -> list[Prompt]:
+        """Warm-up prompts: random, of the case's lengths, unlike any measured prompt."""
+        if not case.warmup_requests:
+            return []
+        key = (self._tokenizer_source or model, "warmup", case.input_len, case.output_len,
+               case.warmup_requests, case.seed, trial)
+        if key not in self._prompts:
+            self._prompts[key] = await build_random_prompts(
+                codec, input_len=case.input_len, output_len=case.output_len, num_prompts=case.warmup_requests,
+                seed=case.seed, trial=-1 - trial)
+        return self._prompts[key]
+
     async def _prompts_for(self, codec, case: ScenarioCase, trial: int, model: str) -> list[Prompt]:
         key = (self._tokenizer_source or model, case.dataset, case.input_len, case.output_len,
-               case.num_prompts, case.seed, trial)
+               case.num_prompts, case.seed, trial, case.dataset_options)
         if key not in self._prompts:
             if len(self._prompts) >= self._cache_items:
                 self._prompts.pop(next(iter(self._prompts)))
             self._prompts[key] = await build_prompts(
                 codec, dataset=case.dataset, input_len=case.input_len, output_len=case.output_len,
-                num_prompts=case.num_prompts, seed=case.seed, trial=trial)
+                num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options)
         return self._prompts[key]
 
 

@@ -24,6 +24,15 @@ A scenario file holds one mapping::
     thresholds:
       median_ttft_ms: {direction: lower, threshold: 10%}
       total_token_throughput: {direction: higher, threshold: 5%}
+    dataset_options: {hit_ratio: 0.8}   # the dataset's own settings (see workloads):
+                                  #   sharegpt: path, min_len, max_total_len, output_len
+                                  #   multiturn: num_turns, common_prefix_num_tokens,
+                                  #     prefix_num_tokens, num_tokens, output_num_tokens
+                                  #   shared_prefix: hit_ratio, num_prefixes
+    kv_target_gb: [50, 100]       # choose num_prompts so a round writes this much KV
+    model_config: config.json     #   ... of this model (file, folder or mapping)
+    warmup_requests: 4            # sent before each round, not recorded
+    slo: {ttft: 500, tpot: 50}    # ms; goodput (request_goodput) counts requests meeting all
 
 Every error names the file and the key (:class:`~pytest_kvcache.errors.ScenarioError`).
 """
@@ -63,12 +72,15 @@ __all__ = [
 ]
 
 #: Keys that may vary in ``matrix`` (or stand at top level as one value).
-MATRIX_KEYS: tuple[str, ...] = ("backend", "input_len", "concurrency", "output_len", "num_prompts", "dataset")
-DATASETS: tuple[str, ...] = ("random",)
+MATRIX_KEYS: tuple[str, ...] = ("backend", "input_len", "concurrency", "output_len", "num_prompts", "dataset",
+                                 "kv_target_gb")
+DATASETS: tuple[str, ...] = ("random", "sharegpt", "multiturn", "shared_prefix")
+SLO_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
 APIS: tuple[str, ...] = ("completions", "chat")
 TOP_KEYS: frozenset[str] = frozenset(
     {"name", "phase", "description", "matrix", "rounds", "measure", "trials", "seed", "api",
-     "request_rate", "burstiness", "thresholds", "paired_with", *MATRIX_KEYS}
+     "request_rate", "burstiness", "thresholds", "paired_with", "dataset_options", "model_config",
+     "warmup_requests", "slo", *MATRIX_KEYS}
 )
 DEFAULTS: dict[str, Any] = {
     "dataset": "random",
@@ -170,6 +182,9 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     for key in MATRIX_KEYS:
         where = f"matrix.{key}" if key in matrix else key
         raw = matrix[key] if key in matrix else data.get(key, DEFAULTS.get(key))
+        if key == "kv_target_gb" and raw is None:
+            dims[key] = [0.0]
+            continue
         if raw is None:
             raise ScenarioError(path, key, "is required (in matrix or at top level)")
         values = raw if isinstance(raw, list) else [raw]
@@ -198,6 +213,12 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         raise ScenarioError(path, "burstiness", f"{burstiness!r} must be a positive number (1 = Poisson arrivals)")
     explicit = _thresholds(data.get("thresholds"), path)
     reference = _paired_with(data.get("paired_with"), path)
+    options_json = _dataset_options(data.get("dataset_options"), dims["dataset"], path)
+    warmup = data.get("warmup_requests", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ScenarioError(path, "warmup_requests", f"{warmup!r} must be a non-negative integer")
+    slos = _slos(data.get("slo"), path)
+    kv_per_token = _kv_per_token(data, dims, matrix, path)
 
     varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
     cases = []
@@ -205,6 +226,10 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         values = dict(zip(MATRIX_KEYS, combo))
         if reference is not None and values["backend"] == reference:
             continue  # a backend paired with itself compares nothing
+        if values["kv_target_gb"]:
+            from .kvsize import prompts_for_kv_target
+
+            values["num_prompts"] = prompts_for_kv_target(values["kv_target_gb"], kv_per_token, values["input_len"])
         cases.append(
             ScenarioCase(
                 scenario=name,
@@ -226,11 +251,80 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
                 burstiness=float(burstiness),
                 thresholds=explicit if explicit is not None else default_thresholds(values["output_len"]),
                 reference_backend=reference,
+                dataset_options=options_json,
+                warmup_requests=warmup,
+                slos=slos,
+                kv_target_gb=float(values["kv_target_gb"]),
             )
         )
     if not cases:
         raise ScenarioError(path, "paired_with", "leaves no item: every backend of the matrix is the reference")
     return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
+
+
+def _dataset_options(raw: Any, datasets: list[str], path: Path | str) -> str:
+    """Validated options as canonical JSON ("" when none)."""
+    import json
+
+    from .workloads import OptionProblem, check_dataset_options
+
+    if raw is None:
+        return ""
+    if not isinstance(raw, dict):
+        raise ScenarioError(path, "dataset_options", f"{raw!r} must be a mapping of option -> value")
+    if len(datasets) > 1:
+        raise ScenarioError(path, "dataset_options", "cannot apply to several datasets; "
+                            "use one scenario file per dataset")
+    options = dict(raw)
+    if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
+        beside = Path(str(path)).parent / options["path"]
+        if beside.exists():
+            options["path"] = str(beside)
+    try:
+        options = check_dataset_options(datasets[0], options)
+    except OptionProblem as exc:
+        raise ScenarioError(path, f"dataset_options.{exc.key}", exc.problem) from None
+    return json.dumps(options, sort_keys=True) if options else ""
+
+
+def _slos(raw: Any, path: Path | str) -> tuple[tuple[str, float], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict) or not raw:
+        raise ScenarioError(path, "slo", "must map ttft, tpot or e2el to milliseconds, e.g. {ttft: 500, tpot: 50}")
+    out = []
+    for metric, value in raw.items():
+        if metric not in SLO_METRICS:
+            raise ScenarioError(path, f"slo.{metric}", f"unknown; use {', '.join(SLO_METRICS)} (milliseconds)")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ScenarioError(path, f"slo.{metric}", f"{value!r} must be a positive number of milliseconds")
+        out.append((metric, float(value)))
+    return tuple(out)
+
+
+def _kv_per_token(data: dict, dims: dict, matrix: dict, path: Path | str) -> int:
+    """KV bytes per token of ``model_config`` when a KV-size target is set, else 0."""
+    from .kvsize import kv_bytes_per_token
+
+    targeted = any(dims["kv_target_gb"])
+    raw = data.get("model_config")
+    if not targeted:
+        if raw is not None:
+            raise ScenarioError(path, "model_config", "is only used with kv_target_gb; set both or neither")
+        return 0
+    if "num_prompts" in data or "num_prompts" in matrix:
+        raise ScenarioError(path, "kv_target_gb", "chooses num_prompts itself; remove num_prompts")
+    if raw is None:
+        raise ScenarioError(path, "model_config", "is required with kv_target_gb: the model's config.json "
+                            "(a path, relative to this file or absolute) or its mapping")
+    if isinstance(raw, str) and not Path(raw).is_absolute() and (Path(str(path)).parent / raw).exists():
+        raw = str(Path(str(path)).parent / raw)
+    if not isinstance(raw, (str, dict)):
+        raise ScenarioError(path, "model_config", f"{raw!r} must be a path to config.json or a mapping")
+    try:
+        return kv_bytes_per_token(raw)
+    except (ValueError, TypeError) as exc:
+        raise ScenarioError(path, "model_config", str(exc)) from None
 
 
 def _require(data: dict, key: str, path: Path | str) -> Any:
@@ -248,6 +342,10 @@ def _check_dim(key: str, value: Any, where: str, path: Path | str) -> Any:
         if value not in DATASETS:
             raise ScenarioError(path, where, f"unknown dataset {value!r}; use one of: {', '.join(DATASETS)}")
         return value
+    if key == "kv_target_gb":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ScenarioError(path, where, f"{value!r} must be a positive number of GB (10^9 bytes), e.g. 50")
+        return float(value)
     if key == "input_len":
         try:
             return parse_token_count(value)
@@ -357,4 +455,6 @@ def _case_id(values: dict[str, Any], varying: Iterable[str], reference: str | No
         parts.append(f"n{values['num_prompts']}")
     if "dataset" in varying:
         parts.append(values["dataset"])
+    if "kv_target_gb" in varying:
+        parts.append(f"{values['kv_target_gb']:g}gb")
     return "-".join(parts)

@@ -43,6 +43,8 @@ class Settings:
     #: a warm round of an offload backend must load at least this fraction of the whole
     #: chunks of its prompts from the tier (telemetry.check_hits); 0 turns the check off
     min_hit_ratio: float = 0.5
+    #: percentiles reported for every latency (--percentiles)
+    percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
 
 
 @dataclass
@@ -114,7 +116,7 @@ class KVSession:
         try:
             server = self.pool.acquire(backend)
             if self.runner is None:
-                self.runner = CaseRunner(self.settings.tokenizer)
+                self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles)
             results = self.runner.run(case, server.base_url, server.model, list(trial_indices), progress,
                                       telemetry=server.telemetry)
         except KVCacheError as exc:

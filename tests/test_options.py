@@ -281,3 +281,43 @@ def pytest_collection_finish(session):
                                "--kv-gpu-memory-utilization", "0.85")
     assert result.ret == 0, result.stderr.str()
     result.stdout.fnmatch_lines(["ENGINE 8 4096 0.85"])
+
+
+# -- --percentiles (metrics.summarize) ------------------------------------------------
+
+
+def test_percentiles_option_good_bad_help_and_reach_the_settings(project):
+    text = project.runpytest("--help").stdout.str()
+    assert "--percentiles" in text and "kvcache_percentiles" in text
+    project.makeconftest("""
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    print("PCT", session.config.stash[SESSION_KEY].settings.percentiles)
+""")
+    result = project.runpytest("--collect-only", "-q", "-s", "--percentiles", "50,90,99.9")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["PCT (50.0, 90.0, 99.9)"])
+    default = project.runpytest("--collect-only", "-q", "-s")
+    default.stdout.fnmatch_lines(["PCT (50.0, 90.0, 99.0)"])
+    for bad in ("ninety", "0", "101"):
+        refused = project.runpytest("--collect-only", "--percentiles", bad)
+        assert refused.ret == pytest.ExitCode.USAGE_ERROR
+        refused.stderr.fnmatch_lines([f"*--percentiles / kvcache_percentiles*{bad}*"])
+
+
+def test_percentiles_ini_good_and_bad(project):
+    project.makeini("[pytest]\nkvcache_percentiles = 95, 99\n")
+    project.makeconftest("""
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    print("PCT", session.config.stash[SESSION_KEY].settings.percentiles)
+""")
+    result = project.runpytest("--collect-only", "-q", "-s")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["PCT (95.0, 99.0)"])
+    project.makeini("[pytest]\nkvcache_percentiles = p99\n")
+    refused = project.runpytest("--collect-only")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines(["*--percentiles / kvcache_percentiles*p99*"])

@@ -88,3 +88,70 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
     path.write_text("name: x\nmatrix: [unclosed\n")
     with pytest.raises(ScenarioError, match=r"broken.yaml: key '<yaml>': not valid YAML at line \d"):
         load_scenario(path)
+
+
+# -- dataset keys: dataset_options, kv_target_gb + model_config, warmup_requests, slo ----
+
+
+def test_dataset_options_reach_the_cases_and_the_fingerprint():
+    s = parse_scenario(_minimal(dataset="shared_prefix", dataset_options={"hit_ratio": 0.8, "num_prefixes": 2},
+                                warmup_requests=3, slo={"ttft": 500, "tpot": 50}), "x.yaml")
+    case = s.cases[0]
+    assert case.dataset == "shared_prefix" and case.options == {"hit_ratio": 0.8, "num_prefixes": 2}
+    assert case.warmup_requests == 3 and dict(case.slos) == {"ttft": 500.0, "tpot": 50.0}
+    assert case.workload_params["dataset_options"] == {"hit_ratio": 0.8, "num_prefixes": 2}
+    plain = parse_scenario(_minimal(), "x.yaml").cases[0]
+    assert not {"dataset_options", "warmup_requests", "kv_target_gb"} & set(plain.workload_params)
+
+
+def test_multiturn_options_in_vllm_shape():
+    s = parse_scenario(_minimal(dataset="multiturn", dataset_options={
+        "num_turns": {"distribution": "uniform", "min": 12, "max": 18},
+        "common_prefix_num_tokens": {"distribution": "constant", "value": 500},
+        "prefix_num_tokens": {"distribution": "lognormal", "average": 4000, "max": 20000},
+        "num_tokens": {"distribution": "uniform", "min": 120, "max": 160}}), "x.yaml")
+    assert s.cases[0].options["prefix_num_tokens"]["max"] == 20000
+
+
+def test_kv_target_chooses_num_prompts(tmp_path):
+    config = {"num_hidden_layers": 61, "num_attention_heads": 128, "kv_lora_rank": 512,
+              "qk_rope_head_dim": 64, "hidden_size": 7168, "torch_dtype": "bfloat16"}
+    s = parse_scenario(_minimal(matrix={"backend": ["disk"], "input_len": ["100k"],
+                                        "kv_target_gb": [50, 100, 150, 200, 250]}, model_config=config), "x.yaml")
+    assert [c.num_prompts for c in s.cases] == [8, 15, 22, 29, 36]
+    assert [c.case_id for c in s.cases][:2] == ["disk-100k-c16-50gb", "disk-100k-c16-100gb"]
+    assert s.cases[0].workload_params["kv_target_gb"] == 50.0
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    path = tmp_path / "kv.yaml"
+    s2 = parse_scenario(_minimal(input_len="100k", matrix={"backend": ["disk"]}, kv_target_gb=50,
+                                 model_config="config.json"), path)
+    assert s2.cases[0].num_prompts == 8
+
+
+@pytest.mark.parametrize("data,key", [
+    (_minimal(dataset="mmlu"), "dataset"),
+    (_minimal(dataset_options=[1]), "dataset_options"),
+    (_minimal(dataset="shared_prefix", dataset_options={"hit_ratio": 2}), "dataset_options.hit_ratio"),
+    (_minimal(dataset_options={"hit_ratio": 0.5}), "dataset_options.hit_ratio"),
+    (_minimal(dataset="multiturn", dataset_options={"num_turns": {"distribution": "zipf"}}),
+     "dataset_options.num_turns.distribution"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": [1], "dataset": ["random", "multiturn"]},
+              dataset_options={"num_turns": 2}), "dataset_options"),
+    (_minimal(warmup_requests=-1), "warmup_requests"),
+    (_minimal(slo={"latency": 5}), "slo.latency"),
+    (_minimal(slo={"ttft": 0}), "slo.ttft"),
+    (_minimal(slo=[5]), "slo"),
+    (_minimal(kv_target_gb=50), "model_config"),
+    (_minimal(kv_target_gb=-5, model_config={}), "kv_target_gb"),
+    (_minimal(kv_target_gb=50, num_prompts=3, model_config={}), "kv_target_gb"),
+    (_minimal(kv_target_gb=50, model_config={"num_attention_heads": 4}), "model_config"),
+    (_minimal(kv_target_gb=50, model_config="/no/config.json"), "model_config"),
+    (_minimal(model_config={}), "model_config"),
+])
+def test_malformed_dataset_keys_name_file_and_key(data, key):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "scen/bad.yaml")
+    assert info.value.key == key, str(info.value)
+    assert str(info.value).startswith(f"scen/bad.yaml: key '{key}':")

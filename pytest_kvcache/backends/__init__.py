@@ -100,6 +100,7 @@ class Rendered:
     files: dict[str, str]
     metrics_urls: tuple[str, ...]
     ports: dict[str, int]
+    emulator_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,7 +146,8 @@ class BackendConfig:
         return {"backend": self.name, "backend_config": text}
 
     def port_names(self) -> list[str]:
-        texts = [*self.vllm_args, *(v for _, v in self.env), *(c for _, c in self.files), *self.metrics_urls]
+        texts = [*self.vllm_args, *self.emulator_args, *(v for _, v in self.env), *(c for _, c in self.files),
+                 *self.metrics_urls]
         for s in self.services:
             texts.extend(s.argv)
             texts.extend(v for _, v in s.env)
@@ -178,7 +180,8 @@ class BackendConfig:
                                  env=tuple((k, fill(v)) for k, v in s.env)) for s in self.services)
         return Rendered(vllm_args=tuple(fill(a) for a in self.vllm_args),
                         env={k: fill(v) for k, v in self.env}, services=services, files=files,
-                        metrics_urls=tuple(fill(u) for u in self.metrics_urls), ports=dict(ports))
+                        metrics_urls=tuple(fill(u) for u in self.metrics_urls), ports=dict(ports),
+                        emulator_args=tuple(fill(a) for a in self.emulator_args))
 
     def cleanup(self) -> None:
         if self.workdir:
@@ -236,7 +239,7 @@ def _emulator(name: str, workdir: Path, options: BackendOptions | None = None) -
     if name == "cpu":
         return BackendConfig(name=name, workdir=None,
                              emulator_args=("--backend", name, "--cpu-size-gb", EMULATED_CPU_GB))
-    if name == "waterfall":  # RAM over disk; reachable once "waterfall" is in models.BACKENDS
+    if name == "waterfall":  # RAM over disk, as in the MLPerf storage benchmark (seed 002)
         path = workdir / "waterfall-tier"
         path.mkdir(parents=True, exist_ok=True)
         return BackendConfig(name=name, workdir=str(path), emulator_args=(

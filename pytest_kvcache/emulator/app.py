@@ -297,6 +297,8 @@ class Emulator:
         self._bg: set[asyncio.Task] = set()
         self._active: set[asyncio.Task] = set()  # handlers generating tokens
         self._pools = None  # (read, write) thread pools of file tiers, made on first use
+        self._step_prefill_s = 0.0  # batched scheduler: prefill time of the current step
+        self._slot_freed = asyncio.Event()  # batched scheduler: a running request finished
 
     def abort_requests(self) -> int:
         """Cancel every request in flight (used on SIGTERM); return how many."""
@@ -485,7 +487,9 @@ class Emulator:
         Each step serves every decoding sequence one token (their intervals are modeled
         per request by :meth:`_itl_s`; here they only take budget and step time) and
         fills the rest of ``max_num_batched_tokens`` with prefill chunks of admitted
-        sequences in arrival order (chunked prefill).  A sequence is admitted from the
+        sequences in arrival order (chunked prefill); while a step computes prefill
+        chunks, each decode interval grows by that compute time (decode and prefill share
+        the GPU), so cold prefills slow the streams around them.  A sequence is admitted from the
         waiting queue while fewer than ``max_num_seqs`` run; on admission its cached
         prefix is looked up and really loaded, and its load/store time joins its first
         step.  A sequence's first token leaves when the step that ends its prefill ends.
@@ -525,6 +529,9 @@ class Emulator:
                                               + prof.store_ms(self.tier_name, stored))
                 prefilling.append([req, fut, max(1, req.n - cached), cached, start, extra, j])
             if not prefilling:
+                # every slot decodes: wait until a request finishes (no busy loop)
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
                 continue
             # one step
             t0 = perf()
@@ -550,6 +557,7 @@ class Emulator:
             step_ms = self.slow * (self.slow_prefill * compute + other
                                    + self.slow_decode * prof.decode_ms_per_running_seq * self.decoding)
             deadline = t0 + step_ms / 1000.0
+            self._step_prefill_s = self.slow * self.slow_prefill * (compute - prof.step_base_ms) / 1000.0
             for r in scheduled:
                 r.modeled_ms += step_ms
             try:
@@ -559,12 +567,14 @@ class Emulator:
                     if not e[1].done():
                         e[1].cancel()
                 raise
+            self._step_prefill_s = 0.0
             for e in finished:
                 prefilling.remove(e)
                 req, fut = e[0], e[1]
                 if fut.done():  # cancelled: give its slot back
                     self.running -= 1
                     self.context_tokens -= req.n
+                    self._slot_freed.set()
                     continue
                 fut.set_result(((e[4] - req.arrival) * 1000.0, e[3], deadline))
 
@@ -594,6 +604,10 @@ class Emulator:
 
     def _itl_s(self, req: _Request | None = None) -> float:
         itl = self.slow * self.profile.itl_ms(self.decoding) / 1000.0
+        if self._step_prefill_s:
+            # batched scheduler: a decode step shares the GPU with the prefill chunks of
+            # the step in progress (chunked prefill), so it lasts that much longer
+            itl += self._step_prefill_s
         if self.slow_decode != 1.0:
             itl *= self.slow_decode
         if self.jitter and req is not None:
@@ -797,6 +811,7 @@ class Emulator:
             if started:
                 self.running -= 1
                 self.context_tokens -= req.n
+                self._slot_freed.set()
             if self.fixed:
                 task = asyncio.get_running_loop().create_task(self._fixed_cache_work(req))
                 self._bg.add(task)

@@ -77,7 +77,10 @@ contexts ``n_i`` and ``d`` decoding sequences lasts::
               + prefill_ms_per_token_sq * sum(c_i * n_i) / 1000
               + decode_ms_per_running_seq * d
 
-plus the load/store time of the sequences whose first chunk is in the step.
+plus the load/store time of the sequences whose first chunk is in the step.  Decode
+intervals are modeled per request as in the quick profile, plus the prefill compute of
+the step in progress (chunked prefill shares each step with the decodes), so a warm
+round (less prefill) also shows a lower TPOT, as in seed 001.
 
 KV bytes per token come from each model's configuration
 (layers x KV heads x head_dim x 2 (K and V) x 2 bytes (bf16); MLA: layers x

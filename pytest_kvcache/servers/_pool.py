@@ -144,9 +144,13 @@ class ServerPool:
         extra_metrics: tuple[str, ...] = ()
         if s.kind == "emulator":
             model = s.model or "emulated-model"
+            ports = {n: free_port() for n in backend.port_names()}
+            rendered = backend.render(ports)
+            services = self._start_services(backend, rendered.services, ports)  # e.g. the redis tier's server
+            extra_metrics = rendered.metrics_urls
             argv = [sys.executable, "-m", "pytest_kvcache.emulator", "--host", "127.0.0.1", "--port", str(port),
                     "--model", model, "--profile", s.emulator_profile, "--slowdown", repr(s.emulator_slowdown),
-                    *backend.emulator_args, *s.extra_args]
+                    *rendered.emulator_args, *s.extra_args]
             info = {"server": "emulator", "emulator_profile": s.emulator_profile, "gpu": "emulated",
                     "server_args": " ".join(s.extra_args)}
             info.update({f"label.{k}": v for k, v in s.labels})

@@ -479,3 +479,26 @@ def test_waterfall_backend_hits_priced_by_the_tier_holding_them(emu_factory, tmp
     assert out["cpu", "big"]["modeled_ms"] < out["wf", "big"]["modeled_ms"] < out["disk", "big"]["modeled_ms"]
     assert emu.metric("lmcache:local_disk_usage") > 0 and emu.metric("lmcache:local_cpu_usage") > 0
     assert list((tmp_path / "wf").glob("*.kvchunk"))
+
+
+def test_batched_prefill_slows_decode_streams_cold_not_warm(emu_factory):
+    """Chunked prefill shares steps with decodes: a cold 8k prefill stretches the intervals
+    of a stream decoding beside it; the same prompt warm (cpu offload) hardly does."""
+    emu = emu_factory("--backend", "cpu", "--profile", "a100-qwen2.5-7b", "--slowdown", "0.05",
+                      "--log-level", "warning")
+    long_ids = random_ids(8000, 600)
+
+    async def beside(seed: int) -> list[float]:
+        dec = asyncio.create_task(raw_stream(emu.port, "/v1/completions",
+                                             body_of(random_ids(100, seed), max_tokens=150)))
+        await asyncio.sleep(0.03)
+        await raw_stream(emu.port, "/v1/completions", body_of(long_ids))
+        _, events = await dec
+        return [e for _, e in events if e is not None][-1]["emulator_timing"]["itl_ms"]
+
+    cold = asyncio.run(beside(601))
+    warm = asyncio.run(beside(602))
+    p = PROFILES["a100-qwen2.5-7b"]
+    prefill = 0.05 * (p.prefill_ms(8000, 8000) - p.prefill_base_ms)  # ~44 ms
+    assert max(cold) > 0.6 * prefill, (max(cold), prefill)
+    assert max(warm) < 0.3 * prefill, (max(warm), prefill)
