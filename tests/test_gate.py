@@ -55,7 +55,10 @@ def test_gate_fails_only_for_a_real_regression(project):
 
     unchanged = run(project)
     assert unchanged.ret == 0
-    assert verdict(project)["zone"] == "PASS"
+    # with the fixed profile's tiny noise a 1% drift of a loaded machine can be
+    # significant (WARN), never a regression
+    comparison = verdict(project)["comparisons"][0]
+    assert comparison["verdict"]["zone"] in ("PASS", "WARN") and abs(comparison["change_pct"]) < 5
 
     slower = run(project, "--emulator-slowdown=1.2")
     assert slower.ret == pytest.ExitCode.TESTS_FAILED
