@@ -70,6 +70,22 @@ log = logging.getLogger("pytest_kvcache.emulator")
 
 _MAGIC = b"KVEM"
 _HEADER = struct.Struct("<4sIII")  # magic, payload length, crc32, reserved
+
+
+def _frame(data: bytes) -> bytes:
+    """A stored chunk: header (magic, length, CRC32) + payload."""
+    return _HEADER.pack(_MAGIC, len(data), zlib.crc32(data), 0) + data
+
+
+def _unframe(raw: bytes | None) -> bytes | None:
+    """The payload of a stored chunk, or None when it is missing, short or corrupt."""
+    if raw is None or len(raw) < _HEADER.size:
+        return None
+    magic, length, crc, _ = _HEADER.unpack_from(raw)
+    payload = raw[_HEADER.size:_HEADER.size + length]
+    if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        return None
+    return payload
 _ALIGN = 4096
 _SUFFIX = ".kvchunk"
 
@@ -341,12 +357,8 @@ class DiskTier(Tier):
         except OSError:
             self.evict(key)
             return None
-        if len(raw) < _HEADER.size:
-            self.evict(key)
-            return None
-        magic, length, crc, _ = _HEADER.unpack_from(raw)
-        payload = raw[_HEADER.size : _HEADER.size + length]
-        if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        payload = _unframe(raw)
+        if payload is None:  # corrupt or truncated: a miss, never a silent hit
             self.evict(key)
             return None
         with self._lock:
@@ -358,7 +370,7 @@ class DiskTier(Tier):
         size = len(data)
         if size > self.capacity_bytes:
             return []
-        blob = _HEADER.pack(_MAGIC, size, zlib.crc32(data), 0) + data
+        blob = _frame(data)
         self._write_file(self._file(key), blob)
         with self._lock:
             old = self._index.pop(key, None)
@@ -620,12 +632,8 @@ class RedisTier(Tier):
         except RespError as exc:
             log.warning("redis GET failed: %s", exc)
             return None
-        if raw is None or len(raw) < _HEADER.size:
-            self.evict(key)
-            return None
-        magic, length, crc, _ = _HEADER.unpack_from(raw)
-        payload = raw[_HEADER.size: _HEADER.size + length]
-        if magic != _MAGIC or len(payload) != length or zlib.crc32(payload) != crc:
+        payload = _unframe(raw)
+        if payload is None:  # corrupt or truncated: a miss, never a silent hit
             self.evict(key)
             return None
         with self._lock:
@@ -637,7 +645,7 @@ class RedisTier(Tier):
         size = len(data)
         if size > self.capacity_bytes:
             return []
-        blob = _HEADER.pack(_MAGIC, size, zlib.crc32(data), 0) + data
+        blob = _frame(data)
         self.client.call("SET", self._rkey(key), blob)
         with self._lock:
             old = self._index.pop(key, None)
