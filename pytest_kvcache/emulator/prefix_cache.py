@@ -144,6 +144,19 @@ class Tier:
     def clear(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def _accept(self, key: bytes, raw: bytes | None) -> bytes | None:
+        """The payload of a chunk read back from storage, marked recently used; a corrupt
+        or truncated one is evicted and is a miss, never a silent hit. For tiers that keep
+        an ``_index`` (an OrderedDict in LRU order) of what they stored."""
+        payload = _unframe(raw)
+        if payload is None:
+            self.evict(key)
+            return None
+        with self._lock:
+            if key in self._index:
+                self._index.move_to_end(key)
+        return payload
+
 
 class NoneTier(Tier):
     name = "none"
@@ -357,14 +370,7 @@ class DiskTier(Tier):
         except OSError:
             self.evict(key)
             return None
-        payload = _unframe(raw)
-        if payload is None:  # corrupt or truncated: a miss, never a silent hit
-            self.evict(key)
-            return None
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-        return payload
+        return self._accept(key, raw)
 
     def put(self, key: bytes, data: bytes) -> list[bytes]:
         size = len(data)
@@ -632,14 +638,7 @@ class RedisTier(Tier):
         except RespError as exc:
             log.warning("redis GET failed: %s", exc)
             return None
-        payload = _unframe(raw)
-        if payload is None:  # corrupt or truncated: a miss, never a silent hit
-            self.evict(key)
-            return None
-        with self._lock:
-            if key in self._index:
-                self._index.move_to_end(key)
-        return payload
+        return self._accept(key, raw)
 
     def put(self, key: bytes, data: bytes) -> list[bytes]:
         size = len(data)

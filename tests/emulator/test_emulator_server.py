@@ -85,20 +85,6 @@ class Emu:
         return self.proc.returncode
 
 
-@pytest.fixture(scope="module")
-def emu_factory(tmp_path_factory):
-    started: list[Emu] = []
-    tmp = tmp_path_factory.mktemp("emu")
-
-    def start(*args: str) -> Emu:
-        e = Emu(tmp, *args)
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
-
 
 @pytest.fixture(scope="module")
 def cpu_emu(emu_factory) -> Emu:

@@ -21,7 +21,6 @@ import pytest
 from test_emulator_server import (
     MODEL,
     ROOT,
-    Emu,
     free_port,
     random_ids,
     raw_stream,
@@ -88,21 +87,6 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     yield server
     server.stop()
-
-
-@pytest.fixture(scope="module")
-def emu_factory(tmp_path_factory):
-    started: list[Emu] = []
-    tmp = tmp_path_factory.mktemp("emu")
-
-    def start(*args: str) -> Emu:
-        e = Emu(tmp, *args)
-        started.append(e)
-        return e
-
-    yield start
-    for e in started:
-        e.stop()
 
 
 def body_of(ids, max_tokens: int = 1) -> dict:
