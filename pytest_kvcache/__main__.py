@@ -1,4 +1,6 @@
-"""``python -m pytest_kvcache compare DIR...``: one CSV, plots and the Pareto frontier over many runs.
+"""pytest-kvcache's command line: ``compare`` run folders, ``calibrate`` an emulator profile.
+
+``python -m pytest_kvcache compare DIR...``: one CSV, plots and the Pareto frontier over many runs.
 
 Replaces the seed's ``compare_offloading.py`` (CSV over every result folder, the media
 and network comparisons) and ``plot_pareto.py`` (scatter with the Pareto frontier)::
@@ -7,6 +9,14 @@ and network comparisons) and ``plot_pareto.py`` (scatter with the Pareto frontie
     python -m pytest_kvcache compare run-a run-b run-c --modality GDS --direction east-west
 
 Each DIR is a run folder (what ``--kv-results-dir`` wrote) or a folder of run folders.
+
+``python -m pytest_kvcache calibrate``: measure a real server's TTFT over input lengths
+(cold, and warm where it has an offload tier), fit an emulator profile to it and check
+it on held-out lengths (see :mod:`pytest_kvcache.calibrate`)::
+
+    python -m pytest_kvcache calibrate --kv-server vllm --model .real-stack/model \
+        --kv-python .real-stack/venv/bin/python --backend cpu -o cpu-stack.json
+    pytest --emulator-profile cpu-stack.json
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ def _token_values(text: str) -> list[str]:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_kvcache",
-                                     description="pytest-kvcache tools for result folders")
+                                     description="pytest-kvcache tools: compare result folders, calibrate the "
+                                                 "emulator")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmp_ = sub.add_parser(
         "compare", help="combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
@@ -73,7 +84,126 @@ def _parser() -> argparse.ArgumentParser:
                       help="Pareto y axis, higher is better (default total_token_throughput)")
     cmp_.add_argument("--xmax", type=float, default=None, metavar="X", help="right end of the Pareto plot's x axis")
     cmp_.add_argument("--no-plots", action="store_true", help="write the CSV files only")
+    _calibrate_parser(sub)
     return parser
+
+
+def _token_list(text: str) -> tuple[int, ...]:
+    from .scenarios import TOKEN_COUNT_FORMS, parse_token_count
+
+    try:
+        return tuple(parse_token_count(v) for v in _values(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma list of {TOKEN_COUNT_FORMS}") from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%")) / (100 if text.strip().endswith("%") else 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: a fraction such as 0.15 or a percentage such as 15%") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be between 0 and 100%")
+    return value
+
+
+def _calibrate_parser(sub) -> None:
+    cal = sub.add_parser(
+        "calibrate", help="fit an emulator profile to a real server's TTFT and check it on held-out lengths",
+        description="Measure a real server's median TTFT over input lengths at concurrency 1 (a cold round; "
+                    "with --backend, a warm round that loads from the tier), and its ITL; fit the emulator's "
+                    "cost model; check the fit and an emulator running it on held-out lengths. A profile "
+                    "within --tolerance is written to --out (use it with --emulator-profile FILE); one beyond "
+                    "it to OUT.rejected.json, with exit status 1.")
+    where = cal.add_argument_group("the server")
+    where.add_argument("--kv-server", choices=("external", "vllm"), default=None,
+                       help="start a real vLLM (vllm) or measure a running one (external, with --kv-endpoint); "
+                            "default: external when --kv-endpoint is given, else vllm")
+    where.add_argument("--kv-endpoint", default=None, metavar="URL", help="the running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--model", default=None, help="served model (vllm: the model folder or name to serve)")
+    where.add_argument("--kv-python", default=None, metavar="PATH", help="interpreter with vLLM and LMCache (vllm)")
+    where.add_argument("--kv-server-args", default="", metavar="ARGS",
+                       help="extra vllm serve arguments as one shell string, e.g. '--max-model-len 8192'")
+    where.add_argument("--kv-ready-timeout", type=float, default=300.0, metavar="S",
+                       help="seconds a started server may take to answer /health (default 300)")
+    where.add_argument("--backend", default="none",
+                       help="the server's offload tier: none (cold only), cpu, disk, gds or redis (default none)")
+    where.add_argument("--tokenizer", default=None, metavar="PATH",
+                       help="tokenizer.json or model folder (default: the --model folder if it has one, else "
+                            "the server's /tokenize)")
+    what = cal.add_argument_group("what to measure")
+    what.add_argument("--input-lens", type=_token_list, default=(300, 600, 1200, 2500, 5000, 7500), metavar="LENS",
+                      help="fitted input lengths (default 300,600,1.2k,2.5k,5k,7.5k; not multiples of the chunk)")
+    what.add_argument("--holdout", type=_token_list, default=(1800, 3600), metavar="LENS",
+                      help="held-out input lengths, measured and checked, never fitted (default 1.8k,3.6k)")
+    what.add_argument("--prompts", type=int, default=8, help="prompts per length and round (default 8)")
+    what.add_argument("--passes", type=int, default=2,
+                      help="measure each length's prompts in this many passes, up the lengths then down, so a "
+                           "machine drifting slower slows every length alike (default 2)")
+    what.add_argument("--output-len", type=int, default=4, help="output tokens of the TTFT rounds (default 4)")
+    what.add_argument("--decode-concurrency", type=int, default=8,
+                      help="concurrency of the second decode round (default 8)")
+    what.add_argument("--chunk-size", type=int, default=256, help="LMCache's chunk size in tokens (default 256)")
+    what.add_argument("--seed", type=int, default=0)
+    fit = cal.add_argument_group("the profile")
+    fit.add_argument("--model-config", default=None, metavar="PATH",
+                     help="the model's config.json, for its KV bytes per token (default: the --model folder's)")
+    fit.add_argument("--kv-bytes-per-token", type=int, default=None, metavar="N", help="instead of --model-config")
+    fit.add_argument("--name", default=None, help="profile name (default calibrated-MODEL)")
+    fit.add_argument("--tolerance", type=_fraction, default=0.15,
+                     help="largest relative error allowed on a held-out length (default 15%%)")
+    fit.add_argument("--no-verify", action="store_true",
+                     help="check the fitted formula only, without starting an emulator running it")
+    fit.add_argument("-o", "--out", type=Path, default=Path("kvcache-profile.json"),
+                     help="profile file to write (default kvcache-profile.json)")
+    fit.add_argument("--work-dir", type=Path, default=None,
+                     help="server logs and tier files (default kvcache-results/calibrate-TIMESTAMP)")
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    import datetime as _dt
+    import shlex
+
+    from . import calibrate as C
+    from .kvsize import kv_bytes_per_token
+    from .servers import ServerSettings
+
+    kind = args.kv_server or ("external" if args.kv_endpoint else "vllm")
+    if kind == "external" and not args.kv_endpoint:
+        raise C.CalibrationError("--kv-server external needs --kv-endpoint URL")
+    if kind == "vllm" and not args.model:
+        raise C.CalibrationError("--kv-server vllm needs --model (the model folder or name to serve)")
+    try:
+        extra_args = tuple(shlex.split(args.kv_server_args))
+    except ValueError as exc:
+        raise C.CalibrationError(f"--kv-server-args {args.kv_server_args!r}: {exc}") from None
+    model_dir = Path(args.model) if args.model and Path(args.model).is_dir() else None
+    tokenizer = args.tokenizer or (str(model_dir) if model_dir and (model_dir / "tokenizer.json").is_file() else None)
+    kv_bytes = args.kv_bytes_per_token
+    config = args.model_config or (str(model_dir) if model_dir and (model_dir / "config.json").is_file() else None)
+    if kv_bytes is None and config:
+        try:
+            kv_bytes = kv_bytes_per_token(config)
+        except ValueError as exc:
+            raise C.CalibrationError(f"--model-config {config}: {exc}") from None
+    plan = C.CalibrationPlan(input_lens=args.input_lens, holdout_lens=args.holdout, prompts=args.prompts,
+                             passes=args.passes, output_len=args.output_len, backend=args.backend, chunk_size=args.chunk_size,
+                             decode_concurrency=args.decode_concurrency, tolerance=args.tolerance, seed=args.seed)
+    server = ServerSettings(kind=kind, endpoint=args.kv_endpoint, model=args.model, python=args.kv_python,
+                            extra_args=extra_args, ready_timeout=args.kv_ready_timeout)
+    work_dir = args.work_dir or Path("kvcache-results") / f"calibrate-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+    result = C.calibrate(plan, server, out=args.out, work_dir=work_dir, tokenizer=tokenizer,
+                         kv_bytes_per_token=kv_bytes, name=args.name, verify=not args.no_verify,
+                         progress=lambda line: print(f"calibrate: {line}", flush=True))
+    for line in C.report_lines(result):
+        print(line)
+    if result.record.passes():
+        print(f"wrote {result.path}: use it with --emulator-profile {result.path}")
+        return 0
+    print(f"pytest-kvcache calibrate: the profile misses a held-out length by more than "
+          f"{100 * plan.tolerance:.0f}%; not written to {args.out}, kept as {result.path} to inspect "
+          "(more prompts, a quieter machine, or lengths that bracket the held-out ones)", file=sys.stderr)
+    return 1
 
 
 def _frontier_table(frontier: list[dict], x: str, y: str) -> list[str]:
@@ -130,13 +260,16 @@ def compare(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    from .errors import KVCacheError
     from .report.rows import ResultsError
 
     try:
         if args.command == "compare":
             return compare(args)
-    except ResultsError as exc:
-        print(f"pytest-kvcache compare: error: {exc}", file=sys.stderr)
+        if args.command == "calibrate":
+            return calibrate(args)
+    except (ResultsError, KVCacheError) as exc:
+        print(f"pytest-kvcache {args.command}: error: {exc}", file=sys.stderr)
         return 2
     parser.error(f"unknown command {args.command!r}")
     return 2

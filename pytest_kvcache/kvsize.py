@@ -1,4 +1,4 @@
-"""KV-cache size: bytes per token of a model, and prompts to write a target size.
+"""KV-cache size: bytes per token of a model, and requests to write a target size.
 
 GQA/MHA models: layers x KV heads x head_dim x 2 (K and V) x dtype bytes.
 MLA models (DeepSeek-V2/V3, ``kv_lora_rank`` in the config): layers x (kv_lora_rank +
@@ -14,7 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DTYPE_BYTES", "kv_bytes_per_token", "load_model_config", "prompts_for_kv_target"]
+__all__ = ["DTYPE_BYTES", "kv_bytes_per_token", "kv_tokens_per_request", "load_model_config",
+           "prompts_for_kv_target"]
 
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2, "bf16": 2,
                "float8": 1, "fp8": 1, "float8_e4m3fn": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
@@ -60,10 +61,21 @@ def kv_bytes_per_token(config: str | Path | Mapping[str, Any], dtype: str | None
     return layers * kv_heads * int(head_dim) * 2 * size
 
 
-def prompts_for_kv_target(target_gb: float, bytes_per_token: int, tokens_per_prompt: int, *,
+def kv_tokens_per_request(input_len: int, output_len: int = 1) -> int:
+    """Tokens whose KV one request writes: its prompt, then every generated token but the
+    last (a token's KV is computed when it is fed back for the next one; the last never
+    is).  A prefill-only request (``output_len`` 1) writes exactly its prompt, as seed 003
+    sized its runs: a fixed input length, prompts x input length x bytes per token."""
+    if input_len <= 0 or output_len <= 0:
+        raise ValueError("input and output lengths must be positive")
+    return input_len + output_len - 1
+
+
+def prompts_for_kv_target(target_gb: float, bytes_per_token: int, input_len: int, output_len: int = 1, *,
                           gib: bool = False) -> int:
-    """The fewest prompts of ``tokens_per_prompt`` tokens whose KV reaches ``target_gb``."""
-    if target_gb <= 0 or bytes_per_token <= 0 or tokens_per_prompt <= 0:
-        raise ValueError("target, bytes per token and tokens per prompt must be positive")
+    """The fewest requests of ``input_len`` prompt and ``output_len`` generated tokens
+    whose KV (:func:`kv_tokens_per_request` each) reaches ``target_gb``."""
+    if target_gb <= 0 or bytes_per_token <= 0:
+        raise ValueError("target and bytes per token must be positive")
     target = target_gb * (2**30 if gib else 10**9)
-    return max(1, math.ceil(target / (bytes_per_token * tokens_per_prompt)))
+    return max(1, math.ceil(target / (bytes_per_token * kv_tokens_per_request(input_len, output_len))))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "BACKENDS",
+    "LMCACHE_MODES",
     "PHASES",
     "ROUNDS",
     "CaseResult",
@@ -36,6 +37,10 @@ BACKENDS: tuple[str, ...] = (
     "native",
     "waterfall",
 )
+
+#: How LMCache runs beside vLLM: in vLLM's process (``LMCacheConnectorV1``), as its
+#: multi-process server (``LMCacheMPConnector`` + ``lmcache server``), or probed (auto).
+LMCACHE_MODES: tuple[str, ...] = ("auto", "inprocess", "mp")
 
 #: Phases (kinds of benchmark) a scenario may declare; each is also a pytest marker.
 PHASES: tuple[str, ...] = (
@@ -117,6 +122,11 @@ class ScenarioCase:
     slos: tuple[tuple[str, float], ...] = ()
     #: KV-size target in GB (10^9 bytes) that chose num_prompts; 0 when none.
     kv_target_gb: float = 0.0
+    #: The LMCache mode the scenario asks for (one of LMCACHE_MODES); None: the runner's
+    #: default decides. Not a workload parameter: the backend's configuration carries it.
+    lmcache_mode: str | None = None
+    #: The mode is an axis of the scenario's matrix: the item exists to measure that mode.
+    compares_lmcache_modes: bool = False
 
     @property
     def options(self) -> dict:

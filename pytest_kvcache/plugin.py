@@ -120,9 +120,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--threshold", action="append", type=_threshold_override, default=[], metavar="METRIC=PCT",
                     help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
                          "repeatable (ini: kvcache_thresholds, one per line)")
-    group.addoption("--emulator-profile", default=None, metavar="NAME",
-                    help="cost-model profile of the emulator (ini: kvcache_emulator_profile; default quick); "
-                         "python -m pytest_kvcache.emulator --help lists them")
+    group.addoption("--emulator-profile", default=None, metavar="NAME|FILE",
+                    help="cost-model profile of the emulator, by name or a profile file written by "
+                         "'python -m pytest_kvcache calibrate' (ini: kvcache_emulator_profile; default quick); "
+                         "python -m pytest_kvcache.emulator --help lists the names")
     group.addoption("--emulator-slowdown", default=None, metavar="FACTOR",
                     help="multiply every modeled time of the emulator by FACTOR > 0, to rehearse a regression "
                          "(ini: kvcache_emulator_slowdown; default 1.0)")
@@ -132,7 +133,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          ".real-stack/venv/bin/python (ini: kvcache_python; default: this one)")
     group.addoption("--kv-lmcache-mode", default=None, metavar="MODE",
                     help=f"LMCache mode under --kv-server vllm: {', '.join(LMCACHE_MODES)}; auto takes the "
-                         "multi-process server where there is no GPU (ini: kvcache_lmcache_mode; default auto)")
+                         "multi-process server where there is no GPU. Given here it overrides the scenarios' "
+                         "lmcache_mode (and keeps only this mode's items where lmcache_mode is a matrix axis); "
+                         "the ini kvcache_lmcache_mode is only a default under them (default auto)")
     group.addoption("--kv-lmcache", action="append", default=[], metavar="KEY=VALUE",
                     help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
                          "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; repeatable "
@@ -164,7 +167,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kvcache_tensor_parallel_size", "default of --kv-tensor-parallel-size", default="")
     parser.addini("kvcache_max_model_len", "default of --kv-max-model-len", default="")
     parser.addini("kvcache_gpu_memory_utilization", "default of --kv-gpu-memory-utilization", default="")
-    parser.addini("kvcache_lmcache_mode", "default of --kv-lmcache-mode", default="auto")
+    parser.addini("kvcache_lmcache_mode", "LMCache mode of scenarios without lmcache_mode (see --kv-lmcache-mode)",
+                  default="")
     parser.addini("kvcache_lmcache", "LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
                   type="linelist", default=[])
     parser.addini("kvcache_redis_url", "default of --kv-redis-url", default="")
@@ -210,6 +214,24 @@ def _choice_setting(config: pytest.Config, name: str, ini: str, choices) -> str:
     return value
 
 
+def _emulator_profile(config: pytest.Config) -> str:
+    """A built-in profile's name, or the absolute path of a readable profile file."""
+    from .emulator.costmodel import PROFILES
+    from .emulator.profile_file import ProfileFileError, is_profile_path, read_profile_file
+
+    value = _option(config, "emulator_profile", "kvcache_emulator_profile")
+    if not is_profile_path(value):
+        return _choice_setting(config, "emulator_profile", "kvcache_emulator_profile", sorted(PROFILES))
+    path = Path(value)
+    if not path.is_absolute() and not path.exists():
+        path = config.rootpath / path  # an ini value is relative to the rootdir
+    try:
+        read_profile_file(path)
+    except ProfileFileError as exc:
+        raise pytest.UsageError(f"--emulator-profile / kvcache_emulator_profile = {value!r}: {exc}") from None
+    return str(path.resolve())
+
+
 def _float_setting(config: pytest.Config, name: str, ini: str, low: float, high: float, form: str) -> float:
     raw = _option(config, name, ini)
     try:
@@ -253,9 +275,7 @@ def _settings(config: pytest.Config) -> Settings:
     if tokenizer is not None and not Path(tokenizer).exists():
         raise pytest.UsageError(f"--tokenizer / kvcache_tokenizer = {tokenizer!r}: no such file or folder; "
                                 "pass a model folder with tokenizer.json")
-    from .emulator.costmodel import PROFILES
-
-    profile = _choice_setting(config, "emulator_profile", "kvcache_emulator_profile", sorted(PROFILES))
+    profile = _emulator_profile(config)
     root = config.rootpath
     results = _option(config, "kv_results_dir", "kvcache_results_dir")
     if getattr(config, "workerinput", {}).get("kvcache_results_dir"):
@@ -333,7 +353,13 @@ def _backend_settings(config: pytest.Config, kind: str) -> dict:
     if python is not None and not Path(python).is_file():
         raise pytest.UsageError(f"--kv-python / kvcache_python = {python!r}: no such file; pass a Python "
                                 "interpreter that has vLLM, e.g. .real-stack/venv/bin/python")
-    mode = _choice_setting(config, "kv_lmcache_mode", "kvcache_lmcache_mode", LMCACHE_MODES)
+    # Kept apart: the command line beats a scenario's lmcache_mode, the ini does not.
+    mode_override = config.getoption("kv_lmcache_mode")
+    mode_default = config.getini("kvcache_lmcache_mode") or None
+    for mode in (mode_override, mode_default):
+        if mode is not None and mode not in LMCACHE_MODES:
+            raise pytest.UsageError(f"--kv-lmcache-mode / kvcache_lmcache_mode = {mode!r}: use one of "
+                                    f"{', '.join(LMCACHE_MODES)}")
     redis_url = _option(config, "kv_redis_url", "kvcache_redis_url")
     if redis_url is not None and not re.match(r"^(redis|rediss|valkey)://[^/\s:]+(:\d+)?/?$", redis_url):
         raise pytest.UsageError(f"--kv-redis-url / kvcache_redis_url = {redis_url!r}: use redis://HOST:PORT")
@@ -351,7 +377,8 @@ def _backend_settings(config: pytest.Config, kind: str) -> dict:
                                     "above 0, e.g. 600")
     return {
         "python": python,
-        "lmcache_mode": mode,
+        "lmcache_mode": mode_default,
+        "lmcache_mode_override": mode_override,
         "redis_url": redis_url,
         "gds_path": gds_path,
         "ready_timeout": timeout,
@@ -487,12 +514,15 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         "backend": {v for values in config.getoption("backend") for v in values},
         "output_len": {v for values in config.getoption("output_len") for v in values},
     }
+    # An item of a scenario comparing LMCache modes exists to measure its own mode: under
+    # another --kv-lmcache-mode it would measure that one under a false name.
+    mode_override = config.getoption("kv_lmcache_mode")
     selected, deselected = [], []
     for item in items:
         case = getattr(item, "case", None)
-        if isinstance(item, ScenarioItem) and any(
+        if isinstance(item, ScenarioItem) and (any(
             wanted and getattr(case, dim) not in wanted for dim, wanted in filters.items()
-        ):
+        ) or (mode_override is not None and case.compares_lmcache_modes and case.lmcache_mode != mode_override)):
             deselected.append(item)
         else:
             selected.append(item)

@@ -7,8 +7,8 @@ should hit it. Server counters are scraped around every round (telemetry).
 A case with ``warmup_requests`` sends that many other prompts before each round and
 records nothing of them. Multi-turn prompts (``Prompt.turn``) are sent turn by turn
 within a round: turn k of every conversation, then turn k+1, and the round's records
-and summary cover all turns. Summaries carry the requested percentiles and, with
-SLOs, ``request_goodput``.
+and summary cover all turns (its client guard figures are each the worst turn's).
+Summaries carry the requested percentiles and, with SLOs, ``request_goodput``.
 """
 
 from __future__ import annotations
@@ -129,10 +129,7 @@ class CaseRunner:
         return self._resummarize(merged, parts, case)
 
     def _resummarize(self, result: RoundResult, parts: Sequence[RoundResult], case: ScenarioCase) -> RoundResult:
-        guard = {k: v for k, v in parts[-1].summary.items() if not re.match(r"^p[0-9.]+_", k)}
-        lags = [p.summary.get("loop_lag_p99_ms") for p in parts if p.summary.get("loop_lag_p99_ms") is not None]
-        if lags:
-            guard["loop_lag_p99_ms"] = max(lags)
+        guard = _guard_figures(parts)
         wanted = list(self._percentiles)
         for t in case.thresholds:  # a threshold on pNN needs pNN, whatever was asked for
             m = re.match(r"^p([0-9.]+)_", t.metric)
@@ -166,6 +163,33 @@ class CaseRunner:
                 codec, dataset=case.dataset, input_len=case.input_len, output_len=case.output_len,
                 num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options)
         return self._prompts[key]
+
+
+#: How the client's guard figures (``loadgen.run_round``) of a round sent in turns
+#: combine: each comes from the worst turn, never an average over turns.  A round is
+#: invalid when any of its turns is (``invalid_reason`` names it), so its figures must
+#: show that turn; a mean weighted by duration would let the good turns hide it.
+_LOWEST_RATIO_TURN = {  # ratio -> the figures it is made of, taken from the same turn
+    "concurrency_ratio": ("delivered_concurrency",),
+    "request_rate_ratio": ("delivered_request_rate", "scheduled_request_rate"),
+}
+_HIGHEST_OVER_TURNS = ("loop_lag_p99_ms", "p99_arrival_lateness_ms")
+
+
+def _guard_figures(parts: Sequence[RoundResult]) -> dict[str, float | int | None]:
+    """The client's guard figures of a round sent in ``parts`` (one, or one per turn)."""
+    # the configured figures are the same in every turn; the pNN latencies are recomputed
+    guard = {k: v for k, v in parts[-1].summary.items() if not re.match(r"^p[0-9.]+_", k)}
+    for ratio, components in _LOWEST_RATIO_TURN.items():
+        measured = [(value, p.summary) for p in parts if (value := p.summary.get(ratio)) is not None]
+        if measured:
+            _, worst = min(measured, key=lambda pair: pair[0])
+            guard.update({k: worst.get(k) for k in (ratio, *components)})
+    for name in _HIGHEST_OVER_TURNS:
+        values = [v for p in parts if (v := p.summary.get(name)) is not None]
+        if values:
+            guard[name] = max(values)
+    return guard
 
 
 async def _snapshot(client, source: TelemetrySource) -> Snapshot:

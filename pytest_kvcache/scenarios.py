@@ -33,6 +33,10 @@ A scenario file holds one mapping::
     model_config: config.json     #   ... of this model (file, folder or mapping)
     warmup_requests: 4            # sent before each round, not recorded
     slo: {ttft: 500, tpot: 50}    # ms; goodput (request_goodput) counts requests meeting all
+    lmcache_mode: mp              # auto | inprocess | mp: how LMCache runs beside vLLM; under
+                                  #   --kv-lmcache-mode, over kvcache_lmcache_mode (see backends).
+                                  #   matrix: {lmcache_mode: [inprocess, mp]} compares the two
+                                  #   (one item per mode, the mode in the id)
 
 Every error names the file and the key (:class:`~pytest_kvcache.errors.ScenarioError`).
 """
@@ -50,6 +54,7 @@ from typing import Any
 from .errors import ScenarioError
 from .models import (
     BACKENDS,
+    LMCACHE_MODES,
     PHASES,
     ROUNDS,
     MetricThreshold,
@@ -73,7 +78,7 @@ __all__ = [
 
 #: Keys that may vary in ``matrix`` (or stand at top level as one value).
 MATRIX_KEYS: tuple[str, ...] = ("backend", "input_len", "concurrency", "output_len", "num_prompts", "dataset",
-                                 "kv_target_gb")
+                                 "kv_target_gb", "lmcache_mode")
 DATASETS: tuple[str, ...] = ("random", "sharegpt", "multiturn", "shared_prefix")
 SLO_METRICS: tuple[str, ...] = ("ttft", "tpot", "e2el")
 APIS: tuple[str, ...] = ("completions", "chat")
@@ -185,6 +190,9 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         if key == "kv_target_gb" and raw is None:
             dims[key] = [0.0]
             continue
+        if key == "lmcache_mode" and raw is None:
+            dims[key] = [None]  # the runner's default decides
+            continue
         if raw is None:
             raise ScenarioError(path, key, "is required (in matrix or at top level)")
         values = raw if isinstance(raw, list) else [raw]
@@ -229,7 +237,8 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         if values["kv_target_gb"]:
             from .kvsize import prompts_for_kv_target
 
-            values["num_prompts"] = prompts_for_kv_target(values["kv_target_gb"], kv_per_token, values["input_len"])
+            values["num_prompts"] = prompts_for_kv_target(values["kv_target_gb"], kv_per_token, values["input_len"],
+                                                          values["output_len"])
         cases.append(
             ScenarioCase(
                 scenario=name,
@@ -255,6 +264,8 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
                 warmup_requests=warmup,
                 slos=slos,
                 kv_target_gb=float(values["kv_target_gb"]),
+                lmcache_mode=values["lmcache_mode"],
+                compares_lmcache_modes="lmcache_mode" in varying,
             )
         )
     if not cases:
@@ -341,6 +352,10 @@ def _check_dim(key: str, value: Any, where: str, path: Path | str) -> Any:
     if key == "dataset":
         if value not in DATASETS:
             raise ScenarioError(path, where, f"unknown dataset {value!r}; use one of: {', '.join(DATASETS)}")
+        return value
+    if key == "lmcache_mode":
+        if value not in LMCACHE_MODES:
+            raise ScenarioError(path, where, f"unknown LMCache mode {value!r}; use one of: {', '.join(LMCACHE_MODES)}")
         return value
     if key == "kv_target_gb":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -457,4 +472,6 @@ def _case_id(values: dict[str, Any], varying: Iterable[str], reference: str | No
         parts.append(values["dataset"])
     if "kv_target_gb" in varying:
         parts.append(f"{values['kv_target_gb']:g}gb")
+    if "lmcache_mode" in varying:
+        parts.append(values["lmcache_mode"])
     return "-".join(parts)

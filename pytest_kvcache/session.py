@@ -16,13 +16,14 @@ from pathlib import Path
 import pytest
 
 from . import __version__
+from .backends import BackendConfig
 from .baselines import BaselineStore
 from .errors import BaselineError
 from .fingerprint import case_fingerprint
 from .models import CaseResult, ScenarioCase
 from .report.json_report import write_item_json
 from .runner import CaseRunner
-from .servers import ServerPool, ServerSettings
+from .servers import ServerHandle, ServerPool, ServerSettings
 
 __all__ = ["ItemOutcome", "KVSession", "Settings"]
 
@@ -90,7 +91,7 @@ class KVSession:
             return outcome
         backend = self._backend(outcome, case.backend)
         server, results = self._measure(outcome, case, backend, range(trials), progress)
-        result = CaseResult(case=case, trials=results, server=dict(server.info))
+        result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
         outcome.result = result
         fingerprint = case_fingerprint(case, server.model, server.info, backend.fingerprint())
         outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
@@ -104,7 +105,7 @@ class KVSession:
         from .backends import BackendUnavailable
 
         try:
-            return self.pool.backend(name)
+            return self.pool.backend(name, outcome.case.lmcache_mode)
         except BackendUnavailable as exc:
             outcome.status, outcome.message = "skipped", str(exc)
             pytest.skip(str(exc))
@@ -136,18 +137,16 @@ class KVSession:
         reference = self._backend(outcome, case.reference_backend)
         candidate = self._backend(outcome, case.backend)
         by_side: dict[str, list] = {"reference": [], "candidate": []}
-        servers = {}
+        servers: dict[str, dict] = {}
         for trial in range(trials):
             order = [("reference", reference), ("candidate", candidate)]
             for side, backend in order if trial % 2 == 0 else order[::-1]:
                 server, results = self._measure(outcome, case, backend, [trial],
                                                 lambda text, side=side: progress(f"{side} {text}"))
                 by_side[side].extend(results)
-                servers[side] = server
-        outcome.reference = CaseResult(case=case, trials=tuple(by_side["reference"]),
-                                       server=dict(servers["reference"].info))
-        outcome.result = CaseResult(case=case, trials=tuple(by_side["candidate"]),
-                                    server=dict(servers["candidate"].info))
+                servers[side] = _server_record(server, backend)
+        outcome.reference = CaseResult(case=case, trials=tuple(by_side["reference"]), server=servers["reference"])
+        outcome.result = CaseResult(case=case, trials=tuple(by_side["candidate"]), server=servers["candidate"])
         outcome.json_path = self.settings.results_dir / f"{key}.json"
         try:
             self._compare_paired(outcome)
@@ -279,6 +278,12 @@ class KVSession:
             self._fail(outcome, message + " (--strict-baselines)")
         outcome.status, outcome.message = "skipped", message
         pytest.skip(message)
+
+
+def _server_record(server: ServerHandle, backend: BackendConfig) -> dict[str, str]:
+    """The server's info and what this item's backend configuration records (its LMCache
+    mode): per item, since items that differ only there share one emulator."""
+    return {**server.info, **dict(backend.recorded)}
 
 
 def _failure_line(c, planned: int) -> str:

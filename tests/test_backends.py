@@ -21,6 +21,7 @@ from pytest_kvcache.backends import (
     BackendConfig,
     BackendOptions,
     BackendUnavailable,
+    choose_lmcache_mode,
     provision,
 )
 from pytest_kvcache.backends.probe import (
@@ -226,6 +227,76 @@ def test_mode_choice(tmp_path):
     old = StackProbe(lmcache_version="0.3.9", vllm_version="0.10.0", connectors=frozenset({"LMCacheConnectorV1"}))
     with pytest.raises(BackendUnavailable, match="has no KV connector 'LMCacheMPConnector'"):
         provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), old)
+
+
+# -- the LMCache mode of an item: option > scenario > ini > auto ---------------------------------------------
+
+
+@pytest.mark.parametrize("command_line,scenario,ini,chosen", [
+    ("mp", "inprocess", "inprocess", ("mp", "--kv-lmcache-mode")),
+    (None, "inprocess", "mp", ("inprocess", "scenario")),
+    (None, None, "mp", ("mp", "kvcache_lmcache_mode")),
+    (None, None, None, ("auto", "default")),
+    ("auto", "mp", None, ("auto", "--kv-lmcache-mode")),
+])
+def test_lmcache_mode_precedence(command_line, scenario, ini, chosen):
+    assert choose_lmcache_mode(command_line, scenario, ini) == chosen
+
+
+def test_each_mode_builds_its_own_connector_server_and_fingerprint(tmp_path):
+    inprocess = provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess",
+                                                                  lmcache_mode_from="scenario"), CPU)
+    mp = provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="mp", lmcache_mode_from="scenario"), CPU)
+    auto = provision("cpu", "vllm", tmp_path, BackendOptions(), CPU)  # no GPU: auto is mp
+    assert json.loads(inprocess.vllm_args[1])["kv_connector"] == "LMCacheConnectorV1"
+    assert [name for name, _ in inprocess.files] == ["lmcache.yaml"] and not inprocess.services
+    assert json.loads(render(mp, tmp_path).vllm_args[1])["kv_connector"] == "LMCacheMPConnector"
+    assert [s.name for s in mp.services] == ["lmcache server"] and not mp.files
+    # two modes never share a server or a baseline; auto and mp measure the same thing
+    assert inprocess.key != mp.key and inprocess.fingerprint() != mp.fingerprint()
+    assert auto.key == mp.key and auto.fingerprint() == mp.fingerprint()
+    assert json.loads(inprocess.fingerprint()["backend_config"])["mode"] == "inprocess"
+    # what was asked for, and by whom, is recorded, not keyed
+    assert dict(inprocess.recorded) == {"lmcache_mode": "inprocess", "lmcache_mode_from": "scenario"}
+    assert dict(auto.recorded) == {"lmcache_mode": "auto", "lmcache_mode_from": "default"}
+
+
+def test_the_emulator_accepts_and_records_the_mode_and_nothing_else_changes(tmp_path):
+    configs = {mode: provision("disk", "emulator", tmp_path, BackendOptions(lmcache_mode=mode,
+                                                                            lmcache_mode_from="scenario"))
+               for mode in ("auto", "inprocess", "mp")}
+    assert len({c.key for c in configs.values()}) == 1  # one emulator serves every mode
+    assert len({json.dumps(c.fingerprint()) for c in configs.values()}) == 1
+    assert dict(configs["mp"].recorded) == {"lmcache_mode": "mp", "lmcache_mode_from": "scenario"}
+
+
+@pytest.mark.parametrize("name,server_kind", [("none", "vllm"), ("native", "vllm"), ("none", "emulator"),
+                                              ("cpu", "external")])
+def test_backends_without_lmcache_ignore_the_mode(tmp_path, name, server_kind):
+    configs = [provision(name, server_kind, tmp_path, BackendOptions(lmcache_mode=mode), CPU)
+               for mode in ("inprocess", "mp")]
+    assert configs[0] == configs[1] and configs[0].recorded == ()
+
+
+def test_an_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown LMCache mode 'gpu'; use one of auto, inprocess, mp"):
+        provision("cpu", "emulator", tmp_path, BackendOptions(lmcache_mode="gpu"))
+
+
+def test_the_pool_gives_each_item_its_mode(tmp_path):
+    from pytest_kvcache.servers import ServerPool, ServerSettings
+
+    def mode(settings: ServerSettings, scenario: str | None) -> tuple[str, str]:
+        pool = ServerPool(settings, tmp_path / "work", tmp_path / "logs")
+        pool._probe = CPU
+        config = pool.backend("cpu", scenario)
+        return config.mode, dict(config.recorded)["lmcache_mode_from"]
+
+    assert mode(ServerSettings(kind="vllm"), "inprocess") == ("inprocess", "scenario")
+    assert mode(ServerSettings(kind="vllm", lmcache_mode="inprocess"), None) == ("inprocess", "kvcache_lmcache_mode")
+    assert mode(ServerSettings(kind="vllm", lmcache_mode="inprocess"), "mp") == ("mp", "scenario")
+    assert mode(ServerSettings(kind="vllm", lmcache_mode_override="mp"), "inprocess") == ("mp", "--kv-lmcache-mode")
+    assert mode(ServerSettings(kind="vllm"), None) == ("mp", "default")  # auto on a CPU machine
 
 
 def test_none_and_native(tmp_path, installed):

@@ -321,3 +321,88 @@ def pytest_collection_finish(session):
     refused = project.runpytest("--collect-only")
     assert refused.ret == pytest.ExitCode.USAGE_ERROR
     refused.stderr.fnmatch_lines(["*--percentiles / kvcache_percentiles*p99*"])
+
+
+# -- the LMCache mode: --kv-lmcache-mode > scenario lmcache_mode > ini kvcache_lmcache_mode > auto ----
+
+PRINT_MODES = """
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    pool = session.config.stash[SESSION_KEY].pool
+    for item in session.items:
+        print("MODE", item.name, dict(pool.backend(item.case.backend, item.case.lmcache_mode).recorded))
+"""
+
+
+def modes_project(pytester: pytest.Pytester, scenario_key: str = "", ini: str = "") -> pytest.Pytester:
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "modes.yaml").write_text(
+        "name: modes\nphase: prefill\nmatrix:\n  backend: [none, cpu]\n  input_len: [100]\n  concurrency: [1]\n"
+        f"num_prompts: 2\ntrials: 2\n{scenario_key}\n")
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makeconftest(PRINT_MODES)
+    return pytester
+
+
+@pytest.mark.parametrize("ini,scenario_key,args,mode,chooser", [
+    ("", "", [], "auto", "default"),
+    ("kvcache_lmcache_mode = mp", "", [], "mp", "kvcache_lmcache_mode"),
+    ("kvcache_lmcache_mode = mp", "lmcache_mode: inprocess", [], "inprocess", "scenario"),
+    ("kvcache_lmcache_mode = mp", "lmcache_mode: inprocess", ["--kv-lmcache-mode", "auto"], "auto",
+     "--kv-lmcache-mode"),
+    ("", "lmcache_mode: inprocess", ["--kv-lmcache-mode", "mp"], "mp", "--kv-lmcache-mode"),
+], ids=["auto", "ini", "scenario-over-ini", "option-over-all", "option-over-scenario"])
+def test_lmcache_mode_precedence_option_scenario_ini_auto(pytester, ini, scenario_key, args, mode, chooser):
+    project = modes_project(pytester, scenario_key, ini)
+    result = project.runpytest("--collect-only", "-q", "-s", *args)
+    assert result.ret == 0, result.stderr.str()
+    # none runs no LMCache: no mode applies; the emulator accepts and records any mode
+    recorded = {"lmcache_mode": mode, "lmcache_mode_from": chooser}
+    result.stdout.fnmatch_lines(["MODE modes[[]none-100-c1[]] {}", f"MODE modes[[]cpu-100-c1[]] {recorded}"])
+
+
+def test_lmcache_mode_matrix_axis_items_and_the_option_keeps_its_own(pytester):
+    project = modes_project(pytester)
+    project.path.joinpath("scenarios", "modes.yaml").write_text(
+        "name: modes\nphase: prefill\nmatrix:\n  backend: [cpu]\n  input_len: [100]\n  concurrency: [1]\n"
+        "  lmcache_mode: [inprocess, mp]\n")
+    project.makeini("[pytest]\nkvcache_lmcache_mode = mp\n")  # a default does not beat the scenario's modes
+    both = project.runpytest("--collect-only", "-q", "-s")
+    assert collected(both) == ["modes[cpu-100-c1-inprocess]", "modes[cpu-100-c1-mp]"]
+    both.stdout.fnmatch_lines(["MODE modes[[]cpu-100-c1-inprocess[]] {'lmcache_mode': 'inprocess', *'scenario'}",
+                               "MODE modes[[]cpu-100-c1-mp[]] {'lmcache_mode': 'mp', *'scenario'}"])
+    # the user's word on this runner: an item made to measure another mode would measure this one
+    # under a false name, so it is deselected
+    only_mp = project.runpytest("--collect-only", "-q", "--kv-lmcache-mode", "mp")
+    assert collected(only_mp) == ["modes[cpu-100-c1-mp]"]
+    only_mp.stdout.fnmatch_lines(["*1/2 tests collected (1 deselected)*"])
+
+
+def test_malformed_lmcache_mode_fails_collection_naming_file_key_and_modes(pytester):
+    project = modes_project(pytester, "lmcache_mode: gpu")
+    result = project.runpytest("--collect-only")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    message = "scenarios/modes.yaml: key 'lmcache_mode': unknown LMCache mode 'gpu'; use one of: auto, inprocess, mp"
+    result.stdout.fnmatch_lines([f"*{message}*"])
+
+
+def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_fingerprint(pytester):
+    import json
+
+    project = modes_project(pytester)
+    project.path.joinpath("scenarios", "modes.yaml").write_text(
+        "name: modes\nphase: prefill\nmatrix:\n  backend: [cpu]\n  input_len: [300]\n  concurrency: [1]\n"
+        "  lmcache_mode: [inprocess, mp]\nnum_prompts: 2\ntrials: 2\n")
+    result = project.runpytest_subprocess("-p", "no:cacheprovider", "--emulator-profile", "fixed",
+                                          "--update-baselines", "--baseline-dir", "bl", "--kv-results-dir", "out",
+                                          timeout=120)
+    assert result.ret == 0, result.stdout.str()
+    docs = {mode: json.loads(project.path.joinpath("out", "modes", f"modes[cpu-300-c1-{mode}].json").read_text())
+            for mode in ("inprocess", "mp")}
+    for mode, doc in docs.items():
+        assert (doc["server"]["lmcache_mode"], doc["server"]["lmcache_mode_from"]) == (mode, "scenario")
+    # the emulator has no LMCache connector: the mode changes nothing it measures
+    assert docs["inprocess"]["fingerprint"] == docs["mp"]["fingerprint"]
+    assert not [key for key in docs["mp"]["fingerprint"] if key.startswith("lmcache_mode")]
+    assert len(list(project.path.joinpath("out", "logs").glob("emulator-cpu-*.log"))) == 1  # one server for both

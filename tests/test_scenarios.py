@@ -128,6 +128,10 @@ def test_kv_target_chooses_num_prompts(tmp_path):
     s2 = parse_scenario(_minimal(input_len="100k", matrix={"backend": ["disk"]}, kv_target_gb=50,
                                  model_config="config.json"), path)
     assert s2.cases[0].num_prompts == 8
+    # a request writes the KV of its prompt and of its generated tokens (all but the last)
+    s3 = parse_scenario(_minimal(matrix={"backend": ["disk"], "input_len": ["50k"], "output_len": [1, 50_001]},
+                                 kv_target_gb=50, model_config=config), "x.yaml")
+    assert [c.num_prompts for c in s3.cases] == [15, 8]
 
 
 @pytest.mark.parametrize("data,key", [
@@ -155,3 +159,48 @@ def test_malformed_dataset_keys_name_file_and_key(data, key):
         parse_scenario(data, "scen/bad.yaml")
     assert info.value.key == key, str(info.value)
     assert str(info.value).startswith(f"scen/bad.yaml: key '{key}':")
+
+
+# -- lmcache_mode: how LMCache runs beside vLLM (top level, or a matrix axis) ------------
+
+
+def test_lmcache_mode_at_top_level_reaches_every_case_but_not_the_ids_or_the_workload():
+    s = parse_scenario(_minimal(lmcache_mode="inprocess", matrix={"backend": ["cpu", "disk"], "input_len": [1000]}),
+                       "x.yaml")
+    assert [(c.case_id, c.lmcache_mode, c.compares_lmcache_modes) for c in s.cases] == [
+        ("cpu-1k-c16", "inprocess", False), ("disk-1k-c16", "inprocess", False)]
+    plain = parse_scenario(_minimal(), "x.yaml").cases[0]
+    assert plain.lmcache_mode is None and not plain.compares_lmcache_modes
+    # the baseline's workload hash does not move: the backend's configuration carries the mode
+    assert s.cases[0].workload_params == plain.workload_params
+
+
+def test_lmcache_mode_as_a_matrix_axis_names_the_mode_in_the_ids():
+    s = parse_scenario(_minimal(matrix={"backend": ["cpu"], "input_len": ["10k"], "lmcache_mode": ["inprocess", "mp"]}),
+                       "x.yaml")
+    assert [(c.case_id, c.lmcache_mode, c.compares_lmcache_modes) for c in s.cases] == [
+        ("cpu-10k-c16-inprocess", "inprocess", True), ("cpu-10k-c16-mp", "mp", True)]
+    single = parse_scenario(_minimal(matrix={"backend": ["cpu"], "input_len": [1], "lmcache_mode": ["mp"]}), "x.yaml")
+    assert [(c.case_id, c.lmcache_mode, c.compares_lmcache_modes) for c in single.cases] == [("cpu-1-c16", "mp", False)]
+
+
+ALLOWED_MODES = "use one of: auto, inprocess, mp"
+
+
+@pytest.mark.parametrize("data,key,problem", [
+    (_minimal(lmcache_mode="gpu"), "lmcache_mode", f"unknown LMCache mode 'gpu'; {ALLOWED_MODES}"),
+    (_minimal(lmcache_mode=1), "lmcache_mode", f"unknown LMCache mode 1; {ALLOWED_MODES}"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": [1], "lmcache_mode": ["mp", "remote"]}),
+     "matrix.lmcache_mode", f"unknown LMCache mode 'remote'; {ALLOWED_MODES}"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": [1], "lmcache_mode": ["mp", "mp"]}),
+     "matrix.lmcache_mode", "repeats a value"),
+    (_minimal(matrix={"backend": ["cpu"], "input_len": [1], "lmcache_mode": []}),
+     "matrix.lmcache_mode", "must not be an empty list"),
+    (_minimal(lmcache_mode="mp", matrix={"backend": ["cpu"], "input_len": [1], "lmcache_mode": ["mp"]}),
+     "lmcache_mode", "given both at top level and in matrix"),
+])
+def test_bad_lmcache_modes_name_file_key_and_the_allowed_values(data, key, problem):
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(data, "scen/bad.yaml")
+    assert info.value.key == key, str(info.value)
+    assert str(info.value).startswith(f"scen/bad.yaml: key '{key}': {problem}")

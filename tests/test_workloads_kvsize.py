@@ -1,4 +1,4 @@
-"""KV bytes per token (GQA and MLA) and the prompt count for a KV-size target."""
+"""KV bytes per token (GQA and MLA) and the request count for a KV-size target."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import json
 
 import pytest
 
-from pytest_kvcache.kvsize import kv_bytes_per_token, prompts_for_kv_target
+from pytest_kvcache.kvsize import (
+    kv_bytes_per_token,
+    kv_tokens_per_request,
+    prompts_for_kv_target,
+)
 
 BF16 = {"torch_dtype": "bfloat16"}
 MODELS = {
@@ -55,3 +59,20 @@ def test_prompts_for_kv_targets_of_the_seed():
     assert prompts_for_kv_target(1, 1024, 1024, gib=True) == 1024
     with pytest.raises(ValueError):
         prompts_for_kv_target(0, 1, 1)
+
+
+def test_a_request_writes_the_kv_of_its_prompt_and_generated_tokens():
+    """Prefill-only (seed 003): exactly the prompt.  Decoding adds every generated token
+    but the last, whose KV is never computed."""
+    assert kv_tokens_per_request(100_000) == kv_tokens_per_request(100_000, 1) == 100_000
+    assert kv_tokens_per_request(1000, 1001) == 2000
+    per_token = MODELS["Qwen2.5-7B"][1]
+    prefill_only = prompts_for_kv_target(1, per_token, 1000)
+    decoding = prompts_for_kv_target(1, per_token, 1000, 1001)
+    assert (prefill_only, decoding) == (18, 9)  # 1e9 / (57,344 x 1000), then x 2000 tokens
+    assert decoding * per_token * 2000 >= 1e9 > (decoding - 1) * per_token * 2000
+    for bad in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError):
+            kv_tokens_per_request(*bad)
+    with pytest.raises(ValueError):
+        prompts_for_kv_target(1, per_token, 1000, 0)

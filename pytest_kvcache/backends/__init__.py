@@ -12,7 +12,9 @@ starts the server (:meth:`BackendConfig.render`). So two items with the same bac
 have equal keys (one server serves both) and the fingerprint of a baseline does not
 change with the ports of the day.
 
-LMCache runs in one of two modes (``--kv-lmcache-mode``):
+LMCache runs in one of two modes, chosen per item by :func:`choose_lmcache_mode`
+(``--kv-lmcache-mode``, else the scenario's ``lmcache_mode``, else ini ``kvcache_lmcache_mode``,
+else auto):
 
 * ``inprocess``: vLLM's ``LMCacheConnectorV1`` with a generated ``LMCACHE_CONFIG_FILE``
   (GPU runners; on a CPU build it starts, logs "No supported cpu connector found" and
@@ -21,6 +23,11 @@ LMCache runs in one of two modes (``--kv-lmcache-mode``):
   and optional L2 adapters: ``fs`` for disk, ``resp`` for Redis);
 * ``auto`` (default): ``mp`` where there is no GPU and the installed LMCache has it,
   else ``inprocess``.
+
+The configured mode is part of a configuration's key and fingerprint (two modes never
+share a server or a baseline); the mode asked for and who chose it are recorded on each
+result (:attr:`BackendConfig.recorded`). The emulator accepts and records the mode, which
+changes nothing there; ``none``, ``native`` and external servers ignore it.
 
 No pytest import here.
 """
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlparse
 
-from ..models import BACKENDS
+from ..models import BACKENDS, LMCACHE_MODES
 from .probe import StackProbe
 
 __all__ = [
@@ -46,13 +53,15 @@ __all__ = [
     "BackendUnavailable",
     "Rendered",
     "ServiceSpec",
+    "choose_lmcache_mode",
     "provision",
 ]
 
 #: LMCache's chunk size, also the emulator's (prompts shorter than one chunk never hit).
 CHUNK_SIZE = 256
 
-LMCACHE_MODES: tuple[str, ...] = ("auto", "inprocess", "mp")
+#: Backends that run no LMCache, so no LMCache mode applies to them.
+WITHOUT_LMCACHE: tuple[str, ...] = ("none", "native")
 
 _PORT = re.compile(r"\{port:([a-z0-9_]+)\}")
 
@@ -61,11 +70,26 @@ class BackendUnavailable(Exception):
     """This backend cannot run with this server on this machine; ``str()`` says why."""
 
 
+def choose_lmcache_mode(command_line: str | None, scenario: str | None, ini: str | None) -> tuple[str, str]:
+    """An item's LMCache mode and who chose it.
+
+    The command line is the user's word on this runner, so it beats the scenario; the
+    ini is the project's default, so the scenario beats it; nothing given: auto (probe).
+    """
+    for mode, chooser in ((command_line, "--kv-lmcache-mode"), (scenario, "scenario"),
+                          (ini, "kvcache_lmcache_mode")):
+        if mode is not None:
+            return mode, chooser
+    return "auto", "default"
+
+
 @dataclass(frozen=True)
 class BackendOptions:
-    """What the options say about backends (one per session)."""
+    """What the options and the item's scenario say about backends."""
 
     lmcache_mode: str = "auto"
+    #: who chose ``lmcache_mode`` (see :func:`choose_lmcache_mode`)
+    lmcache_mode_from: str = "default"
     #: A Redis the user runs (``redis://host:port``); None: start ``redis-server``.
     redis_url: str | None = None
     gds_path: str | None = None
@@ -120,8 +144,9 @@ class BackendConfig:
     metrics_urls: tuple[str, ...] = ()
     #: folders under the workdir to create before the start (the disk tier)
     dirs: tuple[str, ...] = ()
-    #: where the configuration came from (probed versions), not part of the key
-    notes: tuple[tuple[str, str], ...] = field(default=(), compare=False)
+    #: facts recorded on each result but not part of the key or the fingerprint: the
+    #: LMCache mode asked for and who chose it (the configured mode is in ``mode``)
+    recorded: tuple[tuple[str, str], ...] = field(default=(), compare=False)
 
     @property
     def key(self) -> tuple:
@@ -193,14 +218,21 @@ def provision(name: str, server_kind: str, workdir: Path, options: BackendOption
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}")
     options = options or BackendOptions()
+    if options.lmcache_mode not in LMCACHE_MODES:
+        raise ValueError(f"unknown LMCache mode {options.lmcache_mode!r}; use one of {', '.join(LMCACHE_MODES)}")
     if server_kind == "external":
         # The endpoint is configured by whoever started it; the backend is a label.
         return BackendConfig(name=name, workdir=None)
     if server_kind == "emulator":
-        return _emulator(name, workdir, options)
-    from .vllm import vllm_backend
+        config = _emulator(name, workdir, options)
+    else:
+        from .vllm import vllm_backend
 
-    return vllm_backend(name, Path(workdir), options, probe or StackProbe())
+        config = vllm_backend(name, Path(workdir), options, probe or StackProbe())
+    if name in WITHOUT_LMCACHE:
+        return config
+    return replace(config, recorded=(("lmcache_mode", options.lmcache_mode),
+                                     ("lmcache_mode_from", options.lmcache_mode_from)))
 
 
 #: Tier sizes of the emulated host, in GB of the real model's KV cache: room for the

@@ -51,12 +51,13 @@ def _cuda_visible() -> str:
 
 
 def lmcache_mode(name: str, options: BackendOptions, probe: StackProbe) -> str:
-    """The LMCache mode for this backend: the option, or the probe's answer for auto."""
+    """The LMCache mode configured for this backend: the one asked for, or the probe's answer for auto."""
     mode = options.lmcache_mode
     if mode == "mp":
         if name not in _MP_CAPABLE and name != "gds":
-            raise BackendUnavailable(f"backend '{name}' has no LMCache multi-process configuration here; "
-                                     "use --kv-lmcache-mode inprocess (GPU runners)")
+            raise BackendUnavailable(f"backend '{name}' has no LMCache multi-process configuration here "
+                                     f"(mode mp from {options.lmcache_mode_from}); use lmcache_mode: inprocess "
+                                     "in the scenario or --kv-lmcache-mode inprocess (GPU runners)")
         return "mp"
     if mode == "inprocess":
         return "inprocess"
@@ -157,8 +158,7 @@ def _inprocess(name: str, workdir: Path, options: BackendOptions, probe: StackPr
         env.append(("LMCACHE_USE_EXPERIMENTAL", "True"))  # older LMCache needed it; now ignored
     return BackendConfig(name=name, workdir=str(workdir), vllm_args=("--kv-transfer-config", transfer),
                          env=tuple(env), lmcache=_encoded(settings), mode="inprocess",
-                         services=tuple(services), files=(("lmcache.yaml", config_text),), dirs=tuple(dirs),
-                         notes=(("lmcache_mode", "inprocess"),))
+                         services=tuple(services), files=(("lmcache.yaml", config_text),), dirs=tuple(dirs))
 
 
 def _redis_service() -> ServiceSpec:
@@ -204,7 +204,7 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
     unknown = sorted(set(settings) - {"chunk_size", "max_local_cpu_size", "max_local_disk_size", "extra_config"})
     if unknown:
         raise BackendUnavailable(f"LMCache setting(s) {', '.join(unknown)} have no multi-process equivalent; "
-                                 "use --kv-lmcache-mode inprocess")
+                                 "use lmcache_mode: inprocess in the scenario or --kv-lmcache-mode inprocess")
     l1 = {"type": "DRAM", "tag": "_default", "size_gb": settings["max_local_cpu_size"],
           "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.8, "eviction_ratio": 0.2}}
     argv = [*_lmcache_cli(probe), "server", "--host", "127.0.0.1", "--port", "{port:lmcache}",
@@ -246,7 +246,7 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
                 '{"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": {port:lmcache}}, "kv_role": "kv_both"}')
     return BackendConfig(name=name, workdir=str(workdir), vllm_args=("--kv-transfer-config", transfer),
                          lmcache=_encoded(settings), mode="mp", services=tuple(services),
-                         metrics_urls=tuple(metrics_urls), dirs=tuple(dirs), notes=(("lmcache_mode", "mp"),))
+                         metrics_urls=tuple(metrics_urls), dirs=tuple(dirs))
 
 
 # -- vLLM's own offloading -------------------------------------------------------------------------

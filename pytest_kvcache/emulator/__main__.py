@@ -18,7 +18,8 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from .costmodel import PROFILES, TIERS, make_profile
+from .costmodel import PROFILES, TIERS
+from .profile_file import ProfileFileError, is_profile_path, read_profile_file, resolve_profile
 
 
 def _positive_float(text: str) -> float:
@@ -51,6 +52,20 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _profile_spec(text: str) -> str:
+    """A built-in profile's name, or the path of a profile file (checked here, read once)."""
+    if is_profile_path(text):
+        try:
+            read_profile_file(text)
+        except ProfileFileError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    if text not in PROFILES:
+        raise argparse.ArgumentTypeError(f"unknown profile {text!r}: use one of {', '.join(sorted(PROFILES))} "
+                                         "or the path of a profile file (.json)")
+    return text
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -72,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=TIERS, default="none",
                    help="offload tier (waterfall: cpu over disk, --cpu-size-gb of RAM demoting LRU "
                         "chunks to --disk-size-gb under --disk-path)")
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                   help="timing profile: " + "; ".join(
+    p.add_argument("--profile", type=_profile_spec, default="quick", metavar="NAME|FILE.json",
+                   help="timing profile, or a profile file written by 'python -m pytest_kvcache calibrate': "
+                        + "; ".join(
                        f"{n}: {PROFILES[n].description or n} ({PROFILES[n].kv_bytes_per_token} KV B/token, "
                        f"{PROFILES[n].scheduler} scheduler)" for n in sorted(PROFILES)))
     p.add_argument("--slowdown", type=_positive_float, default=1.0,
@@ -150,7 +166,9 @@ def parse_settings(argv: Sequence[str] | None = None):
     if args.fixed_itl_ms is not None:
         overrides["fixed_itl_ms"] = args.fixed_itl_ms
     try:
-        profile = make_profile(args.profile, overrides)
+        profile = resolve_profile(args.profile, overrides)
+    except ProfileFileError as exc:
+        parser.error(f"--profile: {exc}")
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
     for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",

@@ -74,7 +74,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .costmodel import Profile, make_profile
+from .costmodel import Profile, attended_pairs, make_profile
 from .prefix_cache import PrefixCache, make_tier
 from .tokenizer import get_tokenizer
 
@@ -274,7 +274,11 @@ class Emulator:
                                  payload_scale=settings.payload_scale,
                                  namespace=settings.model)
         self.tier_name = settings.backend
-        self.threaded_io = settings.backend in ("disk", "gds", "redis", "waterfall")
+        # File tiers read and write in threads.  A redis read is one round trip (MGET) on
+        # the prefill path, as LMCache's retrieve holds up the engine step; handing it to a
+        # thread costs more wake-ups than the round trip itself, so it runs inline.
+        self.threaded_reads = settings.backend in ("disk", "gds", "waterfall")
+        self.threaded_writes = self.threaded_reads or settings.backend == "redis"
         self.offload_disabled = settings.offload_disabled
         self.jitter = settings.jitter
         self.slow_prefill = settings.slowdown_prefill
@@ -331,13 +335,13 @@ class Emulator:
         return f"{prefix}-{self._rid_prefix}{self._seq:08x}", self._seq
 
     async def _io(self, fn, *args, write: bool = False):
-        """Run tier I/O: inline for memory tiers, in a thread for file tiers.
+        """Run tier I/O: inline for memory tiers and redis reads, in a thread otherwise.
 
         Reads and writes have separate pools, so a read on the prefill path never
         queues behind a backlog of offload writes (one writer thread, as LMCache's
         local disk backend writes in the background).
         """
-        if not self.threaded_io:
+        if not (self.threaded_writes if write else self.threaded_reads):
             return fn(*args)
         if self._pools is None:
             from concurrent.futures import ThreadPoolExecutor
@@ -547,7 +551,8 @@ class Emulator:
                 c = min(remaining, budget)
                 budget -= c
                 ctx = req.n - remaining + c
-                compute += j * (prof.prefill_ms_per_token * c + prof.prefill_ms_per_token_sq * c * ctx / 1000.0)
+                compute += j * (prof.prefill_ms_per_token * c
+                                + prof.prefill_ms_per_token_sq * attended_pairs(c, ctx) / 1000.0)
                 other += extra
                 e[5] = 0.0
                 e[2] = remaining - c

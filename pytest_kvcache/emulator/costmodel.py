@@ -12,7 +12,14 @@ A request with ``n`` prompt tokens of which ``cached`` come from the offload tie
 at a time, like one GPU), so TTFT = queue wait + prefill::
 
     prefill_ms  = prefill_base_ms + prefill_ms_per_token * computed
-                  + prefill_ms_per_token_sq * computed * n / 1000
+                  + prefill_ms_per_token_sq * pairs(computed, n) / 1000
+
+where ``pairs(c, n) = c * (n - (c - 1) / 2)`` counts the (query, key) pairs causal
+attention computes for ``c`` new tokens at the end of an ``n``-token context: each
+attends to every token before it and itself.  A cold prefill attends ``n (n + 1) / 2``
+pairs; a warm one only its uncached tail's, each over the whole context (fitted to the
+CPU vLLM stack by ``python -m pytest_kvcache calibrate``: a warm tail costs about twice
+what the cold ``n^2`` slope would say per token and context token)
     load_ms     = lookup_ms (if a tier exists)
                   + time_scale * 1000 * cached * kv_bytes_per_token / bandwidth_bps(tier)
     store_ms    = store_base_ms (if a tier exists)
@@ -20,7 +27,7 @@ at a time, like one GPU), so TTFT = queue wait + prefill::
                     * store_fraction
     TTFT_model  = slowdown * (prefill_ms + load_ms + store_ms) + real I/O time
 
-With the defaults (base 2.95 ms, 5e-4 ms/token, 7.3e-7 ms/token^2): 100 tokens ~3.0 ms,
+With the defaults (base 2.95 ms, 5e-4 ms/token, 1.46e-6 ms per 1000 pairs): 100 tokens ~3.0 ms,
 1k ~3.4 ms, 10k ~8.0 ms, 100k ~60 ms cold.  ``kv_bytes_per_token`` is 57,344
 (Qwen2.5-7B: 28 layers x 4 KV heads x 128 x 2 x bf16).  Bandwidths: cpu 25 GB/s,
 gds 12 GB/s, disk 6 GB/s.  ``time_scale`` (0.02) compresses the modeled transfer of
@@ -31,7 +38,7 @@ real GPU's prefill.  Modeled TTFT (ms, no queueing; warm = all whole chunks cach
     100       3.00     3.05        3.05       3.05       3.05    (< 1 chunk: never hits)
     1k        3.45     3.55        3.15       3.19       3.26
     10k       8.02     8.17        3.47       3.96       4.92    (warm/cold 0.42/0.48/0.59)
-    100k     60.25    60.81        7.67      12.63      22.18    (0.13/0.21/0.36)
+    100k     60.25    60.81        7.68      12.65      22.19    (0.13/0.21/0.36)
 
 ``store_fraction`` (0.1) models LMCache's mostly asynchronous offload writes: a pure
 miss costs ~1-2% more than no offload at all.  Measured TTFTs add the real work that
@@ -54,9 +61,11 @@ No queue, no cache effect on timing: the first chunk leaves exactly
 ``slowdown * fixed_itl_ms``, whatever the concurrency.  The cache is still looked up
 and filled (after the response) so telemetry stays realistic.
 
-The ``redis`` tier (real GET/SET against ``--redis-url``) is modeled at 3.5 GB/s in the
-quick profile: slower than disk, as in seed 001 (warm/cold TTFT gain: cpu 47%, disk 38%,
-redis 25%); at 10k tokens warm redis is ~6.3 ms against 8.2 ms cold (0.77).
+The ``redis`` tier (real MGET/MSET against ``--redis-url``, one round trip per request's
+chunks) is modeled at 3.5 GB/s in the quick profile: slower than disk, as in seed 001
+(warm/cold TTFT gain: cpu 47%, disk 38%, redis 25%); at 10k tokens warm redis is ~6.3 ms
+against 8.0 ms without offload (0.78).  Served on a 2-core VM, the real round trip adds
+~0.5 ms: ~8.5 ms warm against ~9.5 ms recomputed.
 
 The ``waterfall`` tier (RAM over disk) stores at the cpu bandwidth; a hit's chunks are
 loaded at the bandwidth of the tier each one was found in (``load_split_ms``).
@@ -71,10 +80,10 @@ shrinks by the same factor, ratios are kept).  They schedule like vLLM
 sequences and a per-step budget of ``max_num_batched_tokens`` tokens (decode tokens
 first, then prefill chunks in arrival order: chunked prefill), a waiting queue, and
 TTFT counted from arrival (queueing included).  A step with ``p`` prefill tokens of
-contexts ``n_i`` and ``d`` decoding sequences lasts::
+contexts ``n_i`` (each chunk's context ending with it) and ``d`` decoding sequences lasts::
 
     step_ms = step_base_ms + prefill_ms_per_token * p
-              + prefill_ms_per_token_sq * sum(c_i * n_i) / 1000
+              + prefill_ms_per_token_sq * sum(pairs(c_i, n_i)) / 1000
               + decode_ms_per_running_seq * d
 
 plus the load/store time of the sequences whose first chunk is in the step.  Decode
@@ -107,6 +116,12 @@ plausible fraction of the GPU's bf16 peak; the RTX 4090 profile is matched to se
 LMCache stores one copy, so its KV bytes per token are those of one rank.
 
 Any field of :class:`Profile` can be overridden with ``--config-json``.
+
+Calibrated profiles
+-------------------
+``python -m pytest_kvcache calibrate`` fits a ``fifo`` profile (``time_scale`` 1, the
+model's own KV bytes per token) to a real server and writes it to a profile file
+(:mod:`.profile_file`); its path is accepted wherever a profile name is.
 """
 
 from __future__ import annotations
@@ -116,7 +131,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PROFILES", "TIERS", "Profile", "kv_bytes_per_token", "make_profile", "mla_kv_bytes_per_token"]
+__all__ = ["PROFILES", "TIERS", "Profile", "apply_overrides", "attended_pairs", "kv_bytes_per_token", "make_profile",
+           "mla_kv_bytes_per_token"]
 
 TIERS = ("none", "cpu", "disk", "gds", "redis", "waterfall")
 
@@ -130,7 +146,7 @@ class Profile:
     # prefill
     prefill_base_ms: float = 2.95
     prefill_ms_per_token: float = 5.0e-4
-    prefill_ms_per_token_sq: float = 7.3e-7
+    prefill_ms_per_token_sq: float = 1.46e-6  # per 1000 attended (query, key) pairs
     # decode
     decode_base_ms: float = 5.0
     decode_ms_per_running_seq: float = 0.2
@@ -164,7 +180,7 @@ class Profile:
         return (
             self.prefill_base_ms
             + self.prefill_ms_per_token * c
-            + self.prefill_ms_per_token_sq * c * context_tokens / 1000.0
+            + self.prefill_ms_per_token_sq * attended_pairs(c, context_tokens) / 1000.0
         )
 
     def transfer_ms(self, tier: str, tokens: int) -> float:
@@ -207,6 +223,13 @@ class Profile:
         return d
 
 
+def attended_pairs(new_tokens: int, context_tokens: int) -> float:
+    """(query, key) pairs causal attention computes for ``new_tokens`` ending a
+    ``context_tokens``-token context: each new token attends to all before it and itself."""
+    c = max(0, new_tokens)
+    return c * (context_tokens - (c - 1) / 2.0)
+
+
 def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
     """KV cache bytes per token of a multi-head / grouped-query attention model."""
     return layers * kv_heads * head_dim * 2 * dtype_bytes
@@ -231,7 +254,7 @@ PROFILES: dict[str, Profile] = {
     "a100-qwen2.5-7b": _seed_profile(
         "a100-qwen2.5-7b", description="Qwen2.5-7B-Instruct on NVIDIA A100-SXM4-80GB (seed 001)",
         kv_bytes_per_token=kv_bytes_per_token(28, 4, 128),
-        prefill_base_ms=12.0, prefill_ms_per_token=0.1, prefill_ms_per_token_sq=1.3e-3,
+        prefill_base_ms=12.0, prefill_ms_per_token=0.1, prefill_ms_per_token_sq=2.21e-3,
         step_base_ms=12.0, decode_base_ms=13.0, decode_ms_per_running_seq=0.4,
         max_num_seqs=256, max_num_batched_tokens=8192,
         bandwidth_gbps={"cpu": 20.0, "disk": 3.0, "gds": 6.0, "redis": 1.5}),
@@ -239,7 +262,7 @@ PROFILES: dict[str, Profile] = {
     "rtx4090-qwen3-8b": _seed_profile(
         "rtx4090-qwen3-8b", description="Qwen3-8B on NVIDIA RTX 4090 24GB (seed 004)",
         kv_bytes_per_token=kv_bytes_per_token(36, 8, 128),
-        prefill_base_ms=20.0, prefill_ms_per_token=0.025, prefill_ms_per_token_sq=5e-4,
+        prefill_base_ms=20.0, prefill_ms_per_token=0.025, prefill_ms_per_token_sq=5.5e-4,
         step_base_ms=20.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.8,
         max_num_seqs=128, max_num_batched_tokens=2048, gpu_kv_capacity_tokens=100_000,
         bandwidth_gbps={"cpu": 24.0, "disk": 7.0, "gds": 7.0, "redis": 6.0}),
@@ -247,7 +270,7 @@ PROFILES: dict[str, Profile] = {
     "h100-mistral-7b": _seed_profile(
         "h100-mistral-7b", description="Mistral-7B-v0.1 on NVIDIA H100-80GB",
         kv_bytes_per_token=kv_bytes_per_token(32, 8, 128),
-        prefill_base_ms=8.0, prefill_ms_per_token=0.032, prefill_ms_per_token_sq=5.8e-4,
+        prefill_base_ms=8.0, prefill_ms_per_token=0.032, prefill_ms_per_token_sq=9.9e-4,
         step_base_ms=8.0, decode_base_ms=7.0, decode_ms_per_running_seq=0.15,
         max_num_seqs=256, max_num_batched_tokens=8192,
         bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
@@ -255,7 +278,7 @@ PROFILES: dict[str, Profile] = {
     "h100x8-deepseek-v3": _seed_profile(
         "h100x8-deepseek-v3", description="DeepSeek-V3 (MLA) on 8 x NVIDIA H100, TP=8",
         kv_bytes_per_token=mla_kv_bytes_per_token(61, 512, 64),
-        prefill_base_ms=30.0, prefill_ms_per_token=0.04, prefill_ms_per_token_sq=1.6e-3,
+        prefill_base_ms=30.0, prefill_ms_per_token=0.04, prefill_ms_per_token_sq=2.72e-3,
         step_base_ms=30.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.3,
         max_num_seqs=256, max_num_batched_tokens=8192, gpu_kv_capacity_tokens=600_000,
         bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
@@ -266,7 +289,11 @@ def make_profile(name: str, overrides: Mapping[str, Any] | None = None) -> Profi
     """The named profile with ``overrides`` applied; unknown keys raise ValueError."""
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose from {sorted(PROFILES)}")
-    base = PROFILES[name]
+    return apply_overrides(PROFILES[name], overrides)
+
+
+def apply_overrides(base: Profile, overrides: Mapping[str, Any] | None) -> Profile:
+    """``base`` with some fields replaced (checked and converted); unknown keys raise ValueError."""
     if not overrides:
         return base
     fields = {f.name: f for f in dataclasses.fields(Profile)}

@@ -17,8 +17,9 @@
   and the bytes actually held are that times ``payload_scale``.  ``usage()`` returns
   the bytes actually held; :meth:`PrefixCache.modeled_usage` the real-model equivalent.
 
-Tiers share one small interface (``contains``, ``get``, ``put``, ``evict``, ``usage``,
-``clear``), LRU with a byte limit, thread-safe (disk I/O runs in worker threads):
+Tiers share one small interface (``contains``, ``get``, ``put``, their batched forms
+``get_many`` and ``put_many``, ``evict``, ``usage``, ``clear``), LRU with a byte limit,
+thread-safe (disk I/O runs in worker threads):
 
 ``none``  never stores, never hits.
 ``cpu``   bytes in an ``OrderedDict``.
@@ -34,9 +35,13 @@ Tiers share one small interface (``contains``, ``get``, ``put``, ``evict``, ``us
           the RAM's LRU pushes out are demoted to disk (real files); a hit is served by
           the fastest tier holding the chunk, and a disk hit is promoted back to RAM.
           :meth:`WaterfallTier.where` says which tier holds a key (for the cost model).
-``redis`` real GET/SET/DEL against a Redis server (``--redis-url redis://host:port[/db]``)
+``redis`` real reads and writes against a Redis server (``--redis-url redis://host:port[/db]``)
           through a small built-in RESP client (no extra package), one connection per
-          thread.  Values carry the same header (magic, length, crc32) as files; keys
+          thread.  A request's chunks travel in batches, one round trip each (``MGET``
+          to read, ``MSET`` to write, up to ``REDIS_BATCH`` chunks), as LMCache's
+          Redis connector fetches and stores a lookup's chunks concurrently
+          (``batched_get_non_blocking``, ``batched_put``) rather than one after
+          another.  Values carry the same header (magic, length, crc32) as files; keys
           are named like LMCache's (``kvem@<namespace>@<key hex>kv_bytes``).  The LRU
           index is rebuilt with ``SCAN`` at start (hits survive an emulator restart
           while the server lives).
@@ -52,7 +57,8 @@ import threading
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypeVar
 
 __all__ = [
     "CpuTier",
@@ -68,6 +74,7 @@ __all__ = [
 
 log = logging.getLogger("pytest_kvcache.emulator")
 
+_T = TypeVar("_T")
 _MAGIC = b"KVEM"
 _HEADER = struct.Struct("<4sIII")  # magic, payload length, crc32, reserved
 
@@ -131,6 +138,18 @@ class Tier:
     def put(self, key: bytes, data: bytes) -> list[bytes]:  # pragma: no cover
         """Store ``data``; return the keys evicted to make room."""
         raise NotImplementedError
+
+    def get_many(self, keys: Sequence[bytes]) -> Iterator[bytes | None]:
+        """``get`` of each key in order, lazily: a reader that stops at the first miss
+        reads no further (tiers with a round-trip cost fetch in batches instead)."""
+        return (self.get(k) for k in keys)
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        """``put`` of each (key, data) in order; return the keys evicted to make room."""
+        evicted: list[bytes] = []
+        for key, data in items:
+            evicted.extend(self.put(key, data))
+        return evicted
 
     def evict(self, key: bytes) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -509,6 +528,9 @@ def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
     return u.hostname, u.port or 6379, db, u.password
 
 
+_READ_BUFFER = 1 << 20
+
+
 class RespClient:
     """A minimal synchronous Redis client (RESP2), one socket per thread."""
 
@@ -524,7 +546,8 @@ class RespClient:
 
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            c = (sock, sock.makefile("rb"))
+            # a buffer that holds a whole batch's reply takes it in a few reads, not hundreds
+            c = (sock, sock.makefile("rb", buffering=_READ_BUFFER))
             self._local.conn = c
             if self.password:
                 self.call("AUTH", self.password)
@@ -587,8 +610,19 @@ class RespClient:
             raise RespError(str(exc)) from exc
 
 
+REDIS_BATCH = 256
+"""Chunks per Redis round trip: a whole 64k-token prompt, ~1 MB at the default payload
+scale (bounded, so one command never holds the single-threaded server for long)."""
+
+
+def _batches(items: Sequence[_T]) -> Iterator[Sequence[_T]]:
+    """``items`` in consecutive slices of at most ``REDIS_BATCH``."""
+    for start in range(0, len(items), REDIS_BATCH):
+        yield items[start:start + REDIS_BATCH]
+
+
 class RedisTier(Tier):
-    """Chunks as Redis strings (real GET/SET/DEL), LRU with a byte limit."""
+    """Chunks as Redis strings (real MGET/MSET/DEL in batches), LRU with a byte limit."""
 
     name = "redis"
 
@@ -631,28 +665,44 @@ class RedisTier(Tier):
         return key in self._index
 
     def get(self, key: bytes) -> bytes | None:
-        if key not in self._index:
-            return None
-        try:
-            raw = self.client.call("GET", self._rkey(key))
-        except RespError as exc:
-            log.warning("redis GET failed: %s", exc)
-            return None
-        return self._accept(key, raw)
+        return next(self.get_many([key]))
+
+    def get_many(self, keys: Sequence[bytes]) -> Iterator[bytes | None]:
+        """The chunks of ``keys`` in order, one ``MGET`` round trip per batch; a batch is
+        fetched when the reader reaches it.  A failed round trip is a miss (logged), not
+        an eviction; a missing or corrupt value is evicted (``_accept``)."""
+        for batch in _batches(keys):
+            held = [k for k in batch if k in self._index]
+            fetched: dict[bytes, bytes | None] = {}
+            if held:
+                try:
+                    fetched = dict(zip(held, self.client.call("MGET", *map(self._rkey, held))))
+                except RespError as exc:
+                    log.warning("redis MGET failed: %s", exc)
+            for k in batch:
+                yield self._accept(k, fetched[k]) if k in fetched else None
 
     def put(self, key: bytes, data: bytes) -> list[bytes]:
-        size = len(data)
-        if size > self.capacity_bytes:
-            return []
-        blob = _frame(data)
-        self.client.call("SET", self._rkey(key), blob)
-        with self._lock:
-            old = self._index.pop(key, None)
-            if old is not None:
-                self._used -= old
-            self._index[key] = size
-            self._used += size
-        return self._evict_to(0)
+        return self.put_many([(key, data)])
+
+    def put_many(self, items: Sequence[tuple[bytes, bytes]]) -> list[bytes]:
+        """Store the chunks, one ``MSET`` round trip per batch, then evict to the limit
+        (the same survivors as storing them one by one: LRU evicts from the front)."""
+        evicted: list[bytes] = []
+        for batch in _batches(items):
+            fitting = [(k, d) for k, d in batch if len(d) <= self.capacity_bytes]
+            if not fitting:
+                continue
+            self.client.call("MSET", *(part for k, d in fitting for part in (self._rkey(k), _frame(d))))
+            with self._lock:
+                for k, d in fitting:
+                    old = self._index.pop(k, None)
+                    if old is not None:
+                        self._used -= old
+                    self._index[k] = len(d)
+                    self._used += len(d)
+            evicted.extend(self._evict_to(0))
+        return evicted
 
     def _evict_to(self, extra: int) -> list[bytes]:
         evicted = []
@@ -691,9 +741,9 @@ class RedisTier(Tier):
             keys = list(self._index)
             self._index.clear()
             self._used = 0
-        for i in range(0, len(keys), 512):
+        for batch in _batches(keys):
             try:
-                self.client.call("DEL", *[self._rkey(k) for k in keys[i: i + 512]])
+                self.client.call("DEL", *map(self._rkey, batch))
             except RespError as exc:
                 log.warning("redis DEL failed: %s", exc)
 
@@ -780,18 +830,19 @@ class PrefixCache:
             n += 1
         return n
 
-    def load(self, keys: Iterable[bytes], buffered: frozenset[bytes] = frozenset()) -> int:
+    def load(self, keys: Sequence[bytes], buffered: frozenset[bytes] = frozenset()) -> int:
         """Read and verify leading chunks; return how many verified (stops at the first bad).
 
         Keys in ``buffered`` are still being written; they are served from the write
         buffer (the content is known) without reading the tier.
         """
+        reads = self.tier.get_many([k for k in keys if k not in buffered])
         n = 0
         for k in keys:
             if k in buffered:
                 n += 1
                 continue
-            data = self.tier.get(k)
+            data = next(reads, None)
             if data is None:
                 break
             if len(data) != self.payload_len or data != self.payload(k):
@@ -804,13 +855,9 @@ class PrefixCache:
         """Write chunks not yet present; return how many were written."""
         if not self.enabled:
             return 0
-        n = 0
-        for k in keys:
-            if self.tier.contains(k):
-                continue
-            self.tier.put(k, self.payload(k))
-            n += 1
-        return n
+        items = [(k, self.payload(k)) for k in keys if not self.tier.contains(k)]
+        self.tier.put_many(items)
+        return len(items)
 
     def usage(self) -> int:
         return self.tier.usage()

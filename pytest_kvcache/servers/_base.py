@@ -27,8 +27,11 @@ class ServerSettings:
     python: str | None = None
     #: labels the fixture cannot set (bandwidth, arcc, direction, storage mount), recorded on every result
     labels: tuple[tuple[str, str], ...] = ()
-    #: LMCache mode and backend settings (see backends.BackendOptions)
-    lmcache_mode: str = "auto"
+    #: LMCache mode (backends.choose_lmcache_mode): ``lmcache_mode_override`` (--kv-lmcache-mode)
+    #: beats a scenario's lmcache_mode, which beats ``lmcache_mode`` (ini); None: not given
+    lmcache_mode: str | None = None
+    lmcache_mode_override: str | None = None
+    #: backend settings (see backends.BackendOptions)
     redis_url: str | None = None
     gds_path: str | None = None
     lmcache_overrides: tuple[tuple[str, str], ...] = ()

@@ -4,8 +4,15 @@ import atexit
 import sys
 from pathlib import Path
 
-from ..backends import BackendConfig, BackendOptions, ServiceSpec, provision
+from ..backends import (
+    BackendConfig,
+    BackendOptions,
+    ServiceSpec,
+    choose_lmcache_mode,
+    provision,
+)
 from ..backends.probe import StackProbe, probe_stack
+from ..emulator.profile_file import profile_label
 from ..errors import ServerError
 from ..telemetry import TelemetrySource
 from ._base import ServerHandle, ServerSettings
@@ -51,14 +58,17 @@ class ServerPool:
     def _nice(self) -> int:
         return CPU_SERVER_NICE if self.settings.kind == "vllm" and not self.probe.gpu else 0
 
-    def backend_options(self) -> BackendOptions:
+    def backend_options(self, scenario_lmcache_mode: str | None = None) -> BackendOptions:
         s = self.settings
-        return BackendOptions(lmcache_mode=s.lmcache_mode, redis_url=s.redis_url, gds_path=s.gds_path,
-                              lmcache_overrides=s.lmcache_overrides)
+        mode, chooser = choose_lmcache_mode(s.lmcache_mode_override, scenario_lmcache_mode, s.lmcache_mode)
+        return BackendOptions(lmcache_mode=mode, lmcache_mode_from=chooser, redis_url=s.redis_url,
+                              gds_path=s.gds_path, lmcache_overrides=s.lmcache_overrides)
 
-    def backend(self, name: str) -> BackendConfig:
+    def backend(self, name: str, scenario_lmcache_mode: str | None = None) -> BackendConfig:
+        """The configuration of backend ``name`` for an item whose scenario asks for this LMCache mode."""
         probe = self.probe if self.settings.kind == "vllm" else None
-        return provision(name, self.settings.kind, self.workdir / name, self.backend_options(), probe)
+        return provision(name, self.settings.kind, self.workdir / name, self.backend_options(scenario_lmcache_mode),
+                         probe)
 
     def acquire(self, backend: BackendConfig) -> ServerHandle:
         key = backend.key
@@ -151,7 +161,7 @@ class ServerPool:
             argv = [sys.executable, "-m", "pytest_kvcache.emulator", "--host", "127.0.0.1", "--port", str(port),
                     "--model", model, "--profile", s.emulator_profile, "--slowdown", repr(s.emulator_slowdown),
                     *rendered.emulator_args, *s.extra_args]
-            info = {"server": "emulator", "emulator_profile": s.emulator_profile, "gpu": "emulated",
+            info = {"server": "emulator", "emulator_profile": profile_label(s.emulator_profile), "gpu": "emulated",
                     "server_args": " ".join(s.extra_args)}
             info.update({f"label.{k}": v for k, v in s.labels})
             name = f"emulator ({backend.name})"

@@ -33,15 +33,16 @@ seed: 0
 api: completions
 thresholds:
   median_ttft_ms: {{direction: lower, threshold: 10%}}
+{keys}
 """
 
 
 def run_plugin(pytester: pytest.Pytester, stack, backends: list[str], *args: str, trials: int = 2,
-               timeout: float = 900) -> pytest.RunResult:
+               timeout: float = 900, scenario_keys: str = "") -> pytest.RunResult:
     pytester.makeini("[pytest]\n")  # this folder is the rootdir and its ini the config
     pytester.path.joinpath("scenarios").mkdir(exist_ok=True)
     pytester.path.joinpath("scenarios", "real.yaml").write_text(
-        SCENARIO.format(backends=", ".join(backends), trials=trials))
+        SCENARIO.format(backends=", ".join(backends), trials=trials, keys=scenario_keys))
     # --rootdir: the option values that are paths (model, interpreter) would move it to the repository
     return pytester.runpytest_subprocess(
         "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm", "--model", stack.model, "--tokenizer", stack.model,
@@ -80,6 +81,7 @@ def test_none_and_lmcache_mp_cpu_offload_and_redis_tier(pytester, real_stack, no
 
     cpu, server = rounds(pytester, "cpu")
     assert server["kv_mode"] == "mp" and "lmcache server" in server["services"]
+    assert (server["lmcache_mode"], server["lmcache_mode_from"]) == ("auto", "default")  # probed: no GPU here
     cold = [r for r in cpu if r["round"] == "cold"]
     warm = [r for r in cpu if r["round"] == "warm"]
     assert all(r["telemetry"]["external_hit_tokens"] == 0 for r in cold)
@@ -103,11 +105,14 @@ def test_none_and_lmcache_mp_cpu_offload_and_redis_tier(pytester, real_stack, no
 
 
 def test_inprocess_connector_on_cpu_silently_recomputes_and_is_caught(pytester, real_stack, no_leftovers):
-    result = run_plugin(pytester, real_stack, ["cpu"], "--kv-lmcache-mode", "inprocess", "--trials", "1",
-                        trials=1)
+    # the scenario asks for the in-process connector; on this CPU host auto would take mp
+    result = run_plugin(pytester, real_stack, ["cpu"], "--trials", "1", trials=1,
+                        scenario_keys="lmcache_mode: inprocess")
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()[-4000:]
     result.stdout.fnmatch_lines(["*trial 1 warm round of backend 'cpu' loaded 0 tokens from the offload tier*",
                                  "*likely cause:*"])
+    (log,) = pytester.path.joinpath("out", "logs").glob("vllm-cpu-*.log")
+    assert '"kv_connector": "LMCacheConnectorV1"' in log.read_text().splitlines()[0]  # the command line
 
 
 @pytest.mark.parametrize("args,expected", [
