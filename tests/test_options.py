@@ -402,6 +402,7 @@ def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_fingerp
             for mode in ("inprocess", "mp")}
     for mode, doc in docs.items():
         assert (doc["server"]["lmcache_mode"], doc["server"]["lmcache_mode_from"]) == (mode, "scenario")
+        assert doc["scenario"]["lmcache_mode"] == mode
     # the emulator has no LMCache connector: the mode changes nothing it measures
     assert docs["inprocess"]["fingerprint"] == docs["mp"]["fingerprint"]
     assert not [key for key in docs["mp"]["fingerprint"] if key.startswith("lmcache_mode")]

@@ -49,7 +49,7 @@ def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
         doc["reference"] = {"backend": case.reference_backend, "trials": _trials(outcome.reference),
                             "server": dict(outcome.reference.server)}
     doc["scenario"] = {"name": case.scenario, "file": case.path, "phase": case.phase, "backend": case.backend,
-                       **case.workload_params, "trials": case.trials,
+                       **case.workload_params, "trials": case.trials, "lmcache_mode": case.lmcache_mode,
                        "thresholds": [asdict(t) for t in case.thresholds]}
     doc["fingerprint"] = dict(fingerprint)
     doc["verdict"] = {
