@@ -7,8 +7,8 @@ error against the server's truth for each request, split into the send side (cli
 start stamp -> server arrival stamp) and the receive side (server write stamp -> client
 arrival stamp), the event-loop lag, the delivered concurrency and whether the round's
 guard called it valid. Then it looks for the highest streamed-chunk rate the client
-sustains before its guard trips (1 ms gaps, rising concurrency), and runs
-``vllm bench serve`` against the same server when vLLM is installed.
+sustains before its guard trips (1 ms gaps, rising concurrency).
+``benchmarks/bench_vs_vllm.py`` runs the same measurements beside ``vllm bench serve``.
 
     python benchmarks/bench_client.py [--quick] [--levels 16,128,512]
 
@@ -24,7 +24,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,11 +88,10 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
         result = await loadgen.run_round(pool, spec, prompts, "measure", **kw)
     finally:
         pool.close()
-    ttft_err, itl_err, send, recv, client_itl = [], [], [], [], []
+    ttft_err, itl_err, send, recv, server_late = [], [], [], [], []
     for r in result.records:
         if not r.success:
             continue
-        client_itl.extend(r.itls)
         st = timings.get(r.index)
         if st is None:  # a client that cannot hand the server's stamps back: compare with the settings
             ttft_err.append(r.ttft * 1e3 - ttft_ms)
@@ -103,6 +101,8 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
         ttft_err.append((r.ttft - (chunks[0] - a)) * 1e3)
         send.append((a - r.start) * 1e3)
         recv.extend((c - s) * 1e3 for c, s in zip(r.chunk_times, chunks))
+        # the server's own schedule: chunk k due at arrival + ttft + k*itl
+        server_late.extend((c - a) * 1e3 - ttft_ms - k * itl_ms for k, c in enumerate(chunks))
         itl_err.extend((c - s) * 1e3 for c, s in zip(r.itls, (b - x for x, b in itertools.pairwise(chunks))))
     s = result.summary
     return {
@@ -114,7 +114,10 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
         "recv_med": statistics.median(recv) if recv else float("nan"), "recv_p99": pct(recv, 99),
         "lag_p99": s.get("loop_lag_p99_ms", result.max_loop_lag_ms),
         "conc_ratio": s.get("concurrency_ratio"),
+        "server_late_med": statistics.median(server_late) if server_late else float("nan"),
+        "server_late_p99": pct(server_late, 99),
         "chunks_per_s": sum(len(r.chunk_times) for r in result.records) / result.duration,
+        "output_throughput": s.get("output_throughput"),
         "valid": result.invalid_reason is None, "reason": result.invalid_reason,
     }
 
@@ -154,28 +157,6 @@ async def chunk_rate(url: str, quick: bool) -> list[dict]:
     return rows
 
 
-def vllm_bench(url: str) -> str:
-    try:
-        import vllm  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
-        return f"skipped: vLLM is not importable here ({type(exc).__name__}: {exc})"
-    out = []
-    for c in (16, 128):
-        cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--base-url", url, "--model", MODEL,
-               "--tokenizer", MODEL, "--dataset-name", "random", "--random-input-len", "256",
-               "--random-output-len", "32", "--num-prompts", str(2 * c), "--max-concurrency", str(c),
-               "--ignore-eos"]
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"failed to run vllm bench serve: {exc}"
-        med = [line for line in p.stdout.splitlines() if "Median TTFT" in line]
-        line = med[0].strip() if med else f"no TTFT line (rc {p.returncode}): {p.stderr[-300:]}"
-        out.append(f"c={c}: {line}"
-                   f" (truth 40 ms)")
-    return "; ".join(out)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
@@ -193,7 +174,6 @@ def main() -> int:
                   + ("" if _CAPTURES else "; this client cannot capture server_timing: errors vs settings"))
             rows = asyncio.run(accuracy(url, levels, args.quick))
             print_table(rows)
-            vllm_line = vllm_bench(url)
         finally:
             server.stop()
         server, url = start_server(tmp_path, 10, 1)
@@ -217,11 +197,9 @@ def main() -> int:
                 print("no valid round in the chunk-rate sweep")
         finally:
             server.stop()
-    print(f"\nvllm bench serve: {vllm_line}")
     print(f"(benchmark took {time.monotonic() - t0:.0f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"accuracy": rows, "chunk_rate": rate_rows, "vllm": vllm_line},
-                                              indent=1))
+        Path(args.json).write_text(json.dumps({"accuracy": rows, "chunk_rate": rate_rows}, indent=1))
     return 0
 
 

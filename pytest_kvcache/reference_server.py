@@ -17,7 +17,7 @@ Run it with::
     python -m pytest_kvcache.reference_server --host 127.0.0.1 --port 8123 \\
         --ttft-ms 40 --itl-ms 8 [--model NAME] [--tokens-per-chunk 1] [--error-every N] \\
         [--cut-after-chunks K [--cut-every N]] [--malformed-every N] \\
-        [--stall-every N --stall-s S] [--early-headers]
+        [--stall-every N --stall-s S] [--early-headers] [--workers N]
 
 How deadlines are kept with little CPU: it is one asyncio process with raw
 ``asyncio.Protocol`` connections (no web framework), and all chunk deadlines sit in one
@@ -28,7 +28,9 @@ each), so requests that arrived together are written together. Without ``timerfd
 (not Linux) it falls back to ``loop.call_later`` a little early plus a spin. Request
 parsing happens after every connection that became readable in the same event-loop
 pass was stamped, so a burst of requests gets arrival stamps that do not wait for each
-other's JSON decoding.
+other's JSON decoding. Where one core cannot write the chunks on time (tens of thousands
+a second), ``--workers N`` serves the port from N processes (``SO_REUSEPORT``: the kernel
+spreads the connections); the stamps still compare, being one system-wide clock.
 
 Endpoints, in vLLM's shapes: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``,
@@ -57,6 +59,7 @@ import signal
 import socket
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 
 from .emulator.tokenizer import get_tokenizer
@@ -84,6 +87,7 @@ class ReferenceSettings:
     stall_every: int = 0
     stall_s: float = 0.0
     early_headers: bool = False
+    workers: int = 1
 
 
 # -- precise timers -------------------------------------------------------------------------
@@ -431,8 +435,10 @@ class ReferenceServer:
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
+        # several worker processes share the port (SO_REUSEPORT): the kernel spreads connections
         self._server = await self.loop.create_server(lambda: _Connection(self), self.s.host, self.s.port,
-                                                     backlog=4096, reuse_address=True)
+                                                     backlog=4096, reuse_address=True,
+                                                     reuse_port=self.s.workers > 1)
 
     @property
     def port(self) -> int:
@@ -622,9 +628,11 @@ async def serve(settings: ReferenceSettings, ready=None) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread, or not POSIX
             pass
-    print(f"reference server listening on http://{settings.host}:{server.port} "
-          f"(ttft {settings.ttft_ms:g} ms, itl {settings.itl_ms:g} ms, "
-          f"timer {'timerfd' if server.timers._fd is not None else 'call_later+spin'})", flush=True)
+    # one write per line: worker processes share the output and must not interleave mid-line
+    sys.stdout.write(f"reference server listening on http://{settings.host}:{server.port} "
+                     f"(pid {os.getpid()}, ttft {settings.ttft_ms:g} ms, itl {settings.itl_ms:g} ms, "
+                     f"timer {'timerfd' if server.timers._fd is not None else 'call_later+spin'})\n")
+    sys.stdout.flush()
     if ready is not None:
         ready(server)
     try:
@@ -650,6 +658,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-s", type=float, default=0.0, metavar="S")
     p.add_argument("--early-headers", action="store_true",
                    help="send the response head at once, not with the first chunk (as vLLM does)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="serve from N processes sharing the port (SO_REUSEPORT), for chunk rates one core "
+                        "cannot write; a fixed --port is needed (fault knobs count per process)")
     return p
 
 
@@ -659,12 +670,46 @@ def main(argv: list[str] | None = None) -> int:
         host=a.host, port=a.port, model=a.model, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
         tokens_per_chunk=a.tokens_per_chunk, max_model_len=a.max_model_len, error_every=a.error_every,
         cut_after_chunks=a.cut_after_chunks, cut_every=a.cut_every, malformed_every=a.malformed_every,
-        stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers)
+        stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers, workers=a.workers)
+    if settings.workers > 1 and settings.port == 0:
+        _parser().error("--workers needs a fixed --port: the processes must bind the same one")
+    children = [_fork_worker(settings) for _ in range(settings.workers - 1)]
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:
         pass
+    finally:
+        for pid in children:
+            _stop_worker(pid)
     return 0
+
+
+def _fork_worker(settings: ReferenceSettings) -> int:
+    """A child process serving the same port; it ends with this process (SIGTERM on its death)."""
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:  # whatever happens, the child must never return into the parent's code
+        if sys.platform.startswith("linux"):
+            ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        asyncio.run(serve(settings))
+        code = 0
+    except KeyboardInterrupt:
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported, then the worker ends
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _stop_worker(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+    except (ProcessLookupError, ChildProcessError):
+        pass
 
 
 if __name__ == "__main__":

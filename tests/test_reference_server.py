@@ -198,3 +198,44 @@ def test_sigterm_exits_zero(tmp_path) -> None:
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_workers_share_the_port_and_stop_together(tmp_path) -> None:
+    port = free_port()
+    log = tmp_path / "workers.log"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    with log.open("w") as out:
+        p = subprocess.Popen([sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port),
+                              "--ttft-ms", "1", "--itl-ms", "1", "--workers", "2"], env=env, stdout=out,
+                             stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while log.read_text().count("listening on") < 2:
+            assert time.monotonic() < deadline and p.poll() is None, log.read_text()
+            time.sleep(0.05)
+        pids = {int(line.split("(pid ")[1].split(",")[0]) for line in log.read_text().splitlines()
+                if "listening on" in line}
+        assert len(pids) == 2 and p.pid in pids
+        for _ in range(8):  # a new connection each: either worker may take it
+            with httpx.Client() as client:
+                events = sse(client.post(f"http://127.0.0.1:{port}/v1/completions", timeout=10, json={
+                    "prompt": "a b", "max_tokens": 3, "stream": True,
+                    "stream_options": {"include_usage": True}}).text)
+            assert events[-1] == "[DONE]" and "server_timing" in events[-2]
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=15) == 0
+        (child,) = pids - {p.pid}
+        with pytest.raises(ProcessLookupError):
+            os.kill(child, 0)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_workers_need_a_fixed_port() -> None:
+    from pytest_kvcache.reference_server import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--port", "0", "--workers", "2"])
+    assert exc.value.code == 2
