@@ -58,6 +58,9 @@ CALIBRATABLE_TIERS = tuple(t for t in TIERS if t != "waterfall")
 #: A load that does not grow with the hit size is modeled as a lookup and this bandwidth.
 INSTANT_BANDWIDTH_GBPS = 10_000.0
 _DECODE_OUTPUT_LEN = 32
+#: At least this many requests per decode round: the guard's 99th-percentile loop lag of a
+#: round of two requests is its single worst sample.
+_DECODE_PROMPTS = 8
 #: Rounds the client's guard rejects are measured again, with new prompts, this many times in all.
 _ATTEMPTS = 3
 #: Trial indices of the prompts: pass i of the measured rounds uses i; these never meet them.
@@ -223,7 +226,8 @@ async def measure(base_url: str, model: str, codec_for: Callable[[object], Token
                 short = min(lengths)
                 for concurrency in (1, plan.decode_concurrency):
                     async def decode_round(attempt: int, c: int = concurrency) -> list[RoundResult]:
-                        batch = await prompts(short, 2 * c, _DECODE_OUTPUT_LEN, trial=_DECODE_TRIAL + c + _RETRY_TRIAL * attempt)
+                        batch = await prompts(short, max(_DECODE_PROMPTS, 2 * c), _DECODE_OUTPUT_LEN,
+                                              trial=_DECODE_TRIAL + c + _RETRY_TRIAL * attempt)
                         result = await run_round(pool, replace(spec, max_concurrency=c), batch, "decode")
                         return [_no_failures(result, "decode", short)]
 

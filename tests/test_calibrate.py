@@ -250,7 +250,7 @@ def test_a_round_the_guard_rejects_is_measured_again_with_new_prompts(monkeypatc
 
     async def fake_run_round(pool, spec, prompts, round_name, **_):
         n = prompts[0].input_len
-        if n == 700 and round_name == "cold" and spoiled["left"]:
+        if n == 700 and round_name == "cold" and spoiled["left"] and not prompts[0].text.endswith("-900"):
             spoiled["left"] -= 1
             return _fake_round(0.5, "the client's event loop lagged 33 ms", round_name, n)
         return _fake_round(n / 1e5, None, round_name, n)
@@ -262,9 +262,11 @@ def test_a_round_the_guard_rejects_is_measured_again_with_new_prompts(monkeypatc
     meas = asyncio.run(C.measure("http://127.0.0.1:9", "m", lambda client: None, plan, progress=lines.append))
     assert {p.input_len: p.median_ttft_ms for p in meas.points} == pytest.approx({300: 3.0, 700: 7.0, 1300: 13.0})
     trials = [trial for n, trial in built if n == 700]
-    assert trials == [0, 1000, 2000, 1]  # each attempt (and the second pass) new prompts, never a spoiled round's
+    # the warm-up's own prompts, then each attempt (and the second pass) new ones, never a spoiled round's
+    assert trials == [900, 0, 1000, 2000, 1]
     # two passes, up the lengths then down, so a drifting machine slows every length alike
     assert [n for n, trial in built if trial in (0, 1)] == [300, 700, 1300, 1300, 700, 300]
+    assert [n for n, trial in built if trial == 900] == [300, 700, 1300]  # every length warmed up first
     assert {len(p.ttfts_ms) for p in meas.points} == {6}  # 3 prompts: 2 in pass 1, 1 in pass 2, 3 records each
     assert sum("700 tokens (pass 1): not trustworthy" in line for line in lines) == 2
 

@@ -39,7 +39,7 @@ def test_profile_fitted_to_the_cpu_stack_predicts_held_out_lengths(real_stack, t
     calibration = data["calibration"]
     assert calibration["server"]["server"] == "vllm" and calibration["server"]["kv_mode"] == "mp"
     checks = {(c["input_len"], c["round"]): c for c in calibration["checks"]}
-    assert set(checks) == {(1800, "cold"), (1800, "warm"), (3600, "cold"), (3600, "warm")}
+    assert set(checks) == {(1900, "cold"), (1900, "warm"), (3700, "cold"), (3700, "warm")}
     for check in checks.values():
         assert check["predicted_error"] <= TOLERANCE and check["emulated_error"] <= TOLERANCE, check
     profile = data["profile"]
