@@ -239,7 +239,7 @@ def print_rate(levels: list[Level], work: Workload) -> None:
             print(f"      {note}")
     ours = best_rate(levels, work, lambda lv: lv.ours)
     vllm = best_rate(levels, work, lambda lv: lv.vllm)
-    print(f"highest rate kept up: ours {describe(ours)}; vllm bench serve {describe(vllm)}"
+    print(f"highest rate kept up, server on schedule: ours {describe(ours)}; vllm bench serve {describe(vllm)}"
           + (f"; ratio ours/vllm {ours[1] / vllm[1]:.2f}" if ours and vllm else ""))
     behind = [str(lv.concurrency) for lv in levels if lv.server_behind]
     if behind:
@@ -249,8 +249,10 @@ def print_rate(levels: list[Level], work: Workload) -> None:
 
 
 def best_rate(levels: list[Level], work: Workload, client: Callable[[Level], Figures]) -> tuple[int, float] | None:
-    """(concurrency, tokens/s) of the client's fastest level at which it kept up."""
-    kept = [(lv.concurrency, client(lv).output_tokens_per_s) for lv in levels if client(lv).kept_up(work.itl_ms)]
+    """(concurrency, tokens/s) of the client's fastest level at which it kept up and the server kept its
+    schedule (where the server fell behind, the rate is the server's)."""
+    kept = [(lv.concurrency, client(lv).output_tokens_per_s) for lv in levels
+            if client(lv).kept_up(work.itl_ms) and not lv.server_behind]
     return max(kept, key=lambda item: item[1]) if kept else None
 
 
