@@ -119,7 +119,8 @@ def _calibrate_parser(sub) -> None:
     where.add_argument("--kv-server", choices=("external", "vllm"), default=None,
                        help="start a real vLLM (vllm) or measure a running one (external, with --kv-endpoint); "
                             "default: external when --kv-endpoint is given, else vllm")
-    where.add_argument("--kv-endpoint", default=None, metavar="URL", help="the running server, e.g. http://127.0.0.1:8000")
+    where.add_argument("--kv-endpoint", default=None, metavar="URL",
+                       help="the running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--model", default=None, help="served model (vllm: the model folder or name to serve)")
     where.add_argument("--kv-python", default=None, metavar="PATH", help="interpreter with vLLM and LMCache (vllm)")
     where.add_argument("--kv-server-args", default="", metavar="ARGS",
@@ -188,7 +189,8 @@ def calibrate(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise C.CalibrationError(f"--model-config {config}: {exc}") from None
     plan = C.CalibrationPlan(input_lens=args.input_lens, holdout_lens=args.holdout, prompts=args.prompts,
-                             passes=args.passes, output_len=args.output_len, backend=args.backend, chunk_size=args.chunk_size,
+                             passes=args.passes, output_len=args.output_len, backend=args.backend,
+                             chunk_size=args.chunk_size,
                              decode_concurrency=args.decode_concurrency, tolerance=args.tolerance, seed=args.seed)
     server = ServerSettings(kind=kind, endpoint=args.kv_endpoint, model=args.model, python=args.kv_python,
                             extra_args=extra_args, ready_timeout=args.kv_ready_timeout)

@@ -11,13 +11,13 @@ What is measured, with the plugin's own client at concurrency 1 (nothing queues)
 
 What is fitted (the formulas are :mod:`pytest_kvcache.emulator.costmodel`'s):
 
-- ``prefill_base_ms``, ``prefill_ms_per_token`` and ``prefill_ms_per_token_sq`` from
-  the cold medians, by non-negative least squares on *relative* errors, so a 100-token
-  point weighs as much as a 10k one;
-- ``lookup_ms`` and the tier's bandwidth from what a warm median adds to the fitted
-  prefill of its uncached remainder (``time_scale`` 1: the model's own KV bytes per
-  token, from its ``config.json``); a cold round on a tier includes its store cost, so
-  the fitted profile stores for free;
+- ``prefill_base_ms``, ``prefill_ms_per_token``, ``prefill_ms_per_token_sq`` (per 1000
+  attended pairs), ``lookup_ms`` and the tier's bandwidth in one fit over the cold and
+  warm medians, by non-negative least squares on *relative* errors, so a 100-token point
+  weighs as much as a 10k one. A warm request computes its uncached tail over the whole
+  context, so the warm points pin the attention term as well as the load
+  (``time_scale`` 1: the model's own KV bytes per token, from its ``config.json``); a
+  cold round on a tier includes its store cost, so the fitted profile stores for free;
 - ``decode_base_ms`` and ``decode_ms_per_running_seq`` from the two ITLs.
 
 The profile schedules one prefill at a time (``fifo``): right for a CPU server and for
@@ -46,12 +46,17 @@ from .errors import KVCacheError
 from .loadgen import LoadSpec, open_client, open_pool, run_round
 from .models import RoundResult
 from .servers import ServerPool, ServerSettings
-from .workloads import LocalTokenizer, Prompt, ServerTokenizer, TokenCodec, build_prompts
+from .workloads import (
+    LocalTokenizer,
+    Prompt,
+    ServerTokenizer,
+    TokenCodec,
+    build_prompts,
+)
 
 __all__ = ["CalibrationError", "CalibrationPlan", "CalibrationRecord", "CalibrationResult", "Check", "DecodePoint",
-           "LengthPoint", "Measurements", "TTFTFit", "cached_tokens", "calibrate", "check_profile", "emulator_overhead",
-           "fit_profile", "fit_ttft", "measure",
-           "predict_ttft_ms", "report_lines"]
+           "LengthPoint", "Measurements", "TTFTFit", "cached_tokens", "calibrate", "check_profile",
+           "emulator_overhead", "fit_profile", "fit_ttft", "measure", "predict_ttft_ms", "report_lines"]
 
 #: Tiers the emulator can model (a calibrated tier must be one of them).
 CALIBRATABLE_TIERS = tuple(t for t in TIERS if t != "waterfall")
@@ -102,9 +107,10 @@ class CalibrationPlan:
         if self.backend != "none" and min(self.input_lens) <= self.chunk_size:
             raise CalibrationError(f"--input-lens: with an offload tier every length must exceed the chunk "
                                    f"size ({self.chunk_size}), or its warm round has nothing to load")
-        if self.prompts < 3 or self.passes < 1 or self.output_len < 2 or self.decode_concurrency < 2 or not 0 < self.tolerance < 1:
-            raise CalibrationError("need --prompts >= 3, --passes >= 1, --output-len >= 2, --decode-concurrency >= 2 and "
-                                   "0 < --tolerance < 1")
+        if (self.prompts < 3 or self.passes < 1 or self.output_len < 2 or self.decode_concurrency < 2
+                or not 0 < self.tolerance < 1):
+            raise CalibrationError("need --prompts >= 3, --passes >= 1, --output-len >= 2, --decode-concurrency >= 2 "
+                                   "and 0 < --tolerance < 1")
 
     @property
     def rounds(self) -> tuple[str, ...]:
@@ -379,9 +385,8 @@ class CalibrationRecord:
         return {
             "created": self.created, "server": self.server,
             "plan": dataclasses.asdict(self.plan),
-            "points": [{"input_len": p.input_len, "round": p.round, "median_ttft_ms": p.median_ttft_ms,
-                        "ttfts_ms": list(p.ttfts_ms), "held_out": p.held_out} for p in self.real.points],
-            "decode": [{"concurrency": d.concurrency, "median_itl_ms": d.median_itl_ms} for d in self.real.decode],
+            "points": [dataclasses.asdict(p) for p in self.real.points],
+            "decode": [dataclasses.asdict(d) for d in self.real.decode],
             "checks": [c.as_dict() for c in self.checks],
             "emulator_overhead": dataclasses.asdict(self.emulator_overhead) if self.emulator_overhead else None,
             "within_tolerance": self.passes(),
@@ -438,8 +443,7 @@ def calibrate(plan: CalibrationPlan, server: ServerSettings, *, out: Path, work_
                           overhead=overhead)
     if verify:
         progress("verifying: an emulator running the fitted profile")
-        emulated = _emulate(profile, plan, [p.input_len for p in real.points if p.held_out] or plan.input_lens,
-                            server, work_dir, progress)
+        emulated = _emulate(profile, plan, plan.holdout_lens or plan.input_lens, server, work_dir, progress)
     record = CalibrationRecord(server=server_info, plan=plan, real=real,
                                checks=tuple(check_profile(profile, real, plan, emulated)), emulator_overhead=overhead)
     path = out if record.passes() else out.with_name(f"{out.name.removesuffix('.json')}.rejected.json")
@@ -462,7 +466,8 @@ def _emulate(profile: Profile, plan: CalibrationPlan, lengths: Sequence[int], se
              work_dir: Path, progress: Callable[[str], None]) -> Measurements:
     """Median TTFTs of an emulator running ``profile`` with the plan's tier and chunk size."""
     candidate = write_profile_file(work_dir / f"{profile.name}.candidate.json", profile, {})
-    pool = ServerPool(ServerSettings(kind="emulator", emulator_profile=str(candidate), ready_timeout=server.ready_timeout,
+    pool = ServerPool(ServerSettings(kind="emulator", emulator_profile=str(candidate),
+                                     ready_timeout=server.ready_timeout,
                                      extra_args=("--chunk-size", str(plan.chunk_size))),
                       work_dir / "emulator", work_dir / "logs")
     try:
@@ -477,9 +482,9 @@ def _emulate(profile: Profile, plan: CalibrationPlan, lengths: Sequence[int], se
 def report_lines(result: CalibrationResult) -> list[str]:
     """The fit and the held-out table, for the terminal."""
     p, plan = result.profile, result.record.plan
-    lines = [f"profile {p.name}: prefill = {p.prefill_base_ms:.3g} ms + {p.prefill_ms_per_token:.3g} ms/token "
-             f"+ {p.prefill_ms_per_token_sq:.3g} ms per 1000 attended pairs; decode = {p.decode_base_ms:.3g} ms "
-             f"+ {p.decode_ms_per_running_seq:.3g} ms x running"]
+    lines = [(f"profile {p.name}: prefill = {p.prefill_base_ms:.3g} ms + {p.prefill_ms_per_token:.3g} ms/token "
+              f"+ {p.prefill_ms_per_token_sq:.3g} ms per 1000 attended pairs; decode = {p.decode_base_ms:.3g} ms "
+              f"+ {p.decode_ms_per_running_seq:.3g} ms x running")]
     if plan.backend != "none":
         lines.append(f"  tier {plan.backend}: lookup {p.lookup_ms:.3g} ms, {p.bandwidth_gbps[plan.backend]:.3g} GB/s "
                      f"of {p.kv_bytes_per_token} KV bytes/token")

@@ -117,8 +117,8 @@ def test_profile_file_round_trip_and_label(tmp_path):
      "built-in profile"),
     ('{"kind": "pytest-kvcache emulator profile", "schema_version": 1, "profile": {"name": "x", "bogus": 1}}',
      "unknown profile field 'bogus'"),
-    ('{"kind": "pytest-kvcache emulator profile", "schema_version": 1, '
-     '"profile": {"name": "x", "prefill_base_ms": -1}}', "negative times"),
+    (('{"kind": "pytest-kvcache emulator profile", "schema_version": 1, '
+      '"profile": {"name": "x", "prefill_base_ms": -1}}'), "negative times"),
 ])
 def test_bad_profile_files_name_the_file_and_the_fix(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -297,8 +297,8 @@ def test_plugin_runs_the_emulator_with_a_profile_file(pytester):
 
 
 @pytest.mark.parametrize("value,message", [
-    ("missing.json", "*--emulator-profile / kvcache_emulator_profile = 'missing.json': profile file *missing.json: "
-                     "no such file*calibrate*"),
+    ("missing.json", ("*--emulator-profile / kvcache_emulator_profile = 'missing.json': profile file "
+                      "*missing.json: no such file*calibrate*")),
     ("bad.json", "*kvcache_emulator_profile = 'bad.json': profile file *bad.json: cannot be read as JSON*"),
 ])
 def test_plugin_rejects_a_bad_profile_file(pytester, value, message):

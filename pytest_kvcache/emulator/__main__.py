@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .costmodel import PROFILES, TIERS
-from .profile_file import ProfileFileError, is_profile_path, read_profile_file, resolve_profile
+from .profile_file import ProfileFileError, is_profile_path, resolve_profile
 
 
 def _positive_float(text: str) -> float:
@@ -53,12 +53,8 @@ def _positive_int(text: str) -> int:
 
 
 def _profile_spec(text: str) -> str:
-    """A built-in profile's name, or the path of a profile file (checked here, read once)."""
+    """A built-in profile's name, or the path of a profile file (read by parse_settings)."""
     if is_profile_path(text):
-        try:
-            read_profile_file(text)
-        except ProfileFileError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
         return text
     if text not in PROFILES:
         raise argparse.ArgumentTypeError(f"unknown profile {text!r}: use one of {', '.join(sorted(PROFILES))} "
