@@ -6,11 +6,14 @@ concurrency 16, 128 and 512, and prints, per concurrency, the client's TTFT and 
 error against the server's truth for each request, split into the send side (client
 start stamp -> server arrival stamp) and the receive side (server write stamp -> client
 arrival stamp), the event-loop lag, the delivered concurrency and whether the round's
-guard called it valid. Then it looks for the highest streamed-chunk rate the client
-sustains before its guard trips (1 ms gaps, rising concurrency).
+guard called it valid. Each level runs once per stamping mode (``--stamps``): the
+kernel's receive time (what the plugin uses on plain HTTP on Linux) and ``perf_counter``
+when Python handles the read (what it falls back to elsewhere), the same prompts one
+after the other. Then it looks for the highest streamed-chunk rate the client sustains
+before its guard trips (1 ms gaps, rising concurrency).
 ``benchmarks/bench_vs_vllm.py`` runs the same measurements beside ``vllm bench serve``.
 
-    python benchmarks/bench_client.py [--quick] [--levels 16,128,512]
+    python benchmarks/bench_client.py [--quick] [--levels 16,128,512] [--stamps kernel,user]
 
 Both processes share the machine: on 2 cores the server takes one and the client one.
 """
@@ -75,12 +78,15 @@ def pct(values: list[float], q: float) -> float:
 
 
 _CAPTURES = "server_timings" in inspect.signature(loadgen.run_round).parameters
+_STAMP_CHOICE = "kernel_stamps" in inspect.signature(loadgen.open_pool).parameters
 
 
 async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: float, itl_ms: float,
-                    **spec_kw) -> dict:
+                    stamps: str = "kernel", **spec_kw) -> dict:
     spec = loadgen.LoadSpec(model=MODEL, max_concurrency=concurrency, timeout_s=60, **spec_kw)
-    pool = loadgen.open_pool(url, concurrency)
+    pool = (loadgen.open_pool(url, concurrency, kernel_stamps=stamps == "kernel") if _STAMP_CHOICE
+            else loadgen.open_pool(url, concurrency))
+    stamps = "kernel" if getattr(pool, "kernel_stamps", False) else "user"
     try:
         await loadgen.run_round(pool, spec, prompts[: min(len(prompts), concurrency)], "warmup")
         timings: dict = {}
@@ -106,7 +112,8 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
         itl_err.extend((c - s) * 1e3 for c, s in zip(r.itls, (b - x for x, b in itertools.pairwise(chunks))))
     s = result.summary
     return {
-        "concurrency": concurrency, "n": len(result.records), "failed": result.failed,
+        "concurrency": concurrency, "stamps": stamps,
+        "n": len(result.records), "failed": result.failed,
         "ttft_med": statistics.median(ttft_err) if ttft_err else float("nan"), "ttft_p99": pct(ttft_err, 99),
         "itl_med": statistics.median(itl_err) if itl_err else float("nan"), "itl_p99": pct(itl_err, 99),
         "client_median_ttft": s.get("median_ttft_ms"), "client_median_itl": s.get("median_itl_ms"),
@@ -123,11 +130,11 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'conc':>5} {'n':>5} {'TTFT err med/p99 ms':>20} {'ITL err med/p99 ms':>19} "
+    print(f"{'conc':>5} {'stamps':>6} {'n':>5} {'TTFT err med/p99 ms':>20} {'ITL err med/p99 ms':>19} "
           f"{'send med/p99':>13} {'recv med/p99':>13} {'lag p99':>8} {'conc':>5} {'valid':>5}")
     for r in rows:
         ratio = "-" if r["conc_ratio"] is None else f"{r['conc_ratio']:.2f}"
-        print(f"{r['concurrency']:>5} {r['n']:>5} {r['ttft_med']:>9.3f} / {r['ttft_p99']:<8.3f} "
+        print(f"{r['concurrency']:>5} {r['stamps']:>6} {r['n']:>5} {r['ttft_med']:>9.3f} / {r['ttft_p99']:<8.3f} "
               f"{r['itl_med']:>8.3f} / {r['itl_p99']:<8.3f} {r['send_med']:>5.2f} / {r['send_p99']:<5.2f} "
               f"{r['recv_med']:>5.2f} / {r['recv_p99']:<5.2f} {r['lag_p99']:>8.2f} {ratio:>5} "
               f"{'yes' if r['valid'] else 'NO':>5}")
@@ -137,12 +144,13 @@ def print_table(rows: list[dict]) -> None:
             print(f"      {r['failed']} failed requests")
 
 
-async def accuracy(url: str, levels: list[int], quick: bool) -> list[dict]:
+async def accuracy(url: str, levels: list[int], quick: bool, stamp_modes: list[str]) -> list[dict]:
     rows = []
     for c in levels:
         n = max(2 * c, 64) if not quick else max(c, 32)
         prompts = make_prompts(n, 256, 32, seed=c)
-        rows.append(await one_level(url, c, prompts, 40.0, 8.0))
+        for stamps in stamp_modes:  # the same prompts, one mode after the other
+            rows.append(await one_level(url, c, prompts, 40.0, 8.0, stamps=stamps))
     return rows
 
 
@@ -161,9 +169,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (a smoke run)")
     ap.add_argument("--levels", default="16,128,512")
+    ap.add_argument("--stamps", default="kernel,user",
+                    help="how the client stamps reads, one accuracy row per mode: kernel (the kernel's receive "
+                         "time, the default where available) and/or user (perf_counter when Python gets the read)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x]
+    stamp_modes = [m for m in args.stamps.split(",") if m]
+    if not stamp_modes or set(stamp_modes) - {"kernel", "user"}:
+        ap.error(f"--stamps {args.stamps!r}: use kernel, user or kernel,user")
     t0 = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
         tmp_path = Path(tmp)
@@ -172,7 +186,7 @@ def main() -> int:
             print("client accuracy against the reference server (TTFT 40 ms, ITL 8 ms, 32 output tokens, "
                   "256-token prompts); errors = client - server truth per request, ms"
                   + ("" if _CAPTURES else "; this client cannot capture server_timing: errors vs settings"))
-            rows = asyncio.run(accuracy(url, levels, args.quick))
+            rows = asyncio.run(accuracy(url, levels, args.quick, stamp_modes))
             print_table(rows)
         finally:
             server.stop()

@@ -1,21 +1,22 @@
-"""A minimal HTTP/1.1 streaming client that stamps bytes the moment they arrive.
+"""A minimal HTTP/1.1 streaming client that stamps bytes with when they arrived.
 
 The measured requests do not go through httpx: with httpx the time between the
 bytes reaching the socket and the caller seeing them was about 1.5-2 ms per chunk on
-these machines (a fixed 40 ms TTFT read as 41.5-42.3 ms even at concurrency 1),
-while a raw socket read it as 40.4-40.5 ms. Here the stamp is taken first thing in
-``data_received``, called by the event loop as soon as the socket is readable; the
-HTTP framing is decoded right after (offset arithmetic, no buffer shuffling) and the
-body bytes are kept with the stamp. The SSE event split and JSON decoding wait until
-the response is complete, in the request's coroutine, which wakes once per response:
-per-chunk work in the loop is what delays the *other* streams' stamps when many
-chunks arrive in the same event-loop pass (concurrency 128 and up).
+these machines (a fixed 40 ms TTFT read as 41.5-42.3 ms even at concurrency 1).
+On a plain-HTTP connection on Linux each read carries the kernel's receive time
+(``_sockio``): the stamp is when the bytes reached this host, so neither the wake-up
+of the client's idle core (0.3-1 ms here) nor an event-loop pass spent on other
+streams is in it. Elsewhere (TLS, other systems) the stamp is ``perf_counter`` taken
+first thing in the read callback. The HTTP framing is decoded right after (offset
+arithmetic, no buffer shuffling) and the body bytes are kept with the stamp. The SSE
+event split and JSON decoding wait until the response is complete and then run in
+slices (``loadgen``): per-chunk work in the loop is what delays the *other* streams'
+reads, and a read late enough to take two chunks at once gives both the later stamp.
 
 A request's start stamp is taken inside :meth:`StreamConnection.send`, right before
-its own ``transport.write`` (a single write; TCP_NODELAY), so neither the other
-requests of a burst nor a task switch sit between the stamp and the bytes leaving.
-Each connection carries one request at a time with keep-alive and is opened before
-the round starts.
+its own write (a single write; TCP_NODELAY), so neither the other requests of a burst
+nor a task switch sit between the stamp and the bytes leaving. Each connection
+carries one request at a time with keep-alive and is opened before the round starts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import socket
 import ssl
 import time
 from urllib.parse import urlsplit
+
+from ._sockio import StampedSocket, kernel_stamps_available
 
 __all__ = ["HTTPStreamError", "StreamConnection", "StreamPool", "split_events"]
 
@@ -171,14 +174,15 @@ class _ResponseParser:
         return self.complete
 
 
-def split_events(pieces) -> tuple[list[tuple[float, bytes]], bytes]:
+def split_events(pieces, carry: bytes = b"") -> tuple[list[tuple[float, bytes]], bytes]:
     """``(stamp, body bytes)`` reads -> ``(stamp, SSE event)`` pairs, and the unfinished rest.
 
     An event gets the stamp of the read that completed it. Lines may end with LF or
-    CRLF; events end with an empty line.
+    CRLF; events end with an empty line. ``carry`` is the rest of earlier reads (to
+    split a response a slice of reads at a time).
     """
     events: list[tuple[float, bytes]] = []
-    sse = b""
+    sse = carry
     for stamp, piece in pieces:
         sse = sse + piece if sse else piece
         if b"\r" in sse:
@@ -192,18 +196,20 @@ def split_events(pieces) -> tuple[list[tuple[float, bytes]], bytes]:
     return events, sse
 
 
-class StreamConnection(asyncio.Protocol):
+class StreamConnection:
     """One keep-alive connection carrying one request at a time.
 
-    ``data_received`` stamps the read first thing, decodes the HTTP framing and keeps
-    ``(stamp, body bytes)``; nothing else happens per read: the SSE split and JSON
-    decoding wait until the response is complete (:meth:`wait`), so the work done for
-    one stream cannot delay the stamp of another, and the request's coroutine wakes
-    once per response, not once per chunk.
+    Each read arrives with its stamp (:meth:`_on_data`): the kernel's receive time on a
+    plain-HTTP Linux socket (:class:`~pytest_kvcache._sockio.StampedSocket`), else
+    ``perf_counter`` taken first thing in the protocol callback (TLS, other systems).
+    The HTTP framing is decoded and ``(stamp, body bytes)`` kept; nothing else happens
+    per read: the SSE split and JSON decoding wait until the response is complete
+    (:meth:`wait`), so the work done for one stream cannot delay the stamp of another,
+    and the request's coroutine wakes once per response, not once per chunk.
     """
 
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
+        self.transport: StampedSocket | asyncio.Transport | None = None
         self.closed = False
         self._parser: _ResponseParser | None = None
         self.pieces: list[tuple[float, bytes]] = []
@@ -211,16 +217,13 @@ class StreamConnection(asyncio.Protocol):
         self._error: str | None = None
         self._done: asyncio.Future | None = None
 
-    # -- protocol callbacks (the event loop calls these) ---------------------------
+    @property
+    def kernel_stamps(self) -> bool:
+        return isinstance(self.transport, StampedSocket) and self.transport.kernel_stamps
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # -- what the socket delivers --------------------------------------------------------
 
-    def data_received(self, data: bytes) -> None:
-        stamp = time.perf_counter()  # first: everything after this is bookkeeping
+    def _on_data(self, data: bytes, stamp: float) -> None:
         parser = self._parser
         if parser is None or parser.complete:
             self._fail("unexpected bytes from the server between requests")
@@ -239,7 +242,7 @@ class StreamConnection(asyncio.Protocol):
             if done is not None and not done.done():
                 done.set_result(None)
 
-    def connection_lost(self, exc) -> None:
+    def _on_close(self, exc) -> None:
         self.closed = True
         parser = self._parser
         if parser is not None and not parser.complete and not parser.finish_at_eof() and self._error is None:
@@ -308,10 +311,30 @@ class StreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
+class _StampingProtocol(asyncio.Protocol):
+    """Feeds an asyncio transport's reads to a StreamConnection, stamped on arrival
+    (TLS, or where the kernel cannot stamp reads)."""
+
+    def __init__(self, conn: StreamConnection) -> None:
+        self.conn = conn
+
+    def connection_made(self, transport) -> None:
+        self.conn.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.conn._on_data(data, time.perf_counter())  # the stamp first: the rest is bookkeeping
+
+    def connection_lost(self, exc) -> None:
+        self.conn._on_close(exc)
+
+
 class StreamPool:
     """Connections to one server, one per concurrency slot, opened ahead of the load."""
 
-    def __init__(self, base_url: str, size: int) -> None:
+    def __init__(self, base_url: str, size: int, *, kernel_stamps: bool = True) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https"):
             raise ValueError(f"unsupported URL {base_url!r}: use http:// or https://")
@@ -321,11 +344,30 @@ class StreamPool:
         self._ssl = ssl.create_default_context() if parts.scheme == "https" else None
         self._host_header = parts.netloc
         self.size = size
+        self._kernel_stamps = kernel_stamps
         self._idle: list[StreamConnection] = []
+
+    @property
+    def kernel_stamps(self) -> bool:
+        """Whether reads are stamped by the kernel (plain HTTP on Linux, unless turned off)."""
+        return self._kernel_stamps and self._ssl is None and kernel_stamps_available()
 
     async def _connect(self) -> StreamConnection:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(StreamConnection, self.host, self.port, ssl=self._ssl)
+        conn = StreamConnection()
+        if not self.kernel_stamps:
+            await loop.create_connection(lambda: _StampingProtocol(conn), self.host, self.port, ssl=self._ssl)
+            return conn
+        family, kind, proto, _, address = (await loop.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM))[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, address)
+            conn.transport = StampedSocket(sock, loop, conn._on_data, conn._on_close)
+        except BaseException:
+            sock.close()
+            raise
         return conn
 
     async def open(self) -> None:

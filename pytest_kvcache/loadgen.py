@@ -8,11 +8,14 @@ Measuring rules (DESIGN.md section 3):
   slot, inside ``StreamConnection.send`` right before its own write; the wait for
   the slot is kept apart as queue time, counted from when the request was due (its
   scheduled arrival), not from when its coroutine got around to it.
-* Every network read is stamped on arrival, in the protocol callback (see
-  ``_http``: httpx added 1.5-2 ms per read); every SSE event completed by that read
-  gets its stamp, with its token count (from ``continuous_usage_stats`` when the
-  server sends them, else one per event). Events are decoded once the response is
-  complete, so per-chunk work never runs between other streams' reads and stamps.
+* Every network read is stamped with when it reached this host: the kernel's
+  receive time on plain HTTP on Linux, else ``perf_counter`` first thing in the read
+  callback (see ``_http`` and ``_sockio``; httpx added 1.5-2 ms per read). Every SSE
+  event completed by that read gets its stamp, with its token count (from
+  ``continuous_usage_stats`` when the server sends them, else one per event). Events
+  are decoded once the response is complete, in slices of a few events between the
+  loop's reads, so per-chunk work never holds other streams' reads. The round records
+  which stamps it used (``RoundResult.client_stamps``).
 * The connection pool is opened before the round (one connection per slot), so a
   measured request never pays for a TCP handshake.
 * The guard: a round is invalid, with the reason, when (a) the 99th percentile of
@@ -34,7 +37,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 
 from typing_extensions import Self
@@ -78,9 +81,12 @@ def open_client(base_url: str, timeout_s: float = 120.0):
     return httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s, connect=10.0))
 
 
-def open_pool(base_url: str, max_concurrency: int) -> StreamPool:
-    """The measured requests' connections: one per concurrency slot (see _http)."""
-    return StreamPool(base_url, max_concurrency)
+def open_pool(base_url: str, max_concurrency: int, *, kernel_stamps: bool = True) -> StreamPool:
+    """The measured requests' connections: one per concurrency slot (see _http).
+
+    ``kernel_stamps=False`` stamps reads in Python on arrival even where the kernel
+    could (to measure what kernel stamps change)."""
+    return StreamPool(base_url, max_concurrency, kernel_stamps=kernel_stamps)
 
 
 def _body(spec: LoadSpec, prompt: Prompt) -> bytes:
@@ -194,38 +200,57 @@ def _load_all(payloads: list[bytes]) -> list:
     return objs
 
 
-def _decode(events, chunk_times: list[float], chunk_tokens: list[int], usage_seen: dict,
-            extras: dict) -> bool:
-    """Read SSE events into the lists; True once ``data: [DONE]`` was seen.
+#: SSE events (and reads) decoded between two checks of the decoder's time budget:
+#: an event takes ~7 us to split and decode
+DECODE_SLICE = 16
 
-    A chunk's token count comes from ``continuous_usage_stats`` when the server sends
-    them (a chunk may carry several tokens), else 1 per chunk with text.
+
+def _decode(pieces, chunk_times: list[float], chunk_tokens: list[int], usage_seen: dict,
+            extras: dict) -> Generator[None, None, tuple[bool, bytes]]:
+    """Read a response's ``(stamp, body bytes)`` reads into the lists; returns whether
+    ``data: [DONE]`` was seen and the bytes after the last complete SSE event.
+
+    A generator: it yields after every ``DECODE_SLICE`` reads or events so that a long
+    response (a thousand tokens take ~7 ms to decode) never holds the event loop
+    between other streams' reads. A chunk's token count comes from
+    ``continuous_usage_stats`` when the server sends them (a chunk may carry several
+    tokens), else 1 per chunk with text.
     """
-    payloads, stamps, done = _payloads(events)
     seen_completion = 0
-    for stamp, obj, payload in zip(stamps, _load_all(payloads), payloads):
-        if not isinstance(obj, dict):
-            raise _StreamError(f"malformed SSE event: {payload[:120]!r}")
-        if "error" in obj and not obj.get("choices"):
-            raise _StreamError(f"server error in stream: {str(obj['error'])[:200]}")
-        usage = obj.get("usage")
-        text = ""
-        for choice in obj.get("choices") or ():
-            if isinstance(choice, dict):
-                text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
-        if usage:
-            usage_seen.update({k: v for k, v in usage.items() if v is not None})
-        if "server_timing" in obj:
-            extras["server_timing"] = obj["server_timing"]
-        if text:
-            chunk_times.append(stamp)
-            completion = (usage or {}).get("completion_tokens")
-            if completion is not None:
-                chunk_tokens.append(max(completion - seen_completion, 1))
-                seen_completion = completion
-            else:
-                chunk_tokens.append(1)
-    return done
+    done = False
+    rest = b""
+    for lo in range(0, len(pieces), DECODE_SLICE):
+        events, rest = split_events(pieces[lo:lo + DECODE_SLICE], rest)
+        payloads, stamps, saw_done = _payloads(events)
+        done = done or saw_done
+        for first in range(0, len(payloads), DECODE_SLICE):  # reads that piled up many events
+            if first:
+                yield
+            part = payloads[first:first + DECODE_SLICE]
+            for stamp, obj, payload in zip(stamps[first:first + DECODE_SLICE], _load_all(part), part):
+                if not isinstance(obj, dict):
+                    raise _StreamError(f"malformed SSE event: {payload[:120]!r}")
+                if "error" in obj and not obj.get("choices"):
+                    raise _StreamError(f"server error in stream: {str(obj['error'])[:200]}")
+                usage = obj.get("usage")
+                text = ""
+                for choice in obj.get("choices") or ():
+                    if isinstance(choice, dict):
+                        text += choice.get("text") or (choice.get("delta") or {}).get("content") or ""
+                if usage:
+                    usage_seen.update({k: v for k, v in usage.items() if v is not None})
+                if "server_timing" in obj:
+                    extras["server_timing"] = obj["server_timing"]
+                if text:
+                    chunk_times.append(stamp)
+                    completion = (usage or {}).get("completion_tokens")
+                    if completion is not None:
+                        chunk_tokens.append(max(completion - seen_completion, 1))
+                        seen_completion = completion
+                    else:
+                        chunk_tokens.append(1)
+        yield
+    return done, rest
 
 
 class _Decoder:
@@ -234,20 +259,22 @@ class _Decoder:
     asyncio runs every ready callback before it polls the sockets again, so if 128
     streams that finished together each decoded their events in their own coroutine,
     the reads (and stamps) of every other stream would wait for all 128 decodes. Here
-    one task decodes a response, and after ``budget_s`` of work yields a loop pass
-    (``sleep(0)`` queues it behind the reads of the next pass).
+    one task runs the decodes, each a generator that yields between slices of a
+    response, and after ``budget_s`` of work gives the loop a pass (``sleep(0)``
+    queues it behind the reads of the next pass).
     """
 
     def __init__(self, budget_s: float = 0.0002) -> None:
         self.budget_s = budget_s
-        self._queue: list[tuple[Callable[[], object], asyncio.Future]] = []
+        self._queue: list[tuple[Generator[None, None, object], asyncio.Future]] = []
         self._wake: asyncio.Future | None = None
         self._task: asyncio.Task | None = None
 
-    async def run(self, fn: Callable[[], object]):
+    async def run(self, steps: Generator[None, None, object]):
+        """The generator's return value once it has run to its end."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._queue.append((fn, fut))
+        self._queue.append((steps, fut))
         if self._task is None:
             self._task = asyncio.ensure_future(self._loop())
         elif self._wake is not None and not self._wake.done():
@@ -265,15 +292,17 @@ class _Decoder:
                 continue
             t = perf()
             while queue:
-                fn, fut = queue.pop(0)
+                steps, fut = queue[0]
                 try:
-                    result = fn()
+                    next(steps)
+                except StopIteration as stop:
+                    queue.pop(0)
+                    if not fut.done():
+                        fut.set_result(stop.value)
                 except Exception as exc:  # noqa: BLE001 - handed to the request that waits for it
+                    queue.pop(0)
                     if not fut.done():
                         fut.set_exception(exc)
-                else:
-                    if not fut.done():
-                        fut.set_result(result)
                 if perf() - t > self.budget_s:
                     break
             await asyncio.sleep(0)
@@ -329,8 +358,7 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
             error = f"HTTP {status}: {body[:300]}"
     elif status == 200:
         def decode():
-            events, rest = split_events(pieces)
-            finished = _decode(events, chunk_times, chunk_tokens, usage_seen, extras)
+            finished, rest = yield from _decode(pieces, chunk_times, chunk_tokens, usage_seen, extras)
             if rest.strip():
                 raise _StreamError(f"stream ended inside an SSE event: {rest[:120]!r}")
             if not finished:
@@ -339,7 +367,7 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
                 raise _StreamError("stream finished without any text")
 
         try:
-            await decoder.run(decode)
+            await decoder.run(decode())
         except _StreamError as exc:
             if error is None:
                 error = str(exc)
@@ -475,7 +503,10 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
             records = await asyncio.gather(*(scheduled_request(i, t0) for i in range(len(prompts))))
         finally:
             decoder.close()
-        duration = perf() - t0
+        # the round ends with the last byte of its last response: decoding what arrived
+        # is the client's work, not the server's, and must not lower the throughputs
+        finished = max((done for _, done in track.runs), default=None)
+        duration = finished - t0 if finished is not None and finished > t0 else perf() - t0
     summary = summarize(records, duration)
     reasons: list[str] = []
 
@@ -521,4 +552,5 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
         summary=summary,
         max_loop_lag_ms=lag.percentile_ms(100),
         invalid_reason="; ".join(reasons) or None,
+        client_stamps="kernel" if pool.kernel_stamps else "user",
     )

@@ -232,6 +232,9 @@ class RoundResult:
     max_loop_lag_ms: float
     invalid_reason: str | None = None
     telemetry: Mapping[str, float] = field(default_factory=dict)
+    #: how reads were stamped: "kernel" (the kernel's receive time, SO_TIMESTAMPNS) or
+    #: "user" (perf_counter when the client process handled the read)
+    client_stamps: str = "user"
 
     @property
     def failed(self) -> int:

@@ -2,9 +2,11 @@
 
 It exists to measure the load generator's own error: every streamed request gets its
 first content chunk at ``arrival + ttft`` and chunk ``k`` at ``arrival + ttft + k*itl``,
-where ``arrival`` is stamped (``time.perf_counter()``) in ``data_received`` when the
-first byte of the request's head arrives. The last JSON event of a stream carries the
-truth::
+where ``arrival`` is when the read holding the start of the request's head reached
+this host: the kernel's receive stamp (``SO_TIMESTAMPNS``, see ``_sockio``), so that
+the wake-up of this process's idle core is not counted as the client's time; where
+the kernel gives no stamp, ``time.perf_counter()`` on arrival. The last JSON event
+of a stream carries the truth::
 
     "server_timing": {"arrival_perf_s": 123.4, "chunk_perf_s": [123.44, 123.448, ...]}
 
@@ -20,7 +22,7 @@ Run it with::
         [--stall-every N --stall-s S] [--early-headers] [--workers N]
 
 How deadlines are kept with little CPU: it is one asyncio process with raw
-``asyncio.Protocol`` connections (no web framework), and all chunk deadlines sit in one
+non-blocking sockets served by the loop's reader callbacks (no web framework), and all chunk deadlines sit in one
 heap served by a Linux ``timerfd`` armed at the earliest deadline with an absolute
 ``CLOCK_MONOTONIC`` time (``epoll``'s own timeout is rounded up to whole milliseconds).
 The timer fires ``EARLY_S`` before the deadline (and the timer slack is set to 1 ns), and a wake-up serves every deadline due within ``EARLY_S`` (spinning the few microseconds to
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
 import heapq
 import itertools
@@ -62,6 +65,7 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from ._sockio import SO_TIMESTAMPNS, StampedSocket, kernel_stamps_available
 from .emulator.tokenizer import get_tokenizer
 
 __all__ = ["ReferenceServer", "ReferenceSettings", "main", "serve"]
@@ -237,12 +241,12 @@ class _Request:
         self.arrival, self.method, self.path, self.headers, self.body = arrival, method, path, headers, body
 
 
-class _Connection(asyncio.Protocol):
+class _Connection:
     MAX_HEAD = 65536
 
     def __init__(self, server: ReferenceServer) -> None:
         self.server = server
-        self.transport: asyncio.Transport | None = None
+        self.transport: StampedSocket | None = None
         self.closed = False
         self._buf = b""
         self._arrival = 0.0
@@ -250,21 +254,14 @@ class _Connection(asyncio.Protocol):
         self._busy = False
         self._scheduled = False
 
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.connections.add(self)
-
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.server.connections.discard(self)
 
-    def data_received(self, data: bytes) -> None:
-        stamp = perf()  # the arrival stamp of a request whose head starts here
+    def data_received(self, data: bytes, stamp: float) -> None:
+        """``stamp``: when the read's bytes reached this host (the kernel's stamp where it gives one)."""
         if not self._buf:
-            self._arrival = stamp
+            self._arrival = stamp  # the arrival of a request whose head starts here
         self._buf += data
         if not self._scheduled:
             # parse after every connection readable in this loop pass has been stamped
@@ -326,9 +323,9 @@ class _Connection(asyncio.Protocol):
             self.transport.write(data)
 
     def close(self) -> None:
-        self.closed = True
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close()  # calls connection_lost
+        self.closed = True
 
 
 # -- the streams ---------------------------------------------------------------------------
@@ -432,22 +429,52 @@ class ReferenceServer:
         self.seq = 0
         self.finished = 0
         self.created = int(time.time())
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
 
     async def start(self) -> None:
-        # several worker processes share the port (SO_REUSEPORT): the kernel spreads connections
-        self._server = await self.loop.create_server(lambda: _Connection(self), self.s.host, self.s.port,
-                                                     backlog=4096, reuse_address=True,
-                                                     reuse_port=self.s.workers > 1)
+        family, kind, proto, _, address = socket.getaddrinfo(self.s.host, self.s.port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.s.workers > 1:  # worker processes share the port: the kernel spreads connections
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if kernel_stamps_available():  # accepted sockets inherit it: bytes that come before
+                with contextlib.suppress(OSError):  # the accept are stamped too
+                    sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+            sock.bind(address)
+            sock.listen(4096)
+            sock.setblocking(False)
+        except BaseException:
+            sock.close()
+            raise
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. out of file descriptors: keep serving the others
+                print(f"reference server: accept failed: {exc!r}", file=sys.stderr)
+                return
+            conn = _Connection(self)
+            conn.transport = StampedSocket(sock, self.loop, conn.data_received, conn.connection_lost)
+            self.connections.add(conn)
 
     @property
     def port(self) -> int:
-        assert self._server is not None
-        return self._server.sockets[0].getsockname()[1]
+        assert self._listener is not None
+        return self._listener.getsockname()[1]
 
     def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
         for c in list(self.connections):
             c.close()
         self.timers.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import random
 import statistics
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvcache import loadgen
+from pytest_kvcache._sockio import kernel_stamps_available
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
 from pytest_kvcache.servers._process import ManagedProcess, free_port
 from pytest_kvcache.workloads import Prompt
@@ -252,3 +254,99 @@ def test_delivered_concurrency_math() -> None:
     mean, span = loadgen._delivered_concurrency(runs, waits)
     assert span == pytest.approx(2.0) and mean == pytest.approx(1.5)
     assert loadgen._delivered_concurrency(runs, []) == (None, 0.0)
+
+
+async def first_chunk_while_the_loop_is_held(url: str, kernel: bool) -> tuple[float, float, str]:
+    """(client TTFT, the server's true TTFT, how reads were stamped) for one request whose
+    whole response arrives while the client's event loop is held."""
+    pool = loadgen.open_pool(url, 1, kernel_stamps=kernel)
+    try:
+        await pool.open()
+        conn = await pool.acquire()
+        body = json.dumps({"model": MODEL, "prompt": "ba be bi", "max_tokens": 1, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
+        start = conn.send(pool.request_bytes("/v1/completions", body))
+        # hold the loop on purpose: TTFT is 40 ms, the response waits in the socket
+        time.sleep(0.12)  # noqa: ASYNC251
+        await asyncio.wait_for(conn.wait(), 10)
+        events, _ = conn.events()
+        stamps = [stamp for stamp, event in events if b'"text"' in event]
+        timing = next(json.loads(e[6:]) for _, e in events if b"server_timing" in e)["server_timing"]
+        stamped = "kernel" if conn.kernel_stamps else "user"
+    finally:
+        pool.close()
+    return stamps[0] - start, timing["chunk_perf_s"][0] - timing["arrival_perf_s"], stamped
+
+
+@pytest.mark.skipif(not kernel_stamps_available(), reason="the kernel stamps TCP reads on Linux")
+def test_kernel_stamps_keep_ttft_true_while_the_client_is_busy(ref) -> None:
+    ttft, truth, stamped = asyncio.run(first_chunk_while_the_loop_is_held(ref.url, kernel=True))
+    assert stamped == "kernel"
+    assert abs(ttft - truth) < 0.01, (ttft, truth)
+
+
+def test_user_stamps_are_late_by_what_holds_the_client(ref) -> None:
+    ttft, truth, stamped = asyncio.run(first_chunk_while_the_loop_is_held(ref.url, kernel=False))
+    assert stamped == "user"
+    assert ttft - truth > 0.06, (ttft, truth)
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernel-stamps", "user-stamps"])
+def test_a_round_records_how_it_stamped_reads(ref, kernel: bool) -> None:
+    async def run() -> loadgen.RoundResult:
+        pool = loadgen.open_pool(ref.url, 2, kernel_stamps=kernel)
+        try:
+            return await loadgen.run_round(pool, loadgen.LoadSpec(model=MODEL, max_concurrency=2, timeout_s=30),
+                                           prompts(4, output_len=3), "measured")
+        finally:
+            pool.close()
+
+    result = asyncio.run(run())
+    assert result.failed == 0
+    assert result.client_stamps == ("kernel" if kernel and kernel_stamps_available() else "user")
+
+
+def test_a_long_response_is_decoded_in_slices_that_add_up_to_the_whole() -> None:
+    def event(k: int) -> bytes:
+        return (b'data: {"choices":[{"text":" w%d"}],"usage":{"prompt_tokens":3,"completion_tokens":%d}}\n\n'
+                % (k, 2 * (k + 1)))
+
+    n = 100
+    pieces = [(float(k), event(k)) for k in range(40)]  # one read per event
+    pieces.append((40.0, b"".join(event(k) for k in range(40, n))))  # a read where 60 events piled up
+    pieces.append((41.0, b"data: [DONE]\n\ntrailing"))
+    chunk_times: list[float] = []
+    chunk_tokens: list[int] = []
+    steps = loadgen._decode(pieces, chunk_times, chunk_tokens, {}, {})
+    grown = []
+    while True:
+        before = len(chunk_times)
+        try:
+            next(steps)
+        except StopIteration as stop:
+            done, rest = stop.value
+            break
+        grown.append(len(chunk_times) - before)
+    assert max(grown) <= loadgen.DECODE_SLICE and len(grown) >= n // loadgen.DECODE_SLICE
+    assert done and rest == b"trailing"
+    assert chunk_times == [float(k) for k in range(40)] + [40.0] * (n - 40)
+    assert chunk_tokens == [2] * n  # from continuous usage: two tokens per chunk
+
+
+def test_the_round_ends_with_the_last_byte_not_with_decoding(ref, monkeypatch) -> None:
+    decode = loadgen._decode
+
+    def slow_decode(*args):
+        result = yield from decode(*args)
+        time.sleep(0.1)  # a client that takes long to decode what already arrived
+        return result
+
+    monkeypatch.setattr(loadgen, "_decode", slow_decode)
+    started = time.perf_counter()
+    result = asyncio.run(round_(ref.url, prompts(4, input_len=10, output_len=3), max_concurrency=4))
+    assert result.failed == 0
+    assert time.perf_counter() - started >= 0.4  # the four decodes ran inside the round
+    last_byte = max(r.chunk_times[-1] for r in result.records)
+    first_start = min(r.start for r in result.records)
+    assert result.duration <= last_byte - first_start + 0.05
+    assert result.summary["output_throughput"] == pytest.approx(12 / result.duration)

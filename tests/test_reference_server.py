@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -239,3 +240,34 @@ def test_workers_need_a_fixed_port() -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--port", "0", "--workers", "2"])
     assert exc.value.code == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="kernel receive stamps are Linux's")
+def test_arrival_is_when_the_request_reached_the_host_not_when_the_server_woke(tmp_path) -> None:
+    """The truth the client is measured against: a server that is slow to notice a request
+    (here: stopped outright) must not charge that time to the client."""
+    proc, url = start(tmp_path, "--ttft-ms", "5", "--itl-ms", "1")
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        body = json.dumps({"model": MODEL, "prompt": "ba be", "max_tokens": 1, "stream": True}).encode()
+        request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                sent = time.perf_counter()
+                sock.sendall(request)
+                time.sleep(0.2)  # the bytes wait in the stopped server's socket
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            sock.settimeout(10)
+            data = b""
+            while b"[DONE]" not in data:
+                chunk = sock.recv(65536)
+                assert chunk, data
+                data += chunk
+    finally:
+        proc.stop()
+    timing = json.loads(data.split(b'"server_timing":', 1)[1].split(b"}", 1)[0] + b"}")
+    assert sent <= timing["arrival_perf_s"] < sent + 0.1
+    assert timing["chunk_perf_s"][0] >= sent + 0.2  # it could not answer while stopped

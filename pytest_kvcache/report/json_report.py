@@ -67,7 +67,8 @@ def _trials(result) -> list[dict]:
             "problem": t.problem,
             "rounds": {
                 r.round: {**r.summary, "max_loop_lag_ms": r.max_loop_lag_ms, "invalid_reason": r.invalid_reason,
-                          "telemetry": dict(r.telemetry), "details": request_details(r.records)}
+                          "client_stamps": r.client_stamps, "telemetry": dict(r.telemetry),
+                          "details": request_details(r.records)}
                 for r in t.rounds
             },
         }
