@@ -14,6 +14,7 @@ before its guard trips (1 ms gaps, rising concurrency).
 ``benchmarks/bench_vs_vllm.py`` runs the same measurements beside ``vllm bench serve``.
 
     python benchmarks/bench_client.py [--quick] [--levels 16,128,512] [--stamps kernel,user]
+        [--client-processes N]
 
 Both processes share the machine: on 2 cores the server takes one and the client one.
 """
@@ -82,18 +83,30 @@ _STAMP_CHOICE = "kernel_stamps" in inspect.signature(loadgen.open_pool).paramete
 
 
 async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: float, itl_ms: float,
-                    stamps: str = "kernel", **spec_kw) -> dict:
+                    stamps: str = "kernel", processes: int = 1, **spec_kw) -> dict:
     spec = loadgen.LoadSpec(model=MODEL, max_concurrency=concurrency, timeout_s=60, **spec_kw)
-    pool = (loadgen.open_pool(url, concurrency, kernel_stamps=stamps == "kernel") if _STAMP_CHOICE
-            else loadgen.open_pool(url, concurrency))
-    stamps = "kernel" if getattr(pool, "kernel_stamps", False) else "user"
-    try:
-        await loadgen.run_round(pool, spec, prompts[: min(len(prompts), concurrency)], "warmup")
-        timings: dict = {}
-        kw = {"server_timings": timings} if _CAPTURES else {}
-        result = await loadgen.run_round(pool, spec, prompts, "measure", **kw)
-    finally:
-        pool.close()
+    timings: dict = {}
+    warmup = prompts[: min(len(prompts), concurrency)]
+    if processes > 1:  # the round spread over client processes (pytest_kvcache.spread)
+        from pytest_kvcache.spread import ClientProcesses
+
+        clients = ClientProcesses(url, concurrency, processes, kernel_stamps=stamps == "kernel")
+        try:
+            await clients.run_round(spec, warmup, "warmup")
+            result = await clients.run_round(spec, prompts, "measure", server_timings=timings)
+        finally:
+            clients.close()
+        stamps = result.client_stamps
+    else:
+        pool = (loadgen.open_pool(url, concurrency, kernel_stamps=stamps == "kernel") if _STAMP_CHOICE
+                else loadgen.open_pool(url, concurrency))
+        stamps = "kernel" if getattr(pool, "kernel_stamps", False) else "user"
+        try:
+            await loadgen.run_round(pool, spec, warmup, "warmup")
+            kw = {"server_timings": timings} if _CAPTURES else {}
+            result = await loadgen.run_round(pool, spec, prompts, "measure", **kw)
+        finally:
+            pool.close()
     ttft_err, itl_err, send, recv, server_late = [], [], [], [], []
     for r in result.records:
         if not r.success:
@@ -112,7 +125,7 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
         itl_err.extend((c - s) * 1e3 for c, s in zip(r.itls, (b - x for x, b in itertools.pairwise(chunks))))
     s = result.summary
     return {
-        "concurrency": concurrency, "stamps": stamps,
+        "concurrency": concurrency, "stamps": stamps, "processes": processes,
         "n": len(result.records), "failed": result.failed,
         "ttft_med": statistics.median(ttft_err) if ttft_err else float("nan"), "ttft_p99": pct(ttft_err, 99),
         "itl_med": statistics.median(itl_err) if itl_err else float("nan"), "itl_p99": pct(itl_err, 99),
@@ -130,11 +143,12 @@ async def one_level(url: str, concurrency: int, prompts: list[Prompt], ttft_ms: 
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'conc':>5} {'stamps':>6} {'n':>5} {'TTFT err med/p99 ms':>20} {'ITL err med/p99 ms':>19} "
+    print(f"{'conc':>5} {'stamps':>6} {'procs':>5} {'n':>5} {'TTFT err med/p99 ms':>20} {'ITL err med/p99 ms':>19} "
           f"{'send med/p99':>13} {'recv med/p99':>13} {'lag p99':>8} {'conc':>5} {'valid':>5}")
     for r in rows:
         ratio = "-" if r["conc_ratio"] is None else f"{r['conc_ratio']:.2f}"
-        print(f"{r['concurrency']:>5} {r['stamps']:>6} {r['n']:>5} {r['ttft_med']:>9.3f} / {r['ttft_p99']:<8.3f} "
+        print(f"{r['concurrency']:>5} {r['stamps']:>6} {r['processes']:>5} {r['n']:>5} "
+              f"{r['ttft_med']:>9.3f} / {r['ttft_p99']:<8.3f} "
               f"{r['itl_med']:>8.3f} / {r['itl_p99']:<8.3f} {r['send_med']:>5.2f} / {r['send_p99']:<5.2f} "
               f"{r['recv_med']:>5.2f} / {r['recv_p99']:<5.2f} {r['lag_p99']:>8.2f} {ratio:>5} "
               f"{'yes' if r['valid'] else 'NO':>5}")
@@ -144,21 +158,23 @@ def print_table(rows: list[dict]) -> None:
             print(f"      {r['failed']} failed requests")
 
 
-async def accuracy(url: str, levels: list[int], quick: bool, stamp_modes: list[str]) -> list[dict]:
+async def accuracy(url: str, levels: list[int], quick: bool, stamp_modes: list[str], processes: int) -> list[dict]:
     rows = []
     for c in levels:
         n = max(2 * c, 64) if not quick else max(c, 32)
         prompts = make_prompts(n, 256, 32, seed=c)
         for stamps in stamp_modes:  # the same prompts, one mode after the other
             rows.append(await one_level(url, c, prompts, 40.0, 8.0, stamps=stamps))
+        if processes > 1:
+            rows.append(await one_level(url, c, prompts, 40.0, 8.0, processes=processes))
     return rows
 
 
-async def chunk_rate(url: str, quick: bool) -> list[dict]:
+async def chunk_rate(url: str, quick: bool, processes: int) -> list[dict]:
     rows = []
     for c in (8, 16, 24, 32, 48, 64, 96, 128) if not quick else (16, 64):
         prompts = make_prompts(2 * c, 64, 128, seed=1000 + c)
-        row = await one_level(url, c, prompts, 10.0, 1.0)
+        row = await one_level(url, c, prompts, 10.0, 1.0, processes=processes)
         rows.append(row)
         if not row["valid"] or abs(row["itl_med"]) >= 0.25:
             break
@@ -172,6 +188,9 @@ def main() -> int:
     ap.add_argument("--stamps", default="kernel,user",
                     help="how the client stamps reads, one accuracy row per mode: kernel (the kernel's receive "
                          "time, the default where available) and/or user (perf_counter when Python gets the read)")
+    ap.add_argument("--client-processes", type=int, default=1, metavar="N",
+                    help="also measure each accuracy level with the round spread over N client processes, and "
+                         "run the chunk-rate ladder that way (pytest_kvcache.spread; default 1: one process)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x]
@@ -186,7 +205,7 @@ def main() -> int:
             print("client accuracy against the reference server (TTFT 40 ms, ITL 8 ms, 32 output tokens, "
                   "256-token prompts); errors = client - server truth per request, ms"
                   + ("" if _CAPTURES else "; this client cannot capture server_timing: errors vs settings"))
-            rows = asyncio.run(accuracy(url, levels, args.quick, stamp_modes))
+            rows = asyncio.run(accuracy(url, levels, args.quick, stamp_modes, args.client_processes))
             print_table(rows)
         finally:
             server.stop()
@@ -194,7 +213,7 @@ def main() -> int:
         try:
             print("\nstreamed-chunk rate (TTFT 10 ms, ITL 1 ms, 128 output tokens), raising concurrency "
                   "until the guard trips")
-            rate_rows = asyncio.run(chunk_rate(url, args.quick))
+            rate_rows = asyncio.run(chunk_rate(url, args.quick, args.client_processes))
             print_table(rate_rows)
             # sustained: the guard passed and chunks were still told apart (median ITL error
             # under a quarter of the 1 ms gap; reads that pile chunks up read as 0 ms gaps)

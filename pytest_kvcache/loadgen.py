@@ -468,11 +468,16 @@ def _arrival_offsets(n: int, rate: float, seed: int, burstiness: float = 1.0) ->
 
 async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
                     on_request_done: Callable[[], None] | None = None, *,
-                    server_timings: dict | None = None) -> RoundResult:
+                    server_timings: dict | None = None, arrival_offsets: Sequence[float] | None = None,
+                    start_at: float | None = None) -> RoundResult:
     """Send ``prompts`` with the spec's concurrency cap and rate; never raises for a request.
 
     ``server_timings``, when given a dict, receives each request's ``server_timing``
     object (sent by the reference server) under the request's index.
+    ``arrival_offsets`` replaces the schedule drawn from the spec (one offset per
+    prompt, seconds from the start), and ``start_at`` (a ``perf_counter`` time) is
+    where the round's clock starts: client processes sharing one round
+    (:mod:`~pytest_kvcache.spread`) each send their share of one schedule.
     """
     path = _path(spec.api)
     requests = [pool.request_bytes(path, _body(spec, p)) for p in prompts]
@@ -481,7 +486,10 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
     except OSError:
         pass  # each request tries to connect again and records the error
     slots = asyncio.Semaphore(spec.max_concurrency)
-    offsets = _arrival_offsets(len(prompts), spec.request_rate, spec.seed, spec.burstiness)
+    offsets = (list(arrival_offsets) if arrival_offsets is not None
+               else _arrival_offsets(len(prompts), spec.request_rate, spec.seed, spec.burstiness))
+    if len(offsets) != len(prompts):
+        raise ValueError(f"{len(offsets)} arrival offsets for {len(prompts)} prompts")
     track = _Tracker()
     decoder = _Decoder()
     perf = time.perf_counter
@@ -497,8 +505,12 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
         return await _one_request(pool, spec, i, prompts[i], requests[i], due, slots, track, decoder,
                                   on_request_done)
 
+    if start_at is not None and start_at > perf():
+        await asyncio.sleep(max(0.0, start_at - perf() - 0.002))
+        while perf() < start_at:  # the last 2 ms in small steps: asyncio's sleep is ms-coarse
+            await asyncio.sleep(0)
     with _LagMonitor() as lag:
-        t0 = perf()
+        t0 = perf() if start_at is None else start_at
         try:
             records = await asyncio.gather(*(scheduled_request(i, t0) for i in range(len(prompts))))
         finally:
@@ -515,7 +527,8 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
     summary["loop_lag_p99_ms"] = p99_lag
     if p99_lag > limit:
         reasons.append(f"the client's event loop lagged {p99_lag:.1f} ms at the 99th percentile (limit {limit:.1f} ms): "
-                       "timestamps may be late; reduce concurrency or spread the load over more client processes")
+                       "timestamps may be late; reduce concurrency or spread the load over client processes "
+                       "(--kv-client-processes)")
 
     delivered, wait_span = _delivered_concurrency(track.runs, track.wait_spans)
     summary["configured_concurrency"] = spec.max_concurrency

@@ -198,6 +198,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="percentiles reported for TTFT, TPOT, ITL and E2E latency, e.g. 50,90,99 "
                          "(ini: kvcache_percentiles)")
     parser.addini("kvcache_percentiles", "default of --percentiles", default="50,90,99")
+    group.addoption("--kv-client-processes", type=_positive_int, default=None, metavar="N",
+                    help="send each round from N client processes, the concurrency and the prompts split "
+                         "between them, for servers that stream more than one process reads "
+                         "(ini: kvcache_client_processes; default 1)")
+    parser.addini("kvcache_client_processes", "default of --kv-client-processes", default="1")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -310,6 +315,7 @@ def _settings(config: pytest.Config) -> Settings:
         verbose=config.getoption("verbose"),
         min_hit_ratio=_min_hit_ratio(config),
         percentiles=_percentiles(config),
+        client_processes=_int_setting(config, "kv_client_processes", "kvcache_client_processes") or 1,
     )
 
 

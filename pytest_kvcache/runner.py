@@ -9,6 +9,8 @@ records nothing of them. Multi-turn prompts (``Prompt.turn``) are sent turn by t
 within a round: turn k of every conversation, then turn k+1, and the round's records
 and summary cover all turns (its client guard figures are each the worst turn's).
 Summaries carry the requested percentiles and, with SLOs, ``request_goodput``.
+With ``client_processes`` above 1 every round, warm-ups included, is sent from that
+many client processes (:mod:`~pytest_kvcache.spread`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from ._http import StreamPool
 from .loadgen import LoadSpec, open_client, open_pool, run_round
 from .metrics import DEFAULT_PERCENTILES
 from .metrics import summarize as summarize_records
 from .models import RoundResult, ScenarioCase, TrialResult
+from .spread import ClientProcesses
 from .telemetry import Snapshot, TelemetrySource, summarize
 from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, build_random_prompts
 
@@ -58,8 +62,9 @@ class CaseRunner:
     """Holds what survives between cases: the tokenizer choice and built prompts."""
 
     def __init__(self, tokenizer_path: str | None = None, prompt_cache_items: int = 64,
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> None:
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, client_processes: int = 1) -> None:
         self._percentiles = tuple(percentiles)
+        self._client_processes = client_processes
         self._local = LocalTokenizer(tokenizer_path) if tokenizer_path else None
         self._tokenizer_source = tokenizer_path
         self._prompts: dict[tuple, list[Prompt]] = {}
@@ -78,7 +83,8 @@ class CaseRunner:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
                         request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed)
         results = []
-        pool = open_pool(base_url, case.concurrency)
+        pool = (open_pool(base_url, case.concurrency) if self._client_processes <= 1
+                else ClientProcesses(base_url, case.concurrency, self._client_processes))
         try:
             async with open_client(base_url) as client:
                 codec = self._local or ServerTokenizer(client, model)
@@ -97,7 +103,7 @@ class CaseRunner:
 
                         if warmup:
                             progress(f"trial {trial + 1} {round_name}: {len(warmup)} warm-up requests")
-                            await run_round(pool, spec, warmup, "warmup")
+                            await _send(pool, spec, warmup, "warmup")
                         before = await _snapshot(client, source)
                         result = await self._round(pool, spec, prompts, round_name, tick, case)
                         after = await _snapshot(client, source)
@@ -112,12 +118,12 @@ class CaseRunner:
         """One round; multi-turn prompts go turn by turn; summary with our percentiles and SLOs."""
         turns = sorted({p.turn for p in prompts})
         if len(turns) <= 1:
-            result = await run_round(pool, spec, prompts, round_name, on_request_done=tick)
+            result = await _send(pool, spec, prompts, round_name, tick)
             return self._resummarize(result, [result], case)
         parts = []
         for turn in turns:
             group = [p for p in prompts if p.turn == turn]
-            parts.append(await run_round(pool, spec, group, round_name, on_request_done=tick))
+            parts.append(await _send(pool, spec, group, round_name, tick))
         records, offset = [], 0
         for part in parts:
             records.extend(replace(r, index=r.index + offset) for r in part.records)
@@ -163,6 +169,14 @@ class CaseRunner:
                 codec, dataset=case.dataset, input_len=case.input_len, output_len=case.output_len,
                 num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options)
         return self._prompts[key]
+
+
+async def _send(pool: StreamPool | ClientProcesses, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
+                tick: Callable[[], None] | None = None) -> RoundResult:
+    """One round from this process's connection pool, or spread over client processes."""
+    if isinstance(pool, ClientProcesses):
+        return await pool.run_round(spec, prompts, round_name, tick)
+    return await run_round(pool, spec, prompts, round_name, on_request_done=tick)
 
 
 #: How the client's guard figures (``loadgen.run_round``) of a round sent in turns

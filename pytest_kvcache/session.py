@@ -46,6 +46,8 @@ class Settings:
     min_hit_ratio: float = 0.5
     #: percentiles reported for every latency (--percentiles)
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
+    #: client processes each round is sent from (--kv-client-processes; spread.py)
+    client_processes: int = 1
 
 
 @dataclass
@@ -117,7 +119,8 @@ class KVSession:
         try:
             server = self.pool.acquire(backend)
             if self.runner is None:
-                self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles)
+                self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
+                                         client_processes=self.settings.client_processes)
             results = self.runner.run(case, server.base_url, server.model, list(trial_indices), progress,
                                       telemetry=server.telemetry)
         except KVCacheError as exc:

@@ -407,3 +407,40 @@ def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_fingerp
     assert docs["inprocess"]["fingerprint"] == docs["mp"]["fingerprint"]
     assert not [key for key in docs["mp"]["fingerprint"] if key.startswith("lmcache_mode")]
     assert len(list(project.path.joinpath("out", "logs").glob("emulator-cpu-*.log"))) == 1  # one server for both
+
+
+# -- --kv-client-processes (spread.py) --------------------------------------------------------
+
+PRINT_PROCESSES = """
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    print("PROCS", session.config.stash[SESSION_KEY].settings.client_processes)
+"""
+
+
+def test_client_processes_option_good_bad_help(project):
+    text = project.runpytest("--help").stdout.str()
+    assert "--kv-client-processes" in text and "kvcache_client_processes" in text
+    project.makeconftest(PRINT_PROCESSES)
+    default = project.runpytest("--collect-only", "-q", "-s")
+    assert default.ret == 0, default.stderr.str()
+    default.stdout.fnmatch_lines(["PROCS 1"])
+    result = project.runpytest("--collect-only", "-q", "-s", "--kv-client-processes", "4")
+    result.stdout.fnmatch_lines(["PROCS 4"])
+    for bad in ("0", "two"):
+        refused = project.runpytest("--collect-only", "--kv-client-processes", bad)
+        assert refused.ret == pytest.ExitCode.USAGE_ERROR
+        refused.stderr.fnmatch_lines([f"*--kv-client-processes*{bad}*positive integer*"])
+
+
+def test_client_processes_ini_good_and_bad(project):
+    project.makeconftest(PRINT_PROCESSES)
+    project.makeini("[pytest]\nkvcache_client_processes = 3\n")
+    result = project.runpytest("--collect-only", "-q", "-s")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["PROCS 3"])
+    project.makeini("[pytest]\nkvcache_client_processes = -1\n")
+    refused = project.runpytest("--collect-only")
+    assert refused.ret == pytest.ExitCode.USAGE_ERROR
+    refused.stderr.fnmatch_lines(["*kvcache_client_processes*-1*positive integer*"])
