@@ -345,17 +345,22 @@ class StreamPool:
         self._host_header = parts.netloc
         self.size = size
         self._kernel_stamps = kernel_stamps
+        self._refused_kernel_stamps = False  # a socket of this pool would not take the option
         self._idle: list[StreamConnection] = []
 
     @property
     def kernel_stamps(self) -> bool:
-        """Whether reads are stamped by the kernel (plain HTTP on Linux, unless turned off)."""
+        """Whether reads are stamped by the kernel: plain HTTP on Linux unless turned off,
+        and every connection opened so far took the option."""
+        return self._wants_kernel_stamps() and not self._refused_kernel_stamps
+
+    def _wants_kernel_stamps(self) -> bool:
         return self._kernel_stamps and self._ssl is None and kernel_stamps_available()
 
     async def _connect(self) -> StreamConnection:
         loop = asyncio.get_running_loop()
         conn = StreamConnection()
-        if not self.kernel_stamps:
+        if not self._wants_kernel_stamps():
             await loop.create_connection(lambda: _StampingProtocol(conn), self.host, self.port, ssl=self._ssl)
             return conn
         family, kind, proto, _, address = (await loop.getaddrinfo(
@@ -368,6 +373,8 @@ class StreamPool:
         except BaseException:
             sock.close()
             raise
+        if not conn.kernel_stamps:  # its reads are stamped in Python: the round must not say "kernel"
+            self._refused_kernel_stamps = True
         return conn
 
     async def open(self) -> None:

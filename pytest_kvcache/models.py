@@ -7,7 +7,7 @@ these and nothing else, so each can be used and tested without pytest.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -239,6 +239,12 @@ class RoundResult:
     @property
     def failed(self) -> int:
         return sum(1 for r in self.records if not r.success)
+
+    @staticmethod
+    def stamps_of(parts: Sequence[RoundResult]) -> str:
+        """``client_stamps`` of a round made of ``parts`` (turns, client processes):
+        "kernel" only when every part's reads were."""
+        return "kernel" if all(p.client_stamps == "kernel" for p in parts) else "user"
 
     @property
     def complete(self) -> bool:

@@ -131,7 +131,7 @@ class CaseRunner:
         reasons = [f"turn {t}: {p.invalid_reason}" for t, p in zip(turns, parts) if p.invalid_reason]
         merged = RoundResult(round=round_name, records=tuple(records), duration=sum(p.duration for p in parts),
                              summary={}, max_loop_lag_ms=max(p.max_loop_lag_ms for p in parts),
-                             invalid_reason="; ".join(reasons) or None, client_stamps=parts[0].client_stamps)
+                             invalid_reason="; ".join(reasons) or None, client_stamps=RoundResult.stamps_of(parts))
         return self._resummarize(merged, parts, case)
 
     def _resummarize(self, result: RoundResult, parts: Sequence[RoundResult], case: ScenarioCase) -> RoundResult:

@@ -183,7 +183,7 @@ class ClientProcesses:
                    if part.invalid_reason]
         return RoundResult(round=round_name, records=tuple(records), duration=duration, summary=summary,
                            max_loop_lag_ms=max(part.max_loop_lag_ms for part in parts),
-                           invalid_reason="; ".join(reasons) or None, client_stamps=parts[0].client_stamps)
+                           invalid_reason="; ".join(reasons) or None, client_stamps=RoundResult.stamps_of(parts))
 
     def close(self, *, abort: bool = False) -> None:
         """Stop the processes: after their current round, or at once with ``abort``."""

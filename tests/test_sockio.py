@@ -122,3 +122,22 @@ def test_the_pool_stamps_in_the_kernel_only_for_plain_http_and_when_asked() -> N
     assert StreamPool("http://127.0.0.1:1", 1).kernel_stamps is kernel_stamps_available()
     assert StreamPool("https://127.0.0.1:1", 1).kernel_stamps is False
     assert StreamPool("http://127.0.0.1:1", 1, kernel_stamps=False).kernel_stamps is False
+
+
+@needs_kernel_stamps
+def test_a_pool_whose_socket_refused_kernel_stamps_says_so(monkeypatch) -> None:
+    monkeypatch.setattr(_sockio, "SO_TIMESTAMPNS", 0x7FFF)  # an option no socket takes
+
+    async def run() -> tuple[bool, bool, bool]:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            pool = StreamPool(f"http://127.0.0.1:{listener.getsockname()[1]}", 1)
+            before = pool.kernel_stamps
+            await pool.open()
+            conn = await pool.acquire()
+            try:
+                return before, conn.kernel_stamps, pool.kernel_stamps
+            finally:
+                conn.close()
+
+    before, connection, after = asyncio.run(run())
+    assert before and not connection and not after

@@ -123,3 +123,14 @@ def test_the_plugin_sends_rounds_from_client_processes(tmp_path) -> None:
     assert cold["completed"] == 8 and cold["failed"] == 0, output
     # the item passes unless the client's guard found this (shared, loaded) machine too slow
     assert done.returncode == 0 or cold["invalid_reason"], output
+
+
+def test_a_round_says_kernel_stamps_only_when_every_part_had_them() -> None:
+    from pytest_kvcache.models import RoundResult
+
+    def part(stamps: str) -> RoundResult:
+        return RoundResult(round="measured", records=(), duration=1.0, summary={}, max_loop_lag_ms=0.0,
+                           client_stamps=stamps)
+
+    assert RoundResult.stamps_of([part("kernel"), part("kernel")]) == "kernel"
+    assert RoundResult.stamps_of([part("kernel"), part("user")]) == "user"
