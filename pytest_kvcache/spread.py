@@ -128,15 +128,19 @@ class ClientProcesses:
         try:
             message = conn.recv()
         except (EOFError, OSError):
-            try:
-                code = process.wait(5)
-            except subprocess.TimeoutExpired:
-                code = None
-            raise ClientProcessError(f"client process {i + 1} (pid {process.pid}) died, exit code {code} "
-                                     "(its error is printed above)") from None
+            raise self._died(i) from None
         if message[0] == "error":
             raise ClientProcessError(f"client process {i + 1} failed:\n{message[1]}")
         return message
+
+    def _died(self, i: int) -> ClientProcessError:
+        process = self._workers[i][0]
+        try:
+            code = process.wait(5)
+        except subprocess.TimeoutExpired:
+            code = None
+        return ClientProcessError(f"client process {i + 1} (pid {process.pid}) died, exit code {code} "
+                                  "(its error is printed above)")
 
     async def run_round(self, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
                         on_request_done: Callable[[], None] | None = None, *,
@@ -164,8 +168,11 @@ class ClientProcesses:
         start_at = time.perf_counter() + START_MARGIN_S
         for i, (_, conn) in enumerate(self._workers):
             part_spec = replace(spec, max_concurrency=self.shares[i])
-            conn.send(("round", part_spec, [prompts[k] for k in mine[i]], round_name,
-                       [offsets[k] for k in mine[i]], start_at))
+            try:
+                conn.send(("round", part_spec, [prompts[k] for k in mine[i]], round_name,
+                           [offsets[k] for k in mine[i]], start_at))
+            except OSError:  # its end of the socket pair is gone
+                raise self._died(i) from None
         replies = await asyncio.gather(*(loop.run_in_executor(None, self._receive, i) for i in range(n)))
         parts: list[RoundResult] = [reply[1] for reply in replies]
         records = sorted((replace(r, index=mine[i][r.index]) for i, part in enumerate(parts) for r in part.records),
