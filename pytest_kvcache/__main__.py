@@ -17,12 +17,25 @@ it on held-out lengths (see :mod:`pytest_kvcache.calibrate`)::
     python -m pytest_kvcache calibrate --kv-server vllm --model .real-stack/model \
         --kv-python .real-stack/venv/bin/python --backend cpu -o cpu-stack.json
     pytest --emulator-profile cpu-stack.json
+
+``python -m pytest_kvcache history [URL]``: the change points of every series (item x
+metric x testbed) of the run history; ``history import RUN_DIR...`` adds run folders'
+``history.json`` to it (see docs/history.md)::
+
+    python -m pytest_kvcache history --since 30d --item 'seed_prefill/*' --plot history-plots
+    python -m pytest_kvcache history postgresql://ci@db.example/kvcache --json
+    python -m pytest_kvcache history import artifacts/run-* --to postgresql://ci@db.example/kvcache
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
+import math
+import re
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = ["main"]
@@ -60,7 +73,7 @@ def _token_values(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_kvcache",
                                      description="pytest-kvcache tools: compare result folders, calibrate the "
-                                                 "emulator")
+                                                 "emulator, find change points in the run history")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmp_ = sub.add_parser(
         "compare", help="combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
@@ -85,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--xmax", type=float, default=None, metavar="X", help="right end of the Pareto plot's x axis")
     cmp_.add_argument("--no-plots", action="store_true", help="write the CSV files only")
     _calibrate_parser(sub)
+    _history_parser(sub)
     return parser
 
 
@@ -260,9 +274,184 @@ def compare(args: argparse.Namespace) -> int:
     return 0
 
 
+_HISTORY_URL_HELP = ("a file path or sqlite:///PATH (SQLite), postgresql://USER@HOST:PORT/DB (PostgreSQL); default "
+                     "./.kvcache/history.sqlite, where pytest sessions run from here record")
+
+
+def _since(text: str) -> datetime.datetime:
+    age = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", text)
+    if age:
+        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[age[2]]
+        return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(**{unit: float(age[1])})
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: an ISO date or time (2024-05-01, 2024-05-01T12:00, "
+                                          "2024-05-01T12:00Z) or an age (30m, 24h, 7d, 2w)") from None
+    return moment if moment.tzinfo else moment.astimezone()  # a time without offset is local time
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a p-value in (0, 1], e.g. 0.001")
+    return value
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().removesuffix("%"))
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r}: a change in percent >= 0, e.g. 5 or 5%")
+    return value
+
+
+def _history_parser(sub) -> None:
+    his = sub.add_parser(
+        "history", help="change points of the run history: which run changed which metric, with what software",
+        description="Read the run history (every item of every pytest session, see docs/history.md), build one "
+                    "series per item, metric and testbed (a point per session: the geometric mean of its usable "
+                    "trials), find the change points of each and print them with the first run after the change, "
+                    "the means before and after, p, and the software and commits either side. "
+                    "'history import RUN_DIR... [--to URL]' adds run folders' history.json to a store.")
+    his.add_argument("url", nargs="?", default=None, metavar="URL", help=_HISTORY_URL_HELP)
+    his.add_argument("--item", default=None, metavar="GLOB",
+                     help="items whose name matches: * any text, ? one character, all else literal")
+    his.add_argument("--metric", action="append", default=[], metavar="NAME",
+                     help="this metric only, e.g. median_ttft_ms (may be repeated)")
+    his.add_argument("--since", type=_since, default=None, metavar="WHEN",
+                     help="sessions from then on: an ISO date or time (local time without offset) or an age, "
+                          "e.g. 7d, 24h")
+    his.add_argument("--json", action="store_true", help="print the change points as a JSON list")
+    his.add_argument("--plot", type=Path, default=None, metavar="DIR",
+                     help="write one PNG per series, change points marked, into DIR")
+    his.add_argument("--max-p", type=_probability, default=0.001, metavar="P",
+                     help="report a change whose p-value is at most P (default 0.001)")
+    his.add_argument("--min-change", type=_percent, default=None, metavar="PCT",
+                     help="report a change of at least PCT percent (default 1; 0: every significant one)")
+
+
+def _history_import_parser() -> argparse.ArgumentParser:
+    imp = argparse.ArgumentParser(
+        prog="python -m pytest_kvcache history import",
+        description="Add the item runs of run folders' history.json (every session writes one, even when its "
+                    "store was unreachable) to a history store. Runs already there are skipped.")
+    imp.add_argument("dirs", nargs="+", type=Path, metavar="RUN_DIR", help="a run folder (what --kv-results-dir "
+                                                                           "wrote)")
+    imp.add_argument("--to", default=None, metavar="URL", help=_HISTORY_URL_HELP)
+    return imp
+
+
+def _open_store(url: str | None, *, create: bool):
+    from .errors import HistoryError
+    from .history import open_history
+
+    store = open_history(url, rootdir=Path.cwd(), create=create)
+    if store is None:
+        raise HistoryError(f"history URL {url!r} turns the history off: give a store's path or URL")
+    return store
+
+
+def _short_time(text: str) -> str:
+    from .history import parse_time
+
+    return parse_time(text).astimezone(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _software_change(before: Mapping[str, str], after: Mapping[str, str]) -> str:
+    changed = [f"{name} {before.get(name, '-')} -> {after.get(name, '-')}"
+               for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
+    return ", ".join(changed) or "unchanged"
+
+
+def _commit_change(before: str | None, after: str | None) -> str:
+    if before == after:
+        return "unchanged" if before else "-"
+    return f"{(before or '-')[:12]} -> {(after or '-')[:12]}"
+
+
+def _history_table(changes: list) -> list[str]:
+    header = ("metric", "testbed", "first run after", "time (UTC)", "before", "after", "change", "p", "software",
+              "commit")
+    lines = []
+    for item in dict.fromkeys(c.item for c in changes):
+        rows = [(c.metric, c.testbed_id, c.run, _short_time(c.time), f"{c.before:.4g}", f"{c.after:.4g}",
+                 f"{c.change_pct:+.1f}% ({'worse' if c.worse else 'better'}, {c.direction} is better)",
+                 f"{c.p:.2g}", _software_change(c.software_before, c.software_after),
+                 _commit_change(c.commit_before, c.commit_after)) for c in changes if c.item == item]
+        widths = [max(len(str(v)) for v in col) for col in zip(header, *rows)]
+        lines += ["", item, "  " + "  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(),
+                  "  " + "  ".join("-" * w for w in widths)]
+        lines += ["  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+    return lines
+
+
+def history(args: argparse.Namespace) -> int:
+    from .changepoints import detect
+    from .errors import HistoryError
+    from .history import MIN_CHANGE_PCT, HistoryChange
+
+    with _open_store(args.url, create=False) as store:
+        location = store.location
+        all_series = store.series(item_glob=args.item, since=args.since, metrics=set(args.metric) or None)
+    min_change = MIN_CHANGE_PCT if args.min_change is None else args.min_change
+    found = [(s, detect(s.values, max_p=args.max_p, min_change_pct=min_change)) for s in all_series]
+    changes = [HistoryChange.of(s, point) for s, points in found for point in points]
+    notes = sys.stderr if args.json else sys.stdout  # --json: nothing but the JSON on stdout
+    if args.plot is not None and all_series:
+        from .report.history_plots import plot_history
+
+        try:
+            plot_history(found, args.plot)
+        except OSError as exc:
+            raise HistoryError(f"--plot {args.plot}: cannot write the plots ({exc.strerror or exc}): give a "
+                               "writable folder") from exc
+        print(f"pytest-kvcache history: wrote {len(found)} plot(s) to {args.plot}", file=notes)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in changes], indent=1))
+        return 0
+    items = len({s.item for s in all_series})
+    print(f"pytest-kvcache history: {location}: {len(all_series)} series of {items} item(s)")
+    if not all_series:
+        print("no series: no session recorded a usable value that passes the filters")
+    elif not changes:
+        print(f"no change points in {len(all_series)} series")
+    else:
+        worse = sum(c.worse for c in changes)
+        print(f"{len(changes)} change point(s) in {len({(c.item, c.metric, c.testbed_id) for c in changes})} of "
+              f"{len(all_series)} series, {worse} for the worse (p <= {args.max_p:g})")
+        for line in _history_table(changes):
+            print(line)
+    return 0
+
+
+def history_import(args: argparse.Namespace) -> int:
+    from .history import load_run_folder
+
+    loaded = [(run_dir, load_run_folder(run_dir)) for run_dir in args.dirs]  # every file checked before writing
+    with _open_store(args.to, create=True) as store:
+        new = sum(store.record(runs) for _, runs in loaded)  # a transaction per run folder
+        location = store.location
+    total = sum(len(runs) for _, runs in loaded)
+    print(f"pytest-kvcache history import: {new} new item run(s) of {total} from {len(loaded)} run folder(s) "
+          f"into {location}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["history", "import"]:  # a command under history, beside its optional URL
+        parser = _history_import_parser()
+        args = parser.parse_args(argv[2:])
+        args.command = "history import"
+    else:
+        parser = _parser()
+        args = parser.parse_args(argv)
     from .errors import KVCacheError
     from .report.rows import ResultsError
 
@@ -271,6 +460,10 @@ def main(argv: list[str] | None = None) -> int:
             return compare(args)
         if args.command == "calibrate":
             return calibrate(args)
+        if args.command == "history":
+            return history(args)
+        if args.command == "history import":
+            return history_import(args)
     except (ResultsError, KVCacheError) as exc:
         print(f"pytest-kvcache {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -1,4 +1,4 @@
-"""Stored baselines: one JSON file per scenario item, keyed by a fingerprint.
+"""Stored baselines: one JSON file per scenario item, its runs on one testbed.
 
 Layout: the caller's item key (for example ``seed-prefill/prefill[cpu-10k-c16]``) maps
 to ``<root>/seed-prefill/prefill[cpu-10k-c16].json`` (:meth:`BaselineStore.path_for`).
@@ -10,23 +10,23 @@ first 10 hex digits of the key's SHA-256 are appended to the file name, so two k
 never share a file. The file also stores the key, and :meth:`BaselineStore.load`
 refuses a file whose stored key differs from the one asked for.
 
-File shape (``schema_version`` 1)::
+File shape (``schema_version`` 2)::
 
-    {"schema_version": 1, "key": "...", "fingerprint": {"gpu": "...", ...},
-     "history": [run, run, ...]}
+    {"schema_version": 2, "key": "...", "testbed": {"gpu": "...", ...},
+     "runs": [{"run_id": "...", "created": "...", "software": {...}, "commit": "...",
+               "trials": [{"index": 0, "summary": {...}, "ttfts_ms": [...]}, ...]}, ...]}
 
-``fingerprint`` is a flat str -> str dict built by the caller (GPU model and count,
-driver, vLLM/LMCache versions, model, server-config hash, workload hash...). Each run is
-an opaque JSON-able dict from the caller, stored as given (key order kept), oldest
-first.
+The testbed (identity.py) must match for a run to be compared or appended; each run
+keeps its trials grouped (the run is the unit of noise) and the software it measured.
+Schema-1 files (one ``fingerprint``, a ``history`` of runs) are read as schema 2 and
+written as schema 2 on the next update.
 
-Writes (:meth:`BaselineStore.append`) hold an exclusive ``fcntl.flock`` on a sibling
-lock file ``.<file name>.lock`` for the whole read-modify-write, so pytest-xdist workers
-(separate processes) appending to the same key serialize, and write atomically: a temp
-file in the same directory, flushed and fsynced, then ``os.replace``. A corrupt file is
-never repaired or overwritten: it raises :class:`BaselineCorruptError` and stays
-byte-for-byte as it was. The lock files stay behind (empty); ignore them in git
-(``baselines/**/.*.lock``).
+Writes (:meth:`BaselineStore.write`) hold an exclusive ``fcntl.flock`` on a sibling lock
+file ``.<file name>.lock`` for the whole read-modify-write, so pytest-xdist workers
+(separate processes) writing the same key serialize, and write atomically: a temp file
+in the same directory, flushed and fsynced, then ``os.replace``. A corrupt file is never
+repaired or overwritten: it raises :class:`BaselineCorruptError` and stays byte-for-byte
+as it was. The lock files stay behind (empty); ignore them in git (``baselines/**/.*.lock``).
 
 This module does not import pytest. POSIX only (fcntl).
 """
@@ -37,42 +37,91 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ._atomic import write_text_atomic
-from .errors import BaselineCorruptError, FingerprintMismatchError
+from .errors import BaselineCorruptError, TestbedMismatchError
+from .identity import diff_testbeds, split_legacy_fingerprint
 
 __all__ = [
+    "MAX_RUNS",
     "SCHEMA_VERSION",
     "Baseline",
+    "BaselineRun",
     "BaselineStore",
-    "fingerprint_diff",
+    "describe_runs",
     "key_to_relpath",
 ]
 
-SCHEMA_VERSION: int = 1
-_FIELDS = ("schema_version", "key", "fingerprint", "history")
+SCHEMA_VERSION: int = 2
+#: Runs kept per baseline; the oldest go first.
+MAX_RUNS: int = 20
+_FIELDS = ("schema_version", "key", "testbed", "runs")
+_LEGACY_FIELDS = ("schema_version", "key", "fingerprint", "history")
 _UNSAFE = re.compile(r"[^A-Za-z0-9\-_.\[\],=+@]")
 _MAX_SEGMENT = 150
 
 
 @dataclass(frozen=True)
+class BaselineRun:
+    """One stored run: its trials grouped, the software it measured, when and from where."""
+
+    run_id: str
+    created: str
+    software: Mapping[str, str] = field(default_factory=dict)
+    commit: str | None = None
+    #: per trial: {"index": int, "summary": {metric: value}, "ttfts_ms": [...]}
+    trials: tuple[Mapping[str, Any], ...] = ()
+
+    def values(self, metric: str) -> list[float]:
+        """The metric's per-trial values (missing, non-numeric and non-positive dropped)."""
+        out = []
+        for trial in self.trials:
+            value = trial.get("summary", {}).get(metric)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                out.append(float(value))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "created": self.created, "software": dict(self.software),
+                "commit": self.commit, "trials": [dict(t) for t in self.trials]}
+
+
+@dataclass(frozen=True)
 class Baseline:
-    """A stored baseline: its key, file, fingerprint and run history (oldest first)."""
+    """A stored baseline: its key, file, testbed and runs (oldest first)."""
 
     key: str
     path: Path
-    fingerprint: dict[str, str]
-    history: tuple[dict[str, Any], ...]
+    testbed: Mapping[str, str]
+    runs: tuple[BaselineRun, ...]
     schema_version: int = SCHEMA_VERSION
 
     @property
-    def latest(self) -> dict[str, Any] | None:
-        """The most recent run, or None for an empty history."""
-        return self.history[-1] if self.history else None
+    def latest(self) -> BaselineRun | None:
+        return self.runs[-1] if self.runs else None
+
+    def metric_runs(self, metric: str) -> list[list[float]]:
+        """Per-trial values of ``metric``, one list per run that has any."""
+        return [values for values in (run.values(metric) for run in self.runs) if values]
+
+
+def describe_runs(runs: Sequence[BaselineRun]) -> str:
+    """"3 runs from 2026-11-01 to 2026-11-20 (vllm_version 0.11.0)", for messages."""
+    if not runs:
+        return "no runs"
+    days = sorted(r.created[:10] for r in runs)
+    when = f"on {days[0]}" if days[0] == days[-1] else f"from {days[0]} to {days[-1]}"
+    software = {}
+    for run in runs:
+        for k, v in run.software.items():
+            software.setdefault(k, []).append(v)
+    named = [f"{k} {'/'.join(dict.fromkeys(vs))}" for k, vs in software.items()
+             if k != "plugin_version"]
+    return f"{len(runs)} run{'s' if len(runs) != 1 else ''} {when}" + (f" ({', '.join(named)})" if named else "")
 
 
 def key_to_relpath(key: str) -> Path:
@@ -96,77 +145,65 @@ def key_to_relpath(key: str) -> Path:
     return Path(*segments)
 
 
-def fingerprint_diff(stored: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
-    """One line per differing key: ``"vllm_version: stored 0.10.1, now 0.11.0"``.
-
-    Keys present on one side only are included, with ``(absent)`` for the missing
-    value. Order: the stored fingerprint's keys, then keys new in ``current``.
-    """
-    lines: list[str] = []
-    keys = list(stored) + [k for k in current if k not in stored]
-    for k in keys:
-        a = stored.get(k)
-        b = current.get(k)
-        if a != b or (k in stored) != (k in current):
-            sa = "(absent)" if k not in stored else str(a)
-            sb = "(absent)" if k not in current else str(b)
-            lines.append(f"{k}: stored {sa}, now {sb}")
-    return lines
+def _strings(path: Path, name: str, value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise BaselineCorruptError(path, f"'{name}' is {type(value).__name__}, expected an object")
+    for k, v in value.items():
+        if not isinstance(v, str):
+            raise BaselineCorruptError(path, f"{name}[{k!r}] is {type(v).__name__}, expected a string")
+    return dict(value)
 
 
-def _check_fingerprint(fingerprint: Mapping[str, str]) -> dict[str, str]:
-    if not isinstance(fingerprint, Mapping):
-        raise TypeError(f"fingerprint must be a dict of str -> str, got {type(fingerprint).__name__}")
-    out: dict[str, str] = {}
-    for k, v in fingerprint.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"fingerprint must map str -> str, got {k!r}: {v!r}")
-        out[k] = v
-    return out
+def _run(path: Path, where: str, data: Any, software: Mapping[str, str] | None = None) -> BaselineRun:
+    if not isinstance(data, dict):
+        raise BaselineCorruptError(path, f"{where} is {type(data).__name__}, expected an object")
+    trials = data.get("trials", [])
+    if not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
+        raise BaselineCorruptError(path, f"{where}.trials must be a list of objects")
+    for i, trial in enumerate(trials):
+        if not isinstance(trial.get("summary", {}), dict):
+            raise BaselineCorruptError(path, f"{where}.trials[{i}].summary is not an object")
+    created = data.get("created", "")
+    run_id = data.get("run_id", created)
+    commit = data.get("commit")
+    if not isinstance(created, str) or not isinstance(run_id, str) or not (commit is None or isinstance(commit, str)):
+        raise BaselineCorruptError(path, f"{where}: run_id, created and commit must be strings")
+    soft = software if software is not None else _strings(path, f"{where}.software", data.get("software", {}))
+    return BaselineRun(run_id=run_id, created=created, software=soft, commit=commit, trials=tuple(trials))
 
 
 def _validate(path: Path, key: str, data: Any) -> Baseline:
-    """Check a parsed file; raise BaselineCorruptError saying what is wrong."""
-
-    def bad(problem: str) -> BaselineCorruptError:
-        return BaselineCorruptError(path, problem)
-
+    """Check a parsed file (schema 2, or 1 read as 2); raise BaselineCorruptError saying what is wrong."""
     if not isinstance(data, dict):
-        raise bad(f"top level is {type(data).__name__}, expected an object")
-    missing = [f for f in _FIELDS if f not in data]
-    if missing:
-        raise bad("missing field(s) " + ", ".join(repr(f) for f in missing))
-    extra = [f for f in data if f not in _FIELDS]
-    if extra:
-        raise bad("unexpected field(s) " + ", ".join(repr(f) for f in extra))
-    version = data["schema_version"]
+        raise BaselineCorruptError(path, f"top level is {type(data).__name__}, expected an object")
+    version = data.get("schema_version")
     if isinstance(version, bool) or not isinstance(version, int):
-        raise bad(f"schema_version is {version!r}, expected the integer {SCHEMA_VERSION}")
-    if version != SCHEMA_VERSION:
-        raise bad(f"schema_version {version} is not supported (expected {SCHEMA_VERSION})")
+        raise BaselineCorruptError(path, f"schema_version is {version!r}, expected the integer {SCHEMA_VERSION}")
+    if version not in (1, SCHEMA_VERSION):
+        raise BaselineCorruptError(path, f"schema_version {version} is not supported (expected {SCHEMA_VERSION}); "
+                                   "it was written by a newer pytest-kvcache")
+    expected = _FIELDS if version == SCHEMA_VERSION else _LEGACY_FIELDS
+    missing = [f for f in expected if f not in data]
+    if missing:
+        raise BaselineCorruptError(path, "missing field(s) " + ", ".join(repr(f) for f in missing))
+    extra = [f for f in data if f not in expected]
+    if extra:
+        raise BaselineCorruptError(path, "unexpected field(s) " + ", ".join(repr(f) for f in extra))
     if not isinstance(data["key"], str):
-        raise bad(f"'key' is {type(data['key']).__name__}, expected a string")
+        raise BaselineCorruptError(path, f"'key' is {type(data['key']).__name__}, expected a string")
     if data["key"] != key:
-        raise bad(f"it holds key {data['key']!r}, expected {key!r}")
-    fp = data["fingerprint"]
-    if not isinstance(fp, dict):
-        raise bad(f"'fingerprint' is {type(fp).__name__}, expected an object")
-    for k, v in fp.items():
-        if not isinstance(v, str):
-            raise bad(f"fingerprint[{k!r}] is {type(v).__name__}, expected a string")
-    history = data["history"]
-    if not isinstance(history, list):
-        raise bad(f"'history' is {type(history).__name__}, expected a list")
-    for i, run in enumerate(history):
-        if not isinstance(run, dict):
-            raise bad(f"history[{i}] is {type(run).__name__}, expected an object")
-    return Baseline(
-        key=key,
-        path=path,
-        fingerprint=dict(fp),
-        history=tuple(history),
-        schema_version=version,
-    )
+        raise BaselineCorruptError(path, f"it holds key {data['key']!r}, expected {key!r}")
+    if version == SCHEMA_VERSION:
+        testbed = _strings(path, "testbed", data["testbed"])
+        listed, software = data["runs"], None
+        where = "runs"
+    else:
+        testbed, software = split_legacy_fingerprint(_strings(path, "fingerprint", data["fingerprint"]))
+        listed, where = data["history"], "history"
+    if not isinstance(listed, list):
+        raise BaselineCorruptError(path, f"'{where}' is {type(listed).__name__}, expected a list")
+    runs = tuple(_run(path, f"{where}[{i}]", run, software) for i, run in enumerate(listed))
+    return Baseline(key=key, path=path, testbed=testbed, runs=runs, schema_version=version)
 
 
 def _read(path: Path, key: str) -> Baseline | None:
@@ -183,20 +220,21 @@ def _read(path: Path, key: str) -> Baseline | None:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise BaselineCorruptError(
-            path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
-        ) from exc
+        raise BaselineCorruptError(path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
     return _validate(path, key, data)
 
 
-def _dumps(key: str, fingerprint: dict[str, str], history: list[dict[str, Any]]) -> str:
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "key": key,
-        "fingerprint": fingerprint,
-        "history": history,
-    }
-    return json.dumps(doc, indent=1, sort_keys=False, ensure_ascii=False, allow_nan=False) + "\n"
+def _dumps(key: str, testbed: Mapping[str, str], runs: Sequence[BaselineRun]) -> str:
+    doc = {"schema_version": SCHEMA_VERSION, "key": key, "testbed": dict(testbed),
+           "runs": [run.to_dict() for run in runs]}
+    return json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _check_strings(name: str, mapping: Mapping[str, str]) -> dict[str, str]:
+    if not isinstance(mapping, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in mapping.items()):
+        raise TypeError(f"{name} must map str -> str, got {mapping!r}")
+    return dict(mapping)
 
 
 class BaselineStore:
@@ -213,72 +251,58 @@ class BaselineStore:
         return self.root / key_to_relpath(key)
 
     def lock_path_for(self, key: str) -> Path:
-        """The sibling lock file used by :meth:`append`: ``.<file name>.lock``."""
+        """The sibling lock file used by :meth:`write`: ``.<file name>.lock``."""
         p = self.path_for(key)
         return p.with_name(f".{p.name}.lock")
 
     def load(self, key: str) -> Baseline | None:
         """The stored baseline, or None when there is no file.
 
-        Raises BaselineCorruptError for unreadable JSON, a wrong schema_version,
-        missing, unexpected or mistyped fields, or a file holding another key.
-        Reads without the lock: writers replace the file atomically, so a reader sees
-        either the old or the new file, never a partial one.
+        Raises BaselineCorruptError for unreadable JSON, an unknown schema_version,
+        missing, unexpected or mistyped fields, or a file holding another key. Reads
+        without the lock: writers replace the file atomically, so a reader sees either
+        the old or the new file, never a partial one.
         """
         return _read(self.path_for(key), key)
 
-    def append(
-        self,
-        key: str,
-        fingerprint: Mapping[str, str],
-        run: Mapping[str, Any],
-        *,
-        max_history: int = 20,
-        reset: bool = False,
-    ) -> Baseline:
-        """Add ``run`` to ``key``'s history and return the baseline as written.
+    def write(self, key: str, testbed: Mapping[str, str], run: BaselineRun, *, replace: bool = False,
+              max_runs: int = MAX_RUNS,
+              differences: Callable[[Mapping[str, str], Mapping[str, str]], list[str]] = diff_testbeds,
+              ) -> tuple[Baseline, tuple[BaselineRun, ...]]:
+        """Add ``run`` to ``key``'s runs (or, with ``replace``, make it the only one).
 
         Under an exclusive lock: read the current file (a corrupt one raises
-        BaselineCorruptError and is left untouched); with a different fingerprint
-        raise FingerprintMismatchError unless ``reset``; with ``reset`` the history
-        becomes ``[run]`` (and the fingerprint the new one); else the run is appended
-        and only the last ``max_history`` runs kept. The file is written atomically.
+        BaselineCorruptError and is left untouched); a different testbed (by
+        ``differences(stored, testbed)``) raises TestbedMismatchError unless ``replace``;
+        the file then holds ``testbed``; only the last ``max_runs`` runs are kept.
+        Returns the baseline as written and the runs it dropped (oldest first).
         """
         import fcntl
 
-        fp = _check_fingerprint(fingerprint)
-        if not isinstance(run, Mapping):
-            raise TypeError(f"run must be a dict, got {type(run).__name__}")
-        run_d = dict(run)
-        if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-            raise ValueError(f"max_history must be an integer >= 1, got {max_history!r}")
+        bed = _check_strings("testbed", testbed)
+        if not isinstance(run, BaselineRun):
+            raise TypeError(f"run must be a BaselineRun, got {type(run).__name__}")
+        if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
+            raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
         try:  # fail before taking the lock if the run cannot be stored
-            json.dumps(run_d, allow_nan=False)
+            json.dumps(run.to_dict(), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"baseline {key!r}: run is not JSON-serializable: {exc}") from exc
-
         path = self.path_for(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(self.lock_path_for(key), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             existing = _read(path, key)
-            if existing is None or reset:
-                history = [run_d]
+            if existing is None or replace:
+                kept, dropped = [run], tuple(existing.runs) if existing else ()
             else:
-                if existing.fingerprint != fp:
-                    raise FingerprintMismatchError(
-                        key, path, fingerprint_diff(existing.fingerprint, fp)
-                    )
-                history = list(existing.history) + [run_d]
-                history = history[-max_history:]
-            write_text_atomic(path, _dumps(key, fp, history))
+                lines = differences(existing.testbed, bed)
+                if lines:
+                    raise TestbedMismatchError(key, path, lines)
+                runs = [*existing.runs, run]
+                kept, dropped = runs[-max_runs:], tuple(runs[:-max_runs])
+            write_text_atomic(path, _dumps(key, bed, kept))
         finally:
             os.close(lock_fd)  # closing releases the flock
-        return Baseline(
-            key=key,
-            path=path,
-            fingerprint=fp,
-            history=tuple(history),
-            schema_version=SCHEMA_VERSION,
-        )
+        return Baseline(key=key, path=path, testbed=bed, runs=tuple(kept)), dropped

@@ -9,7 +9,8 @@ at fault and the fix::
     ├── OptionError            a command-line option or ini value is malformed
     ├── WorkloadError          prompts could not be built (tokenizer, dataset)
     ├── ServerError            a server process failed to start, died or is unreachable
-    └── BaselineError          (see baselines.py) a stored baseline cannot be used
+    ├── BaselineError          (see baselines.py) a stored baseline cannot be used
+    └── HistoryError           the run history store cannot be opened, read or written
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ from __future__ import annotations
 __all__ = [
     "BaselineCorruptError",
     "BaselineError",
-    "FingerprintMismatchError",
+    "HistoryError",
     "KVCacheError",
     "OptionError",
     "ScenarioError",
     "ServerError",
+    "TestbedMismatchError",
     "WorkloadError",
 ]
 
@@ -70,10 +72,13 @@ class BaselineCorruptError(BaselineError):
         )
 
 
-class FingerprintMismatchError(BaselineError):
-    """The stored baseline was recorded on a different setup (hardware, versions,
-    model, configuration or workload). ``differences`` lists one line per differing
-    fingerprint key; the message says to pass --reset-baselines after an intended change."""
+class TestbedMismatchError(BaselineError):
+    """The stored baseline was recorded on another testbed (hardware, labels, model,
+    offload configuration, workload or measurement version; see identity.py).
+    ``differences`` lists one line per differing key; the message says how to start a
+    new baseline after an intended change."""
+
+    __test__ = False  # not a test class, whatever pytest's collection thinks of the name
 
     def __init__(self, key: str, path: object, differences: list[str]) -> None:
         self.key = key
@@ -81,7 +86,13 @@ class FingerprintMismatchError(BaselineError):
         self.differences = list(differences)
         lines = "\n  ".join(self.differences)
         super().__init__(
-            f"baseline {key!r} ({self.path}) was recorded with a different fingerprint:\n"
+            f"baseline {key!r} ({self.path}) was recorded on another testbed:\n"
             f"  {lines}\n"
-            "pass --reset-baselines to start a new history after an intended change"
+            "pass --reset-baselines to start a new baseline on this testbed after an intended change"
         )
+
+
+class HistoryError(KVCacheError):
+    """The run history (see pytest_kvcache.history) cannot be used: a bad URL, an
+    unreachable server, a file that is not a history database or is of a newer schema, a
+    bad ``history.json``; the message names the URL or file and the fix."""

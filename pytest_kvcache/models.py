@@ -142,7 +142,7 @@ class ScenarioCase:
 
     @property
     def workload_params(self) -> dict[str, object]:
-        """What determines the prompts and the load (hashed into the fingerprint)."""
+        """What determines the prompts and the load (hashed into the testbed)."""
         return {
             "dataset": self.dataset,
             "input_len": self.input_len,
@@ -156,7 +156,7 @@ class ScenarioCase:
             "seed": self.seed,
             "api": self.api,
             "reference_backend": self.reference_backend,
-            # only when set, so fingerprints of older scenarios do not change
+            # only when set, so the testbeds of older scenarios do not change
             **({"dataset_options": self.options} if self.dataset_options else {}),
             **({"warmup_requests": self.warmup_requests} if self.warmup_requests else {}),
             **({"kv_target_gb": self.kv_target_gb} if self.kv_target_gb else {}),

@@ -16,10 +16,17 @@ from pathlib import Path
 
 import pytest
 
-from .errors import KVCacheError, ScenarioError
-from .models import BACKENDS, PHASES, ScenarioCase
-from .scenarios import TOKEN_COUNT_FORMS, load_scenario, override_thresholds, parse_threshold_override, parse_token_count
 from .backends import LMCACHE_MODES
+from .errors import KVCacheError, ScenarioError
+from .identity import KeyMoves
+from .models import BACKENDS, PHASES, ScenarioCase
+from .scenarios import (
+    TOKEN_COUNT_FORMS,
+    load_scenario,
+    override_thresholds,
+    parse_threshold_override,
+    parse_token_count,
+)
 from .servers import SERVER_KINDS, ServerSettings
 from .session import KVSession, Settings
 
@@ -147,7 +154,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="folder on a GDS mount for the gds backend (ini: kvcache_gds_path)")
     group.addoption("--kv-label", action="append", default=[], metavar="KEY=VALUE",
                     help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
-                         "baseline fingerprint, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
+                         "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
                          "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)")
     group.addoption("--kv-min-hit-ratio", default=None, metavar="F",
                     help="a warm round of an offload backend fails unless it loads at least this fraction "
@@ -203,6 +210,32 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "between them, for servers that stream more than one process reads "
                          "(ini: kvcache_client_processes; default 1)")
     parser.addini("kvcache_client_processes", "default of --kv-client-processes", default="1")
+    group.addoption("--kv-version", action="append", default=[], metavar="KEY=VALUE",
+                    help="a version of the software under test the plugin cannot see, e.g. commit=abc123 or "
+                         "build=nightly-42: recorded on every run and compared across, never a reason to skip; "
+                         "repeatable (ini: kvcache_versions, one per line)")
+    parser.addini("kvcache_versions", "software versions KEY=VALUE, one per line (see --kv-version)",
+                  type="linelist", default=[])
+    parser.addini("kvcache_testbed_keys", "identity keys (glob patterns) that must match for runs to be compared, "
+                  "e.g. torch_version; one per line", type="linelist", default=[])
+    parser.addini("kvcache_software_keys", "identity keys (glob patterns) compared across runs instead, e.g. "
+                  "label.bandwidth; one per line", type="linelist", default=[])
+    group.addoption("--kv-run-noise", default=None, metavar="PCT",
+                    help="the run-to-run noise of this testbed, e.g. 3%%, used where the baselines have too few "
+                         "runs to estimate it (ini: kvcache_run_noise; default: none, such items are not judged)")
+    parser.addini("kvcache_run_noise", "default of --kv-run-noise", default="")
+    group.addoption("--kv-confirm-runs", default=None, metavar="N",
+                    help="runs on fresh servers that confirm a first run that looks worse before it is judged; "
+                         "0 judges the first run alone (ini: kvcache_confirm_runs; default 1)")
+    parser.addini("kvcache_confirm_runs", "default of --kv-confirm-runs", default="1")
+    group.addoption("--kv-history", default=None, metavar="URL",
+                    help="where every run is recorded: a file, sqlite:///PATH or postgresql://...; none turns it "
+                         "off (ini: kvcache_history; default .kvcache/history.sqlite in the rootdir)")
+    parser.addini("kvcache_history", "default of --kv-history", default="")
+    group.addoption("--kv-history-window", default=None, metavar="N",
+                    help="the session summary lists change points of its items among their last N runs "
+                         "(ini: kvcache_history_window; default 20)")
+    parser.addini("kvcache_history_window", "default of --kv-history-window", default="20")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -316,7 +349,65 @@ def _settings(config: pytest.Config) -> Settings:
         min_hit_ratio=_min_hit_ratio(config),
         percentiles=_percentiles(config),
         client_processes=_int_setting(config, "kv_client_processes", "kvcache_client_processes") or 1,
+        versions=_pairs(config, "kv_version", "kvcache_versions", "commit=abc123"),
+        key_moves=KeyMoves(to_testbed=_key_patterns(config, "kvcache_testbed_keys"),
+                           to_software=_key_patterns(config, "kvcache_software_keys")),
+        run_noise=_run_noise(config),
+        confirm_runs=_count_setting(config, "kv_confirm_runs", "kvcache_confirm_runs", "1"),
+        history_url=_history_url(config),
+        history_window=_count_setting(config, "kv_history_window", "kvcache_history_window", "20", low=2),
     )
+
+
+def _key_patterns(config: pytest.Config, ini: str) -> tuple[str, ...]:
+    patterns = tuple(config.getini(ini))
+    for pattern in patterns:
+        if not re.fullmatch(r"[A-Za-z0-9_.*?-]+", pattern):
+            raise pytest.UsageError(f"{ini} = {pattern!r}: use identity keys or glob patterns of them, one per line, "
+                                    "e.g. torch_version or label.*")
+    return patterns
+
+
+def _run_noise(config: pytest.Config) -> float | None:
+    raw = _option(config, "kv_run_noise", "kvcache_run_noise")
+    if raw is None:
+        return None
+    text = str(raw).strip()
+    try:
+        value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise pytest.UsageError(f"--kv-run-noise / kvcache_run_noise = {raw!r}: use a percentage above 0 and "
+                                "below 100, e.g. 3%")
+    return value
+
+
+def _count_setting(config: pytest.Config, name: str, ini: str, example: str, low: int = 0) -> int:
+    raw = _option(config, name, ini)
+    try:
+        value = int(str(raw))
+    except ValueError:
+        value = -1
+    if value < low or value > 1000:
+        raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {raw!r}: use a whole number from {low}, "
+                                f"e.g. {example}")
+    return value
+
+
+def _history_url(config: pytest.Config) -> str | None:
+    raw = _option(config, "kv_history", "kvcache_history")
+    if raw is not None and raw.strip().lower() == "none":
+        return None
+    from .errors import HistoryError
+    from .history import check_history_url
+
+    url = raw or str(config.rootpath / ".kvcache" / "history.sqlite")
+    try:
+        check_history_url(url)
+    except HistoryError as exc:
+        raise pytest.UsageError(f"--kv-history / kvcache_history: {exc}") from None
+    return url
 
 
 def _percentiles(config: pytest.Config) -> tuple[float, ...]:
@@ -421,7 +512,10 @@ def pytest_configure(config: pytest.Config) -> None:
     # beside the results rather than in /tmp, which is much slower to create files in
     # on some hosts (0.9 ms a file here against 30 us on the project's disk).
     workdir = settings.results_dir / f".scratch-{os.getpid()}"
-    config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config))
+    session_id = getattr(config, "workerinput", {}).get("kvcache_session_id")  # an xdist worker: the controller's
+    config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config),
+                                          collected_keys=lambda: config.stash.get(_COLLECTED_KEY, ()),
+                                          session_id=session_id)
     per_worker = _option(config, "kv_gpus_per_worker", "kvcache_gpus_per_worker")
     if per_worker is not None:
         _gpus_per_worker(per_worker)  # a bad value is a usage error in every process
@@ -433,6 +527,7 @@ def _planned(config: pytest.Config) -> int:
 
 
 _PLANNED_KEY = pytest.StashKey[int]()
+_COLLECTED_KEY = pytest.StashKey[tuple]()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -541,6 +636,10 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # Counted after -m/-k deselection: the comparisons this session may make.
     planned = sum(len(item.case.thresholds) for item in session.items if isinstance(item, ScenarioItem))
     session.config.stash[_PLANNED_KEY] = max(1, planned)
+    # the items whose stored baselines tell this runner's run-to-run noise (session._prior)
+    session.config.stash[_COLLECTED_KEY] = tuple(
+        (item.baseline_key, tuple(t.metric for t in item.case.thresholds))
+        for item in session.items if isinstance(item, ScenarioItem) and item.case.reference_backend is None)
     session.config.stash[_ORDER_KEY] = {item.nodeid: i for i, item in enumerate(session.items)}
 
 
@@ -561,13 +660,16 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _worker_id(session.config) is not None:
         _finish_worker(session.config, kv)  # the controller decides and writes the run files
         return
-    from .report.terminal import session_gate
+    from .decision import GateEntry, session_gate
 
     order = session.config.stash.get(_ORDER_KEY, {})
     kv.outcomes.sort(key=lambda o: order.get(o.nodeid, len(order)))  # xdist: back in collection order
-    kv.gate = gate = session_gate(kv.outcomes, kv.settings.alpha)
+    kv.gate = gate = session_gate([GateEntry(item=o.case.name, comparisons=tuple(o.comparisons), status=o.status,
+                                             message=o.message, testbed_differs=o.testbed_differs)
+                                   for o in kv.outcomes if o.status != "baseline-updated"], kv.settings.alpha)
     if gate.failed and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    _record_history(session.config, kv)
     _write_run_files(session, kv)
 
 
@@ -577,8 +679,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     from .report.terminal import render_summary
 
-    for line in render_summary(kv.outcomes, kv.gate, kv.settings):
-        terminalreporter.write_line(line)
+    for line, colour in render_summary(kv.outcomes, kv.gate, kv.settings, change_points=kv.change_points):
+        terminalreporter.write_line(line, **({colour: True} if colour else {}))
+    problem = config.stash.get(_HISTORY_KEY, None)
+    if problem:
+        terminalreporter.write_line(f"pytest-kvcache: WARNING: {problem}", yellow=True)
     files = config.stash.get(_RUN_FILES_KEY, None)
     if isinstance(files, Exception):
         terminalreporter.write_line(f"pytest-kvcache: the run files could not be written: "
@@ -684,10 +789,11 @@ def _record(request: pytest.FixtureRequest, kv: KVSession) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:
-    """xdist controller -> worker: one results folder for the whole run."""
+    """xdist controller -> worker: one results folder and one run id for the whole run."""
     kv = node.config.stash.get(SESSION_KEY, None)
     if kv is not None:
         node.workerinput["kvcache_results_dir"] = str(kv.settings.results_dir)
+        node.workerinput["kvcache_session_id"] = kv.session_id
 
 
 @pytest.hookimpl(optionalhook=True)
@@ -713,6 +819,15 @@ def _finish_worker(config: pytest.Config, kv: KVSession) -> None:
         [(order.get(o.nodeid, 0), o) for o in kv.outcomes], protocol=pickle.HIGHEST_PROTOCOL)
 
 
+_HISTORY_KEY = pytest.StashKey[str]()
+
+
+def _record_history(config: pytest.Config, kv: KVSession) -> None:
+    problem = kv.record_history(config.rootpath)
+    if problem:
+        config.stash[_HISTORY_KEY] = problem
+
+
 def _write_run_files(session: pytest.Session, kv: KVSession) -> None:
     if not kv.outcomes:
         return
@@ -722,6 +837,7 @@ def _write_run_files(session: pytest.Session, kv: KVSession) -> None:
     try:
         header = pytest_report_header(config)
         config.stash[_RUN_FILES_KEY] = write_run_files(kv.settings.results_dir, kv.outcomes, kv.gate, kv.settings,
-                                                       store=kv.store, header=header, started=kv.started)
+                                                       store=kv.store, header=header, started=kv.started,
+                                                       history=kv.history)
     except Exception as exc:  # the verdicts stand without the report files; say what went wrong
         config.stash[_RUN_FILES_KEY] = exc

@@ -34,7 +34,8 @@ other's JSON decoding. Where one core cannot write the chunks on time (tens of t
 a second), ``--workers N`` serves the port from N processes (``SO_REUSEPORT``: the kernel
 spreads the connections); the stamps still compare, being one system-wide clock.
 
-Endpoints, in vLLM's shapes: ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
+Endpoints, in vLLM's shapes: ``GET /health``, ``GET /version`` (``--served-version``),
+``GET /v1/models``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``,
 ``max_tokens``, ``stream_options.include_usage``/``continuous_usage_stats``; exactly
 ``max_tokens`` tokens, the final usage event, ``data: [DONE]``). Tokens are words of the
@@ -92,6 +93,7 @@ class ReferenceSettings:
     stall_s: float = 0.0
     early_headers: bool = False
     workers: int = 1
+    served_version: str = "0.0.0-reference"
 
 
 # -- precise timers -------------------------------------------------------------------------
@@ -485,6 +487,8 @@ class ReferenceServer:
             route = (req.method, req.path)
             if route == ("GET", "/health"):
                 conn.write(_response(200, b"", "text/plain"))
+            elif route == ("GET", "/version"):
+                conn.write(_json_response(200, {"version": self.s.served_version}))
             elif route == ("GET", "/v1/models"):
                 m = self.s.model
                 conn.write(_json_response(200, {"object": "list", "data": [{
@@ -497,7 +501,7 @@ class ReferenceServer:
             elif route in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
                 if self._generate(conn, req, chat=req.path.endswith("chat/completions")):
                     return  # the stream calls conn.done() when it ends
-            elif req.path in ("/health", "/v1/models", "/tokenize", "/detokenize", "/v1/completions",
+            elif req.path in ("/health", "/version", "/v1/models", "/tokenize", "/detokenize", "/v1/completions",
                               "/v1/chat/completions"):
                 raise _BadRequest(f"method {req.method} not allowed", 405)
             else:
@@ -685,6 +689,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stall-s", type=float, default=0.0, metavar="S")
     p.add_argument("--early-headers", action="store_true",
                    help="send the response head at once, not with the first chunk (as vLLM does)")
+    p.add_argument("--served-version", default="0.0.0-reference", metavar="V",
+                   help="what GET /version reports, as vLLM's server does (to rehearse an upgrade)")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="serve from N processes sharing the port (SO_REUSEPORT), for chunk rates one core "
                         "cannot write; a fixed --port is needed (fault knobs count per process)")
@@ -697,7 +703,8 @@ def main(argv: list[str] | None = None) -> int:
         host=a.host, port=a.port, model=a.model, ttft_ms=a.ttft_ms, itl_ms=a.itl_ms,
         tokens_per_chunk=a.tokens_per_chunk, max_model_len=a.max_model_len, error_every=a.error_every,
         cut_after_chunks=a.cut_after_chunks, cut_every=a.cut_every, malformed_every=a.malformed_every,
-        stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers, workers=a.workers)
+        stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers, workers=a.workers,
+        served_version=a.served_version)
     if settings.workers > 1 and settings.port == 0:
         _parser().error("--workers needs a fixed --port: the processes must bind the same one")
     children = [_fork_worker(settings) for _ in range(settings.workers - 1)]

@@ -1,31 +1,35 @@
 """The session object: settings, the server pool, results and verdicts of one pytest run.
 
 One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``. Items call
-:meth:`KVSession.run_item`; the plugin's hooks read the collected results at the end
-to apply the session-wide correction (Holm) and to print the summary.
+:meth:`KVSession.run_item`; it measures, asks :mod:`.decision` what the numbers mean,
+and turns that answer into a pytest outcome. The plugin's hooks read the collected
+outcomes at the end for the session gate, the history and the summary.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import math
+import secrets
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from . import __version__
 from .backends import BackendConfig
-from .baselines import BaselineStore
-from .errors import BaselineError
-from .fingerprint import case_fingerprint
-from .models import CaseResult, ScenarioCase
+from .baselines import Baseline, BaselineRun, BaselineStore, describe_runs
+from .decision import Verdict, judge_item, needs_confirmation, plan_baseline_update
+from .errors import BaselineError, KVCacheError
+from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
+from .models import CaseResult, ScenarioCase, TrialResult
 from .report.json_report import write_item_json
 from .runner import CaseRunner
 from .servers import ServerHandle, ServerPool, ServerSettings
+from .stats import MetricComparison, NoisePrior
 
-__all__ = ["ItemOutcome", "KVSession", "Settings"]
+__all__ = ["HistoryReport", "ItemOutcome", "KVSession", "Settings", "history_runs", "new_session_id"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,18 @@ class Settings:
     percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
     #: client processes each round is sent from (--kv-client-processes; spread.py)
     client_processes: int = 1
+    #: the software under test the user names (--kv-version KEY=VALUE)
+    versions: tuple[tuple[str, str], ...] = ()
+    #: keys moved between testbed and software (kvcache_testbed_keys / kvcache_software_keys)
+    key_moves: KeyMoves = KeyMoves()
+    #: run-to-run noise (a fraction) assumed where no baseline can estimate it (--kv-run-noise)
+    run_noise: float | None = None
+    #: runs that confirm a suspicious first run before it is judged (--kv-confirm-runs)
+    confirm_runs: int = 1
+    #: where every run is recorded (--kv-history; None: off)
+    history_url: str | None = None
+    #: change points of the session's items are looked for among this many last runs
+    history_window: int = 20
 
 
 @dataclass
@@ -56,54 +72,138 @@ class ItemOutcome:
 
     nodeid: str
     case: ScenarioCase
+    baseline_key: str = ""
     result: CaseResult | None = None
-    comparisons: list = field(default_factory=list)  # stats.MetricComparison
-    verdicts: list = field(default_factory=list)  # stats.Verdict, same order
+    #: runs that confirmed a suspicious first run (fresh servers), in order
+    confirmations: list[CaseResult] = field(default_factory=list)
+    comparisons: list[MetricComparison] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
     status: str = "measured"  # measured | compared | baseline-updated | skipped | failed
     message: str = ""
     json_path: Path | None = None
     reference: CaseResult | None = None  # paired design: the reference configuration's trials
+    identity: Identity | None = None
+    testbed_differs: bool = False
+    baseline_updated: bool = False
+    software_change: str = ""
+
+
+@dataclass(frozen=True)
+class HistoryReport:
+    """What the history store said at the session's end, for the reports."""
+
+    location: str  # the store (a path, or a URL without its password)
+    series: tuple[tuple[str, str, int, float], ...]  # (item, metric, runs, latest value) of the session's items
+    change_points: tuple = ()  # history.HistoryChange of the last runs
+    plots: tuple[str, ...] = ()  # plots of the series with change points, relative to the run folder
+
+
+def new_session_id(started: _dt.datetime) -> str:
+    """A session's run id: sortable by time, unique across runners."""
+    return f"{started:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 class KVSession:
-    def __init__(self, settings: Settings, workdir: Path, planned_comparisons: Callable[[], int]) -> None:
+    def __init__(self, settings: Settings, workdir: Path, planned_comparisons: Callable[[], int],
+                 collected_keys: Callable[[], Sequence[tuple[str, tuple[str, ...]]]] = tuple,
+                 session_id: str | None = None) -> None:
         self.settings = settings
         self.pool = ServerPool(settings.server, workdir=workdir, log_dir=settings.results_dir / "logs")
         self.runner: CaseRunner | None = None
         self.store = BaselineStore(settings.baseline_dir)
         self.outcomes: list[ItemOutcome] = []
         self._planned = planned_comparisons
+        self._collected = collected_keys
+        self._priors: dict[tuple[str, str], NoisePrior | None] = {}
         self.started = _dt.datetime.now(_dt.timezone.utc)
-        self.gate = None  # report.terminal.Gate, set at session end
+        self.session_id = session_id or new_session_id(self.started)
+        self.commit = _git_commit()
+        self.gate = None  # decision.Gate, set at session end
+        self.history: HistoryReport | None = None  # what the history store said at session end
+
+    @property
+    def change_points(self) -> list:
+        """The history's recent change points of this session's items (history.HistoryChange)."""
+        return list(self.history.change_points) if self.history else []
 
     def close(self) -> None:
         self.pool.close()
+
+    def record_history(self, rootdir: Path) -> str | None:
+        """Every item's runs into the run folder's history.json, then into the history store;
+        the recent change points of the session's items, and plots of their series.
+
+        Returns a warning when something could not be written: the store's trouble
+        (unreachable, corrupt) changes no verdict, and the run folder can be loaded later
+        with ``python -m pytest_kvcache history import``.
+        """
+        from .changepoints import detect
+        from .history import MIN_CHANGE_PCT, open_history, recent_change_points, write_run_file
+
+        runs = history_runs(self)
+        if not runs:
+            return None
+        folder = self.settings.results_dir
+        try:
+            write_run_file(folder, runs)
+        except (OSError, KVCacheError) as exc:
+            return f"the run's history.json could not be written: {exc}"
+        if self.settings.history_url is None:
+            return None
+        items, testbeds = sorted({r.item for r in runs}), {r.testbed_id for r in runs}
+        try:
+            with open_history(self.settings.history_url, rootdir=rootdir) as store:
+                store.record(runs)
+                changes = recent_change_points(store, items, sorted(testbeds), last=self.settings.history_window)
+                series = [s for s in store.series(items=items) if s.testbed_id in testbeds]
+                location = store.location
+        except KVCacheError as exc:
+            return (f"history not recorded ({exc}); the verdicts stand; load this run later with: "
+                    f"python -m pytest_kvcache history import {folder}")
+        changed = {(c.item, c.metric, c.testbed_id) for c in changes}
+        plotted = [(s, detect(s.values, min_change_pct=MIN_CHANGE_PCT)) for s in series
+                   if (s.item, s.metric, s.testbed_id) in changed]
+        plots: list[str] = []
+        if plotted:
+            from .report.history_plots import plot_history
+
+            try:
+                plots = [p.relative_to(folder).as_posix() for p in plot_history(plotted, folder / "plots" / "history")]
+            except OSError as exc:
+                return f"the history plots could not be written: {exc}"
+        self.history = HistoryReport(location=location, series=tuple(
+            (s.item, s.metric, len(s.points), s.values[-1]) for s in series), change_points=tuple(changes),
+            plots=tuple(plots))
+        return None
 
     # -- one item -----------------------------------------------------------------
 
     def run_item(self, nodeid: str, case: ScenarioCase, baseline_key: str,
                  progress: Callable[[str], None]) -> ItemOutcome:
         """Measure, store, compare; fail or skip the pytest item with a clear message."""
-
-        outcome = ItemOutcome(nodeid=nodeid, case=case)
+        outcome = ItemOutcome(nodeid=nodeid, case=case, baseline_key=baseline_key)
         self.outcomes.append(outcome)
+        outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
         trials = self.settings.trials or case.trials
         if case.reference_backend is not None:
-            self._run_paired(outcome, case, trials, baseline_key, progress)
+            try:
+                self._run_paired(outcome, case, trials, progress)
+            finally:
+                write_item_json(outcome.json_path, outcome)
             return outcome
         backend = self._backend(outcome, case.backend)
-        server, results = self._measure(outcome, case, backend, range(trials), progress)
-        result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
-        outcome.result = result
-        fingerprint = case_fingerprint(case, server.model, server.info, backend.fingerprint())
-        outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
         try:
-            self._decide(outcome, result, baseline_key, fingerprint)
+            server, results = self._measure(outcome, case, backend, range(trials), progress)
+            outcome.result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
+            outcome.identity = item_identity(case, server.model, server.info, backend.fingerprint(),
+                                             host=self.pool.host_facts(), versions=self.settings.versions,
+                                             moves=self.settings.key_moves)
+            self._decide(outcome, backend, progress)
         finally:
-            write_item_json(outcome.json_path, outcome, fingerprint)
+            write_item_json(outcome.json_path, outcome)
         return outcome
 
-    def _backend(self, outcome: ItemOutcome, name: str):
+    def _backend(self, outcome: ItemOutcome, name: str) -> BackendConfig:
         from .backends import BackendUnavailable
 
         try:
@@ -112,12 +212,11 @@ class KVSession:
             outcome.status, outcome.message = "skipped", str(exc)
             pytest.skip(str(exc))
 
-    def _measure(self, outcome: ItemOutcome, case: ScenarioCase, backend, trial_indices, progress):
-        from .errors import KVCacheError
-
+    def _measure(self, outcome: ItemOutcome, case: ScenarioCase, backend: BackendConfig, trial_indices,
+                 progress: Callable[[str], None], fresh: bool = False) -> tuple[ServerHandle, tuple[TrialResult, ...]]:
         error = None
         try:
-            server = self.pool.acquire(backend)
+            server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
             if self.runner is None:
                 self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
                                          client_processes=self.settings.client_processes)
@@ -134,7 +233,9 @@ class KVSession:
             self._fail(outcome, f"{problem}\n  server log: {server.log_path}")
         return server, results
 
-    def _run_paired(self, outcome: ItemOutcome, case: ScenarioCase, trials: int, key: str,
+    # -- paired design ------------------------------------------------------------------
+
+    def _run_paired(self, outcome: ItemOutcome, case: ScenarioCase, trials: int,
                     progress: Callable[[str], None]) -> None:
         """Alternate reference and candidate trial by trial (A B, B A, ...), then compare pairs."""
         reference = self._backend(outcome, case.reference_backend)
@@ -150,14 +251,9 @@ class KVSession:
                 servers[side] = _server_record(server, backend)
         outcome.reference = CaseResult(case=case, trials=tuple(by_side["reference"]), server=servers["reference"])
         outcome.result = CaseResult(case=case, trials=tuple(by_side["candidate"]), server=servers["candidate"])
-        outcome.json_path = self.settings.results_dir / f"{key}.json"
-        try:
-            self._compare_paired(outcome)
-        finally:
-            write_item_json(outcome.json_path, outcome, {"design": "paired", "reference": case.reference_backend,
-                                                         "candidate": case.backend})
-
-    def _compare_paired(self, outcome: ItemOutcome) -> None:
+        outcome.identity = item_identity(case, server.model, server.info, candidate.fingerprint(),
+                                         host=self.pool.host_facts(), versions=self.settings.versions,
+                                         moves=self.settings.key_moves)
         from .stats import Direction, compare_paired
 
         ref, cand = outcome.reference, outcome.result
@@ -168,7 +264,7 @@ class KVSession:
             self._fail(outcome, f"only {len(pairs)} complete pairs of trials, too few to compare:\n  "
                        + "\n  ".join(problems))
         comparisons = []
-        for threshold in outcome.case.thresholds:
+        for threshold in case.thresholds:
             values = [(r.measured.summary.get(threshold.metric), c.measured.summary.get(threshold.metric))
                       for r, c in pairs]
             values = [(a, b) for a, b in values if a is not None and b is not None]
@@ -176,101 +272,164 @@ class KVSession:
                 comparisons.append(compare_paired(threshold.metric, [a for a, _ in values], [b for _, b in values],
                                                   direction=Direction(threshold.direction),
                                                   threshold=threshold.threshold, alpha=self.settings.alpha))
-        self._judge(outcome, comparisons, "paired comparison: the candidate is worse than the reference",
-                    better_is_news=False)
+        judgement = judge_item(comparisons, alpha=self.settings.alpha, planned=self._planned(), paired=True)
+        self._conclude(outcome, comparisons, judgement, "paired comparison: the candidate is worse than the reference")
 
-    def _decide(self, outcome: ItemOutcome, result: CaseResult, key: str, fingerprint: dict) -> None:
+    # -- against the stored baseline ----------------------------------------------------------
+
+    def _decide(self, outcome: ItemOutcome, backend: BackendConfig, progress: Callable[[str], None]) -> None:
         s = self.settings
+        result, identity = outcome.result, outcome.identity
         usable, total = len(result.usable_trials), len(result.trials)
         problems = [f"trial {t.index + 1}: {t.problem}" for t in result.trials if not t.usable]
-        if usable < total:
-            # An incomplete or invalid trial never enters a comparison or a baseline.
-            if usable < max(2, (total + 1) // 2):
-                self._fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
-                           + "\n  ".join(problems))
-        if s.update_baselines or s.reset_baselines:
-            if usable < total:
-                self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
-                           + "\n  ".join(problems))
-            try:
-                self.store.append(key, fingerprint, self._baseline_run(result), reset=s.reset_baselines)
-            except BaselineError as exc:
-                self._fail(outcome, str(exc))
-            outcome.status = "baseline-updated"
-            outcome.message = f"baseline {'reset' if s.reset_baselines else 'updated'}: {self.store.path_for(key)}"
-            return
+        # An incomplete or invalid trial never enters a comparison or a baseline.
+        if usable < total and usable < max(2, (total + 1) // 2):
+            self._fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
+                       + "\n  ".join(problems))
         try:
-            baseline = self.store.load(key)
+            baseline = self.store.load(outcome.baseline_key)
         except BaselineError as exc:
             self._fail(outcome, str(exc))
-        if baseline is None:
-            self._skip_or_fail(outcome, f"no baseline for {key} in {s.baseline_dir}; "
+        differences = diff_testbeds(self._stored_testbed(baseline), identity.testbed) if baseline else []
+        if s.update_baselines or s.reset_baselines:
+            self._update_baseline(outcome, baseline, differences, problems)
+            return
+        if baseline is None or not baseline.runs:
+            self._skip_or_fail(outcome, f"no baseline for {outcome.baseline_key} in {s.baseline_dir}; "
                                "run with --update-baselines to create one")
-            return
-        from .baselines import fingerprint_diff
-
-        differences = fingerprint_diff(baseline.fingerprint, fingerprint)
         if differences:
-            self._skip_or_fail(outcome, f"baseline {baseline.path} was measured on another set-up ("
-                               + "; ".join(differences) + "); compare like with like, or rerun with "
-                               "--reset-baselines after an intended change")
-            return
-        self._compare(outcome, result, baseline)
+            outcome.testbed_differs = True
+            self._skip_or_fail(outcome, f"baseline {baseline.path} was recorded on another testbed ("
+                               + "; ".join(differences) + "); compare like with like, or start a new baseline "
+                               "here with --reset-baselines")
+        outcome.software_change = software_change([r.software for r in baseline.runs], identity.software)
+        comparisons = self._compare(outcome, baseline, [result])
+        for attempt in range(1, s.confirm_runs + 1):
+            if not needs_confirmation(comparisons):
+                break
+            progress(f"the first run looks worse: confirming with run {attempt + 1} on a fresh server")
+            _server, results = self._measure(outcome, outcome.case, backend, range(len(result.trials)), progress,
+                                             fresh=True)
+            outcome.confirmations.append(CaseResult(case=outcome.case, trials=results, server=result.server))
+            comparisons = self._compare(outcome, baseline, [result, *outcome.confirmations])
+        judgement = judge_item(comparisons, alpha=s.alpha, planned=self._planned(),
+                               software_change=outcome.software_change)
+        self._conclude(outcome, comparisons, judgement, "performance regression")
+        unjudged = [c for c in comparisons if not c.judged]
+        if s.strict_baselines and (unjudged or not comparisons):
+            why = unjudged[0].note if unjudged else "the baseline has no value of the item's metrics"
+            self._fail(outcome, f"{outcome.case.name} could not be judged: {why} (--strict-baselines)")
 
-    def _compare(self, outcome: ItemOutcome, result: CaseResult, baseline) -> None:
-        from .stats import Direction, compare
+    def _stored_testbed(self, baseline: Baseline) -> dict[str, str]:
+        return self._stored_testbed_of(baseline.testbed)
 
-        comparisons = []
-        for threshold in outcome.case.thresholds:
-            base_values = [float(t["summary"][threshold.metric]) for run in baseline.history
-                           for t in run.get("trials", ()) if t["summary"].get(threshold.metric) is not None]
-            current = result.metric_values(threshold.metric)
-            if len(base_values) < 2 or len(current) < 1:
-                continue
-            comparisons.append(compare(threshold.metric, base_values, current,
-                                       direction=Direction(threshold.direction),
-                                       threshold=threshold.threshold, alpha=self.settings.alpha))
-        self._judge(outcome, comparisons, "performance regression")
+    def _stored_testbed_of(self, testbed: Mapping[str, str]) -> dict[str, str]:
+        """A stored testbed as the keys are split now: a key the user moved to the
+        software since (kvcache_software_keys) no longer keeps the baseline from comparing."""
+        moves = self.settings.key_moves
+        return {k: v for k, v in testbed.items() if moves.side(k) == "testbed"}
 
-    def _judge(self, outcome: ItemOutcome, comparisons: list, headline: str, better_is_news: bool = True) -> None:
-        """Verdicts with Bonferroni over every comparison the session may make: a
-        conservative bound known now; Holm over the p-values actually seen is applied
-        at session end (report.terminal.session_gate) and decides the exit status.
-
-        Against a stored baseline a significant improvement is a WARN (refresh the
-        baseline); in a paired design it is the expected answer, so a PASS."""
-        from dataclasses import replace as _replace
-
-        from .stats import Zone, verdict
+    def _compare(self, outcome: ItemOutcome, baseline: Baseline, runs: Sequence[CaseResult]) -> list[MetricComparison]:
+        from .stats import Direction, compare_runs
 
         planned = max(1, self._planned())
-        failures = []
-        for comparison in comparisons:
-            v = verdict(comparison, min(1.0, comparison.p_worse * planned),
-                        min(1.0, comparison.p_better * planned), alpha=self.settings.alpha,
-                        correction=f"Bonferroni over {planned}")
-            if not better_is_news and v.zone is Zone.WARN and v.better and not v.beyond_threshold:
-                v = _replace(v, zone=Zone.PASS, reason=f"{comparison.metric}: the candidate is "
-                             f"{abs(comparison.change_pct):.1f}% better than the reference")
-            outcome.comparisons.append(comparison)
-            outcome.verdicts.append(v)
-            if v.zone is Zone.FAIL:
-                failures.append(_failure_line(comparison, planned))
-        outcome.status = "compared"
-        if failures:
-            self._fail(outcome, f"{headline}:\n  " + "\n  ".join(failures))
+        comparisons = []
+        for threshold in outcome.case.thresholds:
+            stored = baseline.metric_runs(threshold.metric)
+            current = [values for values in (run.metric_values(threshold.metric) for run in runs) if values]
+            if not stored or not current:
+                continue
+            comparisons.append(compare_runs(
+                threshold.metric, stored, current, direction=Direction(threshold.direction),
+                threshold=threshold.threshold, alpha=self.settings.alpha / planned,
+                prior=self._prior(threshold.metric, outcome.identity.testbed),
+                shared_current=self.settings.server.kind == "external"))
+        return comparisons
 
-    def _baseline_run(self, result: CaseResult) -> dict:
-        return {
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "plugin_version": __version__,
-            "commit": _git_commit(),
-            "trials": [
-                {"index": t.index, "summary": dict(t.measured.summary),
-                 "ttfts_ms": [round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success]}
-                for t in result.trials
-            ],
-        }
+    def _conclude(self, outcome: ItemOutcome, comparisons: list[MetricComparison], judgement, headline: str) -> None:
+        outcome.comparisons, outcome.verdicts = list(comparisons), list(judgement.verdicts)
+        outcome.status = "compared"
+        if judgement.failed:
+            self._fail(outcome, f"{headline}:\n  " + "\n  ".join(judgement.failures))
+
+    def _prior(self, metric: str, testbed) -> NoisePrior | None:
+        """The run-to-run noise of ``metric`` pooled over the session's items stored on the
+        same runner (docs/statistics.md), else the configured figure, else None."""
+        import json
+
+        machine = json.dumps(machine_part(testbed), sort_keys=True)
+        key = (machine, metric)
+        if key not in self._priors:
+            self._priors[key] = self._pooled_prior(metric, machine_part(testbed))
+        return self._priors[key]
+
+    def _pooled_prior(self, metric: str, machine: dict) -> NoisePrior | None:
+        import numpy as np
+
+        from .stats import fit_noise_prior, night_variance
+
+        tables: list[dict[str, float]] = []
+        for key, metrics in self._collected():
+            if metric not in metrics:
+                continue
+            try:
+                stored = self.store.load(key)
+            except BaselineError:
+                continue  # its own item reports it
+            if stored is None or machine_part(stored.testbed) != machine:
+                continue
+            means = {run.run_id: float(np.mean(np.log(run.values(metric)))) for run in stored.runs
+                     if run.values(metric)}
+            if len(means) >= 2:
+                tables.append(means)
+        fallback = NoisePrior.configured(self.settings.run_noise) if self.settings.run_noise else None
+        if len(tables) < 2:
+            return fallback
+        variances = [float(np.var(list(t.values()), ddof=1)) for t in tables]
+        dfs = [len(t) - 1 for t in tables]
+        s0, d0 = fit_noise_prior(np.array(variances), np.array(dfs, dtype=float))
+        return NoisePrior(var=float(s0), df=float(d0), source=f"the run-to-run noise of {len(tables)} items' baselines",
+                          night_var=_night(tables, night_variance))
+
+    def _update_baseline(self, outcome: ItemOutcome, baseline: Baseline | None, differences: list[str],
+                         problems: list[str]) -> None:
+        s = self.settings
+        if s.server.emulator_slowdown != 1.0:
+            self._fail(outcome, f"baseline NOT updated: --emulator-slowdown {s.server.emulator_slowdown:g} rehearses "
+                       "a regression; a run made with it is never stored as a baseline")
+        if problems:
+            self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
+                       + "\n  ".join(problems))
+        if differences and not s.reset_baselines:
+            self._fail(outcome, f"baseline NOT updated: {baseline.path} was recorded on another testbed ("
+                       + "; ".join(differences) + "); start a new one here with --reset-baselines")
+        stored = list(baseline.runs) if baseline and not differences else []
+        comparisons = self._compare(outcome, baseline, [outcome.result]) if stored else []
+        plan = plan_baseline_update(comparisons, stored_runs=len(stored), reset=s.reset_baselines, alpha=s.alpha,
+                                    planned=self._planned(),
+                                    stored_summary=describe_runs(list(baseline.runs)) if baseline else "")
+        outcome.comparisons = comparisons
+        if plan.action == "refuse":
+            self._fail(outcome, plan.message)
+        try:
+            written, dropped = self.store.write(
+                outcome.baseline_key, outcome.identity.testbed, self._baseline_run(outcome),
+                replace=plan.action == "replace",
+                differences=lambda stored, current: diff_testbeds(self._stored_testbed_of(stored), current))
+        except BaselineError as exc:
+            self._fail(outcome, str(exc))
+        outcome.status, outcome.baseline_updated = "baseline-updated", True
+        outcome.message = f"{plan.message} ({written.path}, {len(written.runs)} runs)"
+        if dropped and plan.action == "append":
+            outcome.message += f"; the oldest {describe_runs(dropped)} left the baseline (it keeps {len(written.runs)})"
+
+    def _baseline_run(self, outcome: ItemOutcome) -> BaselineRun:
+        return BaselineRun(
+            run_id=self.session_id, created=self.started.isoformat(timespec="seconds"),
+            software=dict(outcome.identity.software), commit=self.commit,
+            trials=tuple({"index": t.index, "summary": dict(t.measured.summary),
+                          "ttfts_ms": [round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success]}
+                         for t in outcome.result.trials))
 
     def _fail(self, outcome: ItemOutcome, message: str) -> None:
         outcome.status, outcome.message = "failed", message
@@ -283,17 +442,26 @@ class KVSession:
         pytest.skip(message)
 
 
+def _night(tables: list[dict[str, float]], night_variance) -> float | None:
+    """The night variance from the items' run means in the sessions most of them share
+    (items holding all of those sessions); None with fewer than 3 x 3."""
+    import numpy as np
+
+    counts: dict[str, int] = {}
+    for table in tables:
+        for run_id in table:
+            counts[run_id] = counts.get(run_id, 0) + 1
+    shared = [run_id for run_id, n in counts.items() if n >= len(tables) / 2]
+    rows = [[t[r] for r in shared] for t in tables if all(r in t for r in shared)]
+    if len(rows) < 3 or len(shared) < 3:
+        return None
+    return float(night_variance(np.array(rows)))
+
+
 def _server_record(server: ServerHandle, backend: BackendConfig) -> dict[str, str]:
     """The server's info and what this item's backend configuration records (its LMCache
     mode): per item, since items that differ only there share one emulator."""
     return {**server.info, **dict(backend.recorded)}
-
-
-def _failure_line(c, planned: int) -> str:
-    unit = " ms" if c.metric.endswith("_ms") else ""
-    return (f"{c.metric}: baseline {c.baseline_value:.4g}{unit}, current {c.current_value:.4g}{unit}, "
-            f"change {c.change_pct:+.1f}% (threshold {c.threshold * 100:.0f}%), p={c.p_worse:.2g} "
-            f"(Bonferroni over {planned} planned comparisons)")
 
 
 def _git_commit() -> str | None:
@@ -302,3 +470,30 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def history_runs(session: KVSession) -> list:
+    """The session's :class:`~pytest_kvcache.history.ItemRun` records, one per item and attempt."""
+    from .decision import worst_zone
+    from .history import ItemRun
+
+    runs = []
+    time = session.started.isoformat(timespec="seconds")
+    for o in session.outcomes:
+        if o.result is None or o.identity is None:
+            continue
+        software = dict(o.identity.software)
+        commit = software.get("version.commit") or session.commit
+        zone = worst_zone([v.zone for v in o.verdicts])
+        metrics = tuple((t.metric, t.direction) for t in o.case.thresholds)
+        for attempt, result in enumerate([o.result, *o.confirmations]):
+            trials = tuple({"index": t.index, "usable": t.usable,
+                            "summary": {k: v for k, v in t.measured.summary.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v)}}
+                           for t in result.trials)
+            runs.append(ItemRun(session_id=session.session_id, time=time, item=o.baseline_key, attempt=attempt,
+                                testbed=dict(o.identity.testbed), software=software, commit=commit,
+                                baseline_updated=o.baseline_updated, status=o.status,
+                                zone=zone.value if zone else None, metrics=metrics, trials=trials))
+    return runs

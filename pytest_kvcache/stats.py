@@ -1,51 +1,39 @@
-"""Run-level statistics: comparisons, verdicts, multiplicity control, detectable effect.
+"""Statistics of the regression gate: runs as the unit of noise (docs/statistics.md).
 
-The unit of comparison is the *trial* (DESIGN.md section 4). For one metric (say the
-median TTFT of each trial) there are ``k`` baseline trial values and ``m`` current trial
-values, all positive. Everything is done on the natural-log scale, so effects are ratios
-(``current / baseline`` of geometric means) and noise is relative.
+Trials of one run share a server process, a machine state and a night; trials of
+different runs do not. So a metric's baseline is a set of *runs*, each with its trials,
+and the current run is judged against the spread of the baseline's run means, never
+by pooling the baseline's trials as if they were independent. Everything is done on
+the natural-log scale (effects are ratios, noise is relative).
 
-Tests, chosen by the trial counts (``MetricComparison.test``):
+The model of one item's metric, log scale: ``y = mu + night + run + trial``, with a
+run-to-run variance (night and run together, ``between_var``) and a trial-to-trial
+variance (``within_var``). A run's mean then varies with ``tau2 = between_var +
+within_var / n``.
 
-``"welch"``
-    Both sides have >= 2 trials: one-sided Welch t test on the log values; the same
-    statistic as ``scipy.stats.ttest_ind(log_current, log_baseline, equal_var=False,
-    alternative=...)`` (the test suite checks they agree), computed here so that the
-    variance floor below can be applied and so it can be vectorized
-    (:func:`compare_batch`).
-``"prediction"``
-    One current trial against >= 3 baseline trials (or, symmetrically, one baseline
-    trial against >= 3 current trials): the single value is compared with a prediction
-    interval from the other side, ``t`` with ``n - 1`` df and scale
-    ``sd * sqrt(1 + 1/n)``.
-``"exact-equal"``
-    Every value on both sides is identical: no evidence of any change,
-    ``p_worse = p_better = 1``.
-``"insufficient"``
-    Too few trials to estimate the noise (1 vs 1, 1 vs 2, 2 vs 1): no test is possible;
-    ``p_worse = p_better = 1`` so it can never be significant, and the note says why.
+:func:`compare_runs` (one comparison) and :func:`compare_runs_batch` (many at once,
+for simulation) share one computation:
 
-Variance floor: emulators can be almost deterministic, and a zero variance makes the t
-statistic infinite or nan. Each side's log-scale standard deviation is therefore floored
-at :data:`SD_LOG_FLOOR` = 0.001 (about 0.1% relative noise) before testing. Real noise
-(a few percent) is far above it; identical samples give a finite t of 0, and a clear
-shift between two deterministic samples gives a tiny p, never nan. The note says when
-the floor was used.
+* ``tau2`` comes from the spread of the baseline's run means (``R - 1`` df), moderated
+  by a :class:`NoisePrior` pooled over the items of the same testbed (empirical Bayes,
+  :func:`fit_noise_prior`); with one baseline run the prior alone, and with neither the
+  comparison cannot be made (``test = "insufficient-runs"``: p = 1, never significant).
+* One current run: ``(mean(current) - mean of the baseline run means) / sqrt(tau2 / R +
+  between_var + within_var / m)`` against Student's t with the prior's plus the item's
+  df: a prediction interval for a new run.
+* Several current runs (the first run plus confirmation runs on fresh servers): each
+  is standardized as above; the p-value is the chance, under no change, that *every*
+  run is at least as far out as the least extreme one: the upper orthant probability of
+  equicorrelated normals. Their correlation is the part they share: the baseline's mean
+  (``tau2 / R``) and the night (``night_var``, the session-wide part of the run-to-run
+  variance estimated from baseline runs of many items recorded in the same sessions,
+  :func:`night_variance`; unknown: all of it is taken as shared).
 
-Confidence interval: ``ci_low``/``ci_high`` bound the ratio with a two-sided interval at
-``confidence`` (default 95%, independent of ``alpha``) from the same t distribution as
-the test (Welch-Satterthwaite df, or the prediction df). When both sides have >= 8
-trials a percentile bootstrap interval of the geometric-mean ratio is added
-(``bootstrap_low``/``bootstrap_high``); with fewer trials a bootstrap is too coarse to
-mean anything, so those stay None.
+Floors: the trial noise is floored at :data:`SD_LOG_FLOOR` (0.1%) and a run mean's
+spread at :data:`RUN_SD_FLOOR` (0.5%): an almost deterministic emulator must not make
+a 1% wobble between hosts significant.
 
-Detectable effect: ``mde_pct`` is the smallest true change in the bad direction that a
-one-sided test at ``alpha`` detects with 80% power, from the pooled (floored) log-scale
-noise and the trial counts, with the usual t approximation
-``delta = (t[1-alpha, df] + t[power, df]) * sd * sqrt(1/n1 + 1/n2)``, ``df = n1 + n2 - 2``
-(see :func:`minimum_detectable_effect`).
-
-This module does not import pytest; scipy and numpy are imported lazily.
+This module does not import pytest; numpy and scipy are imported where they are used.
 """
 
 from __future__ import annotations
@@ -53,40 +41,43 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
 __all__ = [
-    "BOOTSTRAP_MIN_TRIALS",
-    "PREDICTION_MIN_HISTORY",
+    "RUN_SD_FLOOR",
     "SD_LOG_FLOOR",
     "Direction",
     "MetricComparison",
-    "Verdict",
-    "Zone",
+    "NoisePrior",
     "benjamini_hochberg",
-    "bootstrap_ratio_ci",
-    "compare",
-    "compare_batch",
     "compare_paired",
+    "compare_runs",
+    "compare_runs_batch",
+    "fit_noise_prior",
     "holm",
-    "mann_whitney",
-    "minimum_detectable_effect",
-    "rank_test_allowed",
+    "night_variance",
     "threshold_log",
-    "trials_needed",
-    "verdict",
 ]
 
-#: Floor on each side's log-scale standard deviation (about 0.1% relative noise).
+#: Floor on the trial-to-trial standard deviation, log scale (about 0.1%).
 SD_LOG_FLOOR: float = 1e-3
-#: Both sides need at least this many trials for the bootstrap interval.
-BOOTSTRAP_MIN_TRIALS: int = 8
-#: A single trial is tested against a prediction interval from at least this many.
-PREDICTION_MIN_HISTORY: int = 3
+#: Floor on the standard deviation of a run's mean, log scale (about 0.5%).
+RUN_SD_FLOOR: float = 5e-3
+#: Degrees of freedom above which Student's t is taken as the normal distribution.
+_DF_NORMAL = 1e6
+#: The night variance is an upper confidence bound at this level (it reduces power
+#: only through the confirmation runs, where an underestimate would cost false failures).
+_NIGHT_CONFIDENCE = 0.90
+#: A confirmation run is taken to share at least this part of its deviation with the
+#: first run (one runner, one night): the margin that holds the gate's false failures
+#: under 5% on runners whose nights are heavy-tailed (Student t, 3 df; docs/statistics.md).
+_CONFIRMATION_CORRELATION_FLOOR = 0.3
+#: Runs a comparison may ask for before saying no number of runs would do.
+_MAX_RUNS_NEEDED = 50
 
 
 class Direction(str, enum.Enum):
@@ -103,28 +94,55 @@ class Direction(str, enum.Enum):
         try:
             return cls(str(value).lower())
         except ValueError:
-            raise ValueError(
-                f"direction must be 'lower' or 'higher', got {value!r}"
-            ) from None
+            raise ValueError(f"direction must be 'lower' or 'higher', got {value!r}") from None
+
+    @property
+    def sign(self) -> float:
+        """+1 when a larger value is worse, -1 when it is better."""
+        return 1.0 if self is Direction.LOWER_IS_BETTER else -1.0
 
 
-class Zone(str, enum.Enum):
-    """The three outcomes of a comparison (DESIGN.md section 4)."""
+@dataclass(frozen=True)
+class NoisePrior:
+    """Run-to-run noise of one metric on one testbed, pooled over its items.
 
-    PASS = "PASS"
-    WARN = "WARN"
-    FAIL = "FAIL"
+    ``var`` is the variance (log scale) of a run's mean and ``df`` its degrees of freedom
+    (``math.inf``: taken as known). ``night_var`` bounds the part of the run-to-run
+    variance that runs of one session share (None: not estimable).
+    """
+
+    var: float
+    df: float
+    source: str
+    night_var: float | None = None
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.var) and self.var >= 0):
+            raise ValueError(f"noise prior variance must be finite and >= 0, got {self.var!r}")
+        if not self.df > 0:
+            raise ValueError(f"noise prior df must be > 0, got {self.df!r}")
+
+    @classmethod
+    def configured(cls, run_sd: float) -> NoisePrior:
+        """The user's own figure of the run-to-run noise (``--kv-run-noise``), a fraction."""
+        if not (math.isfinite(run_sd) and run_sd > 0):
+            raise ValueError(f"run noise must be a positive fraction, got {run_sd!r}")
+        return cls(var=math.log1p(run_sd) ** 2, df=math.inf, source=f"configured ({run_sd * 100:g}%)")
 
 
 @dataclass(frozen=True)
 class MetricComparison:
-    """The comparison of one metric's current trials with its baseline trials.
+    """One metric of one item: the current run(s) against the baseline's runs.
 
-    Values are geometric means of the trial values; ``ratio = current / baseline``;
-    ``change_pct = (ratio - 1) * 100`` (signed, not direction-aware). ``p_worse`` and
-    ``p_better`` are one-sided, uncorrected p-values; correct them over the session with
-    :func:`holm` before calling :func:`verdict`. Optional fields are None when they do
-    not apply (see the module docstring); ``note`` explains degenerate cases.
+    Values are geometric means (of the runs' geometric means); ``ratio = current /
+    baseline``; ``change_pct = (ratio - 1) * 100`` (signed, not direction-aware).
+    ``p_worse`` and ``p_better`` are one-sided and uncorrected. ``n_*`` count trials,
+    ``runs_*`` runs. ``sd_log`` is the standard deviation of one run's log deviation
+    from the baseline (what a single run is judged against); ``between_sd`` and
+    ``within_sd`` are its run-to-run and trial-to-trial parts. ``mde_pct`` is the
+    smallest worsening one run detects with 80% power at ``alpha`` (the per-comparison
+    level of the gate); ``runs_needed`` the baseline runs that would bring it under the
+    threshold, when it is above. ``note`` says what is special.
     """
 
     metric: str
@@ -145,11 +163,14 @@ class MetricComparison:
     test: str
     sd_log: float | None
     mde_pct: float | None
-    trials_needed: int | None
     note: str
-    bootstrap_low: float | None = None
-    bootstrap_high: float | None = None
-    p_worse_rank: float | None = None
+    runs_baseline: int = 1
+    runs_current: int = 1
+    between_sd: float | None = None
+    within_sd: float | None = None
+    noise_df: float | None = None
+    noise_source: str = ""
+    runs_needed: int | None = None
 
     @property
     def worse_pct(self) -> float:
@@ -165,40 +186,29 @@ class MetricComparison:
             return self.ratio > 1.0 + self.threshold
         return self.ratio < 1.0 - self.threshold
 
+    @property
+    def better_beyond_threshold(self) -> bool:
+        """Whether the point estimate is better by more than the threshold."""
+        if self.direction is Direction.LOWER_IS_BETTER:
+            return self.ratio < 1.0 / (1.0 + self.threshold)
+        return self.ratio > 1.0 / (1.0 - self.threshold)
+
+    @property
+    def judged(self) -> bool:
+        """False when no test could be made (too few runs or trials)."""
+        return not self.test.startswith("insufficient")
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (enums as their string values)."""
+        """A JSON-able dict (enums as their values, infinities as None)."""
         out: dict[str, Any] = {}
-        for name in self.__dataclass_fields__:
-            value = getattr(self, name)
-            out[name] = value.value if isinstance(value, enum.Enum) else value
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, enum.Enum):
+                value = value.value
+            elif isinstance(value, float) and not math.isfinite(value):
+                value = None
+            out[f.name] = value
         return out
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The zone of one comparison after multiplicity correction, with a reason."""
-
-    metric: str
-    zone: Zone
-    reason: str
-    significant: bool  # significantly worse after correction
-    beyond_threshold: bool  # point estimate worse than the practical threshold
-    better: bool  # significantly better after correction
-    p_worse_adjusted: float
-    p_better_adjusted: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict (the zone as its string value)."""
-        return {
-            "metric": self.metric,
-            "zone": self.zone.value,
-            "reason": self.reason,
-            "significant": self.significant,
-            "beyond_threshold": self.beyond_threshold,
-            "better": self.better,
-            "p_worse_adjusted": self.p_worse_adjusted,
-            "p_better_adjusted": self.p_better_adjusted,
-        }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -257,196 +267,332 @@ def _log_values(metric: str, side: str, values: Sequence[float]) -> np.ndarray:
     return np.log(arr)
 
 
-def _welch_core(
-    lx: np.ndarray, ly: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Welch statistics for rows of log values, with the variance floor.
+def _t_sf(x: Any, df: Any) -> Any:
+    """Student's t upper tail, the normal's where df is (practically) infinite."""
+    import numpy as np
+    from scipy import stats as st
 
-    ``lx`` is (..., n1) baseline, ``ly`` is (..., n2) current, both with n >= 2.
-    Returns (diff, se, df, t, floored) where diff = mean(ly) - mean(lx).
+    df = np.asarray(df, dtype=float)
+    big = ~(df < _DF_NORMAL)
+    return np.where(big, st.norm.sf(x), st.t.sf(x, np.where(big, 1.0, df)))
+
+
+def _t_ppf(q: float, df: float) -> float:
+    from scipy import stats as st
+
+    return float(st.norm.ppf(q)) if not df < _DF_NORMAL else float(st.t.ppf(q, df))
+
+
+def _min_tail(u: Any, rho: Any, k: int) -> Any:
+    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1).
+
+    ``Z_i = sqrt(rho) W + sqrt(1 - rho) E_i``: conditioning on the shared ``W`` leaves k
+    independent tails; the outer integral is Gauss-Hermite (64 nodes).
+    """
+    import numpy as np
+    from scipy import stats as st
+
+    nodes, weights = np.polynomial.hermite_e.hermegauss(64)
+    weights = weights / math.sqrt(2.0 * math.pi)
+    u = np.asarray(u, dtype=float)[..., None]
+    rho = np.clip(np.asarray(rho, dtype=float), 0.0, 0.999)[..., None]
+    inner = st.norm.sf((u - np.sqrt(rho) * nodes) / np.sqrt(1.0 - rho)) ** k
+    return np.clip((inner * weights).sum(-1), 0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def _trigamma_inverse(x: np.ndarray) -> np.ndarray:
+    """y with trigamma(y) = x, x > 0 (Newton's method from Smyth 2004's limma)."""
+    import numpy as np
+    from scipy import special
+
+    x = np.asarray(x, dtype=float)
+    y = 0.5 + 1.0 / x
+    for _ in range(60):
+        tri = special.polygamma(1, y)
+        step = tri * (1.0 - tri / x) / special.polygamma(2, y)
+        y = y + step
+        if np.all(-step / y < 1e-8):
+            break
+    return y
+
+
+def fit_noise_prior(variances: Any, dfs: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma).
+
+    ``variances`` (..., F) are the items' sample variances of their run means on the
+    log scale, ``dfs`` (..., F) their degrees of freedom (runs - 1). Fits the scaled
+    inverse chi-square prior ``(s0^2, d0)`` by the moments of ``log(s^2)``; returns the
+    arrays ``(s0^2, d0)`` over the leading axes, ``d0 = inf`` when the items' spread is
+    no larger than sampling alone explains. Needs F >= 2.
+    """
+    import numpy as np
+    from scipy import special
+
+    s2 = np.maximum(np.asarray(variances, dtype=float), RUN_SD_FLOOR ** 2)
+    d = np.broadcast_to(np.asarray(dfs, dtype=float), s2.shape)
+    if s2.shape[-1] < 2:
+        raise ValueError("fit_noise_prior needs at least 2 items")
+    e = np.log(s2) - special.digamma(d / 2.0) + np.log(d / 2.0)
+    e_mean = e.mean(-1)
+    e_var = ((e - e_mean[..., None]) ** 2).sum(-1) / (s2.shape[-1] - 1) - special.polygamma(1, d / 2.0).mean(-1)
+    finite = e_var > 0
+    d0 = np.full(e_mean.shape, np.inf)
+    d0[finite] = 2.0 * _trigamma_inverse(e_var[finite])
+    d0_safe = np.where(finite, d0, 1.0)
+    s0 = np.where(finite, np.exp(e_mean + special.digamma(d0_safe / 2.0) - np.log(d0_safe / 2.0)), np.exp(e_mean))
+    return s0, d0
+
+
+def night_variance(table: Any) -> np.ndarray:
+    """Upper bound of the run-to-run variance shared by a session's items (the night).
+
+    ``table`` (..., I, R) holds log run means of I items in the same R sessions. After
+    removing each item's mean, a session's average over items is its night effect plus
+    1/I of the items' own run noise; the upper ``_NIGHT_CONFIDENCE`` chi-square bound of
+    that average's variance, less the items' share, bounds the night variance. Needs
+    I >= 3 and R >= 3.
+    """
+    import numpy as np
+    from scipy import stats as st
+
+    x = np.asarray(table, dtype=float)
+    items, runs = x.shape[-2], x.shape[-1]
+    if items < 3 or runs < 3:
+        raise ValueError(f"night_variance needs >= 3 items in >= 3 sessions, got {items} x {runs}")
+    resid = x - x.mean(-1, keepdims=True)
+    night = resid.mean(-2)  # (..., R)
+    inter = resid - night[..., None, :]
+    inter_var = (inter ** 2).sum((-2, -1)) / ((runs - 1) * (items - 1))
+    night_var = night.var(-1, ddof=1)
+    upper = night_var * (runs - 1) / st.chi2.ppf(1.0 - _NIGHT_CONFIDENCE, runs - 1)
+    return np.maximum(upper - inter_var / items, 0.0)
+
+
+# --------------------------------------------------------------------------- run level
+
+
+@dataclass(frozen=True)
+class _RunLevel:
+    """Arrays of the run-level comparison (leading axes: the batch)."""
+
+    diff: Any  # mean over current runs of (current run mean - baseline mean), log
+    p_worse: Any
+    p_better: Any
+    var_one: Any  # variance of one current run's deviation
+    var_mean: Any  # variance of the mean of the current runs' deviations
+    between_var: Any
+    within_var: Any
+    df: Any
+
+
+def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n: Any, cur_ss: Any,
+               prior_var: Any, prior_df: Any, night_var: Any, sign: float, shared_current: bool) -> _RunLevel:
+    """The computation behind :func:`compare_runs` and :func:`compare_runs_batch`.
+
+    ``base_means`` (..., R) and ``cur_means`` (..., K) are log run means, ``*_n`` their
+    trial counts, ``*_ss`` the summed within-run squared deviations (...). ``prior_var``
+    / ``prior_df`` moderate the baseline's own spread (prior_df 0: none; then R >= 2).
+    ``night_var`` (NaN: unknown) is the shared part of the run-to-run variance.
     """
     import numpy as np
 
-    n1 = lx.shape[-1]
-    n2 = ly.shape[-1]
-    v1 = lx.var(axis=-1, ddof=1)
-    v2 = ly.var(axis=-1, ddof=1)
-    floor = SD_LOG_FLOOR**2
-    floored = (v1 < floor) | (v2 < floor)
-    v1 = np.maximum(v1, floor)
-    v2 = np.maximum(v2, floor)
-    a = v1 / n1
-    b = v2 / n2
-    se = np.sqrt(a + b)
-    df = (a + b) ** 2 / (a**2 / (n1 - 1) + b**2 / (n2 - 1))
-    diff = ly.mean(axis=-1) - lx.mean(axis=-1)
-    t = diff / se
-    return diff, se, df, t, floored
+    base_means = np.asarray(base_means, dtype=float)
+    cur_means = np.asarray(cur_means, dtype=float)
+    base_n = np.broadcast_to(np.asarray(base_n, dtype=float), base_means.shape)
+    cur_n = np.broadcast_to(np.asarray(cur_n, dtype=float), cur_means.shape)
+    runs, k = base_means.shape[-1], cur_means.shape[-1]
+    within_df = (base_n - 1).sum(-1) + (cur_n - 1).sum(-1)
+    within_var = np.where(within_df > 0, (np.asarray(base_ss) + np.asarray(cur_ss)) / np.maximum(within_df, 1), 0.0)
+    within_var = np.maximum(within_var, SD_LOG_FLOOR ** 2)
+    prior_var = np.asarray(prior_var, dtype=float)
+    prior_df = np.asarray(prior_df, dtype=float)
+    if runs >= 2:
+        own = base_means.var(-1, ddof=1)
+        d = runs - 1.0
+        with np.errstate(invalid="ignore", divide="ignore"):  # prior_df inf: the prior alone
+            weight = np.where(np.isinf(prior_df), 1.0, prior_df / (prior_df + d))
+        tau2 = np.where(prior_df > 0, weight * prior_var + (1.0 - weight) * own, own)
+        df = np.where(prior_df > 0, prior_df + d, d)
+    else:
+        tau2, df = prior_var, prior_df
+    mean_n = base_n.mean(-1)
+    tau2 = np.maximum(tau2, np.maximum(RUN_SD_FLOOR ** 2, within_var / mean_n))
+    between_var = np.maximum(tau2 - within_var / mean_n, 0.0)
+    base_mean = base_means.mean(-1)
+    dev = (cur_means - base_mean[..., None]) * sign  # worse is positive
+    var_k = (tau2 / runs + between_var)[..., None] + within_var[..., None] / cur_n
+    z = dev / np.sqrt(var_k)
+    night = np.asarray(night_var, dtype=float)
+    shared = between_var if shared_current else np.where(np.isnan(night), between_var,
+                                                         np.minimum(night, between_var))
+    p_w = _t_sf(z, df[..., None])
+    p_b = _t_sf(-z, df[..., None])
+    if k == 1:
+        p_worse, p_better = p_w[..., 0], p_b[..., 0]
+    else:
+        from scipy import stats as st
+
+        rho = np.maximum((tau2 / runs + shared) / var_k.max(-1), _CONFIRMATION_CORRELATION_FLOOR)
+        u_worse = st.norm.isf(np.clip(p_w, 1e-300, 1.0)).min(-1)
+        u_better = st.norm.isf(np.clip(p_b, 1e-300, 1.0)).min(-1)
+        p_worse, p_better = _min_tail(u_worse, rho, k), _min_tail(u_better, rho, k)
+    if runs < 2:  # one baseline run and no prior: the run-to-run noise is unknown, nothing is judged
+        unknown = ~(prior_df > 0)
+        p_worse, p_better = np.where(unknown, 1.0, p_worse), np.where(unknown, 1.0, p_better)
+    var_mean = tau2 / runs + shared + (between_var - shared) / k + within_var / cur_n.sum(-1)
+    return _RunLevel(diff=dev.mean(-1) * sign, p_worse=p_worse, p_better=p_better, var_one=var_k[..., 0],
+                     var_mean=var_mean, between_var=between_var, within_var=within_var, df=df)
 
 
-def _one_sided(t: Any, df: Any, direction: Direction) -> tuple[Any, Any]:
-    """(p_worse, p_better) for a statistic t of (log current - log baseline)."""
-    from scipy import stats as st
-
-    p_up = st.t.sf(t, df)  # evidence that current > baseline
-    p_down = st.t.cdf(t, df)  # evidence that current < baseline
-    if direction is Direction.LOWER_IS_BETTER:
-        return p_up, p_down
-    return p_down, p_up
-
-
-# --------------------------------------------------------------------------- compare
+def _run_stats(metric: str, side: str, runs: Sequence[Sequence[float]]) -> tuple[list[float], list[int], float]:
+    """(log means, trial counts, summed within-run squared deviations) of some runs."""
+    means, counts, ss = [], [], 0.0
+    for values in runs:
+        logs = _log_values(metric, side, values)
+        means.append(float(logs.mean()))
+        counts.append(int(logs.size))
+        ss += float(((logs - logs.mean()) ** 2).sum())
+    return means, counts, ss
 
 
-def compare(
+def compare_runs(
     metric: str,
-    baseline: Sequence[float],
-    current: Sequence[float],
+    baseline_runs: Sequence[Sequence[float]],
+    current_runs: Sequence[Sequence[float]],
     *,
     direction: Direction | str,
     threshold: float,
     alpha: float = 0.05,
+    prior: NoisePrior | None = None,
+    shared_current: bool = False,
     confidence: float = 0.95,
     power: float = 0.8,
 ) -> MetricComparison:
-    """Compare one metric's current trial values with its baseline trial values.
+    """Compare one metric's current run(s) with the baseline's runs (module docstring).
 
-    ``baseline`` and ``current`` are per-trial values (positive floats, e.g. the median
-    TTFT of each trial). See the module docstring for the test chosen and the
-    degenerate cases. Raises ValueError naming the metric for empty sides and for
-    non-finite or non-positive values.
+    ``baseline_runs`` and ``current_runs`` hold per-trial values (positive floats, e.g.
+    the median TTFT of each trial), one list per run; the first current run is the
+    item's run, the others its confirmation runs. ``alpha`` is the per-comparison level
+    the gate will apply (for the detectable effect only). ``shared_current``: the current
+    runs ran on one server (an external endpoint), so they share all of its run effect.
+    Raises ValueError naming the metric for empty sides and bad values.
     """
     import numpy as np
-    from scipy import stats as st
 
     d = Direction.coerce(direction)
     _check_threshold(threshold, d)
-    _check_alpha(alpha)
-    _check_alpha(confidence, "confidence")
-    _check_alpha(power, "power")
-    lx = _log_values(metric, "baseline", baseline)
-    ly = _log_values(metric, "current", current)
-    n1, n2 = int(lx.size), int(ly.size)
-    mx, my = float(lx.mean()), float(ly.mean())
-    diff = my - mx
-    ratio = math.exp(diff)
-    q = 0.5 + confidence / 2.0
-    notes: list[str] = []
+    for value, name in ((alpha, "alpha"), (confidence, "confidence"), (power, "power")):
+        _check_alpha(value, name)
+    if not baseline_runs or not current_runs:
+        raise ValueError(f"metric {metric!r}: needs at least one baseline run and one current run")
+    b_means, b_n, b_ss = _run_stats(metric, "baseline", baseline_runs)
+    c_means, c_n, c_ss = _run_stats(metric, "current", current_runs)
+    runs, k = len(b_means), len(c_means)
+    base_value = math.exp(float(np.mean(b_means)))
+    cur_value = math.exp(float(np.mean(c_means)))
+    ratio = cur_value / base_value
+    common = dict(metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
+                  confidence=float(confidence), n_baseline=sum(b_n), n_current=sum(c_n), baseline_value=base_value,
+                  current_value=cur_value, ratio=ratio, change_pct=(ratio - 1.0) * 100.0, runs_baseline=runs,
+                  runs_current=k)
+    every = [v for run in (*baseline_runs, *current_runs) for v in run]
+    if all(v == every[0] for v in every) and (runs >= 2 or prior is not None):
+        return MetricComparison(**common, ci_low=1.0, ci_high=1.0, p_worse=1.0, p_better=1.0, test="exact-equal",
+                                sd_log=None, mde_pct=None, note="every trial value is identical on both sides: "
+                                "no evidence of any change", noise_source="")
+    if runs < 2 and prior is None:
+        return MetricComparison(
+            **common, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient-runs", sd_log=None,
+            mde_pct=None, runs_needed=3,
+            note=f"cannot judge: the baseline has {runs} run, so its run-to-run noise is unknown; record at least "
+                 "2 more runs on other days (--update-baselines), or give the testbed's run-to-run noise "
+                 "(--kv-run-noise)")
+    night = prior.night_var if prior is not None and prior.night_var is not None else math.nan
+    level = _run_level(np.array(b_means), np.array(b_n), b_ss, np.array(c_means), np.array(c_n), c_ss,
+                       prior.var if prior is not None else 0.0, prior.df if prior is not None else 0.0,
+                       night, d.sign, shared_current)
+    df = float(level.df)
+    var_one, var_mean = float(level.var_one), float(level.var_mean)
+    between_var, within_var = float(level.between_var), float(level.within_var)
+    half = _t_ppf(0.5 + confidence / 2.0, df) * math.sqrt(var_mean)
+    diff = float(level.diff)
+    notes = []
+    if k > 1:
+        notes.append(f"{k} runs: the first and {k - 1} confirmation run{'s' if k > 2 else ''}; "
+                     "each must be as far out for the change to be significant")
+    source = "this item's runs"
+    if prior is not None:
+        source = prior.source if runs < 2 else f"this item's {runs} runs and {prior.source}"
+        if runs >= 2 and prior.df < _DF_NORMAL and prior.var > 0:
+            from scipy import stats as st
 
-    # pooled, floored noise from the sides that have >= 2 trials
-    ss = 0.0
-    pooled_df = 0
-    for arr in (lx, ly):
-        if arr.size >= 2:
-            ss += float(((arr - arr.mean()) ** 2).sum())
-            pooled_df += arr.size - 1
-    sd_log: float | None
-    if pooled_df > 0:
-        sd_log = max(math.sqrt(ss / pooled_df), SD_LOG_FLOOR)
-    else:
-        sd_log = None
+            own = float(np.var(b_means, ddof=1))
+            if own / prior.var > st.f.ppf(0.99, runs - 1, prior.df):
+                notes.append(f"the baseline's {runs} runs disagree beyond this testbed's run-to-run noise "
+                             f"(sd {math.sqrt(own) * 100:.1f}% against {math.sqrt(prior.var) * 100:.1f}%): a change "
+                             "between them? refresh the baseline (--reset-baselines) if so")
+    # what one run can detect, and what more baseline runs would buy (more runs: more df too)
+    target = threshold_log(threshold, d)
+    mde_log = (_t_ppf(1.0 - alpha, df) + _t_ppf(power, df)) * math.sqrt(var_one)
+    needed = None
+    if mde_log > target:
+        tau2 = between_var + within_var / float(np.mean(b_n))
+        floor = between_var + within_var / c_n[0]
+        prior_df = prior.df if prior is not None else 0.0
 
-    ci_low: float | None = None
-    ci_high: float | None = None
-    all_equal = bool(np.all(lx == lx[0]) and np.all(ly == lx[0]))
+        def detectable(r: int) -> float:
+            dfr = prior_df + r - 1
+            return (_t_ppf(1.0 - alpha, dfr) + _t_ppf(power, dfr)) * math.sqrt(tau2 / r + floor)
 
-    if all_equal and (n1 >= 2 or n2 >= 2):
-        test = "exact-equal"
-        p_worse = p_better = 1.0
-        notes.append(
-            "all trial values are identical on both sides: no evidence of a change"
-        )
-        if n1 >= 2 and n2 >= 2:
-            diff_a, se_a, df_a, _t, _f = _welch_core(lx, ly)
-            half = float(st.t.ppf(q, float(df_a)) * se_a)
-            ci_low, ci_high = math.exp(-half), math.exp(half)
-    elif n1 >= 2 and n2 >= 2:
-        test = "welch"
-        diff_a, se_a, df_a, t_a, floored = _welch_core(lx, ly)
-        pw, pb = _one_sided(float(t_a), float(df_a), d)
-        p_worse, p_better = float(pw), float(pb)
-        half = float(st.t.ppf(q, float(df_a)) * se_a)
-        ci_low, ci_high = math.exp(diff - half), math.exp(diff + half)
-        if bool(floored):
-            notes.append(
-                f"trial-to-trial noise below the floor ({SD_LOG_FLOOR:g} on the log "
-                "scale, ~0.1%) on at least one side; the floor was used"
-            )
-    elif min(n1, n2) == 1 and max(n1, n2) >= PREDICTION_MIN_HISTORY:
-        test = "prediction"
-        hist = lx if n1 > 1 else ly
-        n = int(hist.size)
-        s = max(float(hist.std(ddof=1)), SD_LOG_FLOOR)
-        scale = s * math.sqrt(1.0 + 1.0 / n)
-        df = n - 1
-        t_stat = diff / scale
-        pw, pb = _one_sided(t_stat, df, d)
-        p_worse, p_better = float(pw), float(pb)
-        half = float(st.t.ppf(q, df)) * scale
-        ci_low, ci_high = math.exp(diff - half), math.exp(diff + half)
-        side = "current" if n2 == 1 else "baseline"
-        other = "baseline" if n2 == 1 else "current"
-        notes.append(
-            f"one {side} trial tested against a prediction interval from {n} {other} "
-            f"trials (t, {df} df)"
-        )
-        if s == SD_LOG_FLOOR:
-            notes.append(f"{other} noise below the floor ({SD_LOG_FLOOR:g}); the floor was used")
-    else:
-        test = "insufficient"
-        p_worse = p_better = 1.0
-        notes.append(
-            f"too few trials to test ({n1} baseline, {n2} current): need >= 2 per side, "
-            f"or 1 against >= {PREDICTION_MIN_HISTORY}; no p-value, cannot be significant"
-        )
-
-    # detectable effect
-    mde_pct: float | None = None
-    needed: int | None = None
-    if sd_log is not None and n1 + n2 >= 3:
-        mde_log = minimum_detectable_effect(sd_log, n1, n2, alpha=alpha, power=power)
-        mde_pct = _pct_from_log(mde_log, d)
-        if mde_log > threshold_log(threshold, d):
-            needed = trials_needed(sd_log, threshold, alpha=alpha, power=power, direction=d)
-            notes.append(
-                f"can detect only a {mde_pct:.1f}% change (threshold {threshold * 100:g}%); "
-                f"{needed} trials per side would be needed"
-            )
-
-    boot_low: float | None = None
-    boot_high: float | None = None
-    if n1 >= BOOTSTRAP_MIN_TRIALS and n2 >= BOOTSTRAP_MIN_TRIALS:
-        boot_low, boot_high = bootstrap_ratio_ci(
-            np.exp(lx), np.exp(ly), confidence=confidence, seed=0
-        )
-
-    p_rank = mann_whitney(np.exp(lx), np.exp(ly), direction=d, alpha=alpha)
-
+        if (_t_ppf(1.0 - alpha, math.inf) + _t_ppf(power, math.inf)) * math.sqrt(floor) >= target:
+            notes.append(f"the run-to-run noise alone ({_pct_from_log(math.sqrt(between_var), d):.1f}%) keeps one "
+                         f"run from detecting a {threshold * 100:g}% change at this level: more baseline runs cannot "
+                         "fix that, confirmation runs (--kv-confirm-runs) can")
+        else:
+            needed = next((r for r in range(max(runs + 1, 2), _MAX_RUNS_NEEDED + 1) if detectable(r) <= target),
+                          None)
+            more = f"{needed} baseline runs would be needed" if needed else \
+                f"more than {_MAX_RUNS_NEEDED} baseline runs would be needed"
+            notes.append(f"one run can detect only a {_pct_from_log(mde_log, d):.1f}% change (threshold "
+                         f"{threshold * 100:g}%); {more}")
     return MetricComparison(
-        metric=metric,
-        direction=d,
-        threshold=float(threshold),
-        alpha=float(alpha),
-        confidence=float(confidence),
-        n_baseline=n1,
-        n_current=n2,
-        baseline_value=math.exp(mx),
-        current_value=math.exp(my),
-        ratio=ratio,
-        change_pct=(ratio - 1.0) * 100.0,
-        ci_low=ci_low,
-        ci_high=ci_high,
-        p_worse=min(max(p_worse, 0.0), 1.0),
-        p_better=min(max(p_better, 0.0), 1.0),
-        test=test,
-        sd_log=sd_log,
-        mde_pct=mde_pct,
-        trials_needed=needed,
-        note="; ".join(notes),
-        bootstrap_low=boot_low,
-        bootstrap_high=boot_high,
-        p_worse_rank=p_rank,
-    )
+        **common, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),
+        p_worse=float(min(max(level.p_worse, 0.0), 1.0)), p_better=float(min(max(level.p_better, 0.0), 1.0)),
+        test="run-level" if k == 1 else "run-level, confirmed", sd_log=math.sqrt(var_one),
+        mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), between_sd=math.sqrt(between_var),
+        within_sd=math.sqrt(within_var), noise_df=df, noise_source=source, runs_needed=needed)
+
+
+def compare_runs_batch(baseline: Any, current: Any, *, direction: Direction | str, prior_var: Any = 0.0,
+                       prior_df: Any = 0.0, night_var: Any = math.nan,
+                       shared_current: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`compare_runs` for many comparisons at once (simulation, large reports).
+
+    ``baseline`` (..., R, n) and ``current`` (..., K, m) hold positive trial values,
+    equal counts along the batch; ``prior_var``/``prior_df``/``night_var`` broadcast to
+    the leading axes. Returns ``(ratio, p_worse, p_better)`` equal to what
+    :func:`compare_runs` gives comparison by comparison (except its exact-equal and
+    insufficient cases: identical values get p = 1 here too; R = 1 needs a prior).
+    """
+    import numpy as np
+
+    d = Direction.coerce(direction)
+    x = np.log(np.asarray(baseline, dtype=float))
+    y = np.log(np.asarray(current, dtype=float))
+    b_means, c_means = x.mean(-1), y.mean(-1)
+    b_ss = ((x - b_means[..., None]) ** 2).sum((-2, -1))
+    c_ss = ((y - c_means[..., None]) ** 2).sum((-2, -1))
+    level = _run_level(b_means, x.shape[-1], b_ss, c_means, y.shape[-1], c_ss, prior_var, prior_df, night_var,
+                       d.sign, shared_current)
+    first = x[..., :1, :1]
+    equal = np.all(x == first, axis=(-2, -1)) & np.all(y == first, axis=(-2, -1))
+    return (np.exp(level.diff), np.where(equal, 1.0, level.p_worse), np.where(equal, 1.0, level.p_better))
+
+
+# --------------------------------------------------------------------------- paired
 
 
 def compare_paired(
@@ -465,8 +611,8 @@ def compare_paired(
     Trial ``i`` of the reference and of the candidate ran back to back, so they share
     the machine's state; the test works on the per-pair log ratios
     ``log(candidate[i] / reference[i])`` (one-sample t, ``n - 1`` df), which removes the
-    drift between pairs: the most reliable design on a noisy machine. The candidate
-    plays the part of "current", the reference of "baseline".
+    drift between pairs: inside one run the trial is the right unit. The candidate plays
+    the part of "current", the reference of "baseline".
     """
     from scipy import stats as st
 
@@ -482,149 +628,28 @@ def compare_paired(
     diffs = ly - lx
     mean = float(diffs.mean())
     ratio = math.exp(mean)
-    notes: list[str] = []
+    common = dict(metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
+                  confidence=float(confidence), n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
+                  current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0)
     if n < 2:
-        return MetricComparison(
-            metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
-            confidence=float(confidence), n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
-            current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0,
-            ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient", sd_log=None,
-            mde_pct=None, trials_needed=None,
-            note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
+        return MetricComparison(**common, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0,
+                                test="insufficient-pairs", sd_log=None, mde_pct=None,
+                                note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
+    notes: list[str] = []
     sd = float(diffs.std(ddof=1))
     if sd < SD_LOG_FLOOR:
         notes.append(f"pair-to-pair noise below the floor ({SD_LOG_FLOOR:g}); the floor was used")
         sd = SD_LOG_FLOOR
     se = sd / math.sqrt(n)
     df = n - 1
-    p_worse, p_better = _one_sided(mean / se, df, d)
+    t = mean * d.sign / se
+    p_worse, p_better = float(st.t.sf(t, df)), float(st.t.cdf(t, df))
     half = float(st.t.ppf(0.5 + confidence / 2.0, df)) * se
-    k = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df))
-    mde_log = k * se
-    mde_pct = _pct_from_log(mde_log, d)
-    needed = None
-    target = threshold_log(threshold, d)
-    if mde_log > target:
-        m = n
-        while m < 10_000:
-            m += 1
-            if (st.t.ppf(1.0 - alpha, m - 1) + st.t.ppf(power, m - 1)) * sd / math.sqrt(m) <= target:
-                break
-        needed = m
-        notes.append(f"can detect only a {mde_pct:.1f}% change (threshold {threshold * 100:g}%); "
-                     f"{needed} pairs would be needed")
+    mde_log = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df)) * se
     return MetricComparison(
-        metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha), confidence=float(confidence),
-        n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
-        current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0,
-        ci_low=math.exp(mean - half), ci_high=math.exp(mean + half),
-        p_worse=min(max(float(p_worse), 0.0), 1.0), p_better=min(max(float(p_better), 0.0), 1.0),
-        test="paired-t", sd_log=sd, mde_pct=mde_pct, trials_needed=needed, note="; ".join(notes),
-    )
-
-
-def compare_batch(
-    baseline: Any, current: Any, *, direction: Direction | str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Vectorized Welch path of :func:`compare` for many comparisons at once.
-
-    ``baseline`` is an array (..., k) and ``current`` (..., m) of positive trial values
-    with k, m >= 2; each row is one comparison. Returns arrays ``(ratio, p_worse,
-    p_better)`` equal to what :func:`compare` gives row by row for its ``"welch"`` test
-    (same variance floor). Rows whose values are all identical on both sides get
-    ``p = 1`` as in ``"exact-equal"``. Meant for simulation and large reports.
-    """
-    import numpy as np
-
-    d = Direction.coerce(direction)
-    x = np.asarray(baseline, dtype=float)
-    y = np.asarray(current, dtype=float)
-    if x.shape[-1] < 2 or y.shape[-1] < 2:
-        raise ValueError("compare_batch needs >= 2 trials per side")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and (x > 0).all() and (y > 0).all()):
-        raise ValueError("compare_batch: values must be finite and > 0")
-    lx, ly = np.log(x), np.log(y)
-    diff, _se, df, t, _f = _welch_core(lx, ly)
-    pw, pb = _one_sided(t, df, d)
-    first = lx[..., :1]
-    equal = np.all(lx == first, axis=-1) & np.all(ly == first, axis=-1)
-    pw = np.where(equal, 1.0, pw)
-    pb = np.where(equal, 1.0, pb)
-    return np.exp(diff), np.asarray(pw, dtype=float), np.asarray(pb, dtype=float)
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-def bootstrap_ratio_ci(
-    baseline: Sequence[float],
-    current: Sequence[float],
-    *,
-    confidence: float = 0.95,
-    n_resamples: int = 10_000,
-    seed: int = 0,
-) -> tuple[float, float]:
-    """Percentile bootstrap interval of the geometric-mean ratio current / baseline.
-
-    Each side is resampled with replacement independently (seeded, so reports are
-    reproducible). :func:`compare` only uses it when both sides have at least
-    :data:`BOOTSTRAP_MIN_TRIALS` (8) trials: with fewer, the resampling distribution
-    has too few distinct values to give a meaningful interval. Needs >= 2 per side.
-    """
-    import numpy as np
-
-    _check_alpha(confidence, "confidence")
-    if n_resamples < 100:
-        raise ValueError(f"n_resamples must be >= 100, got {n_resamples}")
-    lx = _log_values("bootstrap", "baseline", baseline)
-    ly = _log_values("bootstrap", "current", current)
-    if lx.size < 2 or ly.size < 2:
-        raise ValueError("bootstrap_ratio_ci needs >= 2 values per side")
-    rng = np.random.default_rng(seed)
-    mx = lx[rng.integers(0, lx.size, size=(n_resamples, lx.size))].mean(axis=1)
-    my = ly[rng.integers(0, ly.size, size=(n_resamples, ly.size))].mean(axis=1)
-    tail = (1.0 - confidence) / 2.0
-    lo, hi = np.quantile(my - mx, [tail, 1.0 - tail])
-    return float(np.exp(lo)), float(np.exp(hi))
-
-
-# --------------------------------------------------------------------------- rank test
-
-
-def rank_test_allowed(n1: int, n2: int, alpha: float) -> bool:
-    """Whether a one-sided Mann-Whitney test can reach significance at all.
-
-    Its smallest attainable one-sided p is ``1 / C(n1 + n2, n1)`` (3 vs 3: 0.05); the
-    test is allowed only when that is strictly below ``alpha`` (the guard asv uses).
-    """
-    _check_alpha(alpha)
-    if n1 < 1 or n2 < 1:
-        return False
-    return 1.0 / math.comb(n1 + n2, n1) < alpha
-
-
-def mann_whitney(
-    baseline: Sequence[float],
-    current: Sequence[float],
-    *,
-    direction: Direction | str,
-    alpha: float = 0.05,
-) -> float | None:
-    """One-sided Mann-Whitney p that current is worse, or None when not allowed.
-
-    Returns None when :func:`rank_test_allowed` is false for these trial counts.
-    Uses the exact distribution when scipy can (small samples without ties).
-    """
-    from scipy import stats as st
-
-    d = Direction.coerce(direction)
-    n1, n2 = len(baseline), len(current)
-    if not rank_test_allowed(n1, n2, alpha):
-        return None
-    alt = "greater" if d is Direction.LOWER_IS_BETTER else "less"
-    res = st.mannwhitneyu(list(current), list(baseline), alternative=alt, method="auto")
-    p = float(res.pvalue)
-    return min(max(p, 0.0), 1.0) if math.isfinite(p) else 1.0
+        **common, ci_low=math.exp(mean - half), ci_high=math.exp(mean + half), p_worse=p_worse, p_better=p_better,
+        test="paired-t", sd_log=sd, mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), within_sd=sd,
+        noise_df=float(df), noise_source="pairs of this run")
 
 
 # --------------------------------------------------------------------------- multiplicity
@@ -659,183 +684,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 def benjamini_hochberg(pvalues: Sequence[float]) -> list[float]:
     """Benjamini-Hochberg adjusted p-values (false discovery rate), input order.
 
-    Uses ``scipy.stats.false_discovery_control(method="bh")`` when present, else the
-    same step-up formula here. For the report, not the gate. Empty in, empty out.
+    ``scipy.stats.false_discovery_control(method="bh")``; for the report, not the gate.
+    Empty in, empty out.
     """
     ps = _check_pvalues(pvalues)
     if not ps:
         return []
-    try:
-        from scipy.stats import false_discovery_control
-    except ImportError:  # pragma: no cover - scipy < 1.11
-        false_discovery_control = None
-    if false_discovery_control is not None:
-        return [float(min(1.0, p)) for p in false_discovery_control(ps, method="bh")]
-    m = len(ps)
-    order = sorted(range(m), key=lambda i: ps[i], reverse=True)
-    out = [0.0] * m
-    running = 1.0
-    for k, i in enumerate(order):
-        rank = m - k  # 1-based rank in ascending order
-        running = min(running, ps[i] * m / rank)
-        out[i] = min(1.0, running)
-    return out
+    from scipy.stats import false_discovery_control
 
-
-# --------------------------------------------------------------------------- verdict
-
-
-def _fmt_p(p: float) -> str:
-    if p < 0.001:
-        return f"{p:.1e}"
-    return f"{p:.3f}".rstrip("0").rstrip(".") if p < 1 else "1"
-
-
-def verdict(
-    comparison: MetricComparison,
-    adjusted_p_worse: float,
-    adjusted_p_better: float,
-    *,
-    alpha: float,
-    correction: str = "Holm",
-) -> Verdict:
-    """The zone of a comparison, given its p-values after multiplicity correction.
-
-    Intended use: collect every comparison of the session, adjust the list of
-    ``p_worse`` with :func:`holm` and the list of ``p_better`` with :func:`holm`
-    separately, then call this per comparison. Rules (DESIGN.md section 4):
-
-    * significant = ``adjusted_p_worse <= alpha``; beyond_threshold = the point
-      estimate is worse than the threshold (ratio > 1 + threshold for lower-is-better,
-      ratio < 1 - threshold for higher-is-better); better = ``adjusted_p_better <= alpha``.
-    * FAIL when significant and beyond_threshold.
-    * WARN when exactly one of the two holds, or when significantly better (refresh the
-      baseline with --update-baselines).
-    * PASS otherwise.
-    """
-    _check_alpha(alpha)
-    pw = float(adjusted_p_worse)
-    pb = float(adjusted_p_better)
-    for p in (pw, pb):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"adjusted p-values must be in [0, 1], got {p!r}")
-    c = comparison
-    significant = pw <= alpha
-    beyond = c.beyond_threshold
-    better = pb <= alpha and not significant
-    thr = f"{c.threshold * 100:g}%"
-    worse = c.worse_pct
-    after = f"after {correction}" if correction else "uncorrected"
-
-    if significant and beyond:
-        zone = Zone.FAIL
-        reason = (
-            f"{c.metric} {worse:.1f}% worse than baseline (threshold {thr}), "
-            f"p={_fmt_p(pw)} {after}"
-        )
-    elif significant:
-        zone = Zone.WARN
-        reason = (
-            f"{c.metric} {worse:.1f}% worse than baseline, significant "
-            f"(p={_fmt_p(pw)} {after}) but within the {thr} threshold"
-        )
-    elif beyond:
-        zone = Zone.WARN
-        reason = (
-            f"{c.metric} {worse:.1f}% worse than baseline (threshold {thr}) but not "
-            f"significant (p={_fmt_p(pw)} {after})"
-        )
-        if c.trials_needed is not None:
-            reason += (
-                f"; with this noise only a {c.mde_pct:.1f}% change is detectable, "
-                f"{c.trials_needed} trials per side would be needed"
-            )
-        elif c.test == "insufficient":
-            reason += f"; too few trials to test ({c.n_baseline} vs {c.n_current})"
-    elif better:
-        zone = Zone.WARN
-        reason = (
-            f"{c.metric} {-worse:.1f}% better than baseline (p={_fmt_p(pb)} {after}); "
-            "refresh the baseline with --update-baselines"
-        )
-    else:
-        zone = Zone.PASS
-        word = "worse" if worse >= 0 else "better"
-        reason = (
-            f"{c.metric} {abs(worse):.1f}% {word} than baseline, within noise and the "
-            f"{thr} threshold (p={_fmt_p(pw)} {after})"
-        )
-    return Verdict(
-        metric=c.metric,
-        zone=zone,
-        reason=reason,
-        significant=significant,
-        beyond_threshold=beyond,
-        better=better,
-        p_worse_adjusted=pw,
-        p_better_adjusted=pb,
-    )
-
-
-# --------------------------------------------------------------------------- power
-
-
-def minimum_detectable_effect(
-    sd_log: float, n1: int, n2: int, *, alpha: float, power: float = 0.8
-) -> float:
-    """Smallest true log-scale shift a one-sided test at ``alpha`` detects with ``power``.
-
-    t approximation: ``(t[1-alpha, df] + t[power, df]) * sd_log * sqrt(1/n1 + 1/n2)``
-    with ``df = n1 + n2 - 2`` (the pooled noise's degrees of freedom; for one trial
-    against a history of n this is the prediction interval's n - 1). Returns a positive
-    log distance; ``exp(d) - 1`` is the relative increase. Needs ``n1 + n2 >= 3``.
-    """
-    from scipy import stats as st
-
-    _check_alpha(alpha)
-    _check_alpha(power, "power")
-    if not (sd_log >= 0 and math.isfinite(sd_log)):
-        raise ValueError(f"sd_log must be finite and >= 0, got {sd_log!r}")
-    if n1 < 1 or n2 < 1 or n1 + n2 < 3:
-        raise ValueError(f"need n1, n2 >= 1 and n1 + n2 >= 3, got {n1}, {n2}")
-    df = n1 + n2 - 2
-    k = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df))
-    return k * sd_log * math.sqrt(1.0 / n1 + 1.0 / n2)
-
-
-def trials_needed(
-    sd_log: float,
-    threshold: float,
-    *,
-    alpha: float,
-    power: float = 0.8,
-    direction: Direction | str = Direction.LOWER_IS_BETTER,
-) -> int:
-    """Smallest equal number of trials per side (>= 2) whose MDE is <= the threshold.
-
-    Uses :func:`minimum_detectable_effect` (t approximation) with ``n1 = n2 = n`` and
-    the threshold on the log scale in the metric's bad direction (:func:`threshold_log`).
-    """
-    import numpy as np
-    from scipy import stats as st
-
-    d = Direction.coerce(direction)
-    target = threshold_log(threshold, d)
-    _check_alpha(alpha)
-    _check_alpha(power, "power")
-    if not (sd_log >= 0 and math.isfinite(sd_log)):
-        raise ValueError(f"sd_log must be finite and >= 0, got {sd_log!r}")
-    if sd_log == 0:
-        return 2
-    z = float(st.norm.ppf(1.0 - alpha) + st.norm.ppf(power))
-    n_normal = math.ceil(2.0 * (z * sd_log / target) ** 2)  # the t answer is >= this
-    lo = max(2, n_normal)
-    hi = max(lo + 64, 2 * lo)
-    while True:
-        ns = np.arange(lo, hi + 1)
-        df = 2 * ns - 2
-        mde = (st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df)) * sd_log * np.sqrt(2.0 / ns)
-        ok = np.nonzero(mde <= target)[0]
-        if ok.size:
-            return int(ns[ok[0]])
-        lo, hi = hi + 1, 2 * hi
+    return [float(min(1.0, p)) for p in false_discovery_control(ps, method="bh")]

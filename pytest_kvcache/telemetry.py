@@ -8,6 +8,9 @@ Sources, scraped before and after every round (differences are per round):
 * LMCache's metrics, in-process (``lmcache:*``, e.g. ``num_hit_tokens``,
   ``num_requested_tokens``, ``num_stored_tokens``) or multi-process (``lmcache_mp_*``),
   on the server's ``/metrics`` or on LMCache's own metrics URL;
+* the built-in emulator's ``emulator:tier_io_*`` counters: the host's time for its real
+  tier reads, and how often and how long a response waited for them past its modeled
+  deadline;
 * the log files of the server and of the services of its backend (LMCache's server):
   the lines LMCache writes in every known version, parsed tolerantly
   ("LMCache hit tokens: N", "Retrieved N out of total M tokens", "Retrieved N out of N
@@ -256,6 +259,10 @@ RAW_COUNTERS: tuple[str, ...] = (
     "lmcache:num_requested_tokens_total",
     "lmcache:num_hit_tokens_total",
     "lmcache:num_stored_tokens_total",
+    # the built-in emulator's real tier I/O beside its modeled times (seconds; a count)
+    "emulator:tier_io_seconds_total",
+    "emulator:tier_io_overrun_seconds_total",
+    "emulator:tier_io_overruns_total",
 )
 
 #: LMCache multi-process counters (names vary by version: matched by substring).

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def make_project(root: Path, scenario: str, name: str = "small.yaml") -> Path:
-    (root / "scenarios").mkdir(exist_ok=True)
+    (root / "scenarios").mkdir(parents=True, exist_ok=True)
     (root / "scenarios" / name).write_text(scenario)
     return root
 

@@ -1,4 +1,4 @@
-"""Unit tests of pytest_kvcache.baselines (files, locking, fingerprints)."""
+"""Unit tests of pytest_kvcache.baselines (files, locking, testbeds, runs)."""
 
 from __future__ import annotations
 
@@ -10,40 +10,27 @@ from pathlib import Path
 import pytest
 
 from pytest_kvcache.baselines import (
+    MAX_RUNS,
     SCHEMA_VERSION,
     Baseline,
+    BaselineRun,
     BaselineStore,
-    fingerprint_diff,
+    describe_runs,
     key_to_relpath,
 )
-from pytest_kvcache.errors import (
-    BaselineCorruptError,
-    BaselineError,
-    FingerprintMismatchError,
-    KVCacheError,
-)
+from pytest_kvcache.errors import BaselineCorruptError, BaselineError, KVCacheError, TestbedMismatchError
+from pytest_kvcache.identity import diff_testbeds
 
 KEY = "seed-prefill/prefill[cpu-10k-c16]"
-FP = {
-    "gpu": "NVIDIA H100 80GB HBM3",
-    "gpu_count": "1",
-    "driver": "550.54.15",
-    "vllm_version": "0.10.1",
-    "lmcache_version": "0.3.3",
-    "model": "Qwen/Qwen3-8B",
-    "server_config": "a1b2c3",
-    "workload": "d4e5f6",
-}
+TESTBED = {"gpu": "1 x NVIDIA H100 80GB HBM3", "model": "Qwen/Qwen3-8B", "backend": "cpu", "workload_hash": "d4e5f6"}
 
 
-def make_run(i: int) -> dict:
-    return {
-        "run_id": f"r{i}",
-        "date": "2025-01-01T00:00:00Z",
-        "trials": [{"median_ttft_ms": 100.0 + i, "p90_ttft_ms": 120.5}],
-        "samples": {"ttfts": [0.1, 0.2]},
-        "provenance": {"commit": "abc", "z_last": 1, "a_first": 2},  # order must be kept
-    }
+def make_run(i: int, **software: str) -> BaselineRun:
+    return BaselineRun(run_id=f"r{i}", created=f"2026-11-{i + 1:02d}T00:00:00+00:00",
+                       software=software or {"vllm_version": "0.11.0"}, commit="abc",
+                       trials=({"index": 0, "summary": {"median_ttft_ms": 100.0 + i, "p90_ttft_ms": 120.5},
+                                "ttfts_ms": [0.1, 0.2]},
+                               {"index": 1, "summary": {"median_ttft_ms": 101.0 + i, "mean_tpot_ms": None}}))
 
 
 @pytest.fixture
@@ -84,98 +71,105 @@ def test_load_missing_is_none(store: BaselineStore) -> None:
 
 
 def test_round_trip(store: BaselineStore) -> None:
-    written = store.append(KEY, FP, make_run(0))
-    assert isinstance(written, Baseline)
+    written, dropped = store.write(KEY, TESTBED, make_run(0))
+    assert isinstance(written, Baseline) and dropped == ()
     loaded = store.load(KEY)
     assert loaded == written
-    assert loaded.key == KEY
-    assert loaded.fingerprint == FP
-    assert loaded.history == (make_run(0),)
-    assert loaded.schema_version == SCHEMA_VERSION == 1
+    assert loaded.key == KEY and loaded.testbed == TESTBED and loaded.runs == (make_run(0),)
+    assert loaded.schema_version == SCHEMA_VERSION == 2
     assert loaded.path == store.path_for(KEY)
-    assert list(loaded.history[0]["provenance"]) == ["commit", "z_last", "a_first"]
     text = loaded.path.read_text(encoding="utf-8")
-    assert text.endswith("}\n")
     doc = json.loads(text)
-    assert list(doc) == ["schema_version", "key", "fingerprint", "history"]
+    assert list(doc) == ["schema_version", "key", "testbed", "runs"]
+    assert list(doc["runs"][0]) == ["run_id", "created", "software", "commit", "trials"]
     assert text == json.dumps(doc, indent=1) + "\n"  # pretty, indent=1, insertion order
 
 
-def test_append_grows_history(store: BaselineStore) -> None:
+def test_runs_keep_their_trials_grouped(store: BaselineStore) -> None:
     for i in range(3):
-        b = store.append(KEY, FP, make_run(i))
-    assert [r["run_id"] for r in b.history] == ["r0", "r1", "r2"]
-    assert store.load(KEY).history == b.history
-    assert b.latest == make_run(2)
+        b, _ = store.write(KEY, TESTBED, make_run(i))
+    assert [r.run_id for r in b.runs] == ["r0", "r1", "r2"] and b.latest == make_run(2)
+    assert b.metric_runs("median_ttft_ms") == [[100.0, 101.0], [101.0, 102.0], [102.0, 103.0]]
+    assert b.metric_runs("mean_tpot_ms") == []  # missing and null values are dropped
 
 
-def test_history_bound(store: BaselineStore) -> None:
+def test_runs_bound_says_what_it_dropped(store: BaselineStore) -> None:
     for i in range(7):
-        store.append(KEY, FP, make_run(i), max_history=3)
-    assert [r["run_id"] for r in store.load(KEY).history] == ["r4", "r5", "r6"]
-    for i in range(25):
-        b = store.append("other", FP, make_run(i))  # default bound 20
-    assert len(b.history) == 20 and b.history[0]["run_id"] == "r5"
+        _, dropped = store.write(KEY, TESTBED, make_run(i), max_runs=3)
+    assert [r.run_id for r in store.load(KEY).runs] == ["r4", "r5", "r6"] and [r.run_id for r in dropped] == ["r3"]
+    for i in range(MAX_RUNS + 5):
+        b, _ = store.write("other", TESTBED, make_run(i % 28))
+    assert len(b.runs) == MAX_RUNS == 20 and b.runs[0].run_id == "r5"
     with pytest.raises(ValueError):
-        store.append(KEY, FP, make_run(0), max_history=0)
+        store.write(KEY, TESTBED, make_run(0), max_runs=0)
 
 
-def test_reset(store: BaselineStore) -> None:
-    store.append(KEY, FP, make_run(0))
-    store.append(KEY, FP, make_run(1))
-    new_fp = dict(FP, vllm_version="0.11.0")
-    b = store.append(KEY, new_fp, make_run(2), reset=True)
-    assert b.history == (make_run(2),)
-    assert store.load(KEY).fingerprint == new_fp
-    # reset with the same fingerprint also starts over
-    b = store.append(KEY, new_fp, make_run(3), reset=True)
-    assert [r["run_id"] for r in b.history] == ["r3"]
+def test_replace(store: BaselineStore) -> None:
+    store.write(KEY, TESTBED, make_run(0))
+    store.write(KEY, TESTBED, make_run(1))
+    other = dict(TESTBED, gpu="1 x NVIDIA H200")
+    b, dropped = store.write(KEY, other, make_run(2), replace=True)
+    assert b.runs == (make_run(2),) and [r.run_id for r in dropped] == ["r0", "r1"]
+    assert store.load(KEY).testbed == other
+
+
+def test_software_is_provenance_not_identity(store: BaselineStore) -> None:
+    store.write(KEY, TESTBED, make_run(0, vllm_version="0.11.0"))
+    b, _ = store.write(KEY, TESTBED, make_run(1, vllm_version="0.11.1"))  # an upgrade joins the same baseline
+    assert [r.software["vllm_version"] for r in b.runs] == ["0.11.0", "0.11.1"]
+    assert describe_runs(b.runs) == "2 runs from 2026-11-01 to 2026-11-02 (vllm_version 0.11.0/0.11.1)"
+    assert describe_runs(b.runs[:1]) == "1 run on 2026-11-01 (vllm_version 0.11.0)"
 
 
 def test_bad_arguments(store: BaselineStore) -> None:
     with pytest.raises(TypeError):
-        store.append(KEY, {"gpu_count": 1}, make_run(0))  # type: ignore[dict-item]
+        store.write(KEY, {"gpu_count": 1}, make_run(0))  # type: ignore[dict-item]
     with pytest.raises(TypeError):
-        store.append(KEY, FP, ["not", "a", "dict"])  # type: ignore[arg-type]
+        store.write(KEY, TESTBED, {"run_id": "x"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="JSON"):
-        store.append(KEY, FP, {"x": object()})
-    with pytest.raises(ValueError, match="JSON"):
-        store.append(KEY, FP, {"x": float("nan")})
+        store.write(KEY, TESTBED, BaselineRun("x", "t", trials=({"summary": {"x": float("nan")}},)))
     assert not store.path_for(KEY).exists()
 
 
-# ------------------------------------------------------------------ fingerprints
+# ------------------------------------------------------------------ testbeds
 
 
-def test_fingerprint_diff() -> None:
-    stored = {"vllm_version": "0.10.1", "gpu": "H100", "old_only": "x"}
-    current = {"vllm_version": "0.11.0", "gpu": "H100", "new_only": "y"}
-    assert fingerprint_diff(stored, current) == [
-        "vllm_version: stored 0.10.1, now 0.11.0",
+def test_testbed_diff() -> None:
+    stored = {"gpu": "H100", "model": "m", "old_only": "x"}
+    current = {"gpu": "H200", "model": "m", "new_only": "y"}
+    assert diff_testbeds(stored, current) == [
+        "gpu: stored H100, now H200",
         "old_only: stored x, now (absent)",
         "new_only: stored (absent), now y",
     ]
-    assert fingerprint_diff(FP, dict(FP)) == []
+    assert diff_testbeds(TESTBED, dict(TESTBED)) == []
 
 
-def test_fingerprint_mismatch(store: BaselineStore) -> None:
-    store.append(KEY, FP, make_run(0))
+def test_testbed_mismatch(store: BaselineStore) -> None:
+    store.write(KEY, TESTBED, make_run(0))
     before = store.path_for(KEY).read_bytes()
-    new_fp = dict(FP, vllm_version="0.11.0", gpu_count="2")
-    with pytest.raises(FingerprintMismatchError) as info:
-        store.append(KEY, new_fp, make_run(1))
+    with pytest.raises(TestbedMismatchError) as info:
+        store.write(KEY, dict(TESTBED, gpu="2 x NVIDIA H100 80GB HBM3"), make_run(1))
     err = info.value
     assert isinstance(err, BaselineError) and isinstance(err, KVCacheError)
-    assert err.differences == [
-        "gpu_count: stored 1, now 2",
-        "vllm_version: stored 0.10.1, now 0.11.0",
-    ]
-    msg = str(err)
-    assert "vllm_version: stored 0.10.1, now 0.11.0" in msg
-    assert "gpu_count: stored 1, now 2" in msg
-    assert "--reset-baselines" in msg
-    assert KEY in msg
+    assert err.differences == ["gpu: stored 1 x NVIDIA H100 80GB HBM3, now 2 x NVIDIA H100 80GB HBM3"]
+    assert "another testbed" in str(err) and "--reset-baselines" in str(err) and KEY in str(err)
     assert store.path_for(KEY).read_bytes() == before
+
+
+def test_schema_1_files_are_read(store: BaselineStore) -> None:
+    """A file of the first schema (one fingerprint, software in it) reads as testbed + runs."""
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"schema_version": 1, "key": KEY, "fingerprint": {
+        "fingerprint_version": "1", "gpu": "emulated", "vllm_version": "0.10.1", "endpoint": "http://x:1"},
+        "history": [{"created": "2026-11-22T06:41:48+00:00", "plugin_version": "0.1.0", "commit": "99a",
+                     "trials": [{"index": 0, "summary": {"median_ttft_ms": 5.0}}]}]}))
+    b = store.load(KEY)
+    assert b.schema_version == 1
+    assert b.testbed == {"measurement_version": "1", "gpu": "emulated"}  # no software, no endpoint
+    assert b.runs[0].software == {"vllm_version": "0.10.1"} and b.runs[0].run_id == "2026-11-22T06:41:48+00:00"
+    assert b.metric_runs("median_ttft_ms") == [[5.0]]
 
 
 # ------------------------------------------------------------------ corruption
@@ -188,17 +182,16 @@ def _assert_corrupt(store: BaselineStore, content: bytes, needle: str) -> None:
     with pytest.raises(BaselineCorruptError) as info:
         store.load(KEY)
     msg = str(info.value)
-    assert str(path) in msg
-    assert needle in msg
+    assert str(path) in msg and needle in msg
     assert f"git checkout -- {path}" in msg and "--update-baselines" in msg
-    for reset in (False, True):
+    for replace in (False, True):
         with pytest.raises(BaselineCorruptError):
-            store.append(KEY, FP, make_run(9), reset=reset)
+            store.write(KEY, TESTBED, make_run(9), replace=replace)
         assert path.read_bytes() == content  # byte-for-byte untouched
 
 
 def test_truncated_file(store: BaselineStore) -> None:
-    store.append(KEY, FP, make_run(0))
+    store.write(KEY, TESTBED, make_run(0))
     full = store.path_for(KEY).read_bytes()
     _assert_corrupt(store, full[: len(full) // 2], "not valid JSON")
 
@@ -207,15 +200,18 @@ def test_truncated_file(store: BaselineStore) -> None:
     "doc,needle",
     [
         ([], "expected an object"),
-        ({"schema_version": 2, "key": KEY, "fingerprint": {}, "history": []}, "schema_version 2"),
-        ({"schema_version": "1", "key": KEY, "fingerprint": {}, "history": []}, "schema_version"),
-        ({"schema_version": 1, "key": KEY, "fingerprint": {}}, "missing field(s) 'history'"),
-        ({"schema_version": 1, "key": KEY, "fingerprint": [], "history": []}, "'fingerprint'"),
-        ({"schema_version": 1, "key": KEY, "fingerprint": {"a": 1}, "history": []}, "fingerprint['a']"),
+        ({"schema_version": 3, "key": KEY, "testbed": {}, "runs": []}, "schema_version 3"),
+        ({"schema_version": "2", "key": KEY, "testbed": {}, "runs": []}, "schema_version"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}}, "missing field(s) 'runs'"),
+        ({"schema_version": 2, "key": KEY, "testbed": [], "runs": []}, "'testbed'"),
+        ({"schema_version": 2, "key": KEY, "testbed": {"a": 1}, "runs": []}, "testbed['a']"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}, "runs": {}}, "'runs'"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}, "runs": [1]}, "runs[0]"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}, "runs": [{"trials": [1]}]}, "runs[0].trials"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}, "runs": [{"software": {"v": 2}}]}, "runs[0].software"),
+        ({"schema_version": 2, "key": "other", "testbed": {}, "runs": []}, "holds key 'other'"),
+        ({"schema_version": 2, "key": KEY, "testbed": {}, "runs": [], "x": 1}, "unexpected"),
         ({"schema_version": 1, "key": KEY, "fingerprint": {}, "history": {}}, "'history'"),
-        ({"schema_version": 1, "key": KEY, "fingerprint": {}, "history": [1]}, "history[0]"),
-        ({"schema_version": 1, "key": "other", "fingerprint": {}, "history": []}, "holds key 'other'"),
-        ({"schema_version": 1, "key": KEY, "fingerprint": {}, "history": [], "x": 1}, "unexpected"),
     ],
 )
 def test_wrong_shapes(store: BaselineStore, doc: object, needle: str) -> None:
@@ -231,15 +227,13 @@ def test_not_utf8(store: BaselineStore) -> None:
 
 def test_no_temp_files_left(store: BaselineStore) -> None:
     for i in range(5):
-        store.append(KEY, FP, make_run(i))
+        store.write(KEY, TESTBED, make_run(i))
     names = sorted(os.listdir(store.path_for(KEY).parent))
     assert names == [".prefill[cpu-10k-c16].json.lock", "prefill[cpu-10k-c16].json"]
 
 
-def test_failed_write_leaves_old_file_and_no_temp(
-    store: BaselineStore, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store.append(KEY, FP, make_run(0))
+def test_failed_write_leaves_old_file_and_no_temp(store: BaselineStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    store.write(KEY, TESTBED, make_run(0))
     path = store.path_for(KEY)
     before = path.read_bytes()
 
@@ -248,7 +242,7 @@ def test_failed_write_leaves_old_file_and_no_temp(
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        store.append(KEY, FP, make_run(1))
+        store.write(KEY, TESTBED, make_run(1))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert not [n for n in os.listdir(path.parent) if n.endswith(".tmp")]
@@ -260,10 +254,10 @@ def test_failed_write_leaves_old_file_and_no_temp(
 def _worker(root: str, worker: int, n: int) -> None:
     s = BaselineStore(Path(root))
     for i in range(n):
-        s.append(KEY, FP, {"worker": worker, "i": i}, max_history=1000)
+        s.write(KEY, TESTBED, BaselineRun(run_id=f"{worker}-{i}", created=""), max_runs=1000)
 
 
-def test_concurrent_appends_from_processes(store: BaselineStore) -> None:
+def test_concurrent_writes_from_processes(store: BaselineStore) -> None:
     ctx = multiprocessing.get_context("spawn")
     procs = [ctx.Process(target=_worker, args=(str(store.root), w, 5)) for w in range(8)]
     for p in procs:
@@ -273,11 +267,8 @@ def test_concurrent_appends_from_processes(store: BaselineStore) -> None:
     assert [p.exitcode for p in procs] == [0] * 8
     path = store.path_for(KEY)
     json.loads(path.read_text(encoding="utf-8"))  # valid JSON
-    b = store.load(KEY)
-    assert len(b.history) == 40
-    seen = sorted((r["worker"], r["i"]) for r in b.history)
-    assert seen == [(w, i) for w in range(8) for i in range(5)]
-    # each worker's runs appear in its own order
-    for w in range(8):
-        assert [r["i"] for r in b.history if r["worker"] == w] == list(range(5))
+    ids = [r.run_id for r in store.load(KEY).runs]
+    assert sorted(ids) == sorted(f"{w}-{i}" for w in range(8) for i in range(5))
+    for w in range(8):  # each worker's runs appear in its own order
+        assert [i for i in ids if i.startswith(f"{w}-")] == [f"{w}-{i}" for i in range(5)]
     assert not [n for n in os.listdir(path.parent) if n.endswith(".tmp")]

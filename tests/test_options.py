@@ -218,7 +218,7 @@ def test_labels_are_recorded_on_every_result(pytester):
 
     (path,) = pytester.path.joinpath("out").rglob("s[[]none-100-c1[]].json")
     server = json.loads(path.read_text())["server"]
-    # options replace the ini lines; each label is a key of the server info (and the fingerprint)
+    # options replace the ini lines; each label is a key of the server info (and the testbed)
     assert server["label.arcc"] == "on" and server["label.direction"] == "north-south"
     assert "label.bandwidth" not in server
 
@@ -387,7 +387,7 @@ def test_malformed_lmcache_mode_fails_collection_naming_file_key_and_modes(pytes
     result.stdout.fnmatch_lines([f"*{message}*"])
 
 
-def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_fingerprint(pytester):
+def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_testbed(pytester):
     import json
 
     project = modes_project(pytester)
@@ -404,8 +404,8 @@ def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_fingerp
         assert (doc["server"]["lmcache_mode"], doc["server"]["lmcache_mode_from"]) == (mode, "scenario")
         assert doc["scenario"]["lmcache_mode"] == mode
     # the emulator has no LMCache connector: the mode changes nothing it measures
-    assert docs["inprocess"]["fingerprint"] == docs["mp"]["fingerprint"]
-    assert not [key for key in docs["mp"]["fingerprint"] if key.startswith("lmcache_mode")]
+    assert docs["inprocess"]["testbed"] == docs["mp"]["testbed"]
+    assert not [key for key in docs["mp"]["testbed"] if key.startswith("lmcache_mode")]
     assert len(list(project.path.joinpath("out", "logs").glob("emulator-cpu-*.log"))) == 1  # one server for both
 
 
@@ -444,3 +444,78 @@ def test_client_processes_ini_good_and_bad(project):
     refused = project.runpytest("--collect-only")
     assert refused.ret == pytest.ExitCode.USAGE_ERROR
     refused.stderr.fnmatch_lines(["*kvcache_client_processes*-1*positive integer*"])
+
+
+# -- the nightly gate's options: versions, key moves, run noise, confirmation runs, history ------
+
+PRINT_GATE_SETTINGS = """
+from pytest_kvcache.plugin import SESSION_KEY
+
+def pytest_collection_finish(session):
+    s = session.config.stash[SESSION_KEY].settings
+    print("GATE", s.versions, s.key_moves.to_testbed, s.key_moves.to_software, s.run_noise, s.confirm_runs,
+          s.history_url, s.history_window)
+"""
+
+
+def test_gate_options_help_and_defaults(project):
+    text = project.runpytest("--help").stdout.str()
+    for name in ("--kv-version", "kvcache_versions", "kvcache_testbed_keys", "kvcache_software_keys",
+                 "--kv-run-noise", "kvcache_run_noise", "--kv-confirm-runs", "kvcache_confirm_runs", "--kv-history",
+                 "kvcache_history", "--kv-history-window", "kvcache_history_window"):
+        assert name in text, name
+    project.makeconftest(PRINT_GATE_SETTINGS)
+    result = project.runpytest("--collect-only", "-q", "-s")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines([f"GATE () () () None 1 {project.path / '.kvcache' / 'history.sqlite'} 20"])
+
+
+def test_gate_options_good_values_reach_the_settings(project):
+    project.makeconftest(PRINT_GATE_SETTINGS)
+    result = project.runpytest("--collect-only", "-q", "-s", "--kv-version", "commit=abc123", "--kv-version",
+                               "build=42", "--kv-run-noise", "3%", "--kv-confirm-runs", "0", "--kv-history",
+                               "sqlite:///h.db", "--kv-history-window", "10")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["GATE (('commit', 'abc123'), ('build', '42')) () () 0.03 0 sqlite:///h.db 10"])
+    off = project.runpytest("--collect-only", "-q", "-s", "--kv-history", "none", "--kv-run-noise", "0.05")
+    off.stdout.fnmatch_lines(["GATE () () () 0.05 1 None 20"])
+
+
+def test_gate_ini_good_values_reach_the_settings(project):
+    project.makeconftest(PRINT_GATE_SETTINGS)
+    project.makeini("[pytest]\nkvcache_versions =\n  commit=abc\nkvcache_testbed_keys =\n  torch_version\n"
+                    "kvcache_software_keys =\n  label.*\n  gpu\nkvcache_run_noise = 2%\nkvcache_confirm_runs = 2\n"
+                    "kvcache_history = none\nkvcache_history_window = 5\n")
+    result = project.runpytest("--collect-only", "-q", "-s")
+    assert result.ret == 0, result.stderr.str()
+    result.stdout.fnmatch_lines(["GATE (('commit', 'abc'),) ('torch_version',) ('label.*', 'gpu') 0.02 2 None 5"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv-version", "commit"], "--kv-version / kvcache_versions = 'commit': use KEY=VALUE, e.g. commit=abc123"),
+    (["--kv-run-noise", "0"], "--kv-run-noise / kvcache_run_noise = '0': use a percentage above 0"),
+    (["--kv-run-noise", "lots"], "--kv-run-noise / kvcache_run_noise = 'lots'"),
+    (["--kv-confirm-runs", "-1"], "--kv-confirm-runs / kvcache_confirm_runs = '-1': use a whole number from 0"),
+    (["--kv-history", "ftp://x/y"], "--kv-history / kvcache_history: history URL 'ftp://x/y': unknown scheme"),
+    (["--kv-history-window", "1"], "--kv-history-window / kvcache_history_window = '1': use a whole number from 2"),
+])
+def test_gate_options_bad_values_are_usage_errors(project, args, message):
+    result = project.runpytest("--collect-only", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])
+
+
+@pytest.mark.parametrize("ini,value,message", [
+    ("kvcache_versions", "\n  commit", "kvcache_versions = 'commit'"),
+    ("kvcache_run_noise", "150%", "kvcache_run_noise = '150%'"),
+    ("kvcache_confirm_runs", "many", "kvcache_confirm_runs = 'many'"),
+    ("kvcache_history", "sqlite://relative", "history URL 'sqlite://relative'"),
+    ("kvcache_history_window", "0", "kvcache_history_window = '0'"),
+    ("kvcache_testbed_keys", "\n  torch version", "kvcache_testbed_keys = 'torch version': use identity keys"),
+    ("kvcache_software_keys", "\n  gpu=1", "kvcache_software_keys = 'gpu=1'"),
+])
+def test_gate_ini_bad_values_are_usage_errors(project, ini, value, message):
+    project.makeini(f"[pytest]\n{ini} = {value}\n")
+    result = project.runpytest("--collect-only")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([f"*{message}*"])

@@ -18,8 +18,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from .costmodel import PROFILES, TIERS
 from .profile_file import ProfileFileError, is_profile_path, resolve_profile
+
+
+#: the interpreter's thread switch interval in the emulator process (seconds; see _serve)
+WRITER_SWITCH_INTERVAL_S = 0.05
 
 
 def _positive_float(text: str) -> float:
@@ -123,12 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--slowdown-load", type=_positive_float, default=None,
                    help="multiplies modeled load/store transfer of the offload tier, on top of --slowdown")
     p.add_argument("--max-model-len", type=_positive_int, default=131072)
+    p.add_argument("--served-version", default=None, metavar="VERSION",
+                   help=f"the version GET /version reports (default: this package's, {__version__})")
     p.add_argument("--config-json", default=None,
                    help="JSON object overriding profile fields (e.g. prefill_base_ms, "
                         "bandwidth_gbps) and emulator settings (use_odirect, spin_ms, "
                         "vocab_size, error_rate, crash_after, stall_ms, stall_every, "
                         "default_max_tokens, send_headers_early, offload_disabled, jitter, "
-                        "slowdown_prefill, slowdown_decode, slowdown_load, redis_url; profile fields "
+                        "slowdown_prefill, slowdown_decode, slowdown_load, redis_url, read_delay_ms; profile fields "
                         "scheduler, max_num_seqs, max_num_batched_tokens, step_base_ms)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     return p
@@ -168,7 +175,7 @@ def parse_settings(argv: Sequence[str] | None = None):
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
     for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",
-                 "slowdown_load", "redis_url"):
+                 "slowdown_load", "redis_url", "served_version"):
         value = getattr(args, name)
         if value is not None:
             extras[name] = value
@@ -191,6 +198,8 @@ def parse_settings(argv: Sequence[str] | None = None):
     for name in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):
         if not extras.get(name, 1.0) > 0:
             parser.error(f"{name} must be > 0")
+    if extras.get("read_delay_ms", 0.0) < 0:
+        parser.error("--config-json: read_delay_ms must be >= 0")
     if extras.get("vocab_size", 32000) <= 16:
         parser.error("--config-json: vocab_size too small")
     return Settings(
@@ -243,6 +252,12 @@ async def _serve(settings) -> None:
     # ~10 ms, long enough to spoil a first-token deadline.  Freeze them once.
     gc.collect()
     gc.freeze()
+    # The offload writer thread must not take the interpreter lock from the event loop:
+    # with the default 5 ms switch interval it forced the loop to hand the lock over
+    # after nearly every one of its system calls while requests were parsed, and on a
+    # busy 2-core machine each handover could cost milliseconds of a token's deadline.
+    # The writer still runs whenever the loop waits (between requests, in epoll).
+    sys.setswitchinterval(WRITER_SWITCH_INTERVAL_S)
     await stop.wait()
     n = app["emulator"].abort_requests()
     log.info("shutting down (%d requests aborted)", n)

@@ -2,19 +2,39 @@
 
 Endpoints (vLLM's shapes): ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
-``GET /metrics`` (Prometheus text, vLLM and LMCache names), and the emulator-only
+``GET /metrics`` (Prometheus text, vLLM and LMCache names), ``GET /version``
+(``{"version": ...}``: ``--served-version``, by default this package's), and the emulator-only
 ``POST /reset_prefix_cache`` (empties the offload tier, like vLLM's endpoint of that
 name empties its own cache).
 
 Scheduling: in the modeled profiles one prefill worker takes requests FIFO (so TTFT
-grows with concurrency), looks the prompt up in the prefix cache, really reads the hit
-chunks from the tier (verified; a bad chunk ends the hit), sleeps to the deadline
-``now + slowdown * modeled_ms`` and hands the first token to the request.  New chunks
-are written to the tier in the background by one writer thread (LMCache offloads
-asynchronously); a later lookup that meets a chunk still being written serves it from
-the write buffer (LMCache stages offloads in CPU memory) with the tier's modeled
-transfer time but no real read.  Reads use their own threads, so they never queue
-behind a write backlog.  Decode then runs per request.  In the ``fixed`` profile every request is independent.
+grows with concurrency) on a virtual clock: a request's service starts at ``max(its
+arrival, the previous request's deadline)`` and its first token is due at ``service
+start + slowdown * modeled_ms``, so the event loop's own delays never accumulate from
+one request to the next.  At service start the prompt is looked up in the prefix cache
+(index only), and the hit chunks are really read back from the tier and verified while
+the modeled window runs.  A chunk that fails verification ends the hit: it and the
+chunks after it are recomputed, and the deadline grows by their modeled prefill.  Only
+if the real read has not finished by the deadline does the first token wait for it
+(an *overrun*).  So modeled times do not depend on the host: its I/O time is reported
+beside the model (``emulator:tier_io_seconds_total``,
+``emulator:tier_io_overrun_seconds_total``, ``emulator:tier_io_overruns_total`` in
+``/metrics``; ``tier_io_ms`` and ``tier_io_overrun_ms`` per request), never added to it
+while it fits.  New chunks are written to the tier in the background (LMCache offloads
+asynchronously), one request's at a time; a later lookup that meets a chunk still being
+written serves it from the write buffer (LMCache stages offloads in CPU memory) with the
+tier's modeled transfer time but no real read.  Reads run on the event loop (file tiers
+in short turns), so they never wait for the write backlog nor for a thread to win the
+interpreter lock; writes go to one writer thread, which gets the lock when the loop
+waits (the command line sets a 50 ms switch interval, so the writer seldom forces it).
+Decode then runs per request.  The ``batched`` scheduler keeps the same rules per engine
+step (see :meth:`Emulator._batched_worker`).  In the ``fixed`` profile every request is
+independent.
+
+What the served times still contain of the host: the request's handling before it
+reaches the scheduler (reading and parsing the body: it overlaps the modeled window,
+which starts at arrival, and shows only where it is longer), the event loop's lateness
+in writing a token at its deadline (tens of microseconds on an idle loop), and overruns.
 
 Every sleep is to an absolute deadline: ``asyncio.sleep`` to ``deadline - spin_ms``,
 then yielding (``asyncio.sleep(0)``) until ``perf_counter() >= deadline``, because
@@ -24,11 +44,12 @@ together with the first chunk (one send; ``send_headers_early`` in ``--config-js
 sends them at once, as vLLM does).
 
 The last JSON chunk of a streamed response (and the body of a non-streamed one)
-carries ``emulator_timing``: ``queue_ms`` (arrival to prefill start), ``ttft_ms``
-(arrival to the first content chunk's write), ``itl_ms`` (gaps between content chunk
-writes), ``cached_tokens``, ``computed_tokens`` and ``arrival_perf_s`` (the server's
-``time.perf_counter()`` at arrival: CLOCK_MONOTONIC, comparable with a client's on the
-same Linux host).  Arrival is the handler's entry, before the body is read.
+carries ``emulator_timing``: ``queue_ms`` (arrival to service start, on the model's
+clock), ``ttft_ms`` (arrival to the first content chunk's write), ``itl_ms`` (gaps
+between content chunk writes), ``cached_tokens``, ``computed_tokens`` and
+``arrival_perf_s`` (the server's ``time.perf_counter()`` at arrival: CLOCK_MONOTONIC,
+comparable with a client's on the same Linux host).  Arrival is the handler's entry,
+before the body is read.
 
 ``max_tokens`` defaults to 16; exactly ``max_tokens`` tokens are always generated
 (``finish_reason: "length"``), one per chunk.  Fault knobs (``--config-json``):
@@ -51,10 +72,15 @@ Knobs for testing the plugin (``--config-json`` keys, most also flags; all seede
   etc., default 1.0): multiply the modeled compute of prefill, the decode intervals, and
   the modeled load + store transfer, on top of ``--slowdown``.  In the fixed profile
   ``slowdown_prefill`` scales the fixed TTFT and ``slowdown_decode`` the fixed ITL.
+* ``read_delay_ms`` (``--config-json`` only, default 0): every chunk read back from the
+  tier takes this much longer (a sleep inside the read): a slower host's storage, to
+  check that the served times do not follow it until it outlasts the model.
 
 ``emulator_timing`` also carries ``modeled_ms``: the modeled (scaled) prefill-side time
 of the request without queueing and real I/O, so tests can compare the model's figures
-without wall-clock noise.
+without wall-clock noise; ``tier_io_ms``: the host's time for the request's real tier
+read and verification (0 without a hit); ``tier_io_overrun_ms``: how long its first token
+waited for that read past the modeled deadline (0 when the read fitted in the model).
 """
 
 from __future__ import annotations
@@ -68,12 +94,14 @@ import random
 import sys
 import time
 from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 from aiohttp import web
 
+from .. import __version__
 from .costmodel import Profile, attended_pairs, make_profile
 from .prefix_cache import PrefixCache, make_tier
 from .tokenizer import get_tokenizer
@@ -102,7 +130,14 @@ EMULATOR_KEYS = {
     "slowdown_decode": float,
     "slowdown_load": float,
     "redis_url": str,
+    "read_delay_ms": float,
 }
+
+#: a file tier's read of a request's chunks yields to the event loop after this much
+#: reading (seconds) ...
+READ_TURN_S = 0.002
+#: ... checked after each group of this many chunks (~0.1 ms of reading on a 2-core VM)
+READ_GROUP = 8
 
 _TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                  2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -144,6 +179,8 @@ class Settings:
     slowdown_load: float = 1.0
     redis_url: str | None = None
     redis_size_gb: float = 512.0
+    served_version: str = __version__
+    read_delay_ms: float = 0.0
 
 
 class _Hist:
@@ -191,12 +228,17 @@ class _Stats:
         self.lm_stored = 0
         self.ttft = _Hist(_TTFT_BUCKETS)
         self.itl = _Hist(_ITL_BUCKETS)
+        # the host's time for real tier reads, reported beside the model (not in it)
+        self.io_seconds = 0.0
+        self.io_overrun_seconds = 0.0
+        self.io_overruns = 0
 
 
 class _Request:
-    __slots__ = ("arrival", "ids", "keys", "max_tokens", "modeled_ms", "n", "rid", "rng", "seq", "split")
+    __slots__ = ("arrival", "ids", "io_ms", "io_overrun_ms", "keys", "max_tokens", "modeled_ms", "n", "rid",
+                 "rng", "seq", "split")
 
-    def __init__(self, rid: str, seq: int, ids: list[int], arrival: float, max_tokens: int) -> None:
+    def __init__(self, rid: str, seq: int, ids: Sequence[int], arrival: float, max_tokens: int) -> None:
         self.rid = rid
         self.seq = seq
         self.ids = ids
@@ -205,8 +247,38 @@ class _Request:
         self.n = len(ids)
         self.max_tokens = max_tokens
         self.modeled_ms = 0.0
+        self.io_ms = 0.0
+        self.io_overrun_ms = 0.0
         self.rng: random.Random | None = None
         self.split: dict[str, int] | None = None  # waterfall: hit tokens per tier
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """Outcome of a request's real tier read: how many of its hit chunks were read back
+    and verified, and when (``perf_counter``) the read was handed to the tier and ended."""
+
+    chunks: int
+    started: float
+    done: float
+
+
+class _Prefill:
+    """A sequence admitted by the batched scheduler, until its first token."""
+
+    __slots__ = ("cached", "extra_ms", "fut", "hit", "j", "load", "remaining", "req", "start")
+
+    def __init__(self, req: _Request, fut: asyncio.Future, hit: int, load: asyncio.Future,
+                 start: float, extra_ms: float, j: float, chunk_size: int) -> None:
+        self.req = req
+        self.fut = fut
+        self.hit = hit  # chunks the lookup found (their load is charged)
+        self.load = load  # the real read of those chunks (a future of _Loaded)
+        self.cached = hit * chunk_size  # tokens not to compute (fewer if a chunk fails)
+        self.remaining = max(1, req.n - self.cached)  # tokens still to prefill
+        self.start = start  # virtual time of admission
+        self.extra_ms = extra_ms  # load/store time joining the next step
+        self.j = j  # jitter factor
 
 
 class BadRequest(Exception):
@@ -272,13 +344,14 @@ class Emulator:
         self.cache = PrefixCache(tier, chunk_size=settings.chunk_size,
                                  kv_bytes_per_token=self.profile.kv_bytes_per_token,
                                  payload_scale=settings.payload_scale,
-                                 namespace=settings.model)
+                                 namespace=settings.model,
+                                 read_delay_s=settings.read_delay_ms / 1000.0)
         self.tier_name = settings.backend
-        # File tiers read and write in threads.  A redis read is one round trip (MGET) on
-        # the prefill path, as LMCache's retrieve holds up the engine step; handing it to a
-        # thread costs more wake-ups than the round trip itself, so it runs inline.
-        self.threaded_reads = settings.backend in ("disk", "gds", "waterfall")
-        self.threaded_writes = self.threaded_reads or settings.backend == "redis"
+        # Tier reads run on the event loop (file tiers in turns, see _load; a redis read
+        # is one MGET round trip, as LMCache's retrieve holds up the engine step).  File
+        # and redis tiers write in one writer thread, in the background.
+        self.file_tier = settings.backend in ("disk", "gds", "waterfall")
+        self.threaded_writes = self.file_tier or settings.backend == "redis"
         self.offload_disabled = settings.offload_disabled
         self.jitter = settings.jitter
         self.slow_prefill = settings.slowdown_prefill
@@ -300,7 +373,7 @@ class Emulator:
         self._pending: dict[bytes, asyncio.Future] = {}
         self._bg: set[asyncio.Task] = set()
         self._active: set[asyncio.Task] = set()  # handlers generating tokens
-        self._pools = None  # (read, write) thread pools of file tiers, made on first use
+        self._writer = None  # the thread pool (one thread) of offload writes, made on first use
         self._step_prefill_s = 0.0  # batched scheduler: prefill time of the current step
         self._slot_freed = asyncio.Event()  # batched scheduler: a running request finished
 
@@ -325,66 +398,109 @@ class Emulator:
                 await self._worker
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=5)
-        if self._pools is not None:
-            for pool in self._pools:
-                pool.shutdown(wait=False, cancel_futures=True)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False, cancel_futures=True)
 
     # -- helpers --------------------------------------------------------------------
     def _next_rid(self, prefix: str) -> tuple[str, int]:
         self._seq += 1
         return f"{prefix}-{self._rid_prefix}{self._seq:08x}", self._seq
 
-    async def _io(self, fn, *args, write: bool = False):
-        """Run tier I/O: inline for memory tiers and redis reads, in a thread otherwise.
-
-        Reads and writes have separate pools, so a read on the prefill path never
-        queues behind a backlog of offload writes (one writer thread, as LMCache's
-        local disk backend writes in the background).
-        """
-        if not (self.threaded_writes if write else self.threaded_reads):
+    async def _write(self, fn, *args):
+        """Run a tier write (or clear): in the writer thread where the tier writes files or
+        talks to redis (one thread, as LMCache offloads in the background), inline for
+        memory tiers.  The thread takes the interpreter lock when the event loop lets go
+        of it (``__main__`` sets a long switch interval), so writes fill the loop's idle
+        time and never hold a response up."""
+        if not self.threaded_writes:
             return fn(*args)
-        if self._pools is None:
+        if self._writer is None:
             from concurrent.futures import ThreadPoolExecutor
 
-            self._pools = (ThreadPoolExecutor(2, thread_name_prefix="kv-read"),
-                           ThreadPoolExecutor(1, thread_name_prefix="kv-write"))
-        pool = self._pools[1] if write else self._pools[0]
-        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kv-write")
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
-    async def _lookup_and_load(self, req: _Request) -> int:
-        """Real lookup + verified load; return the number of cached tokens.
+    def _hit_chunks(self, req: _Request) -> int:
+        """Leading chunks of ``req`` the tier's index holds (or that are still being
+        written): the lookup, no I/O."""
+        if not self.cache.enabled or not req.keys or self.offload_disabled:
+            return 0
+        tier = self.cache.tier
+        pending = self._pending
+        hit = 0
+        for k in req.keys:
+            if not (tier.contains(k) or k in pending):
+                break
+            hit += 1
+        return hit
+
+    async def _load(self, req: _Request, hit: int) -> _Loaded:
+        """Read back and verify the ``hit`` leading chunks of ``req`` (the lookup found
+        them); stop at the first that fails.
 
         A chunk whose offload write is still in flight is served from the write buffer
         (LMCache stages offloads in CPU memory), so no lookup waits for a write and a
         warm round right after a cold one hits fully; only chunks already in the tier
         are read back (for real) and verified.
+
+        Reads run on the event loop, not in a thread: a chunk file costs three system
+        calls, and a reader thread must win the interpreter lock back after each while
+        the loop parses request bodies; with the loop that busy, a 10k-token read took
+        ~5 ms in a thread against ~0.7 ms here.  A file tier's read yields to the loop
+        after each ``READ_TURN_S`` of reading (a 100k-token one, ~5 ms, in a few turns),
+        so it holds the loop no longer than parsing a request body does.  This assumes
+        the files are in the page cache (this server wrote them); a read that goes to
+        the device (``use_odirect``, a cold cache after a restart) holds the loop that
+        long, and shows as overruns.
         """
-        if not self.cache.enabled or not req.keys or self.offload_disabled:
-            return 0
-        tier = self.cache.tier
-        pending = self._pending
-        hit_chunks = 0
-        for k in req.keys:
-            if not (tier.contains(k) or k in pending):
-                break
-            hit_chunks += 1
-        if hit_chunks == 0:
-            return 0
-        keys = req.keys[:hit_chunks]
-        buffered = frozenset(k for k in keys if k in pending)
-        where = getattr(tier, "where", None)
-        # which tier serves each chunk, looked up before the load (which promotes)
-        places = ["cpu" if k in buffered else where(k) for k in keys] if where else None
-        loaded = await self._io(self.cache.load, keys, buffered)
-        if places is not None:
+        started = perf()
+        keys = req.keys[:hit]
+        buffered = frozenset(k for k in keys if k in self._pending)
+        where = getattr(self.cache.tier, "where", None)
+        if where is not None:
+            # which tier serves each chunk, looked up before the load (which promotes)
             split: dict[str, int] = {}
-            for place in places[:loaded]:
+            for k in keys:
+                place = "cpu" if k in buffered else where(k)
                 split[place] = split.get(place, 0) + self.cache.chunk_size
             req.split = split
-        if loaded < hit_chunks:
+        load = self.cache.load
+        if not (hit and self.file_tier):
+            return _Loaded(load(keys, buffered) if hit else 0, started, perf())
+        done = 0
+        turn = started
+        for i in range(0, hit, READ_GROUP):
+            if perf() - turn > READ_TURN_S:
+                await asyncio.sleep(0)
+                turn = perf()
+            part = keys[i:i + READ_GROUP]
+            ok = load(part, buffered)
+            done += ok
+            if ok < len(part):
+                break
+        return _Loaded(done, started, perf())
+
+    def _settle_load(self, req: _Request, hit: int, loaded: _Loaded, deadline: float) -> float:
+        """Record the host's read time of ``req`` beside the model; return when its first
+        token may leave: ``deadline``, or the end of the read if that came later (an
+        overrun, counted: the time past ``deadline`` that the read itself took)."""
+        if loaded.chunks < hit:
             log.warning("request %s: %d of %d hit chunks failed verification; recomputing",
-                        req.rid, hit_chunks - loaded, hit_chunks)
-        return loaded * self.cache.chunk_size
+                        req.rid, hit - loaded.chunks, hit)
+        if hit == 0:
+            return deadline
+        st = self.stats
+        io = loaded.done - loaded.started
+        st.io_seconds += io
+        req.io_ms = io * 1000.0
+        if loaded.done <= deadline:
+            return deadline
+        over = loaded.done - max(deadline, loaded.started)
+        st.io_overrun_seconds += over
+        st.io_overruns += 1
+        req.io_overrun_ms = over * 1000.0
+        log.debug("request %s: tier read overran the modeled deadline by %.3f ms", req.rid, over * 1000.0)
+        return loaded.done
 
     def _store_background(self, req: _Request, from_chunk: int) -> int:
         """Start writing the chunks from ``from_chunk`` on; return tokens to be stored."""
@@ -402,7 +518,7 @@ class Emulator:
 
         async def run() -> None:
             try:
-                await self._io(self.cache.store, keys, write=True)
+                await self._write(self.cache.store, keys)
             except Exception as exc:  # a failed offload write is logged, not fatal  # noqa: BLE001 - never let it kill the server
                 log.warning("offload write failed: %s", exc)
             finally:
@@ -435,32 +551,53 @@ class Emulator:
 
     # -- scheduling -----------------------------------------------------------------
     async def _prefill_worker(self) -> None:
+        """FIFO scheduler: one prefill at a time, on a virtual clock (module docstring)."""
         assert self._queue is not None
+        cs = self.cache.chunk_size
+        free_at = 0.0  # when the modeled GPU finishes the previous prefill
         while True:
             req, fut = await self._queue.get()
+            start = max(req.arrival, free_at)
+            # A plain sleep: waking up to a millisecond late only delays the start of the
+            # real read inside its window (the model counts from ``start``), while the
+            # previous request's first token is due at this very instant and needs the loop.
+            if start > perf():
+                await asyncio.sleep(start - perf())
             self.waiting -= 1
+            if fut.done():  # the client went away while waiting
+                continue
             self.running += 1
             self.context_tokens += req.n
-            start = perf()
             try:
-                cached = await self._lookup_and_load(req)
-                stored = self._store_background(req, cached // self.cache.chunk_size)
-                modeled = self._modeled_prefill_ms(req, cached, stored)
-                req.modeled_ms = modeled
-                deadline = perf() + modeled / 1000.0
+                hit = self._hit_chunks(req)
+                loaded = await self._load(req, hit)
+                stored = self._store_background(req, loaded.chunks)
+                cached = loaded.chunks * cs
+                req.modeled_ms = self._modeled_prefill_ms(req, hit * cs, cached, stored)
+                deadline = start + req.modeled_ms / 1000.0
+                first = self._settle_load(req, hit, loaded, deadline)
                 self._account_prefill(req, cached)
-                await sleep_until(deadline, self.spin)
             except asyncio.CancelledError:
                 if not fut.done():
                     fut.cancel()
                 raise
             except Exception as exc:  # never kill the worker
                 log.exception("prefill failed for %s", req.rid)
+                self._release(req)
                 if not fut.done():
                     fut.set_exception(exc)
                 continue
-            if not fut.done():
-                fut.set_result(((start - req.arrival) * 1000.0, cached, deadline))
+            free_at = deadline
+            if fut.done():  # cancelled during the read: give its slot back
+                self._release(req)
+            else:
+                fut.set_result(((start - req.arrival) * 1000.0, cached, first))
+
+    def _release(self, req: _Request) -> None:
+        """A request past the queue that will not reach its first token frees its slot."""
+        self.running -= 1
+        self.context_tokens -= req.n
+        self._slot_freed.set()
 
     def _jitter(self, req: _Request) -> float:
         """A seeded factor in [1 - jitter, 1 + jitter] (exactly 1.0 without jitter)."""
@@ -470,15 +607,14 @@ class Emulator:
             req.rng = random.Random((self.s.seed * 1_000_003 + req.seq) ^ 0x71773E)
         return 1.0 + self.jitter * (2.0 * req.rng.random() - 1.0)
 
-    def _modeled_prefill_ms(self, req: _Request, cached: int, stored: int) -> float:
-        """FIFO scheduler: scaled modeled prefill + load + store time of ``req`` (ms)."""
+    def _modeled_prefill_ms(self, req: _Request, hit: int, cached: int, stored: int) -> float:
+        """FIFO scheduler: scaled modeled time of ``req`` (ms): the load of the ``hit``
+        tokens the lookup found, the prefill of all but the ``cached`` ones that verified
+        (so a chunk that failed is recomputed), and the store of ``stored`` tokens."""
         prof = self.profile
-        tier = self.tier_name
-        if self.slow_prefill == 1.0 and self.slow_load == 1.0 and not self.jitter and req.split is None:
-            return self.slow * prof.ttft_model_ms(tier, req.n, cached, stored)
-        j = self._jitter(req)
-        return self.slow * j * (self.slow_prefill * prof.prefill_ms(req.n - cached, req.n)
-                                + self.slow_load * (self._load_ms(req, cached) + prof.store_ms(tier, stored)))
+        return self.slow * self._jitter(req) * (
+            self.slow_prefill * prof.prefill_ms(req.n - cached, req.n)
+            + self.slow_load * (self._load_ms(req, hit) + prof.store_ms(self.tier_name, stored)))
 
     def _load_ms(self, req: _Request, cached: int) -> float:
         if req.split is not None and cached:
@@ -493,16 +629,25 @@ class Emulator:
         fills the rest of ``max_num_batched_tokens`` with prefill chunks of admitted
         sequences in arrival order (chunked prefill); while a step computes prefill
         chunks, each decode interval grows by that compute time (decode and prefill share
-        the GPU), so cold prefills slow the streams around them.  A sequence is admitted from the
-        waiting queue while fewer than ``max_num_seqs`` run; on admission its cached
-        prefix is looked up and really loaded, and its load/store time joins its first
-        step.  A sequence's first token leaves when the step that ends its prefill ends.
+        the GPU), so cold prefills slow the streams around them.  A sequence is admitted
+        from the waiting queue while fewer than ``max_num_seqs`` run; on admission its
+        cached prefix is looked up, its real read starts (a task, see :meth:`_load`) and
+        its load/store time joins its first step.  A sequence's first token leaves when
+        the step that ends its prefill ends; its read must have ended by then (else the
+        token waits for it: an overrun), and chunks that failed verification are
+        prefilled in the next steps before it does.
+
+        Steps run on a virtual clock: each starts when the previous one ends (or, after
+        the engine was idle, when the request that woke it arrived), and lasts its
+        modeled time, so the loop's delays do not accumulate over steps.
         """
         assert self._queue is not None
         prof = self.profile
+        cs = self.cache.chunk_size
         q = self._queue
         waiting: list = []
-        prefilling: list[list] = []  # [req, fut, remaining, cached, start, extra_ms, j]
+        prefilling: list[_Prefill] = []
+        clock = 0.0  # virtual time: the end of the last step
         while True:
             if not waiting and not prefilling:
                 waiting.append(await q.get())
@@ -514,81 +659,97 @@ class Emulator:
                 self.waiting -= 1
                 if fut.done():  # the client went away while waiting
                     continue
+                clock = max(clock, req.arrival)  # a step never starts before its requests arrived
                 self.running += 1
                 self.context_tokens += req.n
-                start = perf()
                 try:
-                    cached = await self._lookup_and_load(req)
-                    stored = self._store_background(req, cached // self.cache.chunk_size)
+                    hit = self._hit_chunks(req)
+                    load = asyncio.ensure_future(self._load(req, hit))
+                    stored = self._store_background(req, hit)
                 except Exception as exc:  # never kill the worker
                     log.exception("load failed for %s", req.rid)
-                    self.running -= 1
-                    self.context_tokens -= req.n
+                    self._release(req)
                     if not fut.done():
                         fut.set_exception(exc)
                     continue
-                self._account_prefill(req, cached)
                 j = self._jitter(req)
-                extra = self.slow_load * j * (self._load_ms(req, cached)
-                                              + prof.store_ms(self.tier_name, stored))
-                prefilling.append([req, fut, max(1, req.n - cached), cached, start, extra, j])
+                extra = self.slow_load * j * (self._load_ms(req, hit * cs) + prof.store_ms(self.tier_name, stored))
+                prefilling.append(_Prefill(req, fut, hit, load, clock, extra, j, cs))
             if not prefilling:
                 # every slot decodes: wait until a request finishes (no busy loop)
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
+                clock = max(clock, perf())
                 continue
             # one step
-            t0 = perf()
+            t0 = clock
             budget = max(1, prof.max_num_batched_tokens - self.decoding)
             compute = prof.step_base_ms
             other = 0.0
-            finished = []
+            finished: list[_Prefill] = []
             scheduled = []
             for e in prefilling:
                 if budget <= 0:
                     break
-                req, fut, remaining, cached, start, extra, j = e
-                c = min(remaining, budget)
+                c = min(e.remaining, budget)
                 budget -= c
-                ctx = req.n - remaining + c
-                compute += j * (prof.prefill_ms_per_token * c
-                                + prof.prefill_ms_per_token_sq * attended_pairs(c, ctx) / 1000.0)
-                other += extra
-                e[5] = 0.0
-                e[2] = remaining - c
-                scheduled.append(e[0])
-                if e[2] == 0:
+                ctx = e.req.n - e.remaining + c
+                compute += e.j * (prof.prefill_ms_per_token * c
+                                  + prof.prefill_ms_per_token_sq * attended_pairs(c, ctx) / 1000.0)
+                other += e.extra_ms
+                e.extra_ms = 0.0
+                e.remaining -= c
+                scheduled.append(e.req)
+                if e.remaining == 0:
                     finished.append(e)
             step_ms = self.slow * (self.slow_prefill * compute + other
                                    + self.slow_decode * prof.decode_ms_per_running_seq * self.decoding)
             deadline = t0 + step_ms / 1000.0
+            clock = deadline
             self._step_prefill_s = self.slow * self.slow_prefill * (compute - prof.step_base_ms) / 1000.0
             for r in scheduled:
                 r.modeled_ms += step_ms
             try:
                 await sleep_until(deadline, self.spin)
+                self._step_prefill_s = 0.0
+                for e in finished:
+                    await self._finish_prefill(e, deadline, prefilling)
             except asyncio.CancelledError:
                 for e in prefilling:
-                    if not e[1].done():
-                        e[1].cancel()
+                    if not e.fut.done():
+                        e.fut.cancel()
                 raise
-            self._step_prefill_s = 0.0
-            for e in finished:
-                prefilling.remove(e)
-                req, fut = e[0], e[1]
-                if fut.done():  # cancelled: give its slot back
-                    self.running -= 1
-                    self.context_tokens -= req.n
-                    self._slot_freed.set()
-                    continue
-                fut.set_result(((e[4] - req.arrival) * 1000.0, e[3], deadline))
+
+    async def _finish_prefill(self, e: _Prefill, deadline: float, prefilling: list[_Prefill]) -> None:
+        """Batched scheduler: the step that ended at ``deadline`` computed the last of
+        ``e``'s prompt.  Settle its real read (waiting for it if it is late); chunks that
+        failed verification go back to prefill (recomputed in the next steps, and
+        offloaded again), else its first token is due."""
+        cs = self.cache.chunk_size
+        req = e.req
+        loaded = await e.load
+        if loaded.chunks * cs < e.cached:
+            e.cached = loaded.chunks * cs
+            e.remaining = e.hit * cs - e.cached
+            stored = self._store_background(req, loaded.chunks)
+            e.extra_ms = self.slow_load * e.j * self.profile.store_ms(self.tier_name, stored)
+            return
+        prefilling.remove(e)
+        first = self._settle_load(req, e.hit, loaded, deadline)
+        self._account_prefill(req, e.cached)
+        if e.fut.done():  # cancelled: give its slot back
+            self._release(req)
+            return
+        e.fut.set_result(((e.start - req.arrival) * 1000.0, e.cached, first))
 
     async def _first_token(self, req: _Request) -> tuple[float, int, float]:
         """Return (queue_ms, cached, deadline of the first token).
 
-        In the modeled profiles this waits for the prefill worker (the deadline has then
-        passed); in the fixed profile it returns at once and the caller sleeps to the
-        deadline after preparing the first chunk, so the write leaves on time.
+        In the modeled profiles this waits for the scheduler, which answers once the
+        request's tier read is settled (FIFO: the deadline is usually still ahead) or
+        its last prefill step has ended (batched); in the fixed profile it returns at
+        once.  The caller sleeps to the deadline after preparing the first chunk, so the
+        write leaves on time.
         """
         if self.fixed:
             cached = self.cache.lookup(req.keys) * self.cache.chunk_size if self.cache.enabled else 0
@@ -624,8 +785,10 @@ class Emulator:
         if not self.cache.enabled or not req.keys:
             return
         try:
-            cached = await self._lookup_and_load(req)
-            self._store_background(req, cached // self.cache.chunk_size)
+            hit = self._hit_chunks(req)
+            loaded = await self._load(req, hit)
+            self._settle_load(req, hit, loaded, loaded.done)
+            self._store_background(req, loaded.chunks)
         except Exception as exc:  # noqa: BLE001 - never let it kill the server
             log.warning("cache work failed for %s: %s", req.rid, exc)
 
@@ -644,7 +807,7 @@ class Emulator:
         if model is not None and model != self.s.model:
             raise BadRequest(f"The model `{model}` does not exist.", 404)
 
-    def _ids_from_prompt(self, prompt: Any) -> list[int]:
+    def _ids_from_prompt(self, prompt: Any) -> Sequence[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
@@ -662,9 +825,11 @@ class Emulator:
                     raise BadRequest("the emulator serves one prompt per request") from None
                 raise BadRequest("'prompt' must be a string, a list of token ids, "
                                  "or a one-element list of either") from None
-            if max(arr) >= v:
+            # max() of the list reuses its ints (twice as fast as the array's); the array
+            # is returned because hashing the chunk keys copies it at C speed
+            if max(prompt) >= v:
                 raise BadRequest(f"token ids must be integers in [0, {v})")
-            return prompt
+            return arr
         raise BadRequest("'prompt' must be a string or a list of token ids")
 
     def _chat_ids(self, body: dict) -> list[int]:
@@ -693,6 +858,9 @@ class Emulator:
     # -- handlers -------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": self.s.served_version})
 
     async def models(self, request: web.Request) -> web.Response:
         m = self.s.model
@@ -735,7 +903,7 @@ class Emulator:
     async def reset_prefix_cache(self, request: web.Request) -> web.Response:
         if self._bg:
             await asyncio.wait(list(self._bg), timeout=30)
-        await self._io(self.cache.clear, write=True)
+        await self._write(self.cache.clear)
         log.info("prefix cache reset")
         return web.Response(status=200)
 
@@ -839,14 +1007,16 @@ class Emulator:
             itl_fixed *= self.slow_decode
         first_deadline = deadline
         stamps: list[float] = []
-        self.decoding += 1
         try:
             if resp is None:  # non-streaming: wait through all the token deadlines
                 for k in range(req.max_tokens):
                     if k:
                         deadline = (first_deadline + k * itl_fixed) if fixed else deadline + self._itl_s(req)
-                    await sleep_until(deadline, self.spin if k == req.max_tokens - 1 else 0.0)
+                    # the first token's stamp is the TTFT, the last one's the response's end
+                    await sleep_until(deadline, self.spin if k in (0, req.max_tokens - 1) else 0.0)
                     stamps.append(perf())
+                    if not k:
+                        self.decoding += 1  # past its first token
                     self.stats.generation_tokens += 1
                 timing = self._timing(req, queue_ms, cached, stamps)
                 self._finish(req, stamps)
@@ -902,6 +1072,8 @@ class Emulator:
                 # stamps are taken just before each write (the write hands the bytes to
                 # the socket at once; aiohttp sets TCP_NODELAY)
                 stamps.append(perf())
+                if not k:
+                    self.decoding += 1  # past its first token
                 if timed:
                     chunk["emulator_timing"] = self._timing(req, queue_ms, cached, stamps)
                     payload += b"data: " + dumps(chunk).encode() + b"\n\n"
@@ -918,7 +1090,8 @@ class Emulator:
             await resp.write_eof()
             return resp
         finally:
-            self.decoding -= 1
+            if stamps:
+                self.decoding -= 1
 
     def _timing(self, req: _Request, queue_ms: float, cached: int, stamps: list[float]) -> dict:
         t0 = req.arrival
@@ -926,7 +1099,8 @@ class Emulator:
         itl = [round((b - a) * 1000.0, 4) for a, b in pairwise(stamps)]
         return {"queue_ms": round(queue_ms, 4), "ttft_ms": None if ttft is None else round(ttft, 4),
                 "itl_ms": itl, "cached_tokens": cached, "computed_tokens": req.n - cached,
-                "modeled_ms": round(req.modeled_ms, 4),
+                "modeled_ms": round(req.modeled_ms, 4), "tier_io_ms": round(req.io_ms, 4),
+                "tier_io_overrun_ms": round(req.io_overrun_ms, 4),
                 "arrival_perf_s": t0}
 
     def _finish(self, req: _Request, stamps: list[float]) -> None:
@@ -956,6 +1130,10 @@ class Emulator:
         metric("vllm:request_success_total", "counter", st.success, lab + ',finished_reason="length"')
         metric("emulator:requests_aborted_total", "counter", st.aborted)
         metric("emulator:requests_failed_total", "counter", st.failed)
+        # the host's time for real tier reads, beside the modeled times (not in them)
+        metric("emulator:tier_io_seconds_total", "counter", st.io_seconds)
+        metric("emulator:tier_io_overrun_seconds_total", "counter", st.io_overrun_seconds)
+        metric("emulator:tier_io_overruns_total", "counter", st.io_overruns)
         metric("vllm:prefix_cache_queries_total", "counter", st.queries)
         metric("vllm:prefix_cache_hits_total", "counter", 0)
         metric("vllm:external_prefix_cache_queries_total", "counter", st.ext_queries)
@@ -1000,6 +1178,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(emu.shutdown)
     r = app.router
     r.add_get("/health", emu.health)
+    r.add_get("/version", emu.version)
     r.add_get("/v1/models", emu.models)
     r.add_post("/tokenize", emu.tokenize)
     r.add_post("/detokenize", emu.detokenize)

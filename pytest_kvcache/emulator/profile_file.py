@@ -97,7 +97,7 @@ def resolve_profile(spec: str, overrides: Mapping[str, Any] | None = None) -> Pr
 
 def profile_label(spec: str) -> str:
     """How results name a profile: a built-in name, or a file's profile name and content digest
-    (a refitted file is another profile for the baselines' fingerprint)."""
+    (a refitted file is another profile for the baselines' testbed)."""
     if not is_profile_path(spec):
         return spec
     profile, _ = read_profile_file(spec)

@@ -21,7 +21,9 @@ text-align:left;white-space:nowrap} th{background:#f2f2f2} tr:nth-child(even) td
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 .banner{padding:.6em 1em;border-radius:4px;font-weight:600;margin:.8em 0}
 .fail{background:#fde2e1;color:#8b1a12} .pass{background:#e3f5e1;color:#1d5e17} .info{background:#eef2f7}
+.warn{background:#fff1dc;color:#7a4500}
 .PASS{color:#1d7a13;font-weight:600} .WARN{color:#a65c00;font-weight:600} .FAIL{color:#b3150b;font-weight:700}
+.IMPROVED{color:#0b6e8a;font-weight:600}
 .plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0;border:1px solid #ddd;padding:.5em;background:#fff}
 figure img{max-width:600px;width:100%;height:auto;display:block} figcaption{font-size:.8em;color:#555;max-width:600px}
 ul.header{font-family:ui-monospace,monospace;font-size:.85em;list-style:none;padding-left:0}
@@ -52,7 +54,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) 
         cells = []
         for cell in row:
             text = str(cell)
-            cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "FAIL") else ""
+            cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "IMPROVED", "FAIL") else ""
             if not cls and text[:1] in "-+0123456789[" and text not in ("-",):
                 cls = "num"
             cells.append(f'<td class="{cls}">{cell if isinstance(cell, _Raw) else _e(cell)}</td>' if cls
@@ -74,8 +76,10 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
     gate = session.get("gate") or {}
     if gate.get("failed"):
         banner = f'<div class="banner fail">Regression gate FAILED: {_e(", ".join(gate.get("failing", [])))}</div>'
-    elif gate.get("comparisons"):
+    elif gate.get("judged"):
         banner = f'<div class="banner pass">{_e(gate.get("line") or "Regression gate passed")}</div>'
+    elif gate.get("not_compared"):
+        banner = f'<div class="banner warn">{_e(gate.get("line"))}</div>'
     else:
         banner = '<div class="banner info">No comparison with a baseline in this run.</div>'
     parts = [
@@ -115,6 +119,23 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
         parts.append(f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(name)}"></a>'
                      f"<figcaption>{_e(captions.get(name, name))}</figcaption></figure>")
     parts.append("</div>")
+
+    history = session.get("history")
+    if history:
+        parts.append(f"<h2>History</h2><p>Every run is recorded in <code>{_e(history['store'])}</code>; "
+                     "<code>python -m pytest_kvcache history</code> shows every series.</p>")
+        if history["lines"]:
+            parts.append('<ul class="notes">' + "".join(f'<li class="WARN">change point: {_e(line)}</li>'
+                                                        for line in history["lines"]) + "</ul>")
+        else:
+            parts.append(f"<p>No change point among the last runs of this session's "
+                         f"{len(history['series'])} series.</p>")
+        parts.append('<div class="plots">' + "".join(
+            f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(rel)}"></a>'
+            f"<figcaption>{_e(rel.split('/')[-1])}</figcaption></figure>" for rel in history["plots"]) + "</div>")
+        parts.append(_table(("item", "metric", "runs recorded", "latest"),
+                            [(s["item"], s["metric"], s["runs"], _num(s["latest"])) for s in history["series"]],
+                            "history"))
 
     parts.append("<h2>Pareto frontier (mean TTFT vs total token throughput, per trial)</h2>")
     parts.append(_table(("item", "trial", "mean TTFT (ms)", "total throughput (tok/s)"),

@@ -9,16 +9,16 @@ with the reason and left out of the top-level figures.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
 from .._atomic import write_json_atomic
+from ..decision import worst_zone
 from ..metrics import request_details, summarize
 
 __all__ = ["RESULT_SCHEMA_VERSION", "item_document", "write_item_json"]
 
-RESULT_SCHEMA_VERSION = 1
+RESULT_SCHEMA_VERSION = 2
 
 
 def _clean(value):
@@ -33,7 +33,7 @@ def _clean(value):
     return value
 
 
-def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
+def item_document(outcome) -> dict:
     case = outcome.case
     doc: dict = {"schema_version": RESULT_SCHEMA_VERSION, "item": outcome.nodeid, "status": outcome.status,
                  "message": outcome.message}
@@ -45,16 +45,25 @@ def item_document(outcome, fingerprint: Mapping[str, str]) -> dict:
         doc["usable_trials"] = len(measured)
         doc["trials"] = _trials(result)
         doc["server"] = dict(result.server)
+    if outcome.confirmations:
+        doc["confirmation_runs"] = [{"trials": _trials(run)} for run in outcome.confirmations]
     if outcome.reference is not None:
         doc["reference"] = {"backend": case.reference_backend, "trials": _trials(outcome.reference),
                             "server": dict(outcome.reference.server)}
     doc["scenario"] = {"name": case.scenario, "file": case.path, "phase": case.phase, "backend": case.backend,
                        **case.workload_params, "trials": case.trials, "lmcache_mode": case.lmcache_mode,
                        "thresholds": [asdict(t) for t in case.thresholds]}
-    doc["fingerprint"] = dict(fingerprint)
+    if outcome.identity is not None:
+        doc["testbed"] = dict(outcome.identity.testbed)
+        doc["software"] = dict(outcome.identity.software)
+    if outcome.software_change:
+        doc["software_change"] = outcome.software_change
+    zone = worst_zone([v.zone for v in outcome.verdicts])
+    verdicts = list(outcome.verdicts) + [None] * (len(outcome.comparisons) - len(outcome.verdicts))
     doc["verdict"] = {
-        "zone": _worst_zone(outcome),
-        "comparisons": [{**asdict(c), "verdict": asdict(v)} for c, v in zip(outcome.comparisons, outcome.verdicts)],
+        "zone": zone.value if zone else None,
+        "comparisons": [{**c.to_dict(), "verdict": v.to_dict() if v else None}
+                        for c, v in zip(outcome.comparisons, verdicts)],
     }
     return _clean(doc)
 
@@ -76,13 +85,5 @@ def _trials(result) -> list[dict]:
     ]
 
 
-def _worst_zone(outcome) -> str | None:
-    zones = [v.zone.value for v in outcome.verdicts]
-    for zone in ("FAIL", "WARN", "PASS"):
-        if zone in zones:
-            return zone
-    return None
-
-
-def write_item_json(path: Path, outcome, fingerprint: Mapping[str, str]) -> None:
-    write_json_atomic(path, item_document(outcome, fingerprint))
+def write_item_json(path: Path, outcome) -> None:
+    write_json_atomic(path, item_document(outcome))

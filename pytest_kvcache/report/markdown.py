@@ -32,11 +32,18 @@ def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | N
     gate = session.get("gate") or {}
     if gate.get("failed"):
         headline = "❌ **Regression gate FAILED**: " + ", ".join(gate.get("failing", []))
-    elif gate.get("comparisons"):
-        headline = f"✅ Regression gate passed ({gate['comparisons']} comparisons, Holm-corrected)"
+    elif gate.get("judged"):
+        headline = f"✅ Regression gate passed ({gate['judged']} comparisons, Holm-corrected)"
+    elif gate.get("not_compared"):
+        headline = f"⚠️ Nothing judged: {len(gate['not_compared'])} item(s) NOT COMPARED"
     else:
         headline = "ℹ️ No comparison with a baseline in this run"
     out = ["## pytest-kvcache results", "", headline, ""]
+    if gate.get("judged") and gate.get("not_compared"):
+        out += [f"⚠️ {len(gate['not_compared'])} item(s) NOT COMPARED: "
+                + "; ".join(gate["not_compared"][:5]) + (" ..." if len(gate["not_compared"]) > 5 else ""), ""]
+    if gate.get("night_shift"):
+        out += [f"⚠️ {gate['night_shift']}", ""]
     if session.get("header"):
         out += [f"- {line.removeprefix('kvcache: ')}" for line in session["header"]] + [""]
     summary = session.get("summary") or {}
@@ -55,6 +62,9 @@ def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | N
                           _fmt(r["std_ttft_ms"]), _fmt(r["median_ttft_ms"]), _fmt(r["total_token_throughput"]),
                           f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"]) for r in rows])
         out.append("")
+    history = session.get("history") or {}
+    if history.get("lines"):
+        out += ["### Change points in the history", ""] + [f"- ⚠️ {line}" for line in history["lines"]] + [""]
     base = (link_base.rstrip("/") + "/") if link_base else ""
     files = ["report.html", "results.csv", "pareto_frontier.csv", "run.json", *plots]
     out += ["### Files in the run folder", "", ", ".join(f"`{base}{f}`" for f in files), ""]

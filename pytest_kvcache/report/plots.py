@@ -33,7 +33,7 @@ _LABELS = {
     "request_throughput": "request throughput (requests/s)",
     "input_len": "input length (tokens)",
 }
-_ZONE_COLOURS = {"PASS": "#2ca02c", "WARN": "#ff7f0e", "FAIL": "#d62728"}
+_ZONE_COLOURS = {"PASS": "#2ca02c", "WARN": "#ff7f0e", "IMPROVED": "#17becf", "FAIL": "#d62728"}
 #: Columns that may tell one line from another; only those that vary are named in the legend.
 _SERIES_COLUMNS = ("folder", "phase", "scenario", "kvcache", "concurrency", "output_len", "bandwidth", "arcc",
                    "direction")

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import statistics
 
+from ..decision import worst_zone
+
 __all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "benchmark_extra_info", "fill_benchmark", "junit_properties"]
 
 #: What pytest-benchmark's table shows as the time of one round: a trial's median TTFT.
@@ -27,11 +29,6 @@ def _median_over_trials(outcome, metric: str) -> float | None:
         return None
     values = outcome.result.metric_values(metric)
     return statistics.median(values) if values else None
-
-
-def _worst_zone(outcome) -> str | None:
-    zones = {v.zone.value for v in outcome.verdicts}
-    return next((z for z in ("FAIL", "WARN", "PASS") if z in zones), None)
 
 
 def junit_properties(outcome, results_dir=None) -> list[tuple[str, str]]:
@@ -53,9 +50,9 @@ def junit_properties(outcome, results_dir=None) -> list[tuple[str, str]]:
         for k, v in sorted(outcome.result.server.items()):
             if k.startswith("label."):
                 props.append((f"kvcache.{k}", str(v)))
-    zone = _worst_zone(outcome)
+    zone = worst_zone([v.zone for v in outcome.verdicts])
     if zone:
-        props.append(("kvcache.verdict", zone))
+        props.append(("kvcache.verdict", zone.value))
     for c, v in zip(outcome.comparisons, outcome.verdicts):
         props.append((f"kvcache.{c.metric}.baseline", f"{c.baseline_value:.6g}"))
         props.append((f"kvcache.{c.metric}.change_pct", f"{c.change_pct:+.2f}"))

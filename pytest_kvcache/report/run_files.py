@@ -55,7 +55,7 @@ def comparison_points(outcomes: Sequence, results_dir: Path, store=None) -> list
             try:
                 key = Path(o.json_path).resolve().relative_to(Path(results_dir).resolve()).with_suffix("").as_posix()
                 baseline = store.load(key)
-                history = baseline.history if baseline is not None else None
+                history = baseline.runs if baseline is not None else None
             except Exception:  # a baseline that cannot be read is reported by the item itself
                 history = None
         for metric in metrics:
@@ -64,8 +64,7 @@ def comparison_points(outcomes: Sequence, results_dir: Path, store=None) -> list
                 p.baseline = o.reference.metric_values(metric)
                 p.baseline_label = f"reference ({o.case.reference_backend})"
             elif history:
-                p.baseline = [float(t["summary"][metric]) for run in history for t in run.get("trials", ())
-                              if t.get("summary", {}).get(metric) is not None]
+                p.baseline = [v for run in history for v in run.values(metric)]
             if metric in by_metric:
                 c, v = by_metric[metric]
                 p.baseline_value, p.current_value, p.zone = c.baseline_value, c.current_value, v.zone.value
@@ -106,7 +105,8 @@ def _server_info(run: _rows.RunFolder) -> dict:
 
 
 def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store=None,
-                    header: Sequence[str] = (), started: _dt.datetime | None = None) -> dict[str, Path]:
+                    header: Sequence[str] = (), started: _dt.datetime | None = None,
+                    history=None) -> dict[str, Path]:
     """Write every run file (see the module docstring); returns name -> path."""
     from .html_report import render_html
     from .markdown import render_markdown
@@ -132,8 +132,17 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
                      "labels": dict(getattr(settings.server, "labels", ()) or ()),
                      "update_baselines": settings.update_baselines or settings.reset_baselines},
         "gate": {"failed": bool(gate and gate.failed), "failing": list(gate.failing) if gate else [],
-                 "comparisons": len(gate.holm) if gate else 0, "line": gate_line(gate, settings.alpha)},
+                 "comparisons": len(gate.holm) if gate else 0, "judged": gate.judged if gate else 0,
+                 "line": gate_line(gate, settings.alpha),
+                 "not_compared": list(gate.not_compared) if gate else [],
+                 "night_shift": gate.night.message if gate and gate.night else None},
         "summary": {"header": list(SUMMARY_HEADER), "rows": [list(r) for r in table], "notes": notes},
+        "history": None if history is None else {
+            "store": history.location,
+            "series": [{"item": i, "metric": m, "runs": n, "latest": v} for i, m, n, v in history.series],
+            "change_points": [c.to_dict() for c in history.change_points],
+            "lines": [c.describe() for c in history.change_points],
+            "plots": list(history.plots)},
         "items": [o.nodeid for o in outcomes],
         "item_files": item_files,
     }

@@ -1,43 +1,18 @@
-"""The session gate (Holm over every comparison) and the terminal summary table."""
+"""The terminal summary: the header, the verdict table, its notes and the gate's last line."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SUMMARY_HEADER", "Gate", "detect_gpus", "gate_line", "header_lines", "render_summary", "session_gate", "summary_rows"]
+from ..decision import Gate, Zone
 
+__all__ = ["SUMMARY_HEADER", "ZONE_COLOURS", "detect_gpus", "gate_line", "header_lines", "render_summary",
+           "summary_rows"]
 
-@dataclass(frozen=True)
-class Gate:
-    """Session-level decision: Holm-adjusted p (the gate), BH-adjusted p (the report)."""
-
-    holm: tuple[float, ...]
-    bh: tuple[float, ...]
-    failing: tuple[str, ...]  # "item: metric" that fail after Holm
-
-    @property
-    def failed(self) -> bool:
-        return bool(self.failing)
-
-
-def _pairs(outcomes):
-    return [(o, c, v) for o in outcomes for c, v in zip(o.comparisons, o.verdicts)]
-
-
-def session_gate(outcomes: Sequence, alpha: float) -> Gate:
-    from ..stats import benjamini_hochberg, holm, verdict
-
-    pairs = _pairs(outcomes)
-    worse = [c.p_worse for _, c, _ in pairs]
-    holm_p = holm(worse) if worse else []
-    bh_p = benjamini_hochberg(worse) if worse else []
-    better_holm = holm([c.p_better for _, c, _ in pairs]) if pairs else []
-    failing = []
-    for (o, c, _), p_worse, p_better in zip(pairs, holm_p, better_holm):
-        if verdict(c, p_worse, p_better, alpha=alpha).zone.value == "FAIL":
-            failing.append(f"{o.case.name}: {c.metric}")
-    return Gate(holm=tuple(holm_p), bh=tuple(bh_p), failing=tuple(failing))
+#: Terminal colour of each zone (pytest's TerminalWriter markup names).
+ZONE_COLOURS: dict[str, str] = {Zone.FAIL.value: "red", Zone.WARN.value: "yellow", Zone.IMPROVED.value: "cyan",
+                                Zone.PASS.value: "green"}
 
 
 def _status_cell(outcome) -> str:
@@ -55,53 +30,66 @@ def _fmt(value, unit: str = "") -> str:
     return f"{value:.4g}{unit}"
 
 
-SUMMARY_HEADER: tuple[str, ...] = ("item", "metric", "baseline", "current", "change", "95% CI of ratio", "p",
-                                    "p(Holm)", "q(BH)", "MDE", "verdict")
+SUMMARY_HEADER: tuple[str, ...] = ("item", "metric", "baseline", "current", "change", "95% CI of ratio",
+                                    "run noise", "p", "p(Holm)", "q(BH)", "MDE", "verdict")
 
 
 def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str, ...]], list[str]]:
     """The summary table's rows (cells as text, in :data:`SUMMARY_HEADER` order) and the
-    notes under it; the terminal, the markdown summary and the HTML report share them."""
+    notes under it; the terminal, the markdown summary and the HTML report share them.
+
+    Only comparisons made against a baseline or a reference are in the gate (an update
+    of the baselines compares too, to refuse a sick run, but decides nothing else)."""
     rows = []
-    pairs = _pairs(outcomes)
-    holm_p = gate.holm if gate else [None] * len(pairs)
-    bh_q = gate.bh if gate else [None] * len(pairs)
+    gated = [o for o in outcomes if o.status != "baseline-updated"]
+    pairs = [c for o in gated for c in o.comparisons]
+    holm_p = gate.holm if gate and len(gate.holm) == len(pairs) else [None] * len(pairs)
+    bh_q = gate.bh if gate and len(gate.bh) == len(pairs) else [None] * len(pairs)
+    index = {id(c): i for i, c in enumerate(pairs)}
     notes = []
-    index = {id(c): i for i, (_, c, _) in enumerate(pairs)}
     for o in outcomes:
-        measured = o.result.usable_trials if o.result is not None else ()
-        ttft = [t.measured.summary.get("median_ttft_ms") for t in measured]
-        ttft = [v for v in ttft if v is not None]
-        if not o.comparisons:
-            current = f"{sorted(ttft)[len(ttft) // 2]:.4g} ms" if ttft else "-"
-            rows.append((o.case.name, "median_ttft_ms", "-", current, "-", "-", "-", "-", "-", "-",
+        if not o.verdicts:
+            measured = o.result.usable_trials if o.result is not None else ()
+            ttft = sorted(v for v in (t.measured.summary.get("median_ttft_ms") for t in measured) if v is not None)
+            current = f"{ttft[len(ttft) // 2]:.4g} ms" if ttft else "-"
+            rows.append((o.case.name, "median_ttft_ms", "-", current, "-", "-", "-", "-", "-", "-", "-",
                          _status_cell(o)))
             continue
         for c, v in zip(o.comparisons, o.verdicts):
             unit = " ms" if c.metric.endswith("_ms") else ""
-            i = index[id(c)]
-            hp, q = holm_p[i], bh_q[i]
+            i = index.get(id(c))
+            hp, q = (holm_p[i], bh_q[i]) if i is not None else (None, None)
             ci = "-" if c.ci_low is None else f"[{c.ci_low:.3f}, {c.ci_high:.3f}]"
-            rows.append((o.case.name, c.metric, _fmt(c.baseline_value, unit), _fmt(c.current_value, unit),
-                         f"{c.change_pct:+.1f}%", ci, f"{c.p_worse:.2g}",
-                         "-" if hp is None else f"{hp:.2g}", "-" if q is None else f"{q:.2g}",
+            runs_b = f" ({c.runs_baseline}r)" if c.test != "paired-t" else ""
+            runs_c = f" ({c.runs_current}r)" if c.runs_current > 1 else ""
+            noise = "-" if c.between_sd is None else f"{c.between_sd * 100:.1f}%"
+            rows.append((o.case.name, c.metric, _fmt(c.baseline_value, unit) + runs_b,
+                         _fmt(c.current_value, unit) + runs_c, f"{c.change_pct:+.1f}%", ci, noise,
+                         f"{c.p_worse:.2g}", "-" if hp is None else f"{hp:.2g}", "-" if q is None else f"{q:.2g}",
                          "-" if c.mde_pct is None else f"{c.mde_pct:.1f}%", v.zone.value))
-            if c.trials_needed is not None:
-                notes.append(f"{o.case.name} {c.metric}: the smallest change this comparison can detect (80% power) "
-                             f"is {c.mde_pct:.1f}%, above the {c.threshold * 100:.0f}% threshold; "
-                             f"{c.trials_needed} trials per side would be needed")
-            if v.zone.value != "PASS":
+            if v.zone is not Zone.PASS:
                 notes.append(f"{o.case.name} {v.zone.value}: {v.reason}")
+        if o.software_change and any(v.zone is not Zone.PASS for v in o.verdicts):
+            notes.append(f"{o.case.name}: software since the baseline: {o.software_change}")
+    if gate is not None:
+        if gate.testbed_differs:
+            notes.append(f"NOT COMPARED: {gate.testbed_differs} item(s) have baselines recorded on another testbed "
+                         "(see each item's reason); their regressions cannot be seen")
+        if gate.night is not None:
+            notes.append(f"SESSION: {gate.night.message}")
     return rows, notes
 
 
 def gate_line(gate: Gate | None, alpha: float) -> str | None:
     """The last line of the summary: what the regression gate decided."""
-    if gate is not None and gate.failing:
-        return f"regression gate: FAILED after Holm correction at alpha {alpha:g}: " + ", ".join(gate.failing)
-    if gate is not None and gate.holm:
-        return f"regression gate: passed ({len(gate.holm)} comparisons, Holm at alpha {alpha:g})"
-    return None
+    if gate is None:
+        return None
+    unseen = f"; {len(gate.not_compared)} item(s) NOT COMPARED" if gate.not_compared else ""
+    if gate.failing:
+        return f"regression gate: FAILED after Holm correction at alpha {alpha:g}: " + ", ".join(gate.failing) + unseen
+    if gate.judged:
+        return f"regression gate: passed ({gate.judged} comparisons, Holm at alpha {alpha:g}){unseen}"
+    return f"regression gate: nothing judged{unseen}" if unseen else None
 
 
 def header_lines(settings, gpu: str | None = None, versions: dict | None = None) -> list[str]:
@@ -120,6 +108,8 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
     lines = [first]
     if versions:
         lines.append("kvcache: versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    if settings.versions:
+        lines.append("kvcache: software under test: " + ", ".join(f"{k}={v}" for k, v in settings.versions))
     lines.append(f"kvcache: GPU: {gpu or 'unknown'}")
     labels = getattr(server, "labels", ()) or ()
     lines.append("kvcache: labels: " + (", ".join(f"{k}={v}" for k, v in labels) if labels else "none"))
@@ -127,22 +117,30 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
     return lines
 
 
-def render_summary(outcomes: Sequence, gate: Gate | None, settings) -> list[str]:
+def render_summary(outcomes: Sequence, gate: Gate | None, settings,
+                   change_points: Sequence[Any] = ()) -> list[tuple[str, str | None]]:
+    """The summary's lines with the colour of each (None: the terminal's own)."""
     server = settings.server
-    lines = ["", f"pytest-kvcache: server={server.kind}"
-             + (f" endpoint={server.endpoint}" if server.endpoint else "")
-             + (f" slowdown={server.emulator_slowdown:g}" if server.kind == "emulator" and server.emulator_slowdown != 1 else "")
-             + f"  results: {settings.results_dir}"]
+    lines: list[tuple[str, str | None]] = [("", None), (
+        f"pytest-kvcache: server={server.kind}" + (f" endpoint={server.endpoint}" if server.endpoint else "")
+        + (f" slowdown={server.emulator_slowdown:g}" if server.kind == "emulator" and server.emulator_slowdown != 1
+           else "") + f"  results: {settings.results_dir}", None)]
     header = SUMMARY_HEADER
     rows, notes = summary_rows(outcomes, gate)
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines.extend("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
-    lines.extend(notes)
+    lines.append(("  ".join(h.ljust(w) for h, w in zip(header, widths)), None))
+    lines.append(("  ".join("-" * w for w in widths), None))
+    for row in rows:
+        lines.append(("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip(),
+                      ZONE_COLOURS.get(row[-1])))
+    for note in notes:
+        zone = note.split(": ", 1)[0].rsplit(" ", 1)[-1]
+        lines.append((note, ZONE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)))
+    for cp in change_points:
+        lines.append((f"WARN change point: {cp.describe()}", "yellow"))
     last = gate_line(gate, settings.alpha)
     if last:
-        lines.append(last)
+        lines.append((last, "red" if gate is not None and gate.failed else "green"))
     return lines
 
 

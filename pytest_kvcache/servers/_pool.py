@@ -45,6 +45,7 @@ class ServerPool:
         self._current: tuple[tuple, ServerHandle, BackendConfig] | None = None
         self._broken: dict[tuple, str] = {}
         self._probe: StackProbe | None = None
+        self._host: dict[str, str] | None = None
         self.started = 0
         atexit.register(self.close)
 
@@ -88,6 +89,24 @@ class ServerPool:
             raise
         self._current = (key, handle, backend)
         return handle
+
+    def restart(self, backend: BackendConfig) -> ServerHandle:
+        """A fresh server (and services) for ``backend``: a confirmation run must draw a new
+        server's run effect. An external server cannot be restarted; it is reused."""
+        if self.settings.kind != "external":
+            self._release()
+        return self.acquire(backend)
+
+    def host_facts(self) -> dict[str, str]:
+        """The hardware of the machine the server runs on, for the testbed: only for a vLLM
+        started here (the emulator's times are modeled; an external server runs elsewhere)."""
+        if self.settings.kind != "vllm":
+            return {}
+        if self._host is None:
+            from ..identity import host_facts
+
+            self._host = host_facts()
+        return self._host
 
     def _release(self) -> None:
         if self._current is not None:

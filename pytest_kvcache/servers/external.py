@@ -31,5 +31,20 @@ def connect_external(endpoint: str | None, model: str | None) -> ServerHandle:
         model = served[0]
     elif served and model not in served:
         raise ServerError(f"--model {model!r} is not served by {endpoint}; it serves: {', '.join(served)}")
-    return ServerHandle(kind="external", base_url=base_url, model=model,
-                        info={"server": "external", "endpoint": base_url, "gpu": "unknown"})
+    info = {"server": "external", "endpoint": base_url, "gpu": "unknown"}
+    version = _server_version(base_url)
+    if version:
+        info["server_version"] = version
+    return ServerHandle(kind="external", base_url=base_url, model=model, info=info)
+
+
+def _server_version(base_url: str) -> str | None:
+    """What the server says of its version (vLLM's ``GET /version``: ``{"version": "0.11.0"}``),
+    or None where it has no such endpoint: the software under test, compared across runs."""
+    try:
+        with urllib.request.urlopen(f"{base_url}/version", timeout=10) as response:
+            data = json.load(response)
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+    version = data.get("version") if isinstance(data, dict) else None
+    return str(version) if isinstance(version, (str, int, float)) and str(version) else None

@@ -202,16 +202,20 @@ def test_seed_profiles_kv_bytes_from_model_config():
             make_profile("quick", bad)
 
 
-def test_quick_profile_numbers_unchanged():
-    """The committed baselines were measured with these (module docstring's table)."""
+def test_quick_profile_numbers():
+    """The quick profile's figures (the costmodel docstring's table): seed 001's shape at
+    10k tokens, cold rounds and ``none`` as before the tiers were retuned."""
     q = PROFILES["quick"]
     assert round(q.ttft_model_ms("none", 10_000, 0, 0), 2) == 8.02
-    assert round(q.ttft_model_ms("cpu", 10_000, 0, 9984), 2) == 8.17
-    assert round(q.ttft_model_ms("cpu", 10_000, 9984, 0), 2) == 3.47
-    assert round(q.ttft_model_ms("gds", 10_000, 9984, 0), 2) == 3.96
-    assert round(q.ttft_model_ms("disk", 10_000, 9984, 0), 2) == 4.92
-    assert round(q.ttft_model_ms("disk", 100_000, 99_840, 0), 2) == 22.19
+    assert round(q.ttft_model_ms("none", 100_000, 0, 0), 2) == 60.25
+    assert round(q.ttft_model_ms("cpu", 10_000, 0, 9984), 2) == 8.29
+    assert round(q.ttft_model_ms("cpu", 10_000, 9984, 0), 2) == 4.25
+    assert round(q.ttft_model_ms("gds", 10_000, 9984, 0), 2) == 4.74
+    assert round(q.ttft_model_ms("disk", 10_000, 9984, 0), 2) == 4.97
+    assert round(q.ttft_model_ms("redis", 10_000, 9984, 0), 2) == 5.99
+    assert round(q.ttft_model_ms("disk", 100_000, 99_840, 0), 2) == 22.24
     assert (q.decode_base_ms, q.decode_ms_per_running_seq, q.time_scale) == (5.0, 0.2, 0.02)
+    assert (q.prefill_base_ms, q.prefill_ms_per_token, q.prefill_ms_per_token_sq) == (2.95, 5.0e-4, 1.46e-6)
 
 
 def test_help_documents_knobs_and_profiles():

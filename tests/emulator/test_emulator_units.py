@@ -252,7 +252,7 @@ def test_decode_and_fixed_profile():
 def test_make_profile_overrides():
     p = make_profile("quick", {"prefill_base_ms": 10, "bandwidth_gbps": {"disk": 3}})
     assert p.prefill_base_ms == 10
-    assert p.bandwidth_gbps["disk"] == 3 and p.bandwidth_gbps["cpu"] == 25
+    assert p.bandwidth_gbps["disk"] == 3 and p.bandwidth_gbps["cpu"] == PROFILES["quick"].bandwidth_gbps["cpu"]
     with pytest.raises(ValueError):
         make_profile("quick", {"nope": 1})
     with pytest.raises(ValueError):
