@@ -76,6 +76,16 @@ Knobs for testing the plugin (``--config-json`` keys, most also flags; all seede
   tier takes this much longer (a sleep inside the read): a slower host's storage, to
   check that the served times do not follow it until it outlasts the model.
 
+Request limits (a hostile request costs bounded time and memory and gets a 4xx in
+vLLM's error shape): ``--max-header-bytes`` (request line + headers, 431; aiohttp's
+parser itself refuses with 400 a line over 8190 bytes or more than 128 headers),
+``--max-body-bytes`` (413, checked on ``Content-Length`` before the body is read, and
+by aiohttp's ``client_max_size`` as a body without one comes in), ``--max-json-depth``
+(400), ``--max-prompt-chars`` (400 before tokenizing: a 10M-word prompt costs the loop
+nothing). Bodies must be ``application/json`` (415; none is taken as JSON), strict JSON
+(no ``NaN``/``Infinity``), an object; fields have their OpenAI types (``stream`` a
+boolean, ``max_tokens`` a positive integer, ...).
+
 ``emulator_timing`` also carries ``modeled_ms``: the modeled (scaled) prefill-side time
 of the request without queueing and real I/O, so tests can compare the model's figures
 without wall-clock noise; ``tier_io_ms``: the host's time for the request's real tier
@@ -94,12 +104,13 @@ import random
 import sys
 import time
 from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from .. import __version__
 from .costmodel import Profile, attended_pairs, make_profile
@@ -181,6 +192,11 @@ class Settings:
     redis_size_gb: float = 512.0
     served_version: str = __version__
     read_delay_ms: float = 0.0
+    # request limits (see the module docstring)
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 65536
+    max_json_depth: int = 64
+    max_prompt_chars: int | None = None  # None: 16 x max_model_len
 
 
 class _Hist:
@@ -304,6 +320,67 @@ def _error(message: str, code: int) -> web.Response:
     return web.Response(status=code, text=json.dumps(body), content_type="application/json")
 
 
+def _is_json_type(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _check_depth(obj: dict | list, limit: int) -> None:
+    """Refuse ``obj`` if it nests containers more than ``limit`` deep (level by level, no recursion)."""
+    level, depth = [obj], 1
+    while level:
+        if depth > limit:
+            raise BadRequest(f"request body nests JSON more than the limit of {limit} levels deep (--max-json-depth)")
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+        depth += 1
+
+
+def _flag(obj: dict, key: str, default: bool = False) -> bool:
+    """A boolean field (null: ``default``)."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise BadRequest(f"'{key}' must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _too_long(limit: int, n: int | str) -> str:
+    """vLLM's message for a prompt over the context length."""
+    return (f"This model's maximum context length is {limit} tokens. However, your request has {n} input "
+            "tokens. Please reduce the length of the input messages.")
+
+
+def _limits(max_header_bytes: int):
+    """Middleware: 431 for a request head over the limit, and aiohttp's own 4xx (no route, wrong
+    method) in vLLM's JSON error shape."""
+
+    @web.middleware
+    async def limits(request: web.Request, handler) -> web.StreamResponse:
+        raw = request.raw_headers
+        size = len(request.method) + len(request.raw_path) + 11 + sum(len(k) + len(v) + 4 for k, v in raw)
+        if size > max_header_bytes:
+            return _error(f"request line and headers are {size} bytes, over the limit of {max_header_bytes} "
+                          "bytes (--max-header-bytes)", 431)
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return _error(f"{exc.reason}: {request.method} {request.path[:200]}", exc.status)
+
+    return limits
+
+
+#: Prompts of at least this many characters are remembered (ids and chunk keys) ...
+_MEMO_MIN_CHARS = 20_000
+#: ... up to this many tokens in all (4 bytes each), the oldest forgotten first.
+_MEMO_MAX_TOKENS = 30_000_000
+
+
 async def sleep_until(deadline: float, spin: float) -> None:
     """Sleep until ``perf_counter() >= deadline``: coarse sleep, then yield-spin."""
     while True:
@@ -325,6 +402,12 @@ class Emulator:
         self.fixed = self.profile.kind == "fixed"
         self.tok = get_tokenizer(settings.vocab_size)
         self.tok.enable_fast()
+        self.max_prompt_chars = settings.max_prompt_chars or 16 * settings.max_model_len
+        # A warm round resends the cold round's prompts: tokenizing and hashing a 100k-word
+        # prompt again (~13 ms of a 2-core VM) is host time the model does not charge, and it
+        # would hold the loop past the short modeled windows of warm requests.
+        self._prompts: OrderedDict[tuple[int, int], tuple[array, list[bytes] | None]] = OrderedDict()
+        self._prompt_tokens = 0
         gb = {"cpu": settings.cpu_size_gb, "waterfall": settings.cpu_size_gb,
               "redis": settings.redis_size_gb}.get(
             settings.backend, settings.disk_size_gb)
@@ -794,24 +877,103 @@ class Emulator:
 
     # -- request parsing ------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict:
+        s = self.s
+        if hdrs.CONTENT_TYPE in request.headers and not _is_json_type(request.content_type):
+            raise BadRequest(f"Content-Type {request.headers[hdrs.CONTENT_TYPE][:100]!r} is not supported: "
+                             "send application/json", 415)
+        too_large = BadRequest(f"request body is over the limit of {s.max_body_bytes} bytes (--max-body-bytes)", 413)
+        if (request.content_length or 0) > s.max_body_bytes:
+            raise too_large  # before reading any of it
         try:
-            body = json.loads(await request.read())
-        except Exception:  # noqa: BLE001 - never let it kill the server
-            raise BadRequest("request body is not valid JSON")
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:  # a body without Content-Length, counted as it came
+            raise too_large from None
+        except Exception as exc:  # noqa: BLE001 - a body cut short or badly chunked is the client's fault
+            raise BadRequest(f"request body could not be read: {exc}") from None
+        try:
+            body = json.loads(raw, parse_constant=_no_constant)
+        except RecursionError:
+            raise BadRequest(f"request body nests JSON more than the limit of {s.max_json_depth} levels deep "
+                             "(--max-json-depth)") from None
+        except ValueError as exc:
+            raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
+        if raw.count(b"[") + raw.count(b"{") > s.max_json_depth:  # fewer containers cannot nest deeper
+            _check_depth(body, s.max_json_depth)
         return body
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise BadRequest(f"'model' must be a string, got {type(model).__name__}")
         if model is not None and model != self.s.model:
-            raise BadRequest(f"The model `{model}` does not exist.", 404)
+            raise BadRequest(f"The model `{model[:200]}` does not exist.", 404)
+
+    def _check_chars(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise BadRequest(f"the prompt is {chars} characters long, over the limit of {self.max_prompt_chars} "
+                             "(--max-prompt-chars); it was not tokenized")
+
+    def _encode(self, text: str) -> Sequence[int]:
+        try:
+            return self.tok.encode(text)
+        except UnicodeEncodeError:  # an unknown word is hashed as UTF-8, which a lone surrogate is not
+            raise BadRequest("the prompt is not valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)") from None
+
+    def _check_prompt_size(self, prompt: Any) -> None:
+        """Refuse a prompt too long to serve before it is tokenized (that would hold the loop)."""
+        if isinstance(prompt, str):
+            self._check_chars(len(prompt))
+        elif isinstance(prompt, list) and prompt and type(prompt[0]) is int and len(prompt) > self.s.max_model_len:
+            raise BadRequest(_too_long(self.s.max_model_len, len(prompt)))
+
+    def _check_chat(self, messages: Any) -> None:
+        """Refuse, before the template tokenizes them, messages too many for the context (each
+        costs 3 tokens at least) or too long, and a role that is not a string (the template
+        looks it up in a dict); the template says what else is wrong."""
+        if not isinstance(messages, list):
+            return
+        limit = self.s.max_model_len
+        if 3 * len(messages) > limit:
+            raise BadRequest(_too_long(limit, f"more than {limit}"))
+        chars = 0
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            if not isinstance(m.get("role"), str):
+                raise BadRequest(f"a message's 'role' must be a string, got {type(m.get('role')).__name__}")
+            content = m.get("content")
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                chars += sum(len(p) if isinstance(p, str) else len(p["text"])
+                             if isinstance(p, dict) and isinstance(p.get("text"), str) else 0 for p in content)
+        self._check_chars(chars)
+
+    def _remembered(self, prompt: str) -> tuple[array, list[bytes] | None] | None:
+        """The ids and chunk keys of a long prompt seen before (None: not seen, or short)."""
+        if len(prompt) < _MEMO_MIN_CHARS:
+            return None
+        found = self._prompts.get((len(prompt), hash(prompt)))
+        if found is not None:
+            self._prompts.move_to_end((len(prompt), hash(prompt)))
+        return found
+
+    def _remember(self, prompt: str, ids: Sequence[int], keys: list[bytes] | None) -> None:
+        if len(prompt) < _MEMO_MIN_CHARS:
+            return
+        self._prompts[(len(prompt), hash(prompt))] = (array("I", ids), keys)
+        self._prompt_tokens += len(ids)
+        while self._prompt_tokens > _MEMO_MAX_TOKENS and self._prompts:
+            _, (old_ids, _keys) = self._prompts.popitem(last=False)
+            self._prompt_tokens -= len(old_ids)
 
     def _ids_from_prompt(self, prompt: Any) -> Sequence[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.tok.encode(prompt)
+            return self._encode(prompt)
         if isinstance(prompt, list):
             if not prompt:
                 return []
@@ -833,9 +995,10 @@ class Emulator:
         raise BadRequest("'prompt' must be a string or a list of token ids")
 
     def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        self._check_chat(messages)
         try:
-            return self.tok.apply_chat_template(body.get("messages"),
-                                                bool(body.get("add_generation_prompt", True)))
+            return self.tok.apply_chat_template(messages, _flag(body, "add_generation_prompt", True))
         except ValueError as exc:
             raise BadRequest(str(exc))
 
@@ -848,6 +1011,8 @@ class Emulator:
         if type(mt) is not int or mt < 1:
             raise BadRequest("max_tokens must be a positive integer")
         m = self.s.max_model_len
+        if n > m:
+            raise BadRequest(_too_long(m, n))
         if n + mt > m:
             raise BadRequest(
                 f"This model's maximum context length is {m} tokens. However, you requested "
@@ -877,7 +1042,8 @@ class Emulator:
             if "messages" in body:
                 ids = self._chat_ids(body)
             elif isinstance(body.get("prompt"), str):
-                ids = self.tok.encode(body["prompt"])
+                self._check_chars(len(body["prompt"]))
+                ids = self._encode(body["prompt"])
             else:
                 raise BadRequest("'prompt' (a string) or 'messages' is required")
         except BadRequest as exc:
@@ -922,22 +1088,30 @@ class Emulator:
         try:
             body = await self._body(request)
             self._check_model(body)
+            memo = prompt = None
             if chat:
                 ids = self._chat_ids(body)
             else:
                 if "prompt" not in body:
                     raise BadRequest("'prompt' is required")
-                ids = self._ids_from_prompt(body["prompt"])
+                prompt = body["prompt"]
+                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+                    prompt = prompt[0]
+                self._check_prompt_size(prompt)
+                memo = self._remembered(prompt) if isinstance(prompt, str) else None
+                ids = memo[0] if memo else self._ids_from_prompt(prompt)
             n = len(ids)
             if n == 0:
                 raise BadRequest("The prompt is empty: at least one token is required")
             max_tokens = self._max_tokens(body, n, chat)
-            stream = bool(body.get("stream", False))
-            so = body.get("stream_options") or {}
+            stream = _flag(body, "stream")
+            so = body.get("stream_options")
+            if so is None:
+                so = {}
             if not isinstance(so, dict):
                 raise BadRequest("stream_options must be an object")
-            include_usage = bool(so.get("include_usage", False)) and stream
-            continuous = bool(so.get("continuous_usage_stats", False)) and stream
+            include_usage = _flag(so, "include_usage") and stream
+            continuous = _flag(so, "continuous_usage_stats") and stream
         except BadRequest as exc:
             return _error(str(exc), exc.code)
 
@@ -953,7 +1127,9 @@ class Emulator:
 
         req = _Request(rid, seq, ids, arrival, max_tokens)
         if self.cache.enabled:
-            req.keys = self.cache.keys(ids)
+            req.keys = memo[1] if memo else self.cache.keys(ids)
+        if memo is None and isinstance(prompt, str):
+            self._remember(prompt, ids, req.keys)
         resp: web.StreamResponse | None = None
         if stream:
             cls = web.StreamResponse if s.send_headers_early else _EventStream
@@ -1172,7 +1348,8 @@ class Emulator:
 def create_app(settings: Settings) -> web.Application:
     """The aiohttp application serving one emulated model."""
     emu = Emulator(settings)
-    app = web.Application(client_max_size=256 * 1024 * 1024)
+    app = web.Application(client_max_size=settings.max_body_bytes,
+                          middlewares=[_limits(settings.max_header_bytes)])
     app["emulator"] = emu
     app.on_startup.append(emu.startup)
     app.on_shutdown.append(emu.shutdown)
