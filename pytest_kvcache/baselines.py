@@ -18,6 +18,10 @@ File shape (``schema_version`` 2)::
 
 The testbed (identity.py) must match for a run to be compared or appended; each run
 keeps its trials grouped (the run is the unit of noise) and the software it measured.
+Every trial has a ``summary``; each of its values is null (not measured) or a finite
+number >= 0, and above 0 for TTFT and end-to-end latencies, throughputs and the duration
+(NaN and Infinity, which Python's json accepts, are refused). A value the loader would
+refuse is never written either.
 Schema-1 files (one ``fingerprint``, a ``history`` of runs) are read as schema 2 and
 written as schema 2 on the next update.
 
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ._atomic import write_text_atomic
-from .errors import BaselineCorruptError, TestbedMismatchError
+from .errors import BaselineCorruptError, BaselineSchemaError, TestbedMismatchError
 from .identity import diff_testbeds, split_legacy_fingerprint
 
 __all__ = [
@@ -63,6 +68,14 @@ _FIELDS = ("schema_version", "key", "testbed", "runs")
 _LEGACY_FIELDS = ("schema_version", "key", "fingerprint", "history")
 _UNSAFE = re.compile(r"[^A-Za-z0-9\-_.\[\],=+@]")
 _MAX_SEGMENT = 150
+#: Metrics a measured (usable) trial cannot have at 0: TTFT and end-to-end latency
+#: statistics, the throughputs and the duration. TPOT, ITL and spreads can be 0 in a real
+#: measurement (tokens coalesced in one chunk); such zeros never enter a log-scale comparison.
+_POSITIVE = re.compile(r"^((mean|median|p\d+(\.\d+)?)_(ttft|e2el)_ms"
+                       r"|(request|output|total_token)_throughput|duration)$")
+_PLAIN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: A baseline holds at most MAX_RUNS runs of a few trials; a file this large is not one.
+_MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -154,15 +167,111 @@ def _strings(path: Path, name: str, value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def _kind(value: Any) -> str:
+    """How a JSON value is named in messages."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _finite(value: Any) -> float | str:
+    """The value as a float, or what is wrong with it (NaN, Infinity, not a number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{_kind(value)} ({json.dumps(value, allow_nan=True)[:40]})"
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        return "a number too large to be a measurement"
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "Infinity" if number > 0 else "-Infinity"
+    return number
+
+
+def _place(where: str, name: str | int) -> str:
+    """``runs[2]``, ``summary.median_ttft_ms``, ``summary['odd name']``: a place in the file."""
+    if isinstance(name, int):
+        return f"{where}[{name}]"
+    if _PLAIN_NAME.match(name):
+        return f"{where}.{name}" if where else name
+    return f"{where}[{name!r}]"
+
+
+def _summary(path: Path, where: str, summary: Any) -> None:
+    """Every value is null (not measured) or a finite number that is not negative; latencies
+    and throughputs the gate compares on a log scale are positive (see :data:`_POSITIVE`)."""
+    if not isinstance(summary, dict):
+        raise BaselineCorruptError(path, f"{where} is {_kind(summary)}, expected an object of metrics")
+    for name, value in summary.items():
+        if value is None:
+            continue
+        place = _place(where, name)
+        number = _finite(value)
+        if isinstance(number, str):
+            raise BaselineCorruptError(path, f"{place} is {number}, expected a finite number (or null)")
+        if number < 0 or (number == 0 and _POSITIVE.match(name)):
+            raise BaselineCorruptError(path, f"{place} is {value!r}, expected a "
+                                       f"{'positive' if _POSITIVE.match(name) else 'non-negative'} number")
+
+
+def _non_finite(value: Any, place: str) -> str | None:
+    """The place of a NaN or Infinity inside ``value``, else None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return place
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    return next(filter(None, (_non_finite(v, _place(place, k)) for k, v in items)), None)
+
+
+def _bad_text(value: Any, place: str) -> str | None:
+    """The place of a string that is not Unicode text (a lone surrogate escape such as
+    ``"\\ud800"``, which JSON allows and UTF-8 cannot hold), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return place
+        return None
+    if isinstance(value, dict):
+        where = f"a name in {place or 'the top level'}"
+        return next(filter(None, (_bad_text(k, where) or _bad_text(v, _place(place, k))
+                                  for k, v in value.items())), None)
+    if isinstance(value, list):
+        return next(filter(None, (_bad_text(v, _place(place, i)) for i, v in enumerate(value))), None)
+    return None
+
+
+def _trial(path: Path, where: str, trial: Any) -> None:
+    if not isinstance(trial, dict):
+        raise BaselineCorruptError(path, f"{where} is {_kind(trial)}, expected an object")
+    if "summary" not in trial:
+        raise BaselineCorruptError(path, f"{where} has no 'summary'")
+    for name in trial.keys() - {"index", "summary", "ttfts_ms"}:  # kept as they are, so they must be JSON
+        place = _non_finite(trial[name], _place(where, name))
+        if place:
+            raise BaselineCorruptError(path, f"{place} is NaN or Infinity, which JSON does not allow")
+    _summary(path, f"{where}.summary", trial["summary"])
+    index = trial.get("index", 0)
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise BaselineCorruptError(path, f"{where}.index is {index!r}, expected a whole number >= 0")
+    ttfts = trial.get("ttfts_ms", [])
+    if not isinstance(ttfts, list):
+        raise BaselineCorruptError(path, f"{where}.ttfts_ms is {_kind(ttfts)}, expected a list of milliseconds")
+    for j, value in enumerate(ttfts):
+        number = _finite(value)
+        if isinstance(number, str) or number < 0:
+            shown = number if isinstance(number, str) else repr(value)
+            raise BaselineCorruptError(path, f"{where}.ttfts_ms[{j}] is {shown}, expected a finite number of "
+                                       "milliseconds >= 0")
+
+
 def _run(path: Path, where: str, data: Any, software: Mapping[str, str] | None = None) -> BaselineRun:
     if not isinstance(data, dict):
-        raise BaselineCorruptError(path, f"{where} is {type(data).__name__}, expected an object")
+        raise BaselineCorruptError(path, f"{where} is {_kind(data)}, expected an object")
     trials = data.get("trials", [])
-    if not isinstance(trials, list) or not all(isinstance(t, dict) for t in trials):
-        raise BaselineCorruptError(path, f"{where}.trials must be a list of objects")
+    if not isinstance(trials, list):
+        raise BaselineCorruptError(path, f"{where}.trials is {_kind(trials)}, expected a list of objects")
     for i, trial in enumerate(trials):
-        if not isinstance(trial.get("summary", {}), dict):
-            raise BaselineCorruptError(path, f"{where}.trials[{i}].summary is not an object")
+        _trial(path, f"{where}.trials[{i}]", trial)
     created = data.get("created", "")
     run_id = data.get("run_id", created)
     commit = data.get("commit")
@@ -179,9 +288,11 @@ def _validate(path: Path, key: str, data: Any) -> Baseline:
     version = data.get("schema_version")
     if isinstance(version, bool) or not isinstance(version, int):
         raise BaselineCorruptError(path, f"schema_version is {version!r}, expected the integer {SCHEMA_VERSION}")
+    if version > SCHEMA_VERSION:
+        raise BaselineSchemaError(path, version, SCHEMA_VERSION)
     if version not in (1, SCHEMA_VERSION):
-        raise BaselineCorruptError(path, f"schema_version {version} is not supported (expected {SCHEMA_VERSION}); "
-                                   "it was written by a newer pytest-kvcache")
+        raise BaselineCorruptError(path, f"schema_version {version} is not one pytest-kvcache ever wrote "
+                                   f"(this one reads {SCHEMA_VERSION} and 1)")
     expected = _FIELDS if version == SCHEMA_VERSION else _LEGACY_FIELDS
     missing = [f for f in expected if f not in data]
     if missing:
@@ -208,6 +319,10 @@ def _validate(path: Path, key: str, data: Any) -> Baseline:
 
 def _read(path: Path, key: str) -> Baseline | None:
     try:
+        size = path.stat().st_size
+        if size > _MAX_BYTES:
+            raise BaselineCorruptError(path, f"it is {size / 2**20:.0f} MiB, more than a baseline of {MAX_RUNS} "
+                                       f"runs can be (at most {_MAX_BYTES // 2**20} MiB)")
         raw = path.read_bytes()
     except FileNotFoundError:
         return None
@@ -221,7 +336,15 @@ def _read(path: Path, key: str) -> Baseline | None:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BaselineCorruptError(path, f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from exc
-    return _validate(path, key, data)
+    except ValueError as exc:  # an integer of more than 4300 digits
+        raise BaselineCorruptError(path, f"not usable JSON ({exc})") from exc
+    except RecursionError:
+        raise BaselineCorruptError(path, "not usable JSON (nested too deeply)") from None
+    baseline = _validate(path, key, data)
+    place = _bad_text(data, "")  # it could be read, but not written back
+    if place:
+        raise BaselineCorruptError(path, f"{place} holds a lone surrogate escape (\\ud800-\\udfff), not text")
+    return baseline
 
 
 def _dumps(key: str, testbed: Mapping[str, str], runs: Sequence[BaselineRun]) -> str:
@@ -258,8 +381,10 @@ class BaselineStore:
     def load(self, key: str) -> Baseline | None:
         """The stored baseline, or None when there is no file.
 
-        Raises BaselineCorruptError for unreadable JSON, an unknown schema_version,
-        missing, unexpected or mistyped fields, or a file holding another key. Reads
+        Raises BaselineCorruptError for unreadable JSON, an unknown schema_version
+        (BaselineSchemaError for a newer one), missing, unexpected or mistyped fields, a
+        value out of range (the message names its place, e.g.
+        ``runs[2].trials[0].summary.median_ttft_ms``), or a file holding another key. Reads
         without the lock: writers replace the file atomically, so a reader sees either
         the old or the new file, never a partial one.
         """
@@ -284,11 +409,15 @@ class BaselineStore:
             raise TypeError(f"run must be a BaselineRun, got {type(run).__name__}")
         if isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1:
             raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
+        path = self.path_for(key)
         try:  # fail before taking the lock if the run cannot be stored
             json.dumps(run.to_dict(), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"baseline {key!r}: run is not JSON-serializable: {exc}") from exc
-        path = self.path_for(key)
+        try:  # nor store what load() would refuse: the plugin never writes a file it cannot read
+            _run(path, "run", run.to_dict())
+        except BaselineCorruptError as exc:
+            raise ValueError(f"baseline {key!r}: the run cannot be stored: {exc.problem}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
         lock_fd = os.open(self.lock_path_for(key), os.O_RDWR | os.O_CREAT, 0o644)
         try:

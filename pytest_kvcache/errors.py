@@ -10,6 +10,8 @@ at fault and the fix::
     ├── WorkloadError          prompts could not be built (tokenizer, dataset)
     ├── ServerError            a server process failed to start, died or is unreachable
     ├── BaselineError          (see baselines.py) a stored baseline cannot be used
+    │   ├── BaselineCorruptError   a file that cannot be read (BaselineSchemaError: of a newer schema)
+    │   └── TestbedMismatchError   recorded on another testbed
     └── HistoryError           the run history store cannot be opened, read or written
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 __all__ = [
     "BaselineCorruptError",
     "BaselineError",
+    "BaselineSchemaError",
     "HistoryError",
     "KVCacheError",
     "OptionError",
@@ -70,6 +73,26 @@ class BaselineCorruptError(BaselineError):
             f"baseline file {self.path} is corrupt: {problem}; restore it from git "
             f"(git checkout -- {self.path}) or delete it and rerun with --update-baselines"
         )
+
+
+class BaselineSchemaError(BaselineCorruptError):
+    """A baseline file of a newer schema than this plugin reads: not corrupt, but not
+    readable here either, and never overwritten; the message names both versions."""
+
+    def __init__(self, path: object, version: int, supported: int) -> None:
+        from . import __version__
+
+        self.version = version
+        self.supported = supported
+        problem = f"schema_version {version} is newer than this pytest-kvcache ({__version__}) reads"
+        BaselineError.__init__(
+            self,
+            f"baseline file {path} has schema_version {version}; this pytest-kvcache ({__version__}) reads "
+            f"schema_version {supported} (and 1): it was written by a newer pytest-kvcache; upgrade this one "
+            f"(pip install -U pytest-kvcache) to compare with it; the file is left as it is",
+        )
+        self.path = str(path)
+        self.problem = problem
 
 
 class TestbedMismatchError(BaselineError):

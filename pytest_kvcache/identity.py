@@ -191,6 +191,13 @@ def host_facts() -> dict[str, str]:
             names = sorted({r[0] for r in rows})
             facts["gpu"] = f"{len(rows)} x {' + '.join(names)}"
             facts["driver_version"] = rows[0][-1]
+            try:  # the CUDA version the driver supports is only in nvidia-smi's banner
+                banner = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20, check=False)
+                cuda = re.search(r"CUDA Version:\s*([\d.]+)", banner.stdout)
+                if cuda:
+                    facts["cuda_version"] = cuda.group(1)
+            except (OSError, subprocess.SubprocessError):
+                pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)

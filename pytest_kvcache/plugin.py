@@ -19,8 +19,10 @@ import pytest
 from .backends import LMCACHE_MODES
 from .errors import KVCacheError, ScenarioError
 from .identity import KeyMoves
-from .models import BACKENDS, PHASES, ScenarioCase
+from .models import BACKENDS, PHASES, ScenarioCase, format_tokens
 from .scenarios import (
+    MAX_TOKENS,
+    MAX_TRIALS,
     TOKEN_COUNT_FORMS,
     load_scenario,
     override_thresholds,
@@ -33,7 +35,11 @@ from .session import KVSession, Settings
 __all__ = ["SESSION_KEY", "ScenarioFile", "ScenarioItem"]
 
 SESSION_KEY = pytest.StashKey[KVSession]()
-_URL = re.compile(r"^https?://[^/\s:]+(:\d+)?(/.*)?$")
+#: seconds one benchmark request may take (--kv-request-timeout); a 100k-token prefill under load fits
+DEFAULT_REQUEST_TIMEOUT = 600.0
+#: --kv-client-processes: each is a Python interpreter, and a round never needs more than a CPU's cores
+MAX_CLIENT_PROCESSES = 256
+_URL = re.compile(r"^https?://([^/\s@]+@)?[^/\s:@]+(:\d+)?(/.*)?$")  # credentials allowed: user:token@
 
 
 # -- option value types: each raises ArgumentTypeError, which pytest turns into a usage error
@@ -46,7 +52,8 @@ def _token_counts(text: str) -> list[int]:
     except ValueError:
         values = []
     if not values:
-        raise argparse.ArgumentTypeError(f"{text!r}: use {TOKEN_COUNT_FORMS}, or a comma list such as 1k,10k")
+        raise argparse.ArgumentTypeError(f"{text!r}: use {TOKEN_COUNT_FORMS}, at most {format_tokens(MAX_TOKENS)}, "
+                                         "or a comma list such as 1k,10k")
     return values
 
 
@@ -75,14 +82,22 @@ def _threshold_override(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive_int(text: str) -> int:
+def _positive_int(text: str, high: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: use a positive integer")
+    if value <= 0 or (high is not None and value > high):
+        raise argparse.ArgumentTypeError(f"{text!r}: use a positive integer" + (f" up to {high}" if high else ""))
     return value
+
+
+def _trials(text: str) -> int:
+    return _positive_int(text, MAX_TRIALS)
+
+
+def _client_processes(text: str) -> int:
+    return _positive_int(text, MAX_CLIENT_PROCESSES)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -95,8 +110,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help=f"run only items of these offload backends: {', '.join(BACKENDS)}; repeatable")
     group.addoption("--output-len", action="append", type=_positive_ints, default=[], metavar="N[,N]",
                     help="run only items with these output lengths; repeatable")
-    group.addoption("--trials", type=_positive_int, default=None, metavar="N",
-                    help="trials per item, overriding the scenarios' value")
+    group.addoption("--trials", type=_trials, default=None, metavar="N",
+                    help=f"trials per item, overriding the scenarios' value (at most {MAX_TRIALS})")
     group.addoption("--kv-server", choices=SERVER_KINDS, default=None,
                     help="server to benchmark: the built-in emulator (default), a real vllm serve process, "
                          "or an external endpoint (ini: kvcache_server)")
@@ -169,6 +184,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-ready-timeout", default=None, metavar="SECONDS",
                     help="how long a started server may take to answer /health (ini: kvcache_ready_timeout; "
                          "default 60 for the emulator, 600 for vllm)")
+    group.addoption("--kv-request-timeout", default=None, metavar="SECONDS",
+                    help="how long one benchmark request may take to complete before it counts as failed "
+                         f"(ini: kvcache_request_timeout; default {DEFAULT_REQUEST_TIMEOUT:g})")
 
     parser.addini("kvcache_python", "default of --kv-python", default="")
     parser.addini("kvcache_tensor_parallel_size", "default of --kv-tensor-parallel-size", default="")
@@ -184,6 +202,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                   default=[])
     parser.addini("kvcache_min_hit_ratio", "default of --kv-min-hit-ratio", default="0.5")
     parser.addini("kvcache_ready_timeout", "default of --kv-ready-timeout", default="")
+    parser.addini("kvcache_request_timeout", "default of --kv-request-timeout", default="")
     parser.addini("kvcache_server", f"default of --kv-server: {', '.join(SERVER_KINDS)}", default="emulator")
     parser.addini("kvcache_endpoint", "default of --kv-endpoint", default="")
     parser.addini("kvcache_server_args", "default of --kv-server-args", default="")
@@ -205,7 +224,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="percentiles reported for TTFT, TPOT, ITL and E2E latency, e.g. 50,90,99 "
                          "(ini: kvcache_percentiles)")
     parser.addini("kvcache_percentiles", "default of --percentiles", default="50,90,99")
-    group.addoption("--kv-client-processes", type=_positive_int, default=None, metavar="N",
+    group.addoption("--kv-client-processes", type=_client_processes, default=None, metavar="N",
                     help="send each round from N client processes, the concurrency and the prompts split "
                          "between them, for servers that stream more than one process reads "
                          "(ini: kvcache_client_processes; default 1)")
@@ -261,11 +280,11 @@ def _emulator_profile(config: pytest.Config) -> str:
     if not is_profile_path(value):
         return _choice_setting(config, "emulator_profile", "kvcache_emulator_profile", sorted(PROFILES))
     path = Path(value)
-    if not path.is_absolute() and not path.exists():
+    if not path.is_absolute() and not _exists(path):
         path = config.rootpath / path  # an ini value is relative to the rootdir
     try:
         read_profile_file(path)
-    except ProfileFileError as exc:
+    except (ProfileFileError, ValueError) as exc:  # ValueError: a path no file can have (a NUL byte)
         raise pytest.UsageError(f"--emulator-profile / kvcache_emulator_profile = {value!r}: {exc}") from None
     return str(path.resolve())
 
@@ -298,9 +317,8 @@ def _settings(config: pytest.Config) -> Settings:
     if kind not in SERVER_KINDS:
         raise pytest.UsageError(f"kvcache_server = {kind!r}: use one of {', '.join(SERVER_KINDS)}")
     endpoint = _option(config, "kv_endpoint", "kvcache_endpoint")
-    if endpoint is not None and not _URL.match(endpoint):
-        raise pytest.UsageError(f"--kv-endpoint / kvcache_endpoint = {endpoint!r}: use a URL such as "
-                                "http://127.0.0.1:8000")
+    if endpoint is not None:
+        _check_endpoint(endpoint)
     if kind == "external" and endpoint is None:
         raise pytest.UsageError("--kv-server external needs --kv-endpoint URL (e.g. http://127.0.0.1:8000)")
     server_args = _option(config, "kv_server_args", "kvcache_server_args") or ""
@@ -310,7 +328,7 @@ def _settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(f"--kv-server-args / kvcache_server_args = {server_args!r}: {exc}; "
                                 "quote it as one shell string") from None
     tokenizer = _option(config, "tokenizer", "kvcache_tokenizer")
-    if tokenizer is not None and not Path(tokenizer).exists():
+    if tokenizer is not None and not _exists(Path(tokenizer)):
         raise pytest.UsageError(f"--tokenizer / kvcache_tokenizer = {tokenizer!r}: no such file or folder; "
                                 "pass a model folder with tokenizer.json")
     profile = _emulator_profile(config)
@@ -320,10 +338,18 @@ def _settings(config: pytest.Config) -> Settings:
         results = config.workerinput["kvcache_results_dir"]  # an xdist worker: the controller's run folder
     if results is None:
         import datetime as _dt
+        import secrets
 
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        results = root / "kvcache-results" / f"run-{stamp}"
-    strict = config.getoption("strict_baselines")
+        # sortable by time to the microsecond, and random beyond: runs started together never share it
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+        results = str(root / "kvcache-results" / f"run-{stamp}-{secrets.token_hex(2)}")
+    update, reset = config.getoption("update_baselines"), config.getoption("reset_baselines")
+    if update and reset:
+        raise pytest.UsageError("--update-baselines and --reset-baselines exclude each other: --update-baselines adds "
+                                "this run to the stored runs, --reset-baselines replaces them with it; pass one")
+    results_dir = _folder(config, results, "--kv-results-dir / kvcache_results_dir", writable=True)
+    baseline_dir = _folder(config, _option(config, "baseline_dir", "kvcache_baseline_dir"),
+                           "--baseline-dir / kvcache_baseline_dir", writable=update or reset)
     backend_settings = _backend_settings(config, kind)
     return Settings(
         server=ServerSettings(
@@ -337,18 +363,19 @@ def _settings(config: pytest.Config) -> Settings:
             **backend_settings,
         ),
         tokenizer=tokenizer,
-        results_dir=(root / results) if not Path(results).is_absolute() else Path(results),
-        baseline_dir=root / _option(config, "baseline_dir", "kvcache_baseline_dir"),
-        update_baselines=config.getoption("update_baselines"),
-        reset_baselines=config.getoption("reset_baselines"),
-        strict_baselines=bool(strict if strict is not None else config.getini("kvcache_strict_baselines")),
+        results_dir=results_dir,
+        baseline_dir=baseline_dir,
+        update_baselines=update,
+        reset_baselines=reset,
+        strict_baselines=_strict_baselines(config),
         alpha=_float_setting(config, "alpha", "kvcache_alpha", 0, 0.5, "a significance level such as 0.05"),
         thresholds=_threshold_settings(config),
         trials=config.getoption("trials"),
         verbose=config.getoption("verbose"),
         min_hit_ratio=_min_hit_ratio(config),
         percentiles=_percentiles(config),
-        client_processes=_int_setting(config, "kv_client_processes", "kvcache_client_processes") or 1,
+        client_processes=_int_setting(config, "kv_client_processes", "kvcache_client_processes",
+                                      MAX_CLIENT_PROCESSES) or 1,
         versions=_pairs(config, "kv_version", "kvcache_versions", "commit=abc123"),
         key_moves=KeyMoves(to_testbed=_key_patterns(config, "kvcache_testbed_keys"),
                            to_software=_key_patterns(config, "kvcache_software_keys")),
@@ -356,7 +383,84 @@ def _settings(config: pytest.Config) -> Settings:
         confirm_runs=_count_setting(config, "kv_confirm_runs", "kvcache_confirm_runs", "1"),
         history_url=_history_url(config),
         history_window=_count_setting(config, "kv_history_window", "kvcache_history_window", "20", low=2),
+        request_timeout=_request_timeout(config),
     )
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """A http(s) URL with a host and a valid port; the message never shows its credentials."""
+    from urllib.parse import urlsplit
+
+    from .report.redact import redact_url
+
+    try:
+        parts = urlsplit(endpoint)
+        port_ok = parts.port is None or parts.port > 0  # .port raises ValueError out of 0..65535
+    except ValueError:
+        parts, port_ok = None, False
+    if parts is None or not port_ok or not parts.hostname or not _URL.match(endpoint):
+        raise pytest.UsageError(f"--kv-endpoint / kvcache_endpoint = {redact_url(endpoint)!r}: use a URL such as "
+                                "http://127.0.0.1:8000 (credentials as http://user:token@host:8000)")
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the system cannot hold (too long, a NUL byte) does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a name too long for the system
+        return False
+
+
+def _folder(config: pytest.Config, raw: str, names: str, writable: bool) -> Path:
+    """The folder of an option, absolute: ``~`` expanded, relative to the rootdir. A usage
+    error now, rather than a traceback in every item, when it is no folder (a file is in
+    the way) or, ``writable``, when this user cannot create or write it."""
+    try:
+        path = Path(raw).expanduser()
+        path = path if path.is_absolute() else config.rootpath / path
+        existing = path
+        while not existing.exists():  # the folder is made on first use: its nearest existing parent must allow it
+            existing = existing.parent
+        problem = None
+        if not existing.is_dir():
+            problem = f"{existing} is not a folder"
+        elif writable and not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable by this user"
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: ~user of no such user
+        problem = f"cannot be used as a folder ({exc})"
+    if problem:
+        raise pytest.UsageError(f"{names} = {raw!r}: {problem}; pass a folder this user can write")
+    return path
+
+
+def _strict_baselines(config: pytest.Config) -> bool:
+    if config.getoption("strict_baselines"):
+        return True
+    try:
+        return bool(config.getini("kvcache_strict_baselines"))
+    except ValueError as exc:  # pytest's "invalid truth value 'maybe'" names neither the key nor the fix
+        raise pytest.UsageError(f"--strict-baselines / kvcache_strict_baselines: {exc}; use true or false") from None
+
+
+def _request_timeout(config: pytest.Config) -> float:
+    raw = _option(config, "kv_request_timeout", "kvcache_request_timeout")
+    if raw is None:
+        return DEFAULT_REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 86400:
+        raise pytest.UsageError(f"--kv-request-timeout / kvcache_request_timeout = {raw!r}: use seconds above 0 and "
+                                f"at most 86400 (a day), e.g. {DEFAULT_REQUEST_TIMEOUT:g}")
+    return value
 
 
 def _key_patterns(config: pytest.Config, ini: str) -> tuple[str, ...]:
@@ -407,6 +511,8 @@ def _history_url(config: pytest.Config) -> str | None:
         check_history_url(url)
     except HistoryError as exc:
         raise pytest.UsageError(f"--kv-history / kvcache_history: {exc}") from None
+    except RuntimeError as exc:  # ~user of no such user
+        raise pytest.UsageError(f"--kv-history / kvcache_history = {raw!r}: {exc}") from None
     return url
 
 
@@ -415,9 +521,15 @@ def _percentiles(config: pytest.Config) -> tuple[float, ...]:
 
     raw = _option(config, "percentiles", "kvcache_percentiles") or "50,90,99"
     try:
-        return parse_percentiles(raw)
+        values = parse_percentiles(raw)
     except ValueError as exc:
         raise pytest.UsageError(f"--percentiles / kvcache_percentiles: {exc}") from None
+    given = [float(part) for part in str(raw).split(",")]  # parse_percentiles drops repeats silently
+    if len(given) != len(values):
+        repeated = next(q for q in given if given.count(q) > 1)
+        raise pytest.UsageError(f"--percentiles / kvcache_percentiles: {raw!r} names percentile {repeated:g} more "
+                                "than once; list each once, e.g. 50,90,99")
+    return values
 
 
 def _pairs(config: pytest.Config, name: str, ini: str, example: str) -> tuple[tuple[str, str], ...]:
@@ -447,7 +559,7 @@ def _min_hit_ratio(config: pytest.Config) -> float:
 def _backend_settings(config: pytest.Config, kind: str) -> dict:
     """ServerSettings fields of the vLLM/LMCache options (validated)."""
     python = _option(config, "kv_python", "kvcache_python")
-    if python is not None and not Path(python).is_file():
+    if python is not None and not _is_file(Path(python)):
         raise pytest.UsageError(f"--kv-python / kvcache_python = {python!r}: no such file; pass a Python "
                                 "interpreter that has vLLM, e.g. .real-stack/venv/bin/python")
     # Kept apart: the command line beats a scenario's lmcache_mode, the ini does not.
@@ -490,14 +602,15 @@ def _backend_settings(config: pytest.Config, kind: str) -> dict:
     }
 
 
-def _int_setting(config: pytest.Config, name: str, ini: str) -> int | None:
+def _int_setting(config: pytest.Config, name: str, ini: str, high: int | None = None) -> int | None:
     raw = _option(config, name, ini)
     if raw is None or isinstance(raw, int):
         return raw
     try:
-        return _positive_int(raw)
+        return _positive_int(raw, high)
     except argparse.ArgumentTypeError:
-        raise pytest.UsageError(f"{ini} = {raw!r}: use a positive integer") from None
+        raise pytest.UsageError(f"{ini} = {raw!r}: use a positive integer" + (f" up to {high}" if high else "")) \
+            from None
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -512,6 +625,7 @@ def pytest_configure(config: pytest.Config) -> None:
     # beside the results rather than in /tmp, which is much slower to create files in
     # on some hosts (0.9 ms a file here against 30 us on the project's disk).
     workdir = settings.results_dir / f".scratch-{os.getpid()}"
+    _sweep_scratch(settings.results_dir)
     session_id = getattr(config, "workerinput", {}).get("kvcache_session_id")  # an xdist worker: the controller's
     config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config),
                                           collected_keys=lambda: config.stash.get(_COLLECTED_KEY, ()),
@@ -532,11 +646,111 @@ _COLLECTED_KEY = pytest.StashKey[tuple]()
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     session = config.stash.get(SESSION_KEY, None)
-    if session is not None:
-        session.close()
-        import shutil
+    guard = config.stash.get(_GUARD_KEY, None)
+    if guard is not None:
+        guard.ending = True  # an interrupt now would leave servers or the scratch behind
+    try:
+        if session is not None:
+            session.close()
+            import shutil
 
-        shutil.rmtree(session.pool.workdir, ignore_errors=True)
+            shutil.rmtree(session.pool.workdir, ignore_errors=True)
+    finally:
+        if guard is not None:
+            guard.restore()
+
+
+# -- interrupts: SIGTERM as Ctrl-C, a quiet cleanup, scratch of dead runs -------------------
+
+
+class _SignalGuard:
+    """SIGTERM (how CI runners stop a job) ends the run as Ctrl-C does: a KeyboardInterrupt,
+    so the servers and their services stop, the run files are written marked interrupted,
+    the scratch folder goes, and pytest exits with status 2. Once the run is ending, a
+    further SIGINT or SIGTERM is held rather than raised, so the cleanup is never cut
+    short into a traceback; it is bounded (each server gets 10 s, then SIGKILL)."""
+
+    def __init__(self) -> None:
+        self.received: list[str] = []  # signal names, in order
+        self.ending = False
+        self._held = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        import signal
+        import threading
+
+        if self._previous or threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        import signal
+
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        import asyncio
+        import signal
+
+        name = signal.Signals(signum).name
+        self.received.append(name)
+        if not self.ending:
+            self.ending = True
+            interrupt = KeyboardInterrupt() if name == "SIGINT" else KeyboardInterrupt(f"{name} received")
+            loop = asyncio._get_running_loop()
+            if loop is not None and asyncio.current_task(loop) is not None:
+                # raised from a callback of its own instead: a task that ended with it would be
+                # logged with a traceback ("exception was never retrieved") at exit, while
+                # asyncio.run cancels the tasks still running, so their cleanup runs
+                loop.call_soon(_raise, interrupt)
+                return
+            raise interrupt
+        self._held += 1
+        if self._held == 1:  # said once; os.write: a buffered stream may be mid-write below us
+            os.write(2, f"\npytest-kvcache: {name} held: stopping the servers, writing the run files and removing "
+                        f"the scratch folder first (kill -9 {os.getpid()} abandons that)\n".encode())
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+_GUARD_KEY = pytest.StashKey[_SignalGuard]()
+_SCENARIO_ITEMS_KEY = pytest.StashKey[tuple]()
+
+
+def _pid_gone(pid: int) -> bool:
+    """No such process here (or only its zombie): its scratch folder is nobody's."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _sweep_scratch(results_dir: Path) -> None:
+    """Remove the ``.scratch-<pid>`` folders of runs whose process is gone (kill -9, a lost
+    machine): in this results folder and in its siblings, since the default results folder
+    is a new ``run-<time>`` folder each run. A live process's folder is left alone."""
+    import shutil
+
+    found = {*results_dir.glob(".scratch-*"), *results_dir.parent.glob("*/.scratch-*")}
+    for folder in sorted(found):
+        pid = folder.name.removeprefix(".scratch-")
+        if pid.isdigit() and int(pid) != os.getpid() and folder.is_dir() and not folder.is_symlink() \
+                and _pid_gone(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
 
 
 # -- collection ---------------------------------------------------------------------
@@ -569,8 +783,12 @@ def _scenario_test(request: pytest.FixtureRequest, kvcache_session: KVSession) -
         _record(request, kvcache_session)
 
 
+_STEMS_KEY = pytest.StashKey[dict]()
+
+
 class ScenarioFile(pytest.File):
     def collect(self):
+        self._claim_name()
         try:
             scenario = load_scenario(self.path)
         except ScenarioError as exc:
@@ -579,6 +797,24 @@ class ScenarioFile(pytest.File):
         for case in scenario.cases:
             case = override_thresholds(case, overrides)
             yield ScenarioItem.from_parent(self, name=case.name, callobj=_scenario_test, case=case)
+
+    def _claim_name(self) -> None:
+        """Items are keyed by file stem and item name (ScenarioItem.baseline_key): two files of
+        one stem in different folders would share baseline and result files. Refused rather
+        than keyed by folder, so that a key never depends on which files a run collects."""
+        stem = self.path.stem
+        other = self.config.stash.setdefault(_STEMS_KEY, {}).setdefault(stem.casefold(), self.path)
+        if other != self.path:
+            def shown(path: Path) -> str:
+                try:
+                    return path.relative_to(self.config.rootpath).as_posix()
+                except ValueError:
+                    return str(path)
+
+            baselines = self.config.stash[SESSION_KEY].settings.baseline_dir.name
+            raise self.CollectError(
+                f"{shown(self.path)}: scenario files {shown(other)} and {shown(self.path)} share the name '{stem}', "
+                f"so their items would share baseline files ({baselines}/{stem}/) and result files; rename one of them")
 
     class CollectError(Exception):
         pass
@@ -641,6 +877,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         (item.baseline_key, tuple(t.metric for t in item.case.thresholds))
         for item in session.items if isinstance(item, ScenarioItem) and item.case.reference_backend is None)
     session.config.stash[_ORDER_KEY] = {item.nodeid: i for i, item in enumerate(session.items)}
+    session.config.stash[_SCENARIO_ITEMS_KEY] = tuple(item.nodeid for item in session.items
+                                                      if isinstance(item, ScenarioItem))
+    if _worker_id(session.config) is None and session.config.stash[_SCENARIO_ITEMS_KEY]:
+        # only where servers will run: other suites keep Python's own SIGINT and SIGTERM
+        guard = session.config.stash.setdefault(_GUARD_KEY, _SignalGuard())
+        guard.install()
 
 
 @pytest.fixture(scope="session")
@@ -656,6 +898,11 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     kv = session.config.stash.get(SESSION_KEY, None)
     if kv is None:
         return
+    guard = session.config.stash.get(_GUARD_KEY, None)
+    if guard is not None:
+        guard.ending = True  # from here on an interrupt is held until the cleanup is done
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        kv.interrupted = guard.received[0] if guard is not None and guard.received else "KeyboardInterrupt"
     kv.close()
     if _worker_id(session.config) is not None:
         _finish_worker(session.config, kv)  # the controller decides and writes the run files
@@ -679,7 +926,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         return
     from .report.terminal import render_summary
 
-    for line, colour in render_summary(kv.outcomes, kv.gate, kv.settings, change_points=kv.change_points):
+    for line, colour in render_summary(kv.outcomes, kv.gate, kv.settings, change_points=kv.change_points,
+                                       interrupted=kv.interrupted, not_run=_not_run(config, kv)):
         terminalreporter.write_line(line, **({colour: True} if colour else {}))
     problem = config.stash.get(_HISTORY_KEY, None)
     if problem:
@@ -828,6 +1076,14 @@ def _record_history(config: pytest.Config, kv: KVSession) -> None:
         config.stash[_HISTORY_KEY] = problem
 
 
+def _not_run(config: pytest.Config, kv: KVSession) -> tuple[str, ...]:
+    """The selected items that never started (an interrupted run), in collection order."""
+    if not kv.interrupted:
+        return ()
+    started = {o.nodeid for o in kv.outcomes}
+    return tuple(nodeid for nodeid in config.stash.get(_SCENARIO_ITEMS_KEY, ()) if nodeid not in started)
+
+
 def _write_run_files(session: pytest.Session, kv: KVSession) -> None:
     if not kv.outcomes:
         return
@@ -838,6 +1094,7 @@ def _write_run_files(session: pytest.Session, kv: KVSession) -> None:
         header = pytest_report_header(config)
         config.stash[_RUN_FILES_KEY] = write_run_files(kv.settings.results_dir, kv.outcomes, kv.gate, kv.settings,
                                                        store=kv.store, header=header, started=kv.started,
-                                                       history=kv.history)
+                                                       history=kv.history, interrupted=kv.interrupted,
+                                                       not_run=_not_run(config, kv))
     except Exception as exc:  # the verdicts stand without the report files; say what went wrong
         config.stash[_RUN_FILES_KEY] = exc

@@ -19,7 +19,8 @@ Run it with::
     python -m pytest_kvcache.reference_server --host 127.0.0.1 --port 8123 \\
         --ttft-ms 40 --itl-ms 8 [--model NAME] [--tokens-per-chunk 1] [--error-every N] \\
         [--cut-after-chunks K [--cut-every N]] [--malformed-every N] \\
-        [--stall-every N --stall-s S] [--early-headers] [--workers N]
+        [--stall-every N --stall-s S] [--early-headers] [--workers N] \\
+        [--max-body-bytes N] [--max-header-bytes N] [--max-json-depth N] [--max-prompt-chars N]
 
 How deadlines are kept with little CPU: it is one asyncio process with raw
 non-blocking sockets served by the loop's reader callbacks (no web framework), and all chunk deadlines sit in one
@@ -47,6 +48,22 @@ Fault knobs count generation requests from 1 and apply to request ``seq`` when
 ``--cut-every`` request, default all); ``--malformed-every`` sends one event that is not
 JSON in place of the second chunk; ``--stall-every`` pauses the stream ``--stall-s``
 seconds after the first chunk. SIGTERM and SIGINT stop it with exit code 0.
+
+Limits (a hostile request costs a bounded time and memory, and gets a 4xx in vLLM's error
+shape, never a hang): a request line + headers over ``--max-header-bytes`` (64 KiB) get
+431; a body over ``--max-body-bytes`` (16 MiB: a 1M-token prompt as text or ids is ~7 MB)
+gets 413 as soon as its ``Content-Length`` is read; a missing or malformed request line,
+a malformed header line, a ``Content-Length`` that is not one non-negative integer, and
+any ``Transfer-Encoding`` get 400. Such a request is answered after the responses
+already due on its connection, with ``Connection: close``; what the client sends after it
+is dropped, and the connection closes when the client does (at most ``LINGER_S`` later).
+JSON bodies must be ``application/json`` (415 otherwise; no ``Content-Type`` is taken as
+JSON), strict JSON (no ``NaN``/``Infinity``), an object, nested at most
+``--max-json-depth`` (64) containers deep; fields have their OpenAI types (``stream`` a
+boolean, ``max_tokens`` a positive integer, ...). A prompt longer than
+``--max-prompt-chars`` (16 x ``--max-model-len``) is refused before it is tokenized, and
+one of more tokens than ``--max-model-len`` gets vLLM's ``This model's maximum context
+length is N tokens...``.
 """
 
 from __future__ import annotations
@@ -59,6 +76,7 @@ import heapq
 import itertools
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -73,6 +91,7 @@ __all__ = ["ReferenceServer", "ReferenceSettings", "main", "serve"]
 
 perf = time.perf_counter
 EARLY_S = 100e-6  # the timerfd is armed this early; the rest of the wait is a spin
+LINGER_S = 2.0  # a refused request's connection stays open this long for the client to read the answer
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,10 @@ class ReferenceSettings:
     early_headers: bool = False
     workers: int = 1
     served_version: str = "0.0.0-reference"
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_header_bytes: int = 65536
+    max_json_depth: int = 64
+    max_prompt_chars: int | None = None  # None: 16 x max_model_len
 
 
 # -- precise timers -------------------------------------------------------------------------
@@ -205,7 +228,10 @@ class _Timers:
 
 # -- HTTP -------------------------------------------------------------------------------------
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            413: "Payload Too Large", 500: "Internal Server Error"}
+            413: "Payload Too Large", 415: "Unsupported Media Type", 431: "Request Header Fields Too Large",
+            500: "Internal Server Error"}
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110's token: a method or a header name
+_SLICE = 1 << 20  # characters of a prompt split at a time when counting its words
 _STREAM_HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
                 b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n")
 
@@ -222,7 +248,7 @@ def _json_response(status: int, obj) -> bytes:
 
 
 def _error_body(message: str, code: int) -> dict:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}.get(code, "Error")
+    kind = {404: "NotFoundError", 500: "InternalServerError"}.get(code, "BadRequestError" if code < 500 else "Error")
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
@@ -236,6 +262,99 @@ class _BadRequest(Exception):
         self.code = code
 
 
+def _parse_head(head: str, max_body: int) -> tuple[str, str, dict[str, str], int]:
+    """Method, path, headers (names in lower case) and body length of a request head
+    (without its blank line); :class:`_BadRequest` says what is wrong with a malformed one."""
+    lines = head.split("\r\n")
+    parts = lines[0].split(" ")
+    if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith("/")
+            or parts[2] not in ("HTTP/1.1", "HTTP/1.0")):
+        raise _BadRequest(f"bad request line {lines[0][:100]!r}: expected 'METHOD /path HTTP/1.1'")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _BadRequest(f"bad header line {line[:100]!r}: expected 'Name: value'")
+        name = name.lower()
+        if name == "content-length" and name in headers:  # which one would frame the body?
+            raise _BadRequest("more than one Content-Length header")
+        headers[name] = value.strip()
+    if "transfer-encoding" in headers:
+        raise _BadRequest("Transfer-Encoding (e.g. chunked request bodies) is not supported: send Content-Length")
+    cl = headers.get("content-length", "0")
+    if not (cl.isascii() and cl.isdigit()):
+        raise _BadRequest(f"bad Content-Length {cl[:40]!r}: expected one non-negative integer")
+    digits = cl.lstrip("0") or "0"
+    if len(digits) > len(str(max_body)) or int(digits) > max_body:
+        raise _BadRequest(f"request body of {digits[:40]} bytes is over the limit of {max_body} bytes "
+                          "(--max-body-bytes)", 413)
+    return parts[0], parts[1].split("?", 1)[0], headers, int(digits)
+
+
+def _is_json_type(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _openers_over(raw: bytes, limit: int) -> bool:
+    """Whether ``raw`` holds more than ``limit`` of ``[`` and ``{``: only then can its JSON nest
+    deeper than ``limit`` (memchr per opener, so a typical body costs microseconds where
+    counting every byte would cost as much as parsing it)."""
+    n = 0
+    for opener in (b"[", b"{"):
+        i = raw.find(opener)
+        while i >= 0:
+            n += 1
+            if n > limit:
+                return True
+            i = raw.find(opener, i + 1)
+    return False
+
+
+def _check_depth(obj: dict | list, limit: int) -> None:
+    """Refuse ``obj`` if it nests containers more than ``limit`` deep (level by level, no recursion)."""
+    level, depth = [obj], 1
+    while level:
+        if depth > limit:
+            raise _BadRequest(f"request body nests JSON more than the limit of {limit} levels deep (--max-json-depth)")
+        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
+        depth += 1
+
+
+def _flag(obj: dict, key: str, default: bool = False) -> bool:
+    """A boolean field (null: ``default``)."""
+    value = obj.get(key)
+    if value is None:
+        return default
+    if type(value) is not bool:
+        raise _BadRequest(f"'{key}' must be a boolean, got {type(value).__name__}")
+    return value
+
+
+def _count_words(text: str, limit: int) -> int:
+    """``len(text.split())`` (the tokenizer's count) a slice at a time, stopping once past ``limit``:
+    a huge prompt costs neither the memory of all its words nor the time to split them all."""
+    n = 0
+    for i in range(0, len(text), _SLICE):
+        part = text[i:i + _SLICE]
+        n += len(part.split())
+        if i and not part[0].isspace() and not text[i - 1].isspace():
+            n -= 1  # the word across the slices' boundary was counted in both
+        if n > limit:
+            break
+    return n
+
+
+def _too_long(limit: int, n: int | str) -> str:
+    """vLLM's message for a prompt over the context length."""
+    return (f"This model's maximum context length is {limit} tokens. However, your request has {n} input "
+            "tokens. Please reduce the length of the input messages.")
+
+
 class _Request:
     __slots__ = ("arrival", "body", "headers", "method", "path")
 
@@ -244,15 +363,15 @@ class _Request:
 
 
 class _Connection:
-    MAX_HEAD = 65536
-
     def __init__(self, server: ReferenceServer) -> None:
         self.server = server
         self.transport: StampedSocket | None = None
         self.closed = False
-        self._buf = b""
+        self._buf = bytearray()  # appends in place: a body that trickles in is not copied again per read
+        self._need = 0  # the buffer's length when the request whose head was parsed is complete
+        self._rejected = False  # a malformed request was queued: nothing after it is read
         self._arrival = 0.0
-        self._queue: list[_Request] = []
+        self._queue: list[_Request | _BadRequest] = []
         self._busy = False
         self._scheduled = False
 
@@ -262,9 +381,13 @@ class _Connection:
 
     def data_received(self, data: bytes, stamp: float) -> None:
         """``stamp``: when the read's bytes reached this host (the kernel's stamp where it gives one)."""
+        if self._rejected:
+            return  # the connection ends after its error answer: what the client still sends is dropped
         if not self._buf:
             self._arrival = stamp  # the arrival of a request whose head starts here
         self._buf += data
+        if len(self._buf) < self._need:
+            return  # the body of a parsed head is still coming
         if not self._scheduled:
             # parse after every connection readable in this loop pass has been stamped
             self._scheduled = True
@@ -272,46 +395,47 @@ class _Connection:
 
     def _parse(self, stamp: float) -> None:
         self._scheduled = False
-        while self._buf and not self.closed:
-            end = self._buf.find(b"\r\n\r\n")
+        s = self.server.s
+        while self._buf and not self.closed and not self._rejected:
+            end = self._buf.find(b"\r\n\r\n", 0, s.max_header_bytes + 4)
             if end < 0:
-                if len(self._buf) > self.MAX_HEAD:
-                    self._fail(413, "request head too large")
-                return
-            lines = self._buf[:end].decode("latin-1").split("\r\n")
-            parts = lines[0].split(" ")
-            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                self._fail(400, "bad request line")
-                return
-            headers = {}
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                headers[name.strip().lower()] = value.strip()
-            if "chunked" in headers.get("transfer-encoding", "").lower():
-                self._fail(400, "chunked request bodies are not supported; send Content-Length")
-                return
+                if len(self._buf) > s.max_header_bytes:
+                    self._reject(_BadRequest(f"request line and headers are over the limit of {s.max_header_bytes} "
+                                             "bytes (--max-header-bytes)", 431))
+                break
             try:
-                length = int(headers.get("content-length", "0"))
-            except ValueError:
-                self._fail(400, "bad Content-Length")
-                return
+                method, path, headers, length = _parse_head(self._buf[:end].decode("latin-1"), s.max_body_bytes)
+            except _BadRequest as exc:
+                self._reject(exc)
+                break
             if len(self._buf) < end + 4 + length:
-                return
-            body = self._buf[end + 4: end + 4 + length]
-            self._buf = self._buf[end + 4 + length:]
-            self._queue.append(_Request(self._arrival, parts[0], parts[1].split("?", 1)[0], headers, body))
+                self._need = end + 4 + length
+                break
+            body = bytes(self._buf[end + 4: end + 4 + length])
+            del self._buf[: end + 4 + length]
+            self._need = 0
+            self._queue.append(_Request(self._arrival, method, path, headers, body))
             self._arrival = stamp  # pipelined bytes after this request arrived with it
         self._next()
 
-    def _fail(self, code: int, message: str) -> None:
-        self.write(_response(code, json.dumps(_error_body(message, code)).encode(), close=True))
-        self.close()
+    def _reject(self, exc: _BadRequest) -> None:
+        """Queue the answer to a malformed request (after those already due) and read no more."""
+        self._rejected = True
+        self._buf.clear()
+        self._need = 0
+        self._queue.append(exc)
 
     def _next(self) -> None:
         if self._busy or not self._queue or self.closed:
             return
         req = self._queue.pop(0)
-        self._busy = True
+        self._busy = True  # a rejected request is the connection's last: it stays busy
+        if isinstance(req, _BadRequest):
+            self.write(_response(req.code, json.dumps(_error_body(str(req), req.code)).encode(), close=True))
+            # closing at once, with the client's bytes unread, would reset the connection and
+            # could destroy the answer before the client reads it: close when it does, or later
+            self.server.loop.call_later(LINGER_S, self.close)
+            return
         self.server.handle(self, req)
 
     def done(self) -> None:
@@ -431,6 +555,7 @@ class ReferenceServer:
         self.seq = 0
         self.finished = 0
         self.created = int(time.time())
+        self.max_prompt_chars = settings.max_prompt_chars or 16 * settings.max_model_len
         self._listener: socket.socket | None = None
 
     async def start(self) -> None:
@@ -508,23 +633,67 @@ class ReferenceServer:
                 raise _BadRequest(f"no route {req.path}", 404)
         except _BadRequest as exc:
             conn.write(_json_response(exc.code, _error_body(str(exc), exc.code)))
+        except Exception:  # noqa: BLE001 - a bug costs one answer, not the connection nor the server
+            traceback.print_exc()
+            conn.write(_json_response(500, _error_body("reference server: internal error", 500)))
         conn.done()
 
     def _json(self, req: _Request) -> dict:
+        s = self.s
+        content_type = req.headers.get("content-type")
+        if content_type is not None and not _is_json_type(content_type):
+            raise _BadRequest(f"Content-Type {content_type[:100]!r} is not supported: send application/json", 415)
         try:
-            body = json.loads(req.body)
-        except ValueError:
-            raise _BadRequest("request body is not valid JSON") from None
+            body = json.loads(req.body, parse_constant=_no_constant)
+        except RecursionError:
+            raise _BadRequest(f"request body nests JSON more than the limit of {s.max_json_depth} levels deep "
+                              "(--max-json-depth)") from None
+        except ValueError as exc:
+            raise _BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(body, dict):
             raise _BadRequest("request body must be a JSON object")
+        if _openers_over(req.body, s.max_json_depth):
+            _check_depth(body, s.max_json_depth)
         model = body.get("model")
-        if model is not None and model != self.s.model:
-            raise _BadRequest(f"The model `{model}` does not exist.", 404)
+        if model is not None and not isinstance(model, str):
+            raise _BadRequest(f"'model' must be a string, got {type(model).__name__}")
+        if model is not None and model != s.model:
+            raise _BadRequest(f"The model `{model[:200]}` does not exist.", 404)
         return body
 
+    def _check_chars(self, chars: int) -> None:
+        if chars > self.max_prompt_chars:
+            raise _BadRequest(f"the prompt is {chars} characters long, over the limit of {self.max_prompt_chars} "
+                              "(--max-prompt-chars); it was not tokenized")
+
+    def _check_chat(self, messages: object) -> None:
+        """Refuse, before the template tokenizes them, messages too many for the context (each
+        costs 3 tokens at least) or too long, and a role that is not a string (the template
+        looks it up in a dict); the template says what else is wrong."""
+        if not isinstance(messages, list):
+            return
+        limit = self.s.max_model_len
+        if 3 * len(messages) > limit:
+            raise _BadRequest(_too_long(limit, f"more than {limit}"))
+        chars = 0
+        for m in messages:
+            if not isinstance(m, dict):
+                continue
+            if not isinstance(m.get("role"), str):
+                raise _BadRequest(f"a message's 'role' must be a string, got {type(m.get('role')).__name__}")
+            content = m.get("content")
+            if isinstance(content, str):
+                chars += len(content)
+            elif isinstance(content, list):
+                chars += sum(len(p) if isinstance(p, str) else len(p["text"])
+                             if isinstance(p, dict) and isinstance(p.get("text"), str) else 0 for p in content)
+        self._check_chars(chars)
+
     def _chat_ids(self, body: dict) -> list[int]:
+        messages = body.get("messages")
+        self._check_chat(messages)
         try:
-            return self.tok.apply_chat_template(body.get("messages"), bool(body.get("add_generation_prompt", True)))
+            return self.tok.apply_chat_template(messages, _flag(body, "add_generation_prompt", True))
         except ValueError as exc:
             raise _BadRequest(str(exc)) from None
 
@@ -532,7 +701,12 @@ class ReferenceServer:
         if "messages" in body:
             ids = self._chat_ids(body)
         elif isinstance(body.get("prompt"), str):
-            ids = self.tok.encode(body["prompt"])
+            self._check_chars(len(body["prompt"]))
+            try:
+                ids = self.tok.encode(body["prompt"])
+            except UnicodeEncodeError:  # an unknown word is hashed as UTF-8, which a lone surrogate is not
+                raise _BadRequest("the prompt is not valid Unicode: it holds a lone surrogate "
+                                  "(\\ud800-\\udfff)") from None
         else:
             raise _BadRequest("'prompt' (a string) or 'messages' is required")
         return _json_response(200, {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids,
@@ -548,16 +722,27 @@ class ReferenceServer:
             raise _BadRequest(str(exc)) from None
 
     def _prompt_len(self, body: dict, chat: bool) -> int:
+        """The prompt's tokens; a prompt over the context length is refused here, once counted past it."""
+        limit = self.s.max_model_len
         if chat:
-            return len(self._chat_ids(body))
+            n = len(self._chat_ids(body))
+            if n > limit:
+                raise _BadRequest(_too_long(limit, n))
+            return n
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
             prompt = prompt[0]
         if isinstance(prompt, str):
-            return self.tok.count(prompt)
+            self._check_chars(len(prompt))
+            n = _count_words(prompt, limit)
+            if n > limit:
+                raise _BadRequest(_too_long(limit, f"more than {limit}"))
+            return n
+        if isinstance(prompt, list) and len(prompt) > limit:
+            raise _BadRequest(_too_long(limit, len(prompt)))
         if isinstance(prompt, list) and all(type(i) is int and 0 <= i < self.s.vocab_size for i in prompt):
             return len(prompt)
-        raise _BadRequest("'prompt' must be a string or a list of token ids")
+        raise _BadRequest(f"'prompt' must be a string or a list of token ids in [0, {self.s.vocab_size})")
 
     def _generate(self, conn: _Connection, req: _Request, chat: bool) -> bool:
         """Answer a generation request; True when a stream was started (it ends itself)."""
@@ -567,15 +752,23 @@ class ReferenceServer:
         if n == 0:
             raise _BadRequest("The prompt is empty: at least one token is required")
         mt = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
-            else body.get("max_tokens", 16)
+            else body.get("max_tokens")
+        if mt is None:
+            mt = 16
         if type(mt) is not int or mt < 1:
             raise _BadRequest("max_tokens must be a positive integer")
         if n + mt > s.max_model_len:
-            raise _BadRequest(f"This model's maximum context length is {s.max_model_len} tokens.")
-        stream = bool(body.get("stream", False))
-        so = body.get("stream_options") or {}
+            raise _BadRequest(
+                f"This model's maximum context length is {s.max_model_len} tokens. However, you requested "
+                f"{n + mt} tokens ({n} in the messages, {mt} in the completion). Please reduce the length of "
+                "the messages or completion.")
+        stream = _flag(body, "stream")
+        so = body.get("stream_options")
+        if so is None:
+            so = {}
         if not isinstance(so, dict):
             raise _BadRequest("stream_options must be an object")
+        continuous, include_usage = _flag(so, "continuous_usage_stats"), _flag(so, "include_usage")
         self.seq += 1
         seq = self.seq
         if s.error_every and seq % s.error_every == 0:
@@ -609,8 +802,7 @@ class ReferenceServer:
             st.suffix = b',"logprobs":null,"finish_reason":"length","stop_reason":null}]'
         st.usage_head = head + b',"choices":[]'
         st.n_prompt, st.max_tokens, st.tpc, st.nchunks, st.k = n, mt, tpc, nchunks, 0
-        st.continuous = bool(so.get("continuous_usage_stats", False))
-        st.include_usage = bool(so.get("include_usage", False))
+        st.continuous, st.include_usage = continuous, include_usage
         st.stamps = []
         st.cut_after = s.cut_after_chunks if (s.cut_after_chunks and seq % max(1, s.cut_every) == 0) else 0
         st.malformed = bool(s.malformed_every and seq % s.malformed_every == 0 and nchunks > 2)
@@ -694,7 +886,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="serve from N processes sharing the port (SO_REUSEPORT), for chunk rates one core "
                         "cannot write; a fixed --port is needed (fault knobs count per process)")
+    lim = p.add_argument_group("request limits (what is over them gets a 4xx)")
+    lim.add_argument("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
+                     help="413 for a request body over N bytes (default 16 MiB; a 1M-token prompt as text or "
+                          "token ids is ~7 MB)")
+    lim.add_argument("--max-header-bytes", type=_positive_int, default=65536, metavar="N",
+                     help="431 for a request line and headers over N bytes (default 64 KiB)")
+    lim.add_argument("--max-json-depth", type=_positive_int, default=64, metavar="N",
+                     help="400 for a JSON body nesting containers more than N deep (default 64)")
+    lim.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="N",
+                     help="400, before tokenizing, for a prompt (or chat messages' text) over N characters "
+                          "(default 16 x --max-model-len)")
     return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -704,7 +917,8 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_chunk=a.tokens_per_chunk, max_model_len=a.max_model_len, error_every=a.error_every,
         cut_after_chunks=a.cut_after_chunks, cut_every=a.cut_every, malformed_every=a.malformed_every,
         stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers, workers=a.workers,
-        served_version=a.served_version)
+        served_version=a.served_version, max_body_bytes=a.max_body_bytes, max_header_bytes=a.max_header_bytes,
+        max_json_depth=a.max_json_depth, max_prompt_chars=a.max_prompt_chars)
     if settings.workers > 1 and settings.port == 0:
         _parser().error("--workers needs a fixed --port: the processes must bind the same one")
     children = [_fork_worker(settings) for _ in range(settings.workers - 1)]

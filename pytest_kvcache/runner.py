@@ -27,7 +27,7 @@ from .metrics import summarize as summarize_records
 from .models import RoundResult, ScenarioCase, TrialResult
 from .spread import ClientProcesses
 from .telemetry import Snapshot, TelemetrySource, summarize
-from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, build_random_prompts
+from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, build_random_prompts, check_model_len
 
 __all__ = ["CaseRunner", "Progress", "parse_prometheus"]
 
@@ -62,8 +62,10 @@ class CaseRunner:
     """Holds what survives between cases: the tokenizer choice and built prompts."""
 
     def __init__(self, tokenizer_path: str | None = None, prompt_cache_items: int = 64,
-                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, client_processes: int = 1) -> None:
+                 percentiles: Sequence[float] = DEFAULT_PERCENTILES, client_processes: int = 1,
+                 request_timeout: float = 600.0) -> None:
         self._percentiles = tuple(percentiles)
+        self._request_timeout = request_timeout
         self._client_processes = client_processes
         self._local = LocalTokenizer(tokenizer_path) if tokenizer_path else None
         self._tokenizer_source = tokenizer_path
@@ -81,13 +83,17 @@ class CaseRunner:
     async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
                    progress: Progress, source: TelemetrySource) -> tuple[TrialResult, ...]:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
-                        request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed)
+                        request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed,
+                        timeout_s=self._request_timeout)
         results = []
         pool = (open_pool(base_url, case.concurrency) if self._client_processes <= 1
                 else ClientProcesses(base_url, case.concurrency, self._client_processes))
         try:
             async with open_client(base_url) as client:
                 codec = self._local or ServerTokenizer(client, model)
+                await check_model_len(client, model, case.name, dataset=case.dataset, input_len=case.input_len,
+                                      output_len=case.output_len, num_prompts=case.num_prompts, options=case.options,
+                                      warmup=bool(case.warmup_requests))
                 for trial in trials:
                     prompts = await self._prompts_for(codec, case, trial, model)
                     warmup = await self._warmup_for(codec, case, trial, model)

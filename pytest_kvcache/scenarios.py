@@ -39,11 +39,21 @@ A scenario file holds one mapping::
                                   #   (one item per mode, the mode in the id)
 
 Every error names the file and the key (:class:`~pytest_kvcache.errors.ScenarioError`).
+
+Limits (checked here, before anything is built or sent; each message names the limit):
+the file is at most :data:`MAX_FILE_BYTES` of UTF-8 YAML of at most :data:`MAX_YAML_NODES`
+nodes with every alias expanded and :data:`MAX_YAML_DEPTH` levels; a matrix makes at most
+:data:`MAX_ITEMS` items; token counts are at most :data:`MAX_TOKENS`, and one round of an
+item at most :data:`MAX_ROUND_TOKENS` (its requests' prompt + output tokens, counted at
+the datasets' maxima); :data:`MAX_PROMPTS` prompts, :data:`MAX_WARMUP` warm-up requests,
+:data:`MAX_TRIALS` trials, :data:`MAX_CONCURRENCY` concurrency, :data:`MAX_TURNS` turns;
+a request rate low enough to stretch a round past :data:`MAX_ROUND_SECONDS` is refused.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 from dataclasses import replace
@@ -62,10 +72,24 @@ from .models import (
     ScenarioCase,
     format_tokens,
 )
+from .workloads._options import MAX_PROMPTS, MAX_TOKENS, MAX_TURNS
+from .workloads._options import show as _show
 
 __all__ = [
     "DATASETS",
     "MATRIX_KEYS",
+    "MAX_CONCURRENCY",
+    "MAX_FILE_BYTES",
+    "MAX_ITEMS",
+    "MAX_PROMPTS",
+    "MAX_ROUND_SECONDS",
+    "MAX_ROUND_TOKENS",
+    "MAX_TOKENS",
+    "MAX_TRIALS",
+    "MAX_TURNS",
+    "MAX_WARMUP",
+    "MAX_YAML_DEPTH",
+    "MAX_YAML_NODES",
     "TOKEN_COUNT_FORMS",
     "default_thresholds",
     "is_known_metric",
@@ -104,28 +128,60 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 _METRIC = re.compile(r"^(mean|median|std|p\d{1,2}(?:\.\d+)?)_(ttft|tpot|itl|e2el)_ms$")
 _THROUGHPUTS = frozenset({"request_throughput", "output_throughput", "total_token_throughput"})
 
+# -- limits: a hostile or mistyped file fails here in milliseconds, never at run time
+#: bytes of one scenario file (the largest shipped one is about 1.2 KB)
+MAX_FILE_BYTES = 256 * 1024
+#: nodes of the YAML document with every alias expanded (an alias bomb expands exponentially)
+MAX_YAML_NODES = 100_000
+#: nesting levels of the YAML document (a scenario needs 4)
+MAX_YAML_DEPTH = 32
+#: items one file's matrix makes
+MAX_ITEMS = 1000
+#: prompt + output tokens of one round of an item, all its requests together: 100m
+#: (MAX_TOKENS, MAX_PROMPTS and MAX_TURNS live with the datasets that check them too)
+MAX_ROUND_TOKENS = 100_000_000
+MAX_WARMUP = 10_000
+MAX_TRIALS = 100
+#: concurrent requests of an item (one connection each)
+MAX_CONCURRENCY = 4096
+#: a request rate must send a round's requests within this (seconds, at the mean rate)
+MAX_ROUND_SECONDS = 3600
+#: burstiness (gamma shape): below 0.01 one gap can hold a round for 100 times its mean length
+BURSTINESS_RANGE = (0.01, 100.0)
+#: a KV-size target (GB); MAX_PROMPTS bounds what it may ask for in practice
+MAX_KV_TARGET_GB = 1_000_000
+#: characters of a scenario name (it names baseline and result files)
+MAX_NAME_CHARS = 64
+_MAX_SEED = 2**63 - 1
+
 
 def parse_token_count(text: str | int) -> int:
     """``"10k"`` -> 10000. Raises ValueError with the accepted forms."""
     if isinstance(text, bool):
-        raise ValueError(f"{text!r} is not a token count; use {TOKEN_COUNT_FORMS}")
+        raise ValueError(f"{_show(text)} is not a token count; use {TOKEN_COUNT_FORMS}")
     if isinstance(text, int):
         value = text
     else:
         m = _TOKEN_COUNT.match(str(text))
         if not m:
-            raise ValueError(f"{text!r} is not a token count; use {TOKEN_COUNT_FORMS}")
+            raise ValueError(f"{_show(text)} is not a token count; use {TOKEN_COUNT_FORMS}")
         number = float(m.group(1)) * {"": 1, "k": 1_000, "m": 1_000_000}[m.group(2).lower()]
+        if number > MAX_TOKENS:  # before int(): a long digit string is inf here
+            raise ValueError(f"{_show(text)} is more than {format_tokens(MAX_TOKENS)} tokens, the limit of a prompt "
+                             "or an answer")
         if number != int(number):
-            raise ValueError(f"{text!r} is not a whole number of tokens; use {TOKEN_COUNT_FORMS}")
+            raise ValueError(f"{_show(text)} is not a whole number of tokens; use {TOKEN_COUNT_FORMS}")
         value = int(number)
     if value <= 0:
-        raise ValueError(f"{text!r} must be positive; use {TOKEN_COUNT_FORMS}")
+        raise ValueError(f"{_show(text)} must be positive; use {TOKEN_COUNT_FORMS}")
+    if value > MAX_TOKENS:
+        raise ValueError(f"{_show(text)} is more than {format_tokens(MAX_TOKENS)} tokens, the limit of a prompt or "
+                         "an answer")
     return value
 
 
 def is_known_metric(name: str) -> bool:
-    return bool(_METRIC.match(name)) or name in _THROUGHPUTS
+    return bool(_METRIC.fullmatch(name)) or name in _THROUGHPUTS
 
 
 def default_thresholds(output_len: int) -> tuple[MetricThreshold, ...]:
@@ -141,20 +197,101 @@ def default_thresholds(output_len: int) -> tuple[MetricThreshold, ...]:
 
 def load_scenario(path: Path) -> Scenario:
     """Read and validate one scenario file."""
-    import yaml  # only when scenarios are collected
-
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ScenarioError(path, "<file>", f"cannot be read: {exc}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ScenarioError(path, "<file>", f"is larger than {MAX_FILE_BYTES // 1024} KiB, the limit of a scenario "
+                            "file; split it into several files")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(path, "<file>", f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                            "save it as UTF-8 YAML") from None
+    return parse_scenario(_load_yaml(text, path), path)
+
+
+def _load_yaml(text: str, path: Path | str) -> Any:
+    """``yaml.safe_load`` within the limits: depth while composing, expanded size before
+    constructing (an alias bomb is a small graph that only grows when expanded)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        depth = 0
+
+        def compose_node(self, parent, index):
+            self.depth += 1
+            try:
+                if self.depth > MAX_YAML_DEPTH:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"nested deeper than {MAX_YAML_DEPTH} levels, the limit of a scenario file",
+                        self.peek_event().start_mark)
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
+
+    loader = None
+    try:
+        loader = Loader(text)  # reads the text at once: a NUL or other control character fails here
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded(node, path)
+        return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
         raise ScenarioError(path, "<yaml>", f"not valid YAML{where}: {problem}") from None
-    return parse_scenario(data, path)
+    except (ValueError, OverflowError) as exc:  # a scalar its type cannot hold: 2024-13-45, a 5000-digit int
+        raise ScenarioError(path, "<yaml>", f"a value cannot be read: {' '.join(str(exc).split())}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+
+
+def _check_expanded(root: Any, path: Path | str) -> None:
+    """Refuse a document over MAX_YAML_NODES nodes or MAX_YAML_DEPTH levels once its
+    aliases are expanded, or with a recursive alias; counted on the node graph, each
+    shared node once."""
+    import yaml
+
+    def children(node: Any) -> list:
+        if isinstance(node, yaml.SequenceNode):
+            return list(node.value)
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return []
+
+    size: dict[int, int] = {}
+    depth: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order: an expanded depth may be far beyond the recursion limit
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            kids = children(node)
+            size[key] = 1 + sum(size[id(k)] for k in kids)
+            depth[key] = 1 + max((depth[id(k)] for k in kids), default=0)
+            open_nodes.discard(key)
+            if size[key] > MAX_YAML_NODES:
+                raise ScenarioError(path, "<yaml>", f"expands to more than {MAX_YAML_NODES:,} nodes (aliases "
+                                    "expanded), the limit of a scenario file")
+            if depth[key] > MAX_YAML_DEPTH:
+                raise ScenarioError(path, "<yaml>", f"nests deeper than {MAX_YAML_DEPTH} levels (aliases "
+                                    "expanded), the limit of a scenario file")
+            continue
+        if key in size:
+            continue
+        if key in open_nodes:
+            raise ScenarioError(path, "<yaml>", "an alias refers to a node that contains it (a recursive "
+                                f"structure) at line {node.start_mark.line + 1}; write the values out")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((k, False) for k in children(node))
 
 
 def parse_scenario(data: Any, path: Path | str) -> Scenario:
@@ -162,24 +299,28 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         raise ScenarioError(path, "<top>", "a scenario file must hold a mapping with at least 'name' and 'matrix'")
     unknown = sorted(set(map(str, data)) - TOP_KEYS)
     if unknown:
-        raise ScenarioError(path, unknown[0], f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
+        raise ScenarioError(path, _key(unknown[0]), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
 
     name = _require(data, "name", path)
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ScenarioError(path, "name", f"{name!r} must be an identifier (letters, digits, _), e.g. prefill")
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
+        raise ScenarioError(path, "name", f"{_show(name)} must be an identifier (letters, digits, _) of at most "
+                            f"{MAX_NAME_CHARS} characters, e.g. prefill")
     if "phase" not in data and name not in PHASES:
         raise ScenarioError(path, "phase", f"is required (one of: {', '.join(PHASES)})")
     phase = data.get("phase", name)
     if phase not in PHASES:
-        raise ScenarioError(path, "phase", f"{phase!r} is not a known phase; use one of: {', '.join(PHASES)}")
-    description = str(data.get("description", "")).strip()
+        raise ScenarioError(path, "phase", f"{_show(phase)} is not a known phase; use one of: {', '.join(PHASES)}")
+    description = data.get("description", "")
+    if isinstance(description, (list, dict)):
+        raise ScenarioError(path, "description", "must be text (one string)")
+    description = str(description).strip()
 
     matrix = _require(data, "matrix", path)
     if not isinstance(matrix, dict) or not matrix:
         raise ScenarioError(path, "matrix", "must be a mapping of dimension -> list of values, e.g. {backend: [none, cpu]}")
     for key in matrix:
         if key not in MATRIX_KEYS:
-            raise ScenarioError(path, f"matrix.{key}", f"unknown dimension; allowed: {', '.join(MATRIX_KEYS)}")
+            raise ScenarioError(path, f"matrix.{_key(key)}", f"unknown dimension; allowed: {', '.join(MATRIX_KEYS)}")
         if key in data:
             raise ScenarioError(path, key, "given both at top level and in matrix; keep one")
 
@@ -200,35 +341,44 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
             raise ScenarioError(path, where, "must not be an empty list")
         dims[key] = [_check_dim(key, v, where, path) for v in values]
         if len(set(dims[key])) != len(dims[key]):
-            raise ScenarioError(path, where, f"repeats a value: {raw!r}")
+            raise ScenarioError(path, where, f"repeats a value: {_show(raw)}")
+    items = math.prod(len(values) for values in dims.values())
+    if items > MAX_ITEMS:  # before expanding: 8 x 200 x 200 x 200 is 64 million items
+        raise ScenarioError(path, "matrix", f"makes {items:,} items ({' x '.join(str(len(v)) for v in dims.values())})"
+                            f", more than {MAX_ITEMS:,}, the limit of a scenario file; split it or drop values")
 
     rounds = data.get("rounds", DEFAULTS["rounds"])
-    if not isinstance(rounds, list) or not rounds or any(r not in ROUNDS for r in rounds):
-        raise ScenarioError(path, "rounds", f"{rounds!r} must be a non-empty list of {', '.join(ROUNDS)}")
+    if (not isinstance(rounds, list) or not rounds or any(r not in ROUNDS for r in rounds)
+            or len(set(rounds)) != len(rounds)):
+        raise ScenarioError(path, "rounds", f"{_show(rounds)} must be a non-empty list of {', '.join(ROUNDS)}, "
+                            "each at most once")
     measure = data.get("measure", rounds[-1])
     if measure not in rounds:
-        raise ScenarioError(path, "measure", f"{measure!r} must be one of the rounds {rounds}")
-    trials = _positive_int(data.get("trials", DEFAULTS["trials"]), "trials", path)
+        raise ScenarioError(path, "measure", f"{_show(measure)} must be one of the rounds {rounds}")
+    trials = _positive_int(data.get("trials", DEFAULTS["trials"]), "trials", path, MAX_TRIALS)
     seed = data.get("seed", DEFAULTS["seed"])
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ScenarioError(path, "seed", f"{seed!r} must be a non-negative integer")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
+        raise ScenarioError(path, "seed", f"{_show(seed)} must be an integer from 0 to 2**63 - 1")
     api = data.get("api", DEFAULTS["api"])
     if api not in APIS:
-        raise ScenarioError(path, "api", f"{api!r} must be one of {', '.join(APIS)}")
+        raise ScenarioError(path, "api", f"{_show(api)} must be one of {', '.join(APIS)}")
     request_rate = _rate(data.get("request_rate", DEFAULTS["request_rate"]), path)
     burstiness = data.get("burstiness", 1.0)
-    if isinstance(burstiness, bool) or not isinstance(burstiness, (int, float)) or not 0 < burstiness < math.inf:
-        raise ScenarioError(path, "burstiness", f"{burstiness!r} must be a positive number (1 = Poisson arrivals)")
+    low, high = BURSTINESS_RANGE
+    if isinstance(burstiness, bool) or not isinstance(burstiness, (int, float)) or not low <= burstiness <= high:
+        raise ScenarioError(path, "burstiness", f"{_show(burstiness)} must be a number from {low:g} to {high:g} "
+                            "(1 = Poisson arrivals, smaller is burstier)")
     explicit = _thresholds(data.get("thresholds"), path)
     reference = _paired_with(data.get("paired_with"), path)
     options_json = _dataset_options(data.get("dataset_options"), dims["dataset"], path)
     warmup = data.get("warmup_requests", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ScenarioError(path, "warmup_requests", f"{warmup!r} must be a non-negative integer")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= MAX_WARMUP:
+        raise ScenarioError(path, "warmup_requests", f"{_show(warmup)} must be an integer from 0 to {MAX_WARMUP:,}")
     slos = _slos(data.get("slo"), path)
     kv_per_token = _kv_per_token(data, dims, matrix, path)
 
     varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
+    options = json.loads(options_json) if options_json else {}
     cases = []
     for combo in itertools.product(*(dims[k] for k in MATRIX_KEYS)):
         values = dict(zip(MATRIX_KEYS, combo))
@@ -239,12 +389,16 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
 
             values["num_prompts"] = prompts_for_kv_target(values["kv_target_gb"], kv_per_token, values["input_len"],
                                                           values["output_len"])
+        case_id = _case_id(values, varying, reference)
+        prompts_key = "kv_target_gb" if values["kv_target_gb"] else (
+            "matrix.num_prompts" if "num_prompts" in matrix else "num_prompts")
+        _check_load(f"{name}[{case_id}]", values, options, warmup, request_rate, prompts_key, path)
         cases.append(
             ScenarioCase(
                 scenario=name,
                 path=str(path),
                 phase=phase,
-                case_id=_case_id(values, varying, reference),
+                case_id=case_id,
                 backend=values["backend"],
                 input_len=values["input_len"],
                 concurrency=values["concurrency"],
@@ -273,23 +427,54 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
 
 
+def _check_load(item: str, values: dict[str, Any], options: dict, warmup: int, rate: float, prompts_key: str,
+                path: Path | str) -> None:
+    """One item's load within the limits: its prompts, the tokens of a round (at the
+    dataset's maxima), and how long its request rate takes to send a round."""
+    from .workloads import request_bounds
+
+    n = values["num_prompts"]
+    if n > MAX_PROMPTS:
+        raise ScenarioError(path, prompts_key, f"item {item} would send {n:,} prompts a round, more than "
+                            f"{MAX_PROMPTS:,}, the limit of an item")
+    requests, prompt, request = request_bounds(values["dataset"], input_len=values["input_len"],
+                                               output_len=values["output_len"], num_prompts=n, options=options)
+    if prompt > MAX_TOKENS:
+        raise ScenarioError(path, "dataset_options", f"item {item}: a conversation's last prompt may hold "
+                            f"{prompt:,} tokens, more than {MAX_TOKENS:,}, the limit of a prompt; fewer turns or "
+                            "shorter turns")
+    if requests * request > MAX_ROUND_TOKENS:
+        raise ScenarioError(path, prompts_key, f"item {item}: {requests:,} requests of up to {request:,} tokens "
+                            f"(prompt + output) make up to {requests * request:,} tokens a round, more than "
+                            f"{MAX_ROUND_TOKENS:,}, the limit; fewer prompts or shorter ones")
+    warm_tokens = warmup * (values["input_len"] + values["output_len"])
+    if requests * request + warm_tokens > MAX_ROUND_TOKENS:
+        raise ScenarioError(path, "warmup_requests", f"item {item}: {warmup:,} warm-up requests of "
+                            f"{values['input_len'] + values['output_len']:,} tokens take the round past "
+                            f"{MAX_ROUND_TOKENS:,} tokens, the limit; fewer warm-up requests")
+    seconds = (requests + warmup) / rate
+    if seconds > MAX_ROUND_SECONDS:
+        raise ScenarioError(path, "request_rate", f"item {item}: {requests + warmup:,} requests at {rate:g} per "
+                            f"second take about {seconds:,.0f} s a round, more than {MAX_ROUND_SECONDS:,} s, the "
+                            f"limit; use a request_rate of at least {(requests + warmup) / MAX_ROUND_SECONDS:.3g} "
+                            "(or inf)")
+
+
 def _dataset_options(raw: Any, datasets: list[str], path: Path | str) -> str:
     """Validated options as canonical JSON ("" when none)."""
-    import json
-
     from .workloads import OptionProblem, check_dataset_options
 
     if raw is None:
         return ""
     if not isinstance(raw, dict):
-        raise ScenarioError(path, "dataset_options", f"{raw!r} must be a mapping of option -> value")
+        raise ScenarioError(path, "dataset_options", f"{_show(raw)} must be a mapping of option -> value")
     if len(datasets) > 1:
         raise ScenarioError(path, "dataset_options", "cannot apply to several datasets; "
                             "use one scenario file per dataset")
     options = dict(raw)
     if isinstance(options.get("path"), str) and not Path(options["path"]).is_absolute():
         beside = Path(str(path)).parent / options["path"]
-        if beside.exists():
+        if _exists(beside):
             options["path"] = str(beside)
     try:
         options = check_dataset_options(datasets[0], options)
@@ -306,9 +491,9 @@ def _slos(raw: Any, path: Path | str) -> tuple[tuple[str, float], ...]:
     out = []
     for metric, value in raw.items():
         if metric not in SLO_METRICS:
-            raise ScenarioError(path, f"slo.{metric}", f"unknown; use {', '.join(SLO_METRICS)} (milliseconds)")
+            raise ScenarioError(path, f"slo.{_key(metric)}", f"unknown; use {', '.join(SLO_METRICS)} (milliseconds)")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ScenarioError(path, f"slo.{metric}", f"{value!r} must be a positive number of milliseconds")
+            raise ScenarioError(path, f"slo.{metric}", f"{_show(value)} must be a positive number of milliseconds")
         out.append((metric, float(value)))
     return tuple(out)
 
@@ -328,14 +513,28 @@ def _kv_per_token(data: dict, dims: dict, matrix: dict, path: Path | str) -> int
     if raw is None:
         raise ScenarioError(path, "model_config", "is required with kv_target_gb: the model's config.json "
                             "(a path, relative to this file or absolute) or its mapping")
-    if isinstance(raw, str) and not Path(raw).is_absolute() and (Path(str(path)).parent / raw).exists():
+    if isinstance(raw, str) and not Path(raw).is_absolute() and _exists(Path(str(path)).parent / raw):
         raw = str(Path(str(path)).parent / raw)
     if not isinstance(raw, (str, dict)):
-        raise ScenarioError(path, "model_config", f"{raw!r} must be a path to config.json or a mapping")
+        raise ScenarioError(path, "model_config", f"{_show(raw)} must be a path to config.json or a mapping")
     try:
         return kv_bytes_per_token(raw)
     except (ValueError, TypeError) as exc:
         raise ScenarioError(path, "model_config", str(exc)) from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` exists; a name the system cannot hold (too long, a NUL) does not."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
+
+
+def _key(key: Any, limit: int = 60) -> str:
+    """A key of the file as an error names it: its text, cut short if it is long."""
+    text = str(key)
+    return text if len(text) <= limit else f"{text[:limit]}..."
 
 
 def _require(data: dict, key: str, path: Path | str) -> Any:
@@ -347,39 +546,44 @@ def _require(data: dict, key: str, path: Path | str) -> Any:
 def _check_dim(key: str, value: Any, where: str, path: Path | str) -> Any:
     if key == "backend":
         if value not in BACKENDS:
-            raise ScenarioError(path, where, f"unknown backend {value!r}; use one of: {', '.join(BACKENDS)}")
+            raise ScenarioError(path, where, f"unknown backend {_show(value)}; use one of: {', '.join(BACKENDS)}")
         return value
     if key == "dataset":
         if value not in DATASETS:
-            raise ScenarioError(path, where, f"unknown dataset {value!r}; use one of: {', '.join(DATASETS)}")
+            raise ScenarioError(path, where, f"unknown dataset {_show(value)}; use one of: {', '.join(DATASETS)}")
         return value
     if key == "lmcache_mode":
         if value not in LMCACHE_MODES:
-            raise ScenarioError(path, where, f"unknown LMCache mode {value!r}; use one of: {', '.join(LMCACHE_MODES)}")
+            raise ScenarioError(path, where,
+                                f"unknown LMCache mode {_show(value)}; use one of: {', '.join(LMCACHE_MODES)}")
         return value
     if key == "kv_target_gb":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-            raise ScenarioError(path, where, f"{value!r} must be a positive number of GB (10^9 bytes), e.g. 50")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= MAX_KV_TARGET_GB:
+            raise ScenarioError(path, where, f"{_show(value)} must be a number of GB (10^9 bytes) above 0 and at most "
+                                f"{MAX_KV_TARGET_GB:,}, e.g. 50")
         return float(value)
     if key == "input_len":
         try:
             return parse_token_count(value)
         except ValueError as exc:
             raise ScenarioError(path, where, str(exc)) from None
-    return _positive_int(value, where, path)
+    high = {"concurrency": MAX_CONCURRENCY, "num_prompts": MAX_PROMPTS, "output_len": MAX_TOKENS}[key]
+    return _positive_int(value, where, path, high)
 
 
-def _positive_int(value: Any, where: str, path: Path | str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ScenarioError(path, where, f"{value!r} must be a positive integer")
+def _positive_int(value: Any, where: str, path: Path | str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+        raise ScenarioError(path, where, f"{_show(value)} must be a positive integer up to {high:,}")
     return value
 
 
 def _rate(value: Any, path: Path | str) -> float:
-    if value in ("inf", math.inf):
+    if isinstance(value, str) and value == "inf":
         return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ScenarioError(path, "request_rate", f"{value!r} must be a positive number of requests per second or 'inf'")
+    # NaN fails every comparison, so it is refused here too
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= math.inf:
+        raise ScenarioError(path, "request_rate", f"{_show(value)} must be a positive number of requests per second "
+                            "or inf")
     return float(value)
 
 
@@ -390,7 +594,7 @@ def _thresholds(raw: Any, path: Path | str) -> tuple[MetricThreshold, ...] | Non
         raise ScenarioError(path, "thresholds", "must map metric names to {direction: lower|higher, threshold: 10%}")
     out = []
     for metric, spec in raw.items():
-        where = f"thresholds.{metric}"
+        where = f"thresholds.{_key(metric)}"
         if not is_known_metric(str(metric)):
             raise ScenarioError(
                 path, where, "unknown metric; use vLLM's names such as median_ttft_ms, p99_ttft_ms, "
@@ -400,7 +604,8 @@ def _thresholds(raw: Any, path: Path | str) -> tuple[MetricThreshold, ...] | Non
             raise ScenarioError(path, where, "must be {direction: lower|higher, threshold: 10%}")
         direction = spec.get("direction", "higher" if "throughput" in str(metric) else "lower")
         if direction not in ("lower", "higher"):
-            raise ScenarioError(path, f"{where}.direction", f"{direction!r} must be 'lower' or 'higher' (which is better)")
+            raise ScenarioError(path, f"{where}.direction",
+                                f"{_show(direction)} must be 'lower' or 'higher' (which is better)")
         out.append(MetricThreshold(str(metric), direction, _fraction(spec.get("threshold"), f"{where}.threshold", path)))
     return tuple(out)
 
@@ -410,13 +615,13 @@ def parse_threshold_override(text: str) -> tuple[str, float]:
     metric, sep, value = text.partition("=")
     metric = metric.strip()
     if not sep or not is_known_metric(metric):
-        raise ValueError(f"{text!r}: use METRIC=PCT with a vLLM metric name, e.g. median_ttft_ms=15% or "
+        raise ValueError(f"{_show(text)}: use METRIC=PCT with a vLLM metric name, e.g. median_ttft_ms=15% or "
                          "total_token_throughput=5%")
     value = value.strip()
     try:
         return metric, _fraction(value if value.endswith("%") else float(value), "threshold", "<command line>")
     except (ValueError, ScenarioError):
-        raise ValueError(f"{text!r}: the threshold must be a percentage above 0, e.g. 15%") from None
+        raise ValueError(f"{_show(text)}: the threshold must be a percentage above 0, e.g. 15%") from None
 
 
 def override_thresholds(case: ScenarioCase, overrides: Iterable[tuple[str, float]]) -> ScenarioCase:
@@ -442,9 +647,10 @@ def _fraction(value: Any, where: str, path: Path | str) -> float:
         else:
             raise ValueError
     except ValueError:
-        raise ScenarioError(path, where, f"{value!r} must be a percentage such as 10% (or a fraction such as 0.10)") from None
+        raise ScenarioError(path, where,
+                            f"{_show(value)} must be a percentage such as 10% (or a fraction such as 0.10)") from None
     if not 0 < number < 10:
-        raise ScenarioError(path, where, f"{value!r} must be above 0%")
+        raise ScenarioError(path, where, f"{_show(value)} must be above 0%")
     return number
 
 
@@ -455,7 +661,7 @@ def _paired_with(raw: Any, path: Path | str) -> str | None:
         raise ScenarioError(path, "paired_with", "must be {backend: NAME}, the configuration to compare against")
     if raw["backend"] not in BACKENDS:
         raise ScenarioError(path, "paired_with.backend",
-                            f"unknown backend {raw['backend']!r}; use one of: {', '.join(BACKENDS)}")
+                            f"unknown backend {_show(raw['backend'])}; use one of: {', '.join(BACKENDS)}")
     return raw["backend"]
 
 

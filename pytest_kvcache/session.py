@@ -25,6 +25,7 @@ from .errors import BaselineError, KVCacheError
 from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
 from .models import CaseResult, ScenarioCase, TrialResult
 from .report.json_report import write_item_json
+from .report.redact import redact_url, scrub
 from .runner import CaseRunner
 from .servers import ServerHandle, ServerPool, ServerSettings
 from .stats import MetricComparison, NoisePrior
@@ -64,6 +65,8 @@ class Settings:
     history_url: str | None = None
     #: change points of the session's items are looked for among this many last runs
     history_window: int = 20
+    #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
+    request_timeout: float = 600.0
 
 
 @dataclass
@@ -78,7 +81,7 @@ class ItemOutcome:
     confirmations: list[CaseResult] = field(default_factory=list)
     comparisons: list[MetricComparison] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
-    status: str = "measured"  # measured | compared | baseline-updated | skipped | failed
+    status: str = "measured"  # measured | compared | baseline-updated | skipped | failed | interrupted
     message: str = ""
     json_path: Path | None = None
     reference: CaseResult | None = None  # paired design: the reference configuration's trials
@@ -120,6 +123,8 @@ class KVSession:
         self.commit = _git_commit()
         self.gate = None  # decision.Gate, set at session end
         self.history: HistoryReport | None = None  # what the history store said at session end
+        #: what ended the run early (SIGINT, SIGTERM, KeyboardInterrupt); None when it ran to the end
+        self.interrupted: str | None = None
 
     @property
     def change_points(self) -> list:
@@ -188,6 +193,9 @@ class KVSession:
         if case.reference_backend is not None:
             try:
                 self._run_paired(outcome, case, trials, progress)
+            except KeyboardInterrupt:
+                _cut_off(outcome)
+                raise
             finally:
                 write_item_json(outcome.json_path, outcome)
             return outcome
@@ -199,6 +207,9 @@ class KVSession:
                                              host=self.pool.host_facts(), versions=self.settings.versions,
                                              moves=self.settings.key_moves)
             self._decide(outcome, backend, progress)
+        except KeyboardInterrupt:
+            _cut_off(outcome)
+            raise
         finally:
             write_item_json(outcome.json_path, outcome)
         return outcome
@@ -214,18 +225,28 @@ class KVSession:
 
     def _measure(self, outcome: ItemOutcome, case: ScenarioCase, backend: BackendConfig, trial_indices,
                  progress: Callable[[str], None], fresh: bool = False) -> tuple[ServerHandle, tuple[TrialResult, ...]]:
-        error = None
+        error, server = None, None
         try:
             server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
             if self.runner is None:
                 self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
-                                         client_processes=self.settings.client_processes)
+                                         client_processes=self.settings.client_processes,
+                                         request_timeout=self.settings.request_timeout)
             results = self.runner.run(case, server.base_url, server.model, list(trial_indices), progress,
                                       telemetry=server.telemetry)
         except KVCacheError as exc:
             error = str(exc)
+            # a request that failed because the server died says so, not only "ConnectError"
+            died = server.exit_report(grace=1.0) if server is not None else None
+            if died:
+                error = f"the server died during the run: {died}\n  the request that failed: {error}"
         if error is not None:  # failed outside the except block: one message, no chained traceback
             self._fail(outcome, error)
+        if any(not t.usable for t in results):
+            died = server.exit_report(grace=1.0)
+            if died:
+                self._fail(outcome, f"the server died during the run: {died}\n  "
+                           + "\n  ".join(f"trial {t.index + 1}: {t.problem}" for t in results if not t.usable))
         from .telemetry import check_hits
 
         problem = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio)
@@ -238,6 +259,11 @@ class KVSession:
     def _run_paired(self, outcome: ItemOutcome, case: ScenarioCase, trials: int,
                     progress: Callable[[str], None]) -> None:
         """Alternate reference and candidate trial by trial (A B, B A, ...), then compare pairs."""
+        if trials < 2:  # checked before anything is measured: one pair cannot show a difference
+            source = "--trials" if self.settings.trials else f"trials in {Path(case.path).name}"
+            self._fail(outcome, f"a paired comparison ({case.backend} against {case.reference_backend}) needs at "
+                       f"least 2 trials, one pair of reference and candidate runs each, and {source} is {trials}; "
+                       "use --trials 2 or more")
         reference = self._backend(outcome, case.reference_backend)
         candidate = self._backend(outcome, case.backend)
         by_side: dict[str, list] = {"reference": [], "candidate": []}
@@ -287,9 +313,15 @@ class KVSession:
             self._fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
                        + "\n  ".join(problems))
         try:
-            baseline = self.store.load(outcome.baseline_key)
+            baseline, unreadable = self.store.load(outcome.baseline_key), None
         except BaselineError as exc:
-            self._fail(outcome, str(exc))
+            baseline, unreadable = None, str(exc)
+        if unreadable is not None:  # failed outside the except block: one message, no chained traceback
+            if s.update_baselines or s.reset_baselines:
+                flag = "--reset-baselines" if s.reset_baselines else "--update-baselines"
+                unreadable = (f"baseline NOT updated: {flag} never overwrites a baseline file it cannot read "
+                              f"(it may hold runs worth keeping); {unreadable}")
+            self._fail(outcome, unreadable)
         differences = diff_testbeds(self._stored_testbed(baseline), identity.testbed) if baseline else []
         if s.update_baselines or s.reset_baselines:
             self._update_baseline(outcome, baseline, differences, problems)
@@ -411,13 +443,18 @@ class KVSession:
         outcome.comparisons = comparisons
         if plan.action == "refuse":
             self._fail(outcome, plan.message)
+        problem = None
         try:
             written, dropped = self.store.write(
                 outcome.baseline_key, outcome.identity.testbed, self._baseline_run(outcome),
                 replace=plan.action == "replace",
                 differences=lambda stored, current: diff_testbeds(self._stored_testbed_of(stored), current))
         except BaselineError as exc:
-            self._fail(outcome, str(exc))
+            problem = str(exc)
+        except ValueError as exc:  # the run holds a value a baseline cannot (BaselineStore.write)
+            problem = f"baseline NOT updated: {exc}"
+        if problem is not None:  # failed outside the except block: one message, no chained traceback
+            self._fail(outcome, problem)
         outcome.status, outcome.baseline_updated = "baseline-updated", True
         outcome.message = f"{plan.message} ({written.path}, {len(written.runs)} runs)"
         if dropped and plan.action == "append":
@@ -432,14 +469,23 @@ class KVSession:
                          for t in outcome.result.trials))
 
     def _fail(self, outcome: ItemOutcome, message: str) -> None:
+        message = scrub(message, self.settings.server.endpoint)  # an error may quote the endpoint's URL
         outcome.status, outcome.message = "failed", message
         pytest.fail(message, pytrace=False)
 
     def _skip_or_fail(self, outcome: ItemOutcome, message: str) -> None:
         if self.settings.strict_baselines:
             self._fail(outcome, message + " (--strict-baselines)")
+        message = scrub(message, self.settings.server.endpoint)
         outcome.status, outcome.message = "skipped", message
         pytest.skip(message)
+
+
+def _cut_off(outcome: ItemOutcome) -> None:
+    """An item stopped by Ctrl-C or SIGTERM before its verdict: INTERRUPTED, never MEASURED."""
+    if outcome.status == "measured":
+        outcome.status = "interrupted"
+        outcome.message = "interrupted before it was judged (Ctrl-C or SIGTERM)"
 
 
 def _night(tables: list[dict[str, float]], night_variance) -> float | None:
@@ -460,8 +506,10 @@ def _night(tables: list[dict[str, float]], night_variance) -> float | None:
 
 def _server_record(server: ServerHandle, backend: BackendConfig) -> dict[str, str]:
     """The server's info and what this item's backend configuration records (its LMCache
-    mode): per item, since items that differ only there share one emulator."""
-    return {**server.info, **dict(backend.recorded)}
+    mode): per item, since items that differ only there share one emulator. A URL's
+    credentials are never recorded."""
+    record = {**server.info, **dict(backend.recorded)}
+    return {k: redact_url(v) if isinstance(v, str) else v for k, v in record.items()}
 
 
 def _git_commit() -> str | None:

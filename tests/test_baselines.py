@@ -200,7 +200,7 @@ def test_truncated_file(store: BaselineStore) -> None:
     "doc,needle",
     [
         ([], "expected an object"),
-        ({"schema_version": 3, "key": KEY, "testbed": {}, "runs": []}, "schema_version 3"),
+        ({"schema_version": 0, "key": KEY, "testbed": {}, "runs": []}, "schema_version 0"),
         ({"schema_version": "2", "key": KEY, "testbed": {}, "runs": []}, "schema_version"),
         ({"schema_version": 2, "key": KEY, "testbed": {}}, "missing field(s) 'runs'"),
         ({"schema_version": 2, "key": KEY, "testbed": [], "runs": []}, "'testbed'"),
@@ -220,6 +220,83 @@ def test_wrong_shapes(store: BaselineStore, doc: object, needle: str) -> None:
 
 def test_not_utf8(store: BaselineStore) -> None:
     _assert_corrupt(store, b"\xff\xfe{}", "UTF-8")
+
+
+def _doc_with(trials: object) -> bytes:
+    return json.dumps({"schema_version": 2, "key": KEY, "testbed": {}, "runs": [
+        {"run_id": "r0", "created": "", "trials": [{"index": 0, "summary": {"median_ttft_ms": 5.0}}]},
+        {"run_id": "r1", "created": "", "trials": trials}]}, allow_nan=True).encode()
+
+
+@pytest.mark.parametrize("trials,needle", [
+    ([{"summary": {"median_ttft_ms": "12"}}], "runs[1].trials[0].summary.median_ttft_ms is a string"),
+    ([{"summary": {"median_ttft_ms": -3.0}}], "runs[1].trials[0].summary.median_ttft_ms is -3.0"),
+    ([{"summary": {"median_ttft_ms": 0}}], "runs[1].trials[0].summary.median_ttft_ms is 0, expected a positive"),
+    ([{"summary": {"x": 1}}, {"summary": {"p99_ttft_ms": float("nan")}}],
+     "runs[1].trials[1].summary.p99_ttft_ms is NaN"),
+    ([{"summary": {"total_token_throughput": float("inf")}}], "summary.total_token_throughput is Infinity"),
+    ([{"summary": {"failed": -1}}], "summary.failed is -1, expected a non-negative number"),
+    ([{"summary": {"median_ttft_ms": True}}], "summary.median_ttft_ms is a boolean"),
+    ([{"summary": {"median_ttft_ms": 10**400}}], "too large"),
+    ([{"summary": {"odd name": [1]}}], "runs[1].trials[0].summary['odd name'] is a list"),
+    ([{"index": 0}], "runs[1].trials[0] has no 'summary'"),
+    ([{"index": -1, "summary": {}}], "runs[1].trials[0].index is -1"),
+    ([{"summary": {}, "ttfts_ms": [1.0, float("nan")]}], "runs[1].trials[0].ttfts_ms[1] is NaN"),
+    (5, "runs[1].trials is int"),
+    ([3], "runs[1].trials[0] is int"),
+])
+def test_hostile_values_name_their_place(store: BaselineStore, trials: object, needle: str) -> None:
+    _assert_corrupt(store, _doc_with(trials), needle)
+
+
+def test_values_a_real_measurement_can_have_load(store: BaselineStore) -> None:
+    """Zeros where a measurement can have them (failures, spreads, coalesced tokens), and null."""
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(_doc_with([{"summary": {"failed": 0, "std_ttft_ms": 0.0, "median_tpot_ms": 0.0,
+                                             "median_itl_ms": None, "median_ttft_ms": 7.5}}]))
+    assert store.load(KEY).metric_runs("median_ttft_ms") == [[5.0], [7.5]]
+    assert store.load(KEY).metric_runs("median_tpot_ms") == []  # 0 never enters a log-scale comparison
+
+
+def test_newer_schema_says_which_version_this_plugin_reads(store: BaselineStore) -> None:
+    from pytest_kvcache import __version__
+    from pytest_kvcache.errors import BaselineSchemaError
+
+    content = json.dumps({"schema_version": 3, "key": KEY, "testbed": {}, "runs": []}).encode()
+    path = store.path_for(KEY)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(BaselineSchemaError) as info:
+        store.load(KEY)
+    msg = str(info.value)
+    assert isinstance(info.value, BaselineCorruptError)  # never overwritten either
+    assert f"{path} has schema_version 3" in msg and f"({__version__}) reads schema_version 2" in msg
+    assert "corrupt" not in msg and "delete" not in msg and "upgrade" in msg
+    for replace in (False, True):
+        with pytest.raises(BaselineSchemaError):
+            store.write(KEY, TESTBED, make_run(1), replace=replace)
+    assert path.read_bytes() == content
+
+
+def test_write_refuses_what_load_would_refuse(store: BaselineStore) -> None:
+    bad = BaselineRun("x", "t", trials=({"summary": {"median_ttft_ms": -1.0}},))
+    with pytest.raises(ValueError, match=r"run.trials\[0\].summary.median_ttft_ms is -1.0"):
+        store.write(KEY, TESTBED, bad)
+    assert not store.path_for(KEY).exists()
+
+
+def test_written_files_are_readable_by_others(store: BaselineStore) -> None:
+    old = os.umask(0o022)
+    try:
+        store.write(KEY, TESTBED, make_run(0))
+        store.write(KEY, TESTBED, make_run(1))  # a replaced file too
+        assert store.path_for(KEY).stat().st_mode & 0o777 == 0o644
+        os.umask(0o027)
+        store.write(KEY, TESTBED, make_run(2))
+        assert store.path_for(KEY).stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)
 
 
 # ------------------------------------------------------------------ atomicity

@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from kvproject import make_project, run_pytest
 from test_history_postgres import pg_url, postgres  # noqa: F401 - fixtures
 

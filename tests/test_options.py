@@ -35,13 +35,14 @@ def test_help_lists_every_option_and_ini_key(project):
                    "--kv-endpoint", "--kv-server-args", "--model", "--tokenizer", "--kv-results-dir", "--baseline-dir",
                    "--update-baselines", "--reset-baselines", "--strict-baselines", "--alpha", "--threshold",
                    "--emulator-profile", "--emulator-slowdown", "--kv-python", "--kv-lmcache-mode", "--kv-lmcache",
-                   "--kv-redis-url", "--kv-gds-path", "--kv-label", "--kv-min-hit-ratio", "--kv-ready-timeout"):
+                   "--kv-redis-url", "--kv-gds-path", "--kv-label", "--kv-min-hit-ratio", "--kv-ready-timeout",
+                   "--kv-request-timeout"):
         assert option in text, option
     for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer", "kvcache_results_dir",
                 "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_thresholds", "kvcache_emulator_profile",
                 "kvcache_emulator_slowdown", "kvcache_python", "kvcache_lmcache_mode", "kvcache_lmcache",
                 "kvcache_redis_url", "kvcache_gds_path", "kvcache_labels", "kvcache_min_hit_ratio",
-                "kvcache_ready_timeout"):
+                "kvcache_ready_timeout", "kvcache_request_timeout"):
         assert ini in text, ini
 
 

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from pytest_kvcache import reference_server
 from pytest_kvcache.servers._process import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +167,35 @@ def test_keep_alive_and_pipelining(server) -> None:
         while data.count(b"HTTP/1.1 200") < 3 and time.monotonic() < deadline:
             data += s.recv(65536)
     assert data.count(b"HTTP/1.1 200") == 3
+
+
+def test_a_malformed_request_is_answered_in_turn_then_the_connection_closes(server) -> None:
+    """Pipelined after a stream, its 400 comes after the stream's end, not inside it."""
+    host, port = server.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "ba", "max_tokens": 3, "stream": True}).encode()
+    good = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(good + b"POST /v1/completions HTTP/1.1\r\nContent-Length: -1\r\n\r\n")
+        s.settimeout(5)
+        data = b""
+        while b'"code": 400}}' not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    stream, _, refusal = data.partition(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+    assert stream.startswith(b"HTTP/1.1 200 OK") and b"HTTP/1.1 4" not in stream
+    assert refusal.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"Connection: close" in refusal
+    assert b"Content-Length" in refusal.split(b"\r\n\r\n", 1)[1]
+
+
+@settings(max_examples=300, derandomize=True, deadline=None)
+@given(st.lists(st.sampled_from(["a", "bb", " ", "  ", "\n", "\u3000"]), max_size=60).map("".join), st.integers(0, 20))
+def test_words_are_counted_a_slice_at_a_time_as_the_tokenizer_counts_them(text: str, limit: int) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference_server, "_SLICE", 7)  # words straddle many slice boundaries
+        assert reference_server._count_words(text, 10**9) == len(text.split())
+        assert (reference_server._count_words(text, limit) > limit) == (len(text.split()) > limit)
 
 
 def test_error_every(tmp_path) -> None:

@@ -25,6 +25,10 @@ from .profile_file import ProfileFileError, is_profile_path, resolve_profile
 
 #: the interpreter's thread switch interval in the emulator process (seconds; see _serve)
 WRITER_SWITCH_INTERVAL_S = 0.05
+#: aiohttp's parser refuses (400) a request line or header line longer than this ...
+AIOHTTP_MAX_LINE = 8190
+#: ... and more header lines than this (so it never holds more than ~1 MB of one head)
+AIOHTTP_MAX_HEADERS = 128
 
 
 def _positive_float(text: str) -> float:
@@ -138,6 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "slowdown_prefill, slowdown_decode, slowdown_load, redis_url, read_delay_ms; profile fields "
                         "scheduler, max_num_seqs, max_num_batched_tokens, step_base_ms)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    lim = p.add_argument_group("request limits (what is over them gets a 4xx)")
+    lim.add_argument("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
+                     help="413 for a request body over N bytes (default 16 MiB; a 1M-token prompt as text or "
+                          "token ids is ~7 MB)")
+    lim.add_argument("--max-header-bytes", type=_positive_int, default=65536, metavar="N",
+                     help=f"431 for a request line and headers over N bytes (default 64 KiB; aiohttp refuses "
+                          f"with 400 a line over {AIOHTTP_MAX_LINE} bytes or more than {AIOHTTP_MAX_HEADERS} "
+                          "headers)")
+    lim.add_argument("--max-json-depth", type=_positive_int, default=64, metavar="N",
+                     help="400 for a JSON body nesting containers more than N deep (default 64)")
+    lim.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="N",
+                     help="400, before tokenizing, for a prompt (or chat messages' text) over N characters "
+                          "(default 16 x --max-model-len)")
     return p
 
 
@@ -207,7 +224,9 @@ def parse_settings(argv: Sequence[str] | None = None):
         profile=profile, slowdown=args.slowdown, seed=args.seed, chunk_size=args.chunk_size,
         disk_path=args.disk_path, cpu_size_gb=args.cpu_size_gb, disk_size_gb=args.disk_size_gb,
         payload_scale=args.payload_scale, max_model_len=args.max_model_len,
-        redis_size_gb=args.redis_size_gb, **extras,
+        redis_size_gb=args.redis_size_gb, max_body_bytes=args.max_body_bytes,
+        max_header_bytes=args.max_header_bytes, max_json_depth=args.max_json_depth,
+        max_prompt_chars=args.max_prompt_chars, **extras,
     ), args
 
 
@@ -226,6 +245,24 @@ def _setup_logging(level: str) -> None:
     h2 = logging.StreamHandler(sys.stderr)
     h2.setFormatter(logging.Formatter("[%(asctime)s] LMCache %(levelname)s: %(message)s"))
     lm.addHandler(h2)
+    aio = logging.getLogger("aiohttp.server")
+    aio.propagate = False
+    aio.addFilter(_client_error_line)
+    aio.addHandler(h)
+
+
+def _client_error_line(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request its parser refused with the parser's traceback: the fault is the
+    client's, so it becomes one warning line (a handler's own failure keeps its traceback)."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg = f"{record.getMessage()}: {exc.code}, {' '.join(str(exc.message).split())}"
+        record.args = ()
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+    return True
 
 
 async def _serve(settings) -> None:
@@ -235,7 +272,9 @@ async def _serve(settings) -> None:
 
     log = logging.getLogger("pytest_kvcache.emulator")
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    line = min(settings.max_header_bytes, AIOHTTP_MAX_LINE)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, max_line_size=line, max_field_size=line,
+                           max_headers=AIOHTTP_MAX_HEADERS)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
     await site.start()

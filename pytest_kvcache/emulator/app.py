@@ -81,10 +81,10 @@ vLLM's error shape): ``--max-header-bytes`` (request line + headers, 431; aiohtt
 parser itself refuses with 400 a line over 8190 bytes or more than 128 headers),
 ``--max-body-bytes`` (413, checked on ``Content-Length`` before the body is read, and
 by aiohttp's ``client_max_size`` as a body without one comes in), ``--max-json-depth``
-(400), ``--max-prompt-chars`` (400 before tokenizing: a 10M-word prompt costs the loop
-nothing). Bodies must be ``application/json`` (415; none is taken as JSON), strict JSON
-(no ``NaN``/``Infinity``), an object; fields have their OpenAI types (``stream`` a
-boolean, ``max_tokens`` a positive integer, ...).
+(400), ``--max-prompt-chars`` (400 before tokenizing, which for millions of words would
+hold the loop for seconds). Bodies must be ``application/json`` (415; none is taken as
+JSON), strict JSON (no ``NaN``/``Infinity``), an object; fields have their OpenAI types
+(``stream`` a boolean, ``max_tokens`` a positive integer, ...).
 
 ``emulator_timing`` also carries ``modeled_ms``: the modeled (scaled) prefill-side time
 of the request without queueing and real I/O, so tests can compare the model's figures
@@ -105,7 +105,7 @@ import sys
 import time
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
@@ -328,6 +328,21 @@ def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _openers_over(raw: bytes, limit: int) -> bool:
+    """Whether ``raw`` holds more than ``limit`` of ``[`` and ``{``: only then can its JSON nest
+    deeper than ``limit`` (memchr per opener, so a typical body costs microseconds where
+    counting every byte would cost as much as parsing it)."""
+    n = 0
+    for opener in (b"[", b"{"):
+        i = raw.find(opener)
+        while i >= 0:
+            n += 1
+            if n > limit:
+                return True
+            i = raw.find(opener, i + 1)
+    return False
+
+
 def _check_depth(obj: dict | list, limit: int) -> None:
     """Refuse ``obj`` if it nests containers more than ``limit`` deep (level by level, no recursion)."""
     level, depth = [obj], 1
@@ -354,12 +369,15 @@ def _too_long(limit: int, n: int | str) -> str:
             "tokens. Please reduce the length of the input messages.")
 
 
-def _limits(max_header_bytes: int):
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _limits(max_header_bytes: int) -> Callable[[web.Request, _Handler], Awaitable[web.StreamResponse]]:
     """Middleware: 431 for a request head over the limit, and aiohttp's own 4xx (no route, wrong
     method) in vLLM's JSON error shape."""
 
     @web.middleware
-    async def limits(request: web.Request, handler) -> web.StreamResponse:
+    async def limits(request: web.Request, handler: _Handler) -> web.StreamResponse:
         raw = request.raw_headers
         size = len(request.method) + len(request.raw_path) + 11 + sum(len(k) + len(v) + 4 for k, v in raw)
         if size > max_header_bytes:
@@ -899,7 +917,7 @@ class Emulator:
             raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
-        if raw.count(b"[") + raw.count(b"{") > s.max_json_depth:  # fewer containers cannot nest deeper
+        if _openers_over(raw, s.max_json_depth):
             _check_depth(body, s.max_json_depth)
         return body
 

@@ -74,7 +74,9 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
 
     captions = captions or PLOT_FILES
     gate = session.get("gate") or {}
-    if gate.get("failed"):
+    if session.get("interrupted"):
+        banner = f'<div class="banner fail">{_e(gate.get("line"))}</div>'
+    elif gate.get("failed"):
         banner = f'<div class="banner fail">Regression gate FAILED: {_e(", ".join(gate.get("failing", [])))}</div>'
     elif gate.get("judged"):
         banner = f'<div class="banner pass">{_e(gate.get("line") or "Regression gate passed")}</div>'

@@ -30,7 +30,11 @@ def _fmt(value, digits: int = 4) -> str:
 def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | None = None) -> str:
     """Headline (gate), set-up, the summary table, per-item figures and the file list."""
     gate = session.get("gate") or {}
-    if gate.get("failed"):
+    if session.get("interrupted"):
+        headline = (f"⛔ **Run INTERRUPTED** ({session.get('interrupted_by')}): the regression gate did not judge "
+                    f"every item ({gate.get('unjudged', 0)} cut off or never started)"
+                    + (": FAILED " + ", ".join(gate["failing"]) if gate.get("failed") else ""))
+    elif gate.get("failed"):
         headline = "❌ **Regression gate FAILED**: " + ", ".join(gate.get("failing", []))
     elif gate.get("judged"):
         headline = f"✅ Regression gate passed ({gate['judged']} comparisons, Holm-corrected)"
@@ -39,6 +43,9 @@ def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | N
     else:
         headline = "ℹ️ No comparison with a baseline in this run"
     out = ["## pytest-kvcache results", "", headline, ""]
+    if session.get("not_run"):
+        out += [f"⚠️ {len(session['not_run'])} item(s) never started: " + "; ".join(session["not_run"][:5])
+                + (" ..." if len(session["not_run"]) > 5 else ""), ""]
     if gate.get("judged") and gate.get("not_compared"):
         out += [f"⚠️ {len(gate['not_compared'])} item(s) NOT COMPARED: "
                 + "; ".join(gate["not_compared"][:5]) + (" ..." if len(gate["not_compared"]) > 5 else ""), ""]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from .._atomic import write_json_atomic, write_text_atomic
 from . import rows as _rows
-from .terminal import SUMMARY_HEADER, gate_line, summary_rows
+from .redact import redact_url
+from .terminal import SUMMARY_HEADER, gate_line, summary_rows, unjudged_count
 
 __all__ = ["PLOT_FILES", "RUN_SCHEMA_VERSION", "comparison_points", "write_plots", "write_run_files"]
 
@@ -106,8 +107,11 @@ def _server_info(run: _rows.RunFolder) -> dict:
 
 def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store=None,
                     header: Sequence[str] = (), started: _dt.datetime | None = None,
-                    history=None) -> dict[str, Path]:
-    """Write every run file (see the module docstring); returns name -> path."""
+                    history=None, interrupted: str | None = None, not_run: Sequence[str] = ()) -> dict[str, Path]:
+    """Write every run file (see the module docstring); returns name -> path.
+
+    ``interrupted``: what cut the run short (SIGINT, SIGTERM, KeyboardInterrupt), whose
+    items ``not_run`` never started: the files then say the gate did not judge every item."""
     from .html_report import render_html
     from .markdown import render_markdown
 
@@ -126,14 +130,19 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
         "schema_version": RUN_SCHEMA_VERSION,
         "started": started.isoformat(timespec="seconds") if started else None,
         "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "interrupted": interrupted is not None,
+        "interrupted_by": interrupted,
+        "not_run": list(not_run),
         "header": list(header),
-        "settings": {"server": settings.server.kind, "endpoint": settings.server.endpoint,
+        "settings": {"server": settings.server.kind,
+                     "endpoint": settings.server.endpoint and redact_url(settings.server.endpoint),
                      "model": settings.server.model, "alpha": settings.alpha,
                      "labels": dict(getattr(settings.server, "labels", ()) or ()),
                      "update_baselines": settings.update_baselines or settings.reset_baselines},
         "gate": {"failed": bool(gate and gate.failed), "failing": list(gate.failing) if gate else [],
                  "comparisons": len(gate.holm) if gate else 0, "judged": gate.judged if gate else 0,
-                 "line": gate_line(gate, settings.alpha),
+                 "line": gate_line(gate, settings.alpha, interrupted, unjudged_count(outcomes, not_run)),
+                 "unjudged": unjudged_count(outcomes, not_run),
                  "not_compared": list(gate.not_compared) if gate else [],
                  "night_shift": gate.night.message if gate and gate.night else None},
         "summary": {"header": list(SUMMARY_HEADER), "rows": [list(r) for r in table], "notes": notes},

@@ -6,9 +6,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..decision import Gate, Zone
+from .redact import redact_url
 
 __all__ = ["SUMMARY_HEADER", "ZONE_COLOURS", "detect_gpus", "gate_line", "header_lines", "render_summary",
-           "summary_rows"]
+           "summary_rows", "unjudged_count"]
 
 #: Terminal colour of each zone (pytest's TerminalWriter markup names).
 ZONE_COLOURS: dict[str, str] = {Zone.FAIL.value: "red", Zone.WARN.value: "yellow", Zone.IMPROVED.value: "cyan",
@@ -80,8 +81,14 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
     return rows, notes
 
 
-def gate_line(gate: Gate | None, alpha: float) -> str | None:
-    """The last line of the summary: what the regression gate decided."""
+def gate_line(gate: Gate | None, alpha: float, interrupted: str | None = None, unjudged: int = 0) -> str | None:
+    """The last line of the summary: what the regression gate decided (``interrupted``:
+    what cut the run short; ``unjudged``: its items cut off or never started)."""
+    if interrupted:
+        judged = f"{gate.judged} comparison(s) judged" if gate is not None and gate.judged else "nothing judged"
+        failing = f"; FAILED: {', '.join(gate.failing)}" if gate is not None and gate.failing else ""
+        return (f"regression gate: INCOMPLETE: the run was interrupted ({interrupted}) and did not judge every "
+                f"item ({unjudged} cut off or never started); {judged}{failing}")
     if gate is None:
         return None
     unseen = f"; {len(gate.not_compared)} item(s) NOT COMPARED" if gate.not_compared else ""
@@ -90,6 +97,11 @@ def gate_line(gate: Gate | None, alpha: float) -> str | None:
     if gate.judged:
         return f"regression gate: passed ({gate.judged} comparisons, Holm at alpha {alpha:g}){unseen}"
     return f"regression gate: nothing judged{unseen}" if unseen else None
+
+
+def unjudged_count(outcomes: Sequence, not_run: Sequence[str]) -> int:
+    """Items an interrupted run did not judge: those cut off and those never started."""
+    return sum(1 for o in outcomes if o.status == "interrupted") + len(not_run)
 
 
 def header_lines(settings, gpu: str | None = None, versions: dict | None = None) -> list[str]:
@@ -102,7 +114,7 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
         first += f" (profile {server.emulator_profile}" + (
             f", slowdown {server.emulator_slowdown:g})" if server.emulator_slowdown != 1 else ")")
     if server.endpoint:
-        first += f" endpoint={server.endpoint}"
+        first += f" endpoint={redact_url(server.endpoint)}"
     if server.model:
         first += f" model={server.model}"
     lines = [first]
@@ -118,11 +130,12 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
 
 
 def render_summary(outcomes: Sequence, gate: Gate | None, settings,
-                   change_points: Sequence[Any] = ()) -> list[tuple[str, str | None]]:
+                   change_points: Sequence[Any] = (), interrupted: str | None = None,
+                   not_run: Sequence[str] = ()) -> list[tuple[str, str | None]]:
     """The summary's lines with the colour of each (None: the terminal's own)."""
     server = settings.server
     lines: list[tuple[str, str | None]] = [("", None), (
-        f"pytest-kvcache: server={server.kind}" + (f" endpoint={server.endpoint}" if server.endpoint else "")
+        f"pytest-kvcache: server={server.kind}" + (f" endpoint={redact_url(server.endpoint)}" if server.endpoint else "")
         + (f" slowdown={server.emulator_slowdown:g}" if server.kind == "emulator" and server.emulator_slowdown != 1
            else "") + f"  results: {settings.results_dir}", None)]
     header = SUMMARY_HEADER
@@ -138,9 +151,12 @@ def render_summary(outcomes: Sequence, gate: Gate | None, settings,
         lines.append((note, ZONE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)))
     for cp in change_points:
         lines.append((f"WARN change point: {cp.describe()}", "yellow"))
-    last = gate_line(gate, settings.alpha)
+    if not_run:
+        lines.append((f"NOT RUN: {len(not_run)} item(s) never started: " + ", ".join(not_run[:5])
+                      + (" ..." if len(not_run) > 5 else ""), "yellow"))
+    last = gate_line(gate, settings.alpha, interrupted, unjudged_count(outcomes, not_run))
     if last:
-        lines.append((last, "red" if gate is not None and gate.failed else "green"))
+        lines.append((last, "red" if interrupted or (gate is not None and gate.failed) else "green"))
     return lines
 
 

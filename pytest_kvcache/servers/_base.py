@@ -52,11 +52,19 @@ class ServerHandle:
     log_path: Path | None = None
     _stop: Callable[[], None] | None = field(default=None, repr=False)
     _alive: Callable[[], bool] | None = field(default=None, repr=False)
+    #: the report of a process of this server (or of its services) that died, else None
+    _exited: Callable[[float], str | None] | None = field(default=None, repr=False)
     #: where the telemetry of this server and its backend's services is
     telemetry: TelemetrySource = field(default_factory=TelemetrySource)
 
     def alive(self) -> bool:
         return self._alive() if self._alive else True
+
+    def exit_report(self, grace: float = 0.0) -> str | None:
+        """Which of its processes died, its exit status and log tail; None while all run
+        (and for an external server, which is not ours to watch). ``grace``: seconds to
+        wait for the server process to be gone."""
+        return self._exited(grace) if self._exited else None
 
     def stop(self) -> None:
         if self._stop:

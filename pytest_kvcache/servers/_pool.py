@@ -111,8 +111,8 @@ class ServerPool:
     def _release(self) -> None:
         if self._current is not None:
             _, handle, backend = self._current
-            self._current = None
             handle.stop()
+            self._current = None  # after the stop: one cut short by an interrupt is retried by close()
             backend.cleanup()
 
     def close(self) -> None:
@@ -222,9 +222,12 @@ class ServerPool:
         def alive() -> bool:
             return process.alive() and all(p.alive() for p in services)
 
+        def exited(grace: float) -> str | None:
+            return process.exit_report(grace) or next(filter(None, (p.exit_report() for p in services)), None)
+
         telemetry = TelemetrySource(metrics_urls=(f"{base_url}/metrics", *extra_metrics),
                                     log_paths=(str(log_path), *(str(p.log_path) for p in services)))
         if services:
             info = dict(info, services=", ".join(p.name.split(" (")[0] for p in services))
         return ServerHandle(kind=s.kind, base_url=base_url, model=model, info=info, log_path=log_path,
-                            _stop=stop, _alive=alive, telemetry=telemetry)
+                            _stop=stop, _alive=alive, _exited=exited, telemetry=telemetry)

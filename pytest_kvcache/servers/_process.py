@@ -109,6 +109,26 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    def exit_report(self, grace: float = 0.0) -> str | None:
+        """None while it runs (or after :meth:`stop`); once it died on its own: its name,
+        pid, exit status and the tail of its log. ``grace``: seconds to wait for a process
+        whose failure a client saw before the process was gone."""
+        if self._proc is None:
+            return None
+        try:
+            code = self._proc.wait(grace) if grace > 0 else self._proc.poll()
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            return None
+        how = f"exited with code {code}"
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        return f"{self.name} (pid {self._proc.pid}) {how} (log {self.log_path}):\n{log_tail(self.log_path)}"
+
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -121,7 +141,11 @@ class ManagedProcess:
                 )
             except OSError as exc:
                 raise ServerError(f"{self.name}: cannot run {self.argv[0]!r}: {exc}") from None
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # an interrupt while it starts must not leave it running
+            self.stop()
+            raise
 
     def _in_child(self) -> None:  # between fork and exec
         _die_with_parent()
@@ -157,16 +181,16 @@ class ManagedProcess:
             time.sleep(0.05)  # polling interval of the readiness probe
 
     def stop(self, grace: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(timeout=wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self._proc = None  # only now: a stop cut short by an interrupt is done again by the next one

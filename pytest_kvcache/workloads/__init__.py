@@ -9,8 +9,9 @@ scenario's ``dataset_options`` for a dataset (raises :class:`OptionProblem`).
 
 from __future__ import annotations
 
+from ..errors import WorkloadError
 from ._codec import LocalTokenizer, ServerTokenizer, TokenCodec
-from ._options import OptionProblem
+from ._options import MAX_TOKENS, OptionProblem, show
 from ._prompt import Prompt
 from .multiturn import build_multiturn_prompts
 from .random import build_random_prompts
@@ -18,7 +19,7 @@ from .shared_prefix import build_shared_prefix_prompts
 from .sharegpt import build_sharegpt_prompts
 
 __all__ = ["DATASETS", "LocalTokenizer", "OptionProblem", "Prompt", "ServerTokenizer", "TokenCodec",
-           "build_prompts", "build_random_prompts", "check_dataset_options"]
+           "build_prompts", "build_random_prompts", "check_dataset_options", "check_model_len", "request_bounds"]
 
 DATASETS: tuple[str, ...] = ("random", "sharegpt", "multiturn", "shared_prefix")
 
@@ -30,10 +31,10 @@ def check_dataset_options(dataset: str, options: dict) -> dict:
     allowed = {"random": {}, "sharegpt": sharegpt.OPTIONS, "multiturn": multiturn.OPTIONS,
                "shared_prefix": shared_prefix.OPTIONS}[dataset]
     if not isinstance(options, dict):
-        raise OptionProblem("<mapping>", f"{options!r} must be a mapping of option -> value")
+        raise OptionProblem("<mapping>", f"{show(options)} must be a mapping of option -> value")
     for key in options:
         if key not in allowed:
-            raise OptionProblem(str(key), f"unknown for dataset {dataset}; allowed: "
+            raise OptionProblem(str(key)[:60], f"unknown for dataset {dataset}; allowed: "
                                 f"{', '.join(sorted(allowed)) or '(none)'}")
     if dataset == "multiturn":
         return {**options, **multiturn.check_options(options)}
@@ -42,12 +43,63 @@ def check_dataset_options(dataset: str, options: dict) -> dict:
     if dataset == "sharegpt":
         out = dict(options)
         if "path" in out and not isinstance(out["path"], str):
-            raise OptionProblem("path", f"{out['path']!r} must be the path of a ShareGPT JSON file")
+            raise OptionProblem("path", f"{show(out['path'])} must be the path of a ShareGPT JSON file")
         for key in ("min_len", "max_total_len", "output_len"):
-            if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 1):
-                raise OptionProblem(key, f"{out[key]!r} must be a positive integer")
+            if key in out and (isinstance(out[key], bool) or not isinstance(out[key], int)
+                               or not 1 <= out[key] <= MAX_TOKENS):
+                raise OptionProblem(key, f"{show(out[key])} must be a positive integer up to {MAX_TOKENS:,} (tokens)")
         return out
     return dict(options)
+
+
+def request_bounds(dataset: str, *, input_len: int, output_len: int, num_prompts: int,
+                   options: dict) -> tuple[int, int, int]:
+    """(requests of one round, the longest prompt, the longest request: prompt + max_tokens),
+    in tokens at the options' maxima: what the limits and the server's ``max_model_len``
+    are checked against."""
+    from . import multiturn, sharegpt
+
+    if dataset == "multiturn":
+        return multiturn.request_bounds(input_len, output_len, num_prompts, options)
+    if dataset == "sharegpt":  # kept pairs: prompt <= input_len, prompt + answer <= max_total_len
+        total = options.get("max_total_len", sharegpt.OPTIONS["max_total_len"])
+        return num_prompts, min(input_len, total), min(total, input_len + (options.get("output_len") or total))
+    return num_prompts, input_len, input_len + output_len
+
+
+async def check_model_len(client, model: str, item: str, *, dataset: str, input_len: int, output_len: int,
+                          num_prompts: int, options: dict, warmup: bool = False) -> None:
+    """Before any prompt is built: raise WorkloadError when the item's longest request
+    (prompt + output tokens) exceeds the ``max_model_len`` the server reports for
+    ``model`` in ``GET /v1/models`` (vLLM, the emulator and the reference server do);
+    nothing where it reports none. ``client``: httpx.AsyncClient with base_url."""
+    limit = await _served_max_model_len(client, model)
+    if limit is None:
+        return
+    _, _, longest = request_bounds(dataset, input_len=input_len, output_len=output_len, num_prompts=num_prompts,
+                                   options=options)
+    if warmup:  # warm-up requests are random prompts of the case's lengths
+        longest = max(longest, input_len + output_len)
+    if longest > limit:
+        raise WorkloadError(f"{item}: requests of up to {longest:,} tokens (prompt + output) exceed the server's "
+                            f"max_model_len of {limit:,} for model {model!r}; shorten input_len or output_len, "
+                            "or serve the model with a larger --max-model-len")
+
+
+async def _served_max_model_len(client, model: str) -> int | None:
+    import httpx
+
+    try:
+        response = await client.get("/v1/models", timeout=30)
+        listing = response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None  # the run itself reports an unreachable server
+    entries = listing.get("data") if isinstance(listing, dict) else None
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and entry.get("id") == model:
+            limit = entry.get("max_model_len")
+            return limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    return None
 
 
 async def build_prompts(codec: TokenCodec, *, dataset: str, input_len: int, output_len: int,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import random as _random
 
 from ._codec import TokenCodec
-from ._options import OptionProblem, check_distribution, sample
+from ._options import MAX_TURNS, check_distribution, dist_max, sample
 from ._prompt import Prompt
 from .random import SAMPLED_IDS
 
-__all__ = ["OPTIONS", "build_multiturn_prompts", "check_options"]
+__all__ = ["OPTIONS", "build_multiturn_prompts", "check_options", "request_bounds"]
 
 OPTIONS = {
     "num_turns": {"distribution": "constant", "value": 2},
@@ -41,10 +41,24 @@ def check_options(options: dict) -> dict:
     for key in ("common_prefix_num_tokens", "prefix_num_tokens"):
         if key in options:
             out[key] = check_distribution(options[key], key, zero_ok=True)
-    for key in ("num_turns", "num_tokens", "output_num_tokens"):
+    if "num_turns" in options:
+        out["num_turns"] = check_distribution(options["num_turns"], "num_turns", high=MAX_TURNS)
+    for key in ("num_tokens", "output_num_tokens"):
         if key in options:
             out[key] = check_distribution(options[key], key)
     return out
+
+
+def request_bounds(input_len: int, output_len: int, num_prompts: int, options: dict) -> tuple[int, int, int]:
+    """(requests of a round, the longest prompt, the longest request) at the options' maxima:
+    the last turn's prompt holds the prefixes and every earlier user turn and answer."""
+    opts = {**OPTIONS, **check_options(options)}
+    turns = dist_max(opts["num_turns"])
+    user = dist_max(opts["num_tokens"]) if opts["num_tokens"] else input_len
+    answer = dist_max(opts["output_num_tokens"]) if opts["output_num_tokens"] else output_len
+    prompt = (dist_max(opts["common_prefix_num_tokens"]) + dist_max(opts["prefix_num_tokens"]) + turns * user
+              + (turns - 1) * answer)
+    return num_prompts * turns, prompt, prompt + answer
 
 
 def _ids(rng: _random.Random, n: int, high: int) -> list[int]:

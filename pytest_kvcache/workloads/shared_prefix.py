@@ -12,7 +12,7 @@ from __future__ import annotations
 import random as _random
 
 from ._codec import TokenCodec
-from ._options import OptionProblem
+from ._options import MAX_PROMPTS, OptionProblem, show
 from ._prompt import Prompt
 from .random import SAMPLED_IDS
 
@@ -26,12 +26,12 @@ def check_options(options: dict) -> dict:
     if "hit_ratio" in options:
         value = options["hit_ratio"]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise OptionProblem("hit_ratio", f"{value!r} must be a number from 0 to 1, e.g. 0.8")
+            raise OptionProblem("hit_ratio", f"{show(value)} must be a number from 0 to 1, e.g. 0.8")
         out["hit_ratio"] = float(value)
     if "num_prefixes" in options:
         value = options["num_prefixes"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise OptionProblem("num_prefixes", f"{value!r} must be a positive integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PROMPTS:
+            raise OptionProblem("num_prefixes", f"{show(value)} must be a positive integer up to {MAX_PROMPTS:,}")
         out["num_prefixes"] = value
     return out
 
@@ -48,7 +48,7 @@ async def build_shared_prefix_prompts(codec: TokenCodec, *, input_len: int, outp
     base = f"shared_prefix:{seed}:{input_len}:{trial}"
     n_prefix = prefix_len(input_len, opts["hit_ratio"])
     documents = []
-    for d in range(opts["num_prefixes"]):
+    for d in range(min(opts["num_prefixes"], num_prompts)):  # a document no prompt uses is never built
         rng = _random.Random(f"{base}:doc:{d}")
         documents.append([rng.randrange(low, high) for _ in range(n_prefix)])
     prompts = []
