@@ -1,6 +1,7 @@
 """pytest-kvcache's command line: ``compare`` run folders, ``calibrate`` an emulator profile.
 
-``python -m pytest_kvcache compare DIR...``: one CSV, plots and the Pareto frontier over many runs.
+``python -m pytest_kvcache compare DIR...``: one CSV, plots, the Pareto frontier and each item's
+change between runs, over many runs.
 
 Replaces the seed's ``compare_offloading.py`` (CSV over every result folder, the media
 and network comparisons) and ``plot_pareto.py`` (scatter with the Pareto frontier)::
@@ -79,8 +80,11 @@ def _parser() -> argparse.ArgumentParser:
         "compare", help="combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
         description="Read many run folders (what --kv-results-dir wrote, or folders of them), keep the rows "
                     "that pass the filters, and write the combined CSV (the seed's columns first), the "
-                    "plots and the Pareto frontier, which is also printed. Filters take comma lists and may "
-                    "be repeated; matching ignores case.")
+                    "plots, the Pareto frontier of each phase and, with two runs or more, each item's change "
+                    "against the first run (changes.csv, changes.png); the frontier and the changes are also "
+                    "printed. A run made with --emulator-slowdown is marked so in the CSV "
+                    "(emulator_slowdown) and in the plots' labels. Filters take comma lists and may be "
+                    "repeated; matching ignores case.")
     cmp_.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder, or a folder of run folders")
     cmp_.add_argument("-o", "--out", type=Path, default=Path("kvcache-compare"), metavar="OUT",
                       help="output folder (default: kvcache-compare)")
@@ -92,9 +96,11 @@ def _parser() -> argparse.ArgumentParser:
                       help="one row per item, run and trial (default: one row per item and run, usable "
                            "trials pooled as in the item JSON's top level)")
     cmp_.add_argument("--x", default="mean_ttft_ms", metavar="COLUMN",
-                      help="Pareto x axis, lower is better (default mean_ttft_ms)")
+                      help="Pareto x axis, lower is better, and the first metric of the per-item changes "
+                           "(default mean_ttft_ms)")
     cmp_.add_argument("--y", default="total_token_throughput", metavar="COLUMN",
-                      help="Pareto y axis, higher is better (default total_token_throughput)")
+                      help="Pareto y axis, higher is better, and the second metric of the per-item changes "
+                           "(default total_token_throughput)")
     cmp_.add_argument("--xmax", type=float, default=None, metavar="X", help="right end of the Pareto plot's x axis")
     cmp_.add_argument("--no-plots", action="store_true", help="write the CSV files only")
     _calibrate_parser(sub)
@@ -160,7 +166,9 @@ def _calibrate_parser(sub) -> None:
     what.add_argument("--decode-concurrency", type=int, default=8,
                       help="concurrency of the second decode round (default 8)")
     what.add_argument("--chunk-size", type=int, default=256, help="LMCache's chunk size in tokens (default 256)")
-    what.add_argument("--seed", type=int, default=0)
+    what.add_argument("--seed", type=int, default=0,
+                      help="seed of the prompts' random token ids; the same seed measures the same prompts "
+                           "(default 0)")
     fit = cal.add_argument_group("the profile")
     fit.add_argument("--model-config", default=None, metavar="PATH",
                      help="the model's config.json, for its KV bytes per token (default: the --model folder's)")
@@ -223,14 +231,72 @@ def calibrate(args: argparse.Namespace) -> int:
     return 1
 
 
-def _frontier_table(frontier: list[dict], x: str, y: str) -> list[str]:
-    header = ("folder", "item", "trial", "modality", "bandwidth", "direction", "arcc", x, y)
-    rows = [(r["folder"], r["item"], r["iteration"] or "all", r["modality"], r["bandwidth"] or "-",
-             r["direction"] or "-", r["arcc"] or "-", f"{float(r[x]):.4g}", f"{float(r[y]):.4g}") for r in frontier]
+def _text_table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     widths = [max(len(str(v)) for v in col) for col in zip(header, *rows)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
-    return lines
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _frontier_table(frontier: list[dict], x: str, y: str) -> list[str]:
+    from .report.plots import run_name
+
+    header = ("folder", "phase", "item", "trial", "modality", "bandwidth", "direction", "arcc", x, y)
+    return _text_table(header, [(run_name(r), r["phase"] or "-", r["item"], r["iteration"] or "all", r["modality"],
+                                 r["bandwidth"] or "-", r["direction"] or "-", r["arcc"] or "-", f"{float(r[x]):.4g}",
+                                 f"{float(r[y]):.4g}") for r in frontier])
+
+
+def item_changes(rows: list[dict], metrics: tuple[str, ...]) -> tuple[str, list[dict]]:
+    """Each item's change against the first run that has it, per later run: the reference
+    run's name and one row per (item, run) with ``METRIC``, ``METRIC_reference`` and
+    ``METRIC_change_pct`` (percent; None where a run lacks the figure)."""
+    from .report.plots import run_name
+
+    runs = list(dict.fromkeys(run_name(r) for r in rows))
+    by_item: dict[tuple[str, str], dict[str, dict]] = {}
+    for r in rows:
+        by_item.setdefault((r["scenario"], r["item"]), {})[run_name(r)] = r
+    reference = runs[0] if runs else ""
+    changes = []
+    for (scenario, item), per_run in by_item.items():
+        base_run = next((run for run in runs if run in per_run), None)
+        for run in runs:
+            if run == base_run or run not in per_run:
+                continue
+            row = {"scenario": scenario, "item": item, "reference": base_run, "run": run}
+            for metric in metrics:
+                before, after = per_run[base_run].get(metric), per_run[run].get(metric)
+                row[f"{metric}_reference"], row[metric] = before, after
+                row[f"{metric}_change_pct"] = (None if before in (None, 0) or after is None
+                                               else (after / before - 1.0) * 100.0)
+            changes.append(row)
+    return reference, changes
+
+
+def _changes_table(changes: list[dict], metrics: tuple[str, ...]) -> list[str]:
+    def cell(value, digits: str = ".4g") -> str:
+        return "-" if value is None else format(value, digits)
+
+    header = ("item", "run", *(f"{m} {part}" for m in metrics for part in ("before", "after", "change")))
+    return _text_table(header, [(c["item"], c["run"], *(v for m in metrics for v in (
+        cell(c[f"{m}_reference"]), cell(c[m]), "-" if c[f"{m}_change_pct"] is None else f"{c[f'{m}_change_pct']:+.1f}%"
+    ))) for c in changes])
+
+
+def _changes_by_run(changes: list[dict], metrics: tuple[str, ...]) -> list[str]:
+    """A line per run: the median change of each metric over its items, and its range."""
+    import statistics
+
+    rows = []
+    for run in dict.fromkeys(c["run"] for c in changes):
+        cells = [run, str(sum(1 for c in changes if c["run"] == run))]
+        for m in metrics:
+            values = sorted(c[f"{m}_change_pct"] for c in changes if c["run"] == run
+                            and c[f"{m}_change_pct"] is not None)
+            cells.append(f"{statistics.median(values):+.1f}% ({values[0]:+.1f}% to {values[-1]:+.1f}%)" if values
+                         else "-")
+        rows.append(tuple(cells))
+    return _text_table(("run", "items", *(f"{m}: median change (range)" for m in metrics)), rows)
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -254,22 +320,41 @@ def compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     usable = [r for r in kept if r.get("usable")]
-    frontier = R.pareto_frontier(usable, x=args.x, y=args.y)
+    frontier = R.pareto_frontiers(usable, x=args.x, y=args.y)
     written = [R.write_csv(kept, out / "compare.csv"), R.write_csv(frontier, out / "pareto_frontier.csv")]
+    # changes between runs: one row per item and run, the usable trials pooled (whatever --per-trial says)
+    pooled = R.filter_rows([row for run in runs for row in R.item_rows(run, per_trial=False)], filters)
+    metrics = tuple(dict.fromkeys((args.x, args.y)))
+    reference, changes = item_changes([r for r in pooled if r.get("usable")], metrics)
+    if changes:
+        columns = ("scenario", "item", "reference", "run",
+                   *(f"{m}{part}" for m in metrics for part in ("_reference", "", "_change_pct")))
+        written.append(R.write_csv(changes, out / "changes.csv", columns=columns))
     if not args.no_plots:
         from .report import plots
 
         written.append(plots.plot_metric_vs_input_len(usable, "mean_ttft_ms", out / "ttft_vs_input_len.png"))
         written.append(plots.plot_metric_vs_input_len(usable, "total_token_throughput",
                                                       out / "throughput_vs_input_len.png"))
-        written.append(plots.plot_pareto(usable, frontier, out / "pareto.png", x=args.x, y=args.y, xmax=args.xmax))
+        written.append(plots.plot_pareto(usable, out / "pareto.png", x=args.x, y=args.y, xmax=args.xmax))
         network = plots.plot_network(usable, out / "network.png")
         if network is not None:
             written.append(network)
-    print(f"Pareto frontier ({args.x} lower is better, {args.y} higher is better; {len(frontier)} of "
-          f"{len(usable)} rows):")
+        if changes:
+            written.append(plots.plot_changes(changes, metrics, out / "changes.png", reference))
+    print(f"Pareto frontier ({args.x} lower is better, {args.y} higher is better; one per phase; {len(frontier)} "
+          f"of {len(usable)} rows):")
     for line in _frontier_table(frontier, args.x, args.y):
         print("  " + line)
+    if changes:
+        print(f"Per-item change against {reference} (the first run given; {args.x} lower is better, {args.y} "
+              "higher is better):")
+        later = list(dict.fromkeys(c["run"] for c in changes))
+        # item by item for a run or two; for more, a line per run (every item is in changes.csv)
+        for line in _changes_table(changes, metrics) if len(later) <= 2 else _changes_by_run(changes, metrics):
+            print("  " + line)
+    elif len({r["folder"] for r in pooled}) > 1:
+        print("Per-item change: no item is in two of the runs")
     print("wrote: " + ", ".join(str(p) for p in written))
     return 0
 

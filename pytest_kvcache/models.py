@@ -91,7 +91,8 @@ class Scenario:
 
 @dataclass(frozen=True)
 class ScenarioCase:
-    """One point of a scenario's matrix: what a single pytest item runs."""
+    """One point of a scenario's matrix, or one load of a benchmark written in Python
+    (fixtures.py): what the runner sends and what the gate compares."""
 
     scenario: str
     path: str
@@ -127,6 +128,9 @@ class ScenarioCase:
     lmcache_mode: str | None = None
     #: The mode is an axis of the scenario's matrix: the item exists to measure that mode.
     compares_lmcache_modes: bool = False
+    #: Prompts given as they are (text, or token ids sent as ids), sent in every trial
+    #: instead of a dataset's (``dataset`` is then "prompts"); a Python benchmark's.
+    prompts: tuple[str | tuple[int, ...], ...] = ()
 
     @property
     def options(self) -> dict:
@@ -137,8 +141,9 @@ class ScenarioCase:
 
     @property
     def name(self) -> str:
-        """The pytest item name, e.g. ``prefill[cpu-10k-c16]``."""
-        return f"{self.scenario}[{self.case_id}]"
+        """The pytest item name, e.g. ``prefill[cpu-10k-c16]`` (a Python benchmark's
+        without parameters: its function name)."""
+        return f"{self.scenario}[{self.case_id}]" if self.case_id else self.scenario
 
     @property
     def workload_params(self) -> dict[str, object]:
@@ -160,7 +165,16 @@ class ScenarioCase:
             **({"dataset_options": self.options} if self.dataset_options else {}),
             **({"warmup_requests": self.warmup_requests} if self.warmup_requests else {}),
             **({"kv_target_gb": self.kv_target_gb} if self.kv_target_gb else {}),
+            **({"prompts_sha256": _digest(self.prompts)} if self.prompts else {}),
         }
+
+
+def _digest(prompts: Sequence[str | tuple[int, ...]]) -> str:
+    """What identifies given prompts in the testbed without holding them."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps([p if isinstance(p, str) else list(p) for p in prompts]).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,8 @@ class RequestRecord:
     prompt_tokens_reported: int | None = None
     output_tokens_reported: int | None = None
     error: str | None = None
+    #: the generated text, every chunk's in order (what a conversation sends back next turn)
+    text: str = ""
 
     @property
     def queue_wait(self) -> float:
@@ -239,6 +255,11 @@ class RoundResult:
     @property
     def failed(self) -> int:
         return sum(1 for r in self.records if not r.success)
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The generated text of each request, in the order of its prompts."""
+        return tuple(r.text for r in sorted(self.records, key=lambda r: r.index))
 
     @staticmethod
     def stamps_of(parts: Sequence[RoundResult]) -> str:

@@ -2,7 +2,9 @@
 
 Scenario files (``*.yaml`` in a folder named ``scenarios``, or any YAML file named on
 the command line) become one item per matrix point, named like
-``prefill[cpu-10k-c16]`` and marked with their backend and phase.
+``prefill[cpu-10k-c16]`` and marked with their backend and phase. Tests written with
+the fixtures of :mod:`.fixtures` (registered here) are parametrized, marked, filtered
+and gated the same way.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import math
 import os
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .backends import LMCACHE_MODES
 from .errors import KVCacheError, ScenarioError
+from .guide import SessionGuide
 from .identity import KeyMoves
 from .models import BACKENDS, PHASES, ScenarioCase, format_tokens
 from .scenarios import (
@@ -33,6 +37,8 @@ from .servers import SERVER_KINDS, ServerSettings
 from .session import KVSession, Settings
 
 __all__ = ["SESSION_KEY", "ScenarioFile", "ScenarioItem"]
+
+pytest_plugins = ("pytest_kvcache.fixtures",)  # kv_backend, kv_server, kv_load, kv_gate
 
 SESSION_KEY = pytest.StashKey[KVSession]()
 #: seconds one benchmark request may take (--kv-request-timeout); a 100k-token prefill under load fits
@@ -255,6 +261,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="the session summary lists change points of its items among their last N runs "
                          "(ini: kvcache_history_window; default 20)")
     parser.addini("kvcache_history_window", "default of --kv-history-window", default="20")
+    group.addoption("--kv-external-backend", default=None, metavar="NAME",
+                    help=f"the offload backend the --kv-server external server runs ({', '.join(BACKENDS)}; none "
+                         "for a server without a tier): only its items run, the others are deselected. Default: "
+                         "what the server's GET /version says (the built-in emulator says it), else every item "
+                         "runs (ini: kvcache_external_backend)")
+    parser.addini("kvcache_external_backend", "default of --kv-external-backend", default="")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -614,13 +626,18 @@ def _int_setting(config: pytest.Config, name: str, ini: str, high: int | None = 
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "kvcache: an item generated from a pytest-kvcache scenario file")
+    config.addinivalue_line("markers", "kvcache(backend=[...], input_len=[...], concurrency=[...], output_len=[...], "
+                            "phase=..., thresholds=..., lmcache_mode=..., server_args=...): a pytest-kvcache "
+                            "benchmark, from a scenario file or a test using the kv_* fixtures (one test per "
+                            "combination of the lists)")
     for backend in BACKENDS:
         config.addinivalue_line("markers", f"{backend}: items of the '{backend}' offload backend")
     for phase in PHASES:
         if phase not in BACKENDS:
             config.addinivalue_line("markers", f"{phase}: items of the '{phase}' phase")
     settings = _settings(config)
+    # an external server's backend and the items it deselects, hints for an empty selection, progress
+    config.stash[_GUIDE_KEY] = SessionGuide(config)
     # Scratch space of the disk-backed tiers, made on first use and removed at the end;
     # beside the results rather than in /tmp, which is much slower to create files in
     # on some hosts (0.9 ms a file here against 30 us on the project's disk).
@@ -634,6 +651,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if per_worker is not None:
         _gpus_per_worker(per_worker)  # a bad value is a usage error in every process
     _setup_worker(config, config.stash[SESSION_KEY])
+    config.pluginmanager.register(config.stash[_GUIDE_KEY], "kvcache-guide")
 
 
 def _planned(config: pytest.Config) -> int:
@@ -642,6 +660,7 @@ def _planned(config: pytest.Config) -> int:
 
 _PLANNED_KEY = pytest.StashKey[int]()
 _COLLECTED_KEY = pytest.StashKey[tuple]()
+_GUIDE_KEY = pytest.StashKey[SessionGuide]()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -768,22 +787,55 @@ def pytest_collect_file(file_path: Path, parent: pytest.Collector):
 def _scenario_test(request: pytest.FixtureRequest, kvcache_session: KVSession) -> None:
     """The body of every scenario item: measure, store, compare (see KVSession.run_item)."""
     item = request.node
-    plugins = request.config.pluginmanager
-    reporter = plugins.get_plugin("terminalreporter")
-    capture = plugins.get_plugin("capturemanager")
-
-    def progress(text: str) -> None:
-        if kvcache_session.settings.verbose > 0 and reporter is not None and capture is not None:
-            with capture.global_and_fixture_disabled():  # progress must reach the terminal now
-                reporter.write_line(f"  kvcache {item.case.name}: {text}")
-
     try:
-        kvcache_session.run_item(item.nodeid, item.case, item.baseline_key, progress)
+        kvcache_session.run_item(item.nodeid, item.case, item.baseline_key, _progress(request, item.case.name))
     finally:
         _record(request, kvcache_session)
 
 
+def _progress(request: pytest.FixtureRequest, name: str) -> Callable[[str], None]:
+    """Where an item's progress goes (scenario items and fixture tests alike): a line per
+    round under -v, else a status that never floods (see report.terminal.ItemProgress)."""
+    from .report.terminal import ItemProgress
+
+    verbose = request.config.stash[SESSION_KEY].settings.verbose
+    return ItemProgress(name, request.config.stash[_GUIDE_KEY].progress_output(), verbose=verbose > 0)
+
+
 _STEMS_KEY = pytest.StashKey[dict]()
+
+
+def _stem_clash(config: pytest.Config, path: Path) -> str | None:
+    """Items are keyed by file stem and item name (ScenarioItem.baseline_key, fixtures.baseline_key):
+    two files of one stem in different folders would share baseline and result files. Refused
+    rather than keyed by folder, so that a key never depends on which files a run collects."""
+    stem = path.stem
+    other = config.stash.setdefault(_STEMS_KEY, {}).setdefault(stem.casefold(), path)
+    if other == path:
+        return None
+
+    def shown(p: Path) -> str:
+        try:
+            return p.relative_to(config.rootpath).as_posix()
+        except ValueError:
+            return str(p)
+
+    files = "scenario files" if {path.suffix, other.suffix} <= {".yaml", ".yml"} else "files"
+    baselines = config.stash[SESSION_KEY].settings.baseline_dir.name
+    return (f"{shown(path)}: {files} {shown(other)} and {shown(path)} share the name '{stem}', so their items "
+            f"would share baseline files ({baselines}/{stem}/) and result files; rename one of them")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test using the kv_* fixtures: one test per combination of its kvcache marker's lists."""
+    if "kv_params" not in metafunc.fixturenames:
+        return
+    clash = _stem_clash(metafunc.config, metafunc.definition.path)
+    if clash:
+        raise pytest.Collector.CollectError(clash)
+    from .fixtures import parametrize
+
+    parametrize(metafunc)
 
 
 class ScenarioFile(pytest.File):
@@ -799,22 +851,9 @@ class ScenarioFile(pytest.File):
             yield ScenarioItem.from_parent(self, name=case.name, callobj=_scenario_test, case=case)
 
     def _claim_name(self) -> None:
-        """Items are keyed by file stem and item name (ScenarioItem.baseline_key): two files of
-        one stem in different folders would share baseline and result files. Refused rather
-        than keyed by folder, so that a key never depends on which files a run collects."""
-        stem = self.path.stem
-        other = self.config.stash.setdefault(_STEMS_KEY, {}).setdefault(stem.casefold(), self.path)
-        if other != self.path:
-            def shown(path: Path) -> str:
-                try:
-                    return path.relative_to(self.config.rootpath).as_posix()
-                except ValueError:
-                    return str(path)
-
-            baselines = self.config.stash[SESSION_KEY].settings.baseline_dir.name
-            raise self.CollectError(
-                f"{shown(self.path)}: scenario files {shown(other)} and {shown(self.path)} share the name '{stem}', "
-                f"so their items would share baseline files ({baselines}/{stem}/) and result files; rename one of them")
+        clash = _stem_clash(self.config, self.path)
+        if clash:
+            raise self.CollectError(clash)
 
     class CollectError(Exception):
         pass
@@ -854,31 +893,63 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     # An item of a scenario comparing LMCache modes exists to measure its own mode: under
     # another --kv-lmcache-mode it would measure that one under a false name.
     mode_override = config.getoption("kv_lmcache_mode")
+    from .fixtures import item_params
+
     selected, deselected = [], []
     for item in items:
-        case = getattr(item, "case", None)
+        case, params = getattr(item, "case", None), item_params(item)
         if isinstance(item, ScenarioItem) and (any(
             wanted and getattr(case, dim) not in wanted for dim, wanted in filters.items()
         ) or (mode_override is not None and case.compares_lmcache_modes and case.lmcache_mode != mode_override)):
             deselected.append(item)
+        elif params is not None and any(wanted and getattr(params, dim) not in wanted
+                                        for dim, wanted in filters.items()):
+            deselected.append(item)  # a filter on a list the test's marker does not give: not that value
         else:
             selected.append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
-        items[:] = selected
+    items[:] = _by_server(selected)
+
+
+def _by_server(items: list) -> list:
+    """Fixture tests of one module grouped by server configuration, first seen first (as
+    pytest groups tests by a module-scoped parameter): one server start per configuration.
+    Every other item keeps its place."""
+    from .fixtures import item_params, server_group
+
+    slots: dict[Path, list[int]] = {}
+    for index, item in enumerate(items):
+        if item_params(item) is not None:
+            slots.setdefault(item.path, []).append(index)
+    out = list(items)
+    for indices in slots.values():
+        groups: dict[tuple, list] = {}
+        for index in indices:
+            groups.setdefault(server_group(items[index], item_params(items[index])), []).append(items[index])
+        for index, item in zip(indices, (item for group in groups.values() for item in group)):
+            out[index] = item
+    return out
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    # Counted after -m/-k deselection: the comparisons this session may make.
-    planned = sum(len(item.case.thresholds) for item in session.items if isinstance(item, ScenarioItem))
-    session.config.stash[_PLANNED_KEY] = max(1, planned)
+    from .fixtures import baseline_key, item_params, planned_thresholds
+
+    # Counted after -m/-k deselection: the comparisons this session may make, scenario
+    # items' and fixture tests' (those that use kv_gate) alike.
+    overrides = session.config.stash[SESSION_KEY].settings.thresholds
+    gated = [(item.baseline_key, item.case.thresholds, item.case.reference_backend is None)
+             for item in session.items if isinstance(item, ScenarioItem)]
+    gated += [(baseline_key(item), planned_thresholds(item, overrides), True)
+              for item in session.items if item_params(item) is not None]
+    session.config.stash[_PLANNED_KEY] = max(1, sum(len(thresholds) for _, thresholds, _ in gated))
     # the items whose stored baselines tell this runner's run-to-run noise (session._prior)
-    session.config.stash[_COLLECTED_KEY] = tuple(
-        (item.baseline_key, tuple(t.metric for t in item.case.thresholds))
-        for item in session.items if isinstance(item, ScenarioItem) and item.case.reference_backend is None)
+    session.config.stash[_COLLECTED_KEY] = tuple((key, tuple(t.metric for t in thresholds))
+                                                 for key, thresholds, against_baseline in gated
+                                                 if against_baseline and thresholds)
     session.config.stash[_ORDER_KEY] = {item.nodeid: i for i, item in enumerate(session.items)}
-    session.config.stash[_SCENARIO_ITEMS_KEY] = tuple(item.nodeid for item in session.items
-                                                      if isinstance(item, ScenarioItem))
+    session.config.stash[_SCENARIO_ITEMS_KEY] = tuple(
+        item.nodeid for item in session.items if isinstance(item, ScenarioItem) or item_params(item) is not None)
     if _worker_id(session.config) is None and session.config.stash[_SCENARIO_ITEMS_KEY]:
         # only where servers will run: other suites keep Python's own SIGINT and SIGTERM
         guard = session.config.stash.setdefault(_GUARD_KEY, _SignalGuard())
@@ -924,20 +995,25 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     kv = config.stash.get(SESSION_KEY, None)
     if kv is None or not kv.outcomes:
         return
-    from .report.terminal import render_summary
+    from .report.terminal import fit_lines, render_summary, terminal_width
+
+    width = terminal_width(config)  # every line fits the terminal (where there is one), nothing is cut
+
+    def say(text: str, colour: str | None = None) -> None:
+        for line in fit_lines([text], width):
+            terminalreporter.write_line(line, **({colour: True} if colour else {}))
 
     for line, colour in render_summary(kv.outcomes, kv.gate, kv.settings, change_points=kv.change_points,
-                                       interrupted=kv.interrupted, not_run=_not_run(config, kv)):
+                                       interrupted=kv.interrupted, not_run=_not_run(config, kv), width=width):
         terminalreporter.write_line(line, **({colour: True} if colour else {}))
     problem = config.stash.get(_HISTORY_KEY, None)
     if problem:
-        terminalreporter.write_line(f"pytest-kvcache: WARNING: {problem}", yellow=True)
+        say(f"pytest-kvcache: WARNING: {problem}", "yellow")
     files = config.stash.get(_RUN_FILES_KEY, None)
     if isinstance(files, Exception):
-        terminalreporter.write_line(f"pytest-kvcache: the run files could not be written: "
-                                    f"{type(files).__name__}: {files}", red=True)
+        say(f"pytest-kvcache: the run files could not be written: {type(files).__name__}: {files}", "red")
     elif files:
-        terminalreporter.write_line(f"pytest-kvcache: report {files['report.html']} (CSV, markdown, plots beside it)")
+        say(f"pytest-kvcache: report {files['report.html']} (CSV, markdown, plots beside it)")
 
 
 # -- run files, header, JUnit properties, pytest-benchmark, pytest-xdist (report/) ---------
@@ -1026,12 +1102,11 @@ def _record(request: pytest.FixtureRequest, kv: KVSession) -> None:
     outcome = next((o for o in reversed(kv.outcomes) if o.nodeid == item.nodeid), None)
     if outcome is None:
         return
-    from .report.properties import fill_benchmark, junit_properties
+    from .report.properties import benchmark_wanted, fill_benchmark, junit_properties
 
     item.user_properties.extend(junit_properties(outcome, kv.settings.results_dir))
     bench = getattr(request.config, "_benchmarksession", None)
-    if (bench is not None and not bench.disabled and not getattr(bench, "skip", False) and outcome.result is not None
-            and outcome.result.usable_trials):
+    if benchmark_wanted(bench) and outcome.result is not None and outcome.result.usable_trials:
         fill_benchmark(request.getfixturevalue("benchmark"), outcome)
 
 

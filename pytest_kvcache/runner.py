@@ -11,11 +11,17 @@ and summary cover all turns (its client guard figures are each the worst turn's)
 Summaries carry the requested percentiles and, with SLOs, ``request_goodput``.
 With ``client_processes`` above 1 every round, warm-ups included, is sent from that
 many client processes (:mod:`~pytest_kvcache.spread`).
+
+A case with given ``prompts`` (a benchmark written in Python) sends them in every trial:
+text as it is, token ids as ids. :meth:`CaseRunner.send` sends one round of given
+prompts through the same client and telemetry, for tests that build each round from
+the last one's answers (``RoundResult.texts``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -119,6 +125,64 @@ class CaseRunner:
             pool.close()
         return tuple(results)
 
+    def send(self, base_url: str, model: str, prompts: Sequence[str | Sequence[int]], *, output_len: int,
+             concurrency: int, api: str = "completions", request_rate: float = math.inf, burstiness: float = 1.0,
+             seed: int = 0, round_name: str = "custom", telemetry: TelemetrySource | None = None,
+             progress: Progress | None = None) -> RoundResult:
+        """One round of these prompts (text, or token ids sent as ids), measured as a case's
+        rounds are, with the server's counters over it in ``telemetry``; no warm-ups, no
+        hit check."""
+        source = telemetry or TelemetrySource(metrics_urls=(f"{base_url.rstrip('/')}/metrics",))
+        spec = LoadSpec(model=model, api=api, max_concurrency=concurrency, request_rate=request_rate,
+                        burstiness=burstiness, seed=seed, timeout_s=self._request_timeout)
+        done = 0
+
+        def tick() -> None:
+            nonlocal done
+            done += 1
+            if progress is not None and (done == len(prompts) or done % max(1, len(prompts) // 4) == 0):
+                progress(f"{round_name}: {done}/{len(prompts)} requests")
+
+        async def one_round() -> RoundResult:
+            pool = (open_pool(base_url, concurrency) if self._client_processes <= 1
+                    else ClientProcesses(base_url, concurrency, self._client_processes))
+            try:
+                async with open_client(base_url) as client:
+                    given = await _given(self._local or ServerTokenizer(client, model), prompts, output_len)
+                    before = await _snapshot(client, source)
+                    result = await _send(pool, spec, given, round_name, tick)
+                    after = await _snapshot(client, source)
+            finally:
+                pool.close()
+            result = self._resummarize(result, [result], None)
+            return replace(result, telemetry=summarize(source, before, after))
+
+        return asyncio.run(one_round())
+
+    def prompt_lengths(self, base_url: str, model: str, prompts: Sequence[str | Sequence[int]]) -> tuple[int, ...]:
+        """Each prompt's tokens as the server counts them (token ids: their number)."""
+        async def lengths() -> tuple[int, ...]:
+            async with open_client(base_url) as client:
+                given = await _given(self._local or ServerTokenizer(client, model), prompts, 1)
+            return tuple(p.input_len for p in given)
+
+        return asyncio.run(lengths())
+
+    def tokenize(self, base_url: str, model: str, text: str) -> list[int]:
+        """``text``'s token ids: the local ``--tokenizer``'s, else the server's /tokenize."""
+        async def encode() -> list[int]:
+            async with open_client(base_url) as client:
+                return await (self._local or ServerTokenizer(client, model)).encode(text)
+
+        return asyncio.run(encode())
+
+    def detokenize(self, base_url: str, model: str, ids: Sequence[int]) -> str:
+        async def decode() -> str:
+            async with open_client(base_url) as client:
+                return await (self._local or ServerTokenizer(client, model)).decode(ids)
+
+        return asyncio.run(decode())
+
     async def _round(self, pool, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
                      tick: Callable[[], None], case: ScenarioCase) -> RoundResult:
         """One round; multi-turn prompts go turn by turn; summary with our percentiles and SLOs."""
@@ -140,14 +204,15 @@ class CaseRunner:
                              invalid_reason="; ".join(reasons) or None, client_stamps=RoundResult.stamps_of(parts))
         return self._resummarize(merged, parts, case)
 
-    def _resummarize(self, result: RoundResult, parts: Sequence[RoundResult], case: ScenarioCase) -> RoundResult:
+    def _resummarize(self, result: RoundResult, parts: Sequence[RoundResult],
+                     case: ScenarioCase | None) -> RoundResult:
         guard = _guard_figures(parts)
         wanted = list(self._percentiles)
-        for t in case.thresholds:  # a threshold on pNN needs pNN, whatever was asked for
+        for t in case.thresholds if case else ():  # a threshold on pNN needs pNN, whatever was asked for
             m = re.match(r"^p([0-9.]+)_", t.metric)
             if m and float(m.group(1)) not in wanted:
                 wanted.append(float(m.group(1)))
-        summary = summarize_records(result.records, result.duration, wanted, dict(case.slos))
+        summary = summarize_records(result.records, result.duration, wanted, dict(case.slos) if case else {})
         summary.update({k: v for k, v in guard.items() if k not in summary})  # the client's guard figures
         if len(parts) > 1:
             summary["turns"] = len(parts)
@@ -166,15 +231,30 @@ class CaseRunner:
         return self._prompts[key]
 
     async def _prompts_for(self, codec, case: ScenarioCase, trial: int, model: str) -> list[Prompt]:
-        key = (self._tokenizer_source or model, case.dataset, case.input_len, case.output_len,
-               case.num_prompts, case.seed, trial, case.dataset_options)
+        if case.prompts:  # the same in every trial
+            key = (self._tokenizer_source or model, "prompts", case.prompts, case.output_len)
+        else:
+            key = (self._tokenizer_source or model, case.dataset, case.input_len, case.output_len,
+                   case.num_prompts, case.seed, trial, case.dataset_options)
         if key not in self._prompts:
             if len(self._prompts) >= self._cache_items:
                 self._prompts.pop(next(iter(self._prompts)))
-            self._prompts[key] = await build_prompts(
+            self._prompts[key] = await (_given(codec, case.prompts, case.output_len) if case.prompts else build_prompts(
                 codec, dataset=case.dataset, input_len=case.input_len, output_len=case.output_len,
-                num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options)
+                num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options))
         return self._prompts[key]
+
+
+async def _given(codec, prompts: Sequence[str | Sequence[int]], output_len: int) -> list[Prompt]:
+    """Prompts given as they are: text counted with the server's tokenizer, ids sent as ids."""
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            out.append(Prompt(text=prompt, input_len=len(await codec.encode(prompt)), output_len=output_len))
+        else:
+            ids = tuple(prompt)
+            out.append(Prompt(text="", input_len=len(ids), output_len=output_len, token_ids=ids))
+    return out
 
 
 async def _send(pool: StreamPool | ClientProcesses, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,

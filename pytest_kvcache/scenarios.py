@@ -377,8 +377,9 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     slos = _slos(data.get("slo"), path)
     kv_per_token = _kv_per_token(data, dims, matrix, path)
 
-    varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
     options = json.loads(options_json) if options_json else {}
+    _output_len_from_options(dims, options, matrix, data, path)
+    varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
     cases = []
     for combo in itertools.product(*(dims[k] for k in MATRIX_KEYS)):
         values = dict(zip(MATRIX_KEYS, combo))
@@ -425,6 +426,32 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if not cases:
         raise ScenarioError(path, "paired_with", "leaves no item: every backend of the matrix is the reference")
     return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
+
+
+def _output_len_from_options(dims: dict[str, list[Any]], options: dict, matrix: dict, data: dict,
+                             path: Path | str) -> None:
+    """Where a dataset option sets the answers' lengths (multiturn's output_num_tokens,
+    sharegpt's answers, output_len or not), a scenario's own ``output_len`` would have no
+    effect: refused, naming it. The option's length is then the items' output_len (a
+    distribution's mean), so ids, thresholds and warm-up requests follow the answers."""
+    from .workloads.multiturn import answer_len
+
+    dataset = dims["dataset"][0]
+    if dataset == "multiturn" and "output_num_tokens" in options:
+        length, because = answer_len(options), ("dataset_options.output_num_tokens sets each answer's length in "
+                                                 "a multi-turn conversation")
+    elif dataset == "sharegpt" and len(dims["dataset"]) == 1:
+        length, because = options.get("output_len"), ("a ShareGPT answer has its conversation's length, or "
+                                                       "dataset_options.output_len")
+    else:
+        return
+    where = "matrix.output_len" if "output_len" in matrix else "output_len" if "output_len" in data else None
+    if where is not None:
+        raise ScenarioError(path, where, f"{_show(matrix.get('output_len', data.get('output_len')))} has no effect: "
+                            f"{because}; drop {where}" + (" (the items' output_len is then that length)"
+                                                           if length else ""))
+    if length:
+        dims["output_len"] = [length]
 
 
 def _check_load(item: str, values: dict[str, Any], options: dict, warmup: int, rate: float, prompts_key: str,

@@ -1,9 +1,14 @@
 """The session object: settings, the server pool, results and verdicts of one pytest run.
 
-One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``. Items call
-:meth:`KVSession.run_item`; it measures, asks :mod:`.decision` what the numbers mean,
-and turns that answer into a pytest outcome. The plugin's hooks read the collected
-outcomes at the end for the session gate, the history and the summary.
+One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``. An item goes through the
+same steps whether it comes from a scenario file (:meth:`KVSession.run_item`) or is a
+test written with the fixtures (fixtures.py): :meth:`~KVSession.open_item`,
+:meth:`~KVSession.backend`, :meth:`~KVSession.server`, :meth:`~KVSession.measure` (or
+:meth:`~KVSession.measure_paired`), :meth:`~KVSession.judge` (or
+:meth:`~KVSession.judge_paired`), which asks :mod:`.decision` what the numbers mean and
+turns that answer into a pytest outcome, and :meth:`~KVSession.close_item`. The plugin's
+hooks read the collected outcomes at the end for the session gate, the history and the
+summary.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import datetime as _dt
 import math
 import secrets
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +36,7 @@ from .runner import CaseRunner
 from .servers import ServerHandle, ServerPool, ServerSettings
 from .stats import MetricComparison, NoisePrior
 
-__all__ = ["HistoryReport", "ItemOutcome", "KVSession", "Settings", "history_runs", "new_session_id"]
+__all__ = ["HistoryReport", "ItemOutcome", "KVSession", "Measurement", "Settings", "history_runs", "new_session_id"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,16 @@ class Settings:
     history_window: int = 20
     #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
     request_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured load of an item: its trials, the offload backend they ran on, and the
+    identity (testbed and software) that says which baselines they may be compared with."""
+
+    result: CaseResult
+    backend: BackendConfig
+    identity: Identity
 
 
 @dataclass
@@ -116,6 +132,7 @@ class KVSession:
         self.store = BaselineStore(settings.baseline_dir)
         self.outcomes: list[ItemOutcome] = []
         self._planned = planned_comparisons
+        self._planned_late = 0
         self._collected = collected_keys
         self._priors: dict[tuple[str, str], NoisePrior | None] = {}
         self.started = _dt.datetime.now(_dt.timezone.utc)
@@ -181,59 +198,137 @@ class KVSession:
             plots=tuple(plots))
         return None
 
-    # -- one item -----------------------------------------------------------------
+    # -- one item: the steps a scenario item and a Python benchmark (fixtures.py) share ----
 
     def run_item(self, nodeid: str, case: ScenarioCase, baseline_key: str,
                  progress: Callable[[str], None]) -> ItemOutcome:
-        """Measure, store, compare; fail or skip the pytest item with a clear message."""
-        outcome = ItemOutcome(nodeid=nodeid, case=case, baseline_key=baseline_key)
-        self.outcomes.append(outcome)
-        outcome.json_path = self.settings.results_dir / f"{baseline_key}.json"
-        trials = self.settings.trials or case.trials
-        if case.reference_backend is not None:
-            try:
-                self._run_paired(outcome, case, trials, progress)
-            except KeyboardInterrupt:
-                _cut_off(outcome)
-                raise
-            finally:
-                write_item_json(outcome.json_path, outcome)
-            return outcome
-        backend = self._backend(outcome, case.backend)
+        """A scenario item: backend, server, load, gate; fail or skip the pytest item with a clear message."""
+        outcome = self.open_item(nodeid, case, baseline_key)
+        trials = range(self.settings.trials or case.trials)
         try:
-            server, results = self._measure(outcome, case, backend, range(trials), progress)
-            outcome.result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
-            outcome.identity = item_identity(case, server.model, server.info, backend.fingerprint(),
-                                             host=self.pool.host_facts(), versions=self.settings.versions,
-                                             moves=self.settings.key_moves)
-            self._decide(outcome, backend, progress)
+            if case.reference_backend is not None:
+                source = "--trials" if self.settings.trials else f"trials in {Path(case.path).name}"
+                self.require_pairs(outcome, case, len(trials), source)
+                reference = self.backend(outcome, case.reference_backend, case.lmcache_mode)
+                candidate = self.backend(outcome, case.backend, case.lmcache_mode)
+                self.judge_paired(outcome, *self.measure_paired(outcome, case, reference, candidate, trials, progress))
+            else:
+                backend = self.backend(outcome, case.backend, case.lmcache_mode)
+                self.judge(outcome, self.measure(outcome, case, backend, trials, progress), progress)
         except KeyboardInterrupt:
-            _cut_off(outcome)
+            self.cut_off(outcome)
             raise
         finally:
-            write_item_json(outcome.json_path, outcome)
+            self.close_item(outcome)
         return outcome
 
-    def _backend(self, outcome: ItemOutcome, name: str) -> BackendConfig:
+    @contextmanager
+    def step(self, outcome: ItemOutcome) -> Iterator[None]:
+        """A step of an item run from a test's body: cut off by Ctrl-C or SIGTERM, the item
+        says so in its JSON (a scenario item's body does this in :meth:`run_item`)."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.cut_off(outcome)
+            self.close_item(outcome)
+            raise
+
+    @staticmethod
+    def cut_off(outcome: ItemOutcome) -> None:
+        """An item stopped by Ctrl-C or SIGTERM before its verdict: INTERRUPTED, never MEASURED."""
+        if outcome.status == "measured":
+            outcome.status = "interrupted"
+            outcome.message = "interrupted before it was judged (Ctrl-C or SIGTERM)"
+
+    def open_item(self, nodeid: str, case: ScenarioCase, baseline_key: str) -> ItemOutcome:
+        """The outcome of an item that starts now: in the summary, the JSON and the gate."""
+        from .baselines import key_to_relpath
+
+        outcome = ItemOutcome(nodeid=nodeid, case=case, baseline_key=baseline_key,
+                              json_path=self.settings.results_dir / key_to_relpath(baseline_key))
+        self.outcomes.append(outcome)
+        return outcome
+
+    def close_item(self, outcome: ItemOutcome) -> None:
+        write_item_json(outcome.json_path, outcome)
+
+    @property
+    def case_runner(self) -> CaseRunner:
+        """The session's load client (its tokenizer and built prompts live as long as the session)."""
+        if self.runner is None:
+            self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
+                                     client_processes=self.settings.client_processes,
+                                     request_timeout=self.settings.request_timeout)
+        return self.runner
+
+    def planned(self) -> int:
+        """Comparisons the session plans: those counted at collection, and any a Python
+        benchmark's gate added beyond its declared ones (:meth:`plan_more`)."""
+        return self._planned() + self._planned_late
+
+    def plan_more(self, comparisons: int) -> None:
+        self._planned_late += comparisons
+
+    def backend(self, outcome: ItemOutcome, name: str, lmcache_mode: str | None = None,
+                server_args: Sequence[str] = ()) -> BackendConfig:
+        """Backend ``name``'s configuration, ``server_args`` added to its server's arguments
+        (so they are part of its key and testbed); the item is skipped with the reason
+        where the backend cannot run here."""
+        from dataclasses import replace
+
         from .backends import BackendUnavailable
 
         try:
-            return self.pool.backend(name, outcome.case.lmcache_mode)
+            config = self.pool.backend(name, lmcache_mode)
         except BackendUnavailable as exc:
             outcome.status, outcome.message = "skipped", str(exc)
             pytest.skip(str(exc))
+        if server_args and self.settings.server.kind == "emulator":
+            config = replace(config, emulator_args=(*config.emulator_args, *server_args))
+        elif server_args and self.settings.server.kind == "vllm":
+            config = replace(config, vllm_args=(*config.vllm_args, *server_args))
+        return config
+
+    def server(self, outcome: ItemOutcome, backend: BackendConfig) -> ServerHandle:
+        """``backend``'s server: the running one while the configuration is the same, else
+        a new one; a server that cannot start fails the item."""
+        try:
+            return self.pool.acquire(backend)
+        except KVCacheError as exc:
+            error = str(exc)
+        self._fail(outcome, error)  # outside the except block: one message, no chained traceback
+
+    def measure(self, outcome: ItemOutcome, case: ScenarioCase, backend: BackendConfig, trials: Iterable[int],
+                progress: Callable[[str], None]) -> Measurement:
+        """The trials with these indices on ``backend``'s server, checked (a server that
+        died, a warm round that missed the tier fail the item); the item's latest result."""
+        server, results = self._measure(outcome, case, backend, trials, progress)
+        measured = Measurement(result=CaseResult(case=case, trials=results, server=_server_record(server, backend)),
+                               backend=backend, identity=self._identity(case, server, backend))
+        outcome.case, outcome.result, outcome.identity = case, measured.result, measured.identity
+        return measured
+
+    def _identity(self, case: ScenarioCase, server: ServerHandle, backend: BackendConfig) -> Identity:
+        return item_identity(case, server.model, server.info, backend.fingerprint(), host=self.pool.host_facts(),
+                             versions=self.settings.versions, moves=self.settings.key_moves)
 
     def _measure(self, outcome: ItemOutcome, case: ScenarioCase, backend: BackendConfig, trial_indices,
                  progress: Callable[[str], None], fresh: bool = False) -> tuple[ServerHandle, tuple[TrialResult, ...]]:
-        error, server = None, None
+        from .telemetry import check_hits
+
+        error, server, results, missed = None, None, (), None
+        indices = list(trial_indices)
+        external = redact_url(self.settings.server.endpoint) if self.settings.server.kind == "external" else None
         try:
             server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
-            if self.runner is None:
-                self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
-                                         client_processes=self.settings.client_processes,
-                                         request_timeout=self.settings.request_timeout)
-            results = self.runner.run(case, server.base_url, server.model, list(trial_indices), progress,
-                                      telemetry=server.telemetry)
+            # the first trial alone first: a warm round that shows the tier missing fails the item
+            # now, not after every trial
+            for part in (indices[:1], indices[1:]):
+                if part and missed is None:
+                    results += self.case_runner.run(case, server.base_url, server.model, part, progress,
+                                                    telemetry=server.telemetry)
+                    missed = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio,
+                                        external=external, not_run=len(indices) - len(results))
         except KVCacheError as exc:
             error = str(exc)
             # a request that failed because the server died says so, not only "ConnectError"
@@ -247,42 +342,48 @@ class KVSession:
             if died:
                 self._fail(outcome, f"the server died during the run: {died}\n  "
                            + "\n  ".join(f"trial {t.index + 1}: {t.problem}" for t in results if not t.usable))
-        from .telemetry import check_hits
-
-        problem = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio)
-        if problem:
-            self._fail(outcome, f"{problem}\n  server log: {server.log_path}")
+        if missed:  # an external server has no log of ours to point at
+            self._fail(outcome, missed + (f"\n  server log: {server.log_path}" if server.log_path else ""))
         return server, results
 
     # -- paired design ------------------------------------------------------------------
 
-    def _run_paired(self, outcome: ItemOutcome, case: ScenarioCase, trials: int,
-                    progress: Callable[[str], None]) -> None:
-        """Alternate reference and candidate trial by trial (A B, B A, ...), then compare pairs."""
-        if trials < 2:  # checked before anything is measured: one pair cannot show a difference
-            source = "--trials" if self.settings.trials else f"trials in {Path(case.path).name}"
+    def require_pairs(self, outcome: ItemOutcome, case: ScenarioCase, trials: int, source: str) -> None:
+        """Checked before anything is measured: one pair cannot show a difference."""
+        if trials < 2:
             self._fail(outcome, f"a paired comparison ({case.backend} against {case.reference_backend}) needs at "
                        f"least 2 trials, one pair of reference and candidate runs each, and {source} is {trials}; "
                        "use --trials 2 or more")
-        reference = self._backend(outcome, case.reference_backend)
-        candidate = self._backend(outcome, case.backend)
+
+    def measure_paired(self, outcome: ItemOutcome, case: ScenarioCase, reference: BackendConfig,
+                       candidate: BackendConfig, trials: Iterable[int],
+                       progress: Callable[[str], None]) -> tuple[Measurement, Measurement]:
+        """Reference and candidate trial by trial, alternating which goes first (A B, B A, ...)."""
         by_side: dict[str, list] = {"reference": [], "candidate": []}
-        servers: dict[str, dict] = {}
-        for trial in range(trials):
+        servers: dict[str, ServerHandle] = {}
+        for position, trial in enumerate(trials):
             order = [("reference", reference), ("candidate", candidate)]
-            for side, backend in order if trial % 2 == 0 else order[::-1]:
+            for side, backend in order if position % 2 == 0 else order[::-1]:
                 server, results = self._measure(outcome, case, backend, [trial],
                                                 lambda text, side=side: progress(f"{side} {text}"))
                 by_side[side].extend(results)
-                servers[side] = _server_record(server, backend)
-        outcome.reference = CaseResult(case=case, trials=tuple(by_side["reference"]), server=servers["reference"])
-        outcome.result = CaseResult(case=case, trials=tuple(by_side["candidate"]), server=servers["candidate"])
-        outcome.identity = item_identity(case, server.model, server.info, candidate.fingerprint(),
-                                         host=self.pool.host_facts(), versions=self.settings.versions,
-                                         moves=self.settings.key_moves)
+                servers[side] = server
+        ref, cand = (Measurement(result=CaseResult(case=case, trials=tuple(by_side[side]),
+                                                   server=_server_record(servers[side], backend)),
+                                 backend=backend, identity=self._identity(case, servers[side], backend))
+                     for side, backend in (("reference", reference), ("candidate", candidate)))
+        outcome.case, outcome.reference, outcome.result, outcome.identity = case, ref.result, cand.result, cand.identity
+        return ref, cand
+
+    def judge_paired(self, outcome: ItemOutcome, reference: Measurement, candidate: Measurement) -> None:
+        """Compare the candidate with the reference pair by pair (a paired t on the log
+        ratios), with the case's thresholds; fail the item as the verdicts say."""
         from .stats import Direction, compare_paired
 
-        ref, cand = outcome.reference, outcome.result
+        case = candidate.result.case
+        outcome.case, outcome.reference, outcome.result = case, reference.result, candidate.result
+        outcome.identity = candidate.identity
+        ref, cand = reference.result, candidate.result
         pairs = [(r, c) for r, c in zip(ref.trials, cand.trials) if r.usable and c.usable]
         if len(pairs) < 2:
             problems = [f"trial {t.index + 1} ({side}): {t.problem}" for side, res in (("reference", ref),
@@ -298,14 +399,18 @@ class KVSession:
                 comparisons.append(compare_paired(threshold.metric, [a for a, _ in values], [b for _, b in values],
                                                   direction=Direction(threshold.direction),
                                                   threshold=threshold.threshold, alpha=self.settings.alpha))
-        judgement = judge_item(comparisons, alpha=self.settings.alpha, planned=self._planned(), paired=True)
+        judgement = judge_item(comparisons, alpha=self.settings.alpha, planned=self.planned(), paired=True)
         self._conclude(outcome, comparisons, judgement, "paired comparison: the candidate is worse than the reference")
 
     # -- against the stored baseline ----------------------------------------------------------
 
-    def _decide(self, outcome: ItemOutcome, backend: BackendConfig, progress: Callable[[str], None]) -> None:
+    def judge(self, outcome: ItemOutcome, measured: Measurement, progress: Callable[[str], None]) -> None:
+        """Compare ``measured`` with the item's stored baseline (confirming a first run that
+        looks worse on a fresh server), or store it under --update-baselines /
+        --reset-baselines; fail or skip the item as the gate says."""
         s = self.settings
-        result, identity = outcome.result, outcome.identity
+        result, identity, backend = measured.result, measured.identity, measured.backend
+        outcome.case, outcome.result, outcome.identity = result.case, result, identity
         usable, total = len(result.usable_trials), len(result.trials)
         problems = [f"trial {t.index + 1}: {t.problem}" for t in result.trials if not t.usable]
         # An incomplete or invalid trial never enters a comparison or a baseline.
@@ -340,11 +445,11 @@ class KVSession:
             if not needs_confirmation(comparisons):
                 break
             progress(f"the first run looks worse: confirming with run {attempt + 1} on a fresh server")
-            _server, results = self._measure(outcome, outcome.case, backend, range(len(result.trials)), progress,
-                                             fresh=True)
+            _server, results = self._measure(outcome, outcome.case, backend, [t.index for t in result.trials],
+                                             progress, fresh=True)
             outcome.confirmations.append(CaseResult(case=outcome.case, trials=results, server=result.server))
             comparisons = self._compare(outcome, baseline, [result, *outcome.confirmations])
-        judgement = judge_item(comparisons, alpha=s.alpha, planned=self._planned(),
+        judgement = judge_item(comparisons, alpha=s.alpha, planned=self.planned(),
                                software_change=outcome.software_change)
         self._conclude(outcome, comparisons, judgement, "performance regression")
         unjudged = [c for c in comparisons if not c.judged]
@@ -364,7 +469,7 @@ class KVSession:
     def _compare(self, outcome: ItemOutcome, baseline: Baseline, runs: Sequence[CaseResult]) -> list[MetricComparison]:
         from .stats import Direction, compare_runs
 
-        planned = max(1, self._planned())
+        planned = max(1, self.planned())
         comparisons = []
         for threshold in outcome.case.thresholds:
             stored = baseline.metric_runs(threshold.metric)
@@ -438,7 +543,7 @@ class KVSession:
         stored = list(baseline.runs) if baseline and not differences else []
         comparisons = self._compare(outcome, baseline, [outcome.result]) if stored else []
         plan = plan_baseline_update(comparisons, stored_runs=len(stored), reset=s.reset_baselines, alpha=s.alpha,
-                                    planned=self._planned(),
+                                    planned=self.planned(),
                                     stored_summary=describe_runs(list(baseline.runs)) if baseline else "")
         outcome.comparisons = comparisons
         if plan.action == "refuse":
@@ -479,13 +584,6 @@ class KVSession:
         message = scrub(message, self.settings.server.endpoint)
         outcome.status, outcome.message = "skipped", message
         pytest.skip(message)
-
-
-def _cut_off(outcome: ItemOutcome) -> None:
-    """An item stopped by Ctrl-C or SIGTERM before its verdict: INTERRUPTED, never MEASURED."""
-    if outcome.status == "measured":
-        outcome.status = "interrupted"
-        outcome.message = "interrupted before it was judged (Ctrl-C or SIGTERM)"
 
 
 def _night(tables: list[dict[str, float]], night_variance) -> float | None:

@@ -18,7 +18,9 @@ Sources, scraped before and after every round (differences are per round):
   with the optional "size: X gb, cost Y ms, throughput: Z GB/s").
 
 Per round, :func:`summarize` gives prompt tokens, computed tokens, tokens loaded from the
-external tier, the hit ratio, and bytes and load bandwidth where a source has them.
+external tier, the hit ratio, bytes and load bandwidth where a source has them, and the
+emulator's hit tokens per tier that served them (``tier_hit_tokens:cpu``,
+``tier_hit_tokens:disk`` of the ``waterfall`` tier).
 :func:`check_hits` turns a warm round that missed the tier into a message naming the
 likely cause. No pytest import here.
 """
@@ -342,6 +344,10 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         value = metric_sum(a, name)
         if value is not None:
             out[key] = value
+    for (name, labels), value in a.items():  # the emulator's hits per tier that served them
+        tier = dict(labels).get("tier") if name == "emulator:tier_hit_tokens_total" else None
+        if tier:
+            out[f"tier_hit_tokens:{tier}"] = value - b.get((name, labels), 0.0)
     for cause, n in logs.causes.items():
         out[f"log_cause:{cause}"] = float(n)
     return out
@@ -371,16 +377,22 @@ class HitCheck:
 
 def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Sequence[int], *,
                 min_ratio: float, chunk_size: int = CHUNK_SIZE, causes: Sequence[str] = (),
-                what: str = "warm round") -> HitCheck:
-    """Did this warm round hit the tier (offload backends), or not at all (``none``)?"""
+                what: str = "warm round", external: str | None = None) -> HitCheck:
+    """Did this warm round hit the tier (offload backends), or not at all (``none``)?
+
+    ``external``: the address of a server somebody else runs (``--kv-server external``),
+    whose configuration the plugin did not choose: a miss then says which backend the
+    server seems to run and how to tell the plugin, not which server flag to fix."""
     hits = telemetry.get("external_hit_tokens")
     if hits is None:
         return HitCheck(True, "no telemetry of external hits; not checked")
     if backend == "none":
         if hits > 0:
-            return HitCheck(False, f"{what}: backend 'none' loaded {hits:.0f} tokens from an external KV tier; "
-                                   "the server runs with a KV connector it should not have (check the server "
-                                   "arguments: --kv-transfer-config, --kv-offloading-size)")
+            fix = (f"the external server at {external} runs an offload tier, so it is no 'none' server: "
+                   f"say which backend it runs with --kv-external-backend NAME (ini kvcache_external_backend)"
+                   if external else "the server runs with a KV connector it should not have (check the server "
+                   "arguments: --kv-transfer-config, --kv-offloading-size)")
+            return HitCheck(False, f"{what}: backend 'none' loaded {hits:.0f} tokens from an external KV tier; {fix}")
         return HitCheck(True)
     expected = expected_hit_tokens(prompt_lens, chunk_size)
     if expected == 0 or min_ratio <= 0:
@@ -389,7 +401,15 @@ def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Seque
         return HitCheck(True)
     queried = telemetry.get("external_query_tokens")
     stored = telemetry.get("stored_tokens", telemetry.get("log_stored_tokens"))
-    if queried is not None and queried == 0:
+    if external and (hits == 0 or queried == 0):
+        asked = ("its KV connector was never asked (vllm:external_prefix_cache_queries stayed 0)"
+                 if queried == 0 else "it found none of the cold round's chunks")
+        cause = (f"the external server at {external} runs no working '{backend}' tier: {asked}. The plugin does "
+                 f"not configure a server it did not start: say which backend it runs with --kv-external-backend "
+                 f"NAME (none for a server without a tier; ini kvcache_external_backend) and only that backend's "
+                 f"items run, or restart it with the tier (vLLM: --kv-transfer-config with LMCache's connector; "
+                 f"the emulator: --backend {backend})")
+    elif queried is not None and queried == 0:
         cause = ("the KV connector was never asked (vllm:external_prefix_cache_queries stayed 0): the server "
                  "runs without the connector; check --kv-transfer-config and the connector's name")
     elif hits == 0:
@@ -409,8 +429,12 @@ def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Seque
         f"misconfiguration, not a result.\n  likely cause: {cause}{extra}"))
 
 
-def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size: int = CHUNK_SIZE) -> str | None:
-    """Check every warm round of ``trials`` (TrialResult); a message if any missed, else None."""
+def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size: int = CHUNK_SIZE,
+               external: str | None = None, not_run: int = 0) -> str | None:
+    """Check every warm round of ``trials`` (TrialResult); a message if any missed, else None.
+
+    ``external``: see :func:`check_round`; ``not_run``: trials left out once these missed
+    (the item stops at the first trial that shows the tier missing)."""
     if phase == "cache_miss":
         return None
     problems = []
@@ -420,10 +444,13 @@ def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size
                 continue
             lens = [r.prompt_tokens_reported or r.prompt_len for r in rnd.records]
             check = check_round(backend, rnd.telemetry, lens, min_ratio=min_ratio, chunk_size=chunk_size,
-                                causes=causes_of(rnd.telemetry), what=f"trial {trial.index + 1} warm round")
+                                causes=causes_of(rnd.telemetry), what=f"trial {trial.index + 1} warm round",
+                                external=external)
             if not check.ok:
                 problems.append(check.message)
     if not problems:
         return None
-    return problems[0] + (f"\n  ({len(problems) - 1} more warm rounds missed the same way)" if len(problems) > 1
-                          else "")
+    more = f"\n  ({len(problems) - 1} more warm rounds missed the same way)" if len(problems) > 1 else ""
+    if not_run:
+        more += f"\n  ({not_run} more trial(s) not run: they would miss the same way)"
+    return problems[0] + more

@@ -68,10 +68,10 @@ def prompts(n: int, input_len: int = 256, output_len: int = 32, seed: int = 0) -
 
 
 async def round_(url: str, ps: list[Prompt], warmup: bool = False, timings: dict | None = None,
-                 on_done=None, **spec_kw) -> loadgen.RoundResult:
+                 on_done=None, kernel_stamps: bool = True, **spec_kw) -> loadgen.RoundResult:
     spec_kw.setdefault("timeout_s", 30)
     spec = loadgen.LoadSpec(model=MODEL, **spec_kw)
-    pool = loadgen.open_pool(url, spec.max_concurrency)
+    pool = loadgen.open_pool(url, spec.max_concurrency, kernel_stamps=kernel_stamps)
     try:
         if warmup:
             await loadgen.run_round(pool, spec, ps[: spec.max_concurrency], "warmup")
@@ -240,11 +240,18 @@ def test_lag_guard_makes_the_round_invalid(ref) -> None:
     def block() -> None:
         time.sleep(0.06)  # a callback that hogs the event loop
 
-    result = asyncio.run(round_(ref.url, prompts(8, input_len=10, output_len=4), max_concurrency=2,
+    # reads stamped in Python: a stamp can be late by the lag, so the lag itself invalidates
+    user = asyncio.run(round_(ref.url, prompts(8, input_len=10, output_len=4), max_concurrency=2,
+                              on_done=block, kernel_stamps=False))
+    assert user.failed == 0 and not user.complete
+    assert "event loop lagged" in user.invalid_reason
+    # kernel stamps stay right under lag; what the lag cost, requests not in flight, still shows
+    kernel = asyncio.run(round_(ref.url, prompts(8, input_len=10, output_len=4), max_concurrency=2,
                                 on_done=block))
-    assert result.failed == 0
-    assert not result.complete
-    assert "event loop lagged" in result.invalid_reason
+    if kernel.client_stamps == "kernel":
+        assert not kernel.complete and "event loop lagged" not in kernel.invalid_reason
+        assert "requests in flight" in kernel.invalid_reason
+        assert kernel.summary["loop_lag_p99_ms"] > 40
 
 
 def test_delivered_concurrency_math() -> None:

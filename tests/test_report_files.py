@@ -170,22 +170,30 @@ def test_html_report_in_headless_chromium(run, tmp_path):
     base = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--allow-file-access-from-files"]
     env = dict(os.environ, HOME=str(tmp_path))
-    # The DOM as the browser built it: the tables are there and every image loaded.
+    # The DOM as the browser built it in a 1400-pixel window: the tables are there and fit the
+    # page, every image loaded, and the baseline-vs-current plot is shown at the page's width.
     probe = ("<script>window.onload=()=>{document.title=JSON.stringify({"
              "rows:document.querySelectorAll('#summary tbody tr').length,"
-             "imgs:[...document.images].map(i=>[i.getAttribute('src'),i.naturalWidth])})}</script>")
+             "tables:Object.fromEntries([...document.querySelectorAll('table')].map("
+             "t=>[t.id,Math.round(t.getBoundingClientRect().width)])),"
+             "imgs:[...document.images].map(i=>[i.getAttribute('src'),i.naturalWidth,"
+             "Math.round(i.getBoundingClientRect().width)])})}</script>")
     page = run["out"] / "report-probe.html"
     page.write_text(html.replace("</body>", probe + "</body>"))
     try:
-        dom = subprocess.run([*base, "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-                             capture_output=True, text=True, timeout=120, env=env)
+        dom = subprocess.run([*base, "--window-size=1400,1400", "--virtual-time-budget=5000", "--dump-dom",
+                              page.as_uri()], capture_output=True, text=True, timeout=120, env=env)
     finally:
         page.unlink()
     assert dom.returncode == 0, dom.stderr[-2000:]
     title = dom.stdout.split("<title>", 1)[1].split("</title>", 1)[0]
     loaded = json.loads(title.replace("&quot;", '"'))
     assert loaded["rows"] == 4
-    assert {src: width for src, width in loaded["imgs"]} == {f"plots/{p}": 800 for p in PLOTS}  # all loaded
+    assert {src for src, _, _ in loaded["imgs"]} == {f"plots/{p}" for p in PLOTS}
+    assert all(natural >= 800 for _, natural, _ in loaded["imgs"]), loaded["imgs"]  # all loaded
+    shown = {src: width for src, _, width in loaded["imgs"]}
+    assert shown["plots/baseline_vs_current.png"] > 1000 >= shown["plots/pareto.png"]  # full width, not a thumbnail
+    assert loaded["tables"]["items"] <= 1280 and loaded["tables"]["summary"] <= 1280, loaded["tables"]
     # And a screenshot: the table (top) and the first plot are drawn.
     shot = tmp_path / "report.png"
     result = subprocess.run([*base, "--window-size=1280,1400", "--hide-scrollbars", f"--screenshot={shot}",

@@ -71,6 +71,16 @@ def _profile_spec(text: str) -> str:
     return text
 
 
+def _fraction(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
+    return v
+
+
 def _port(text: str) -> int:
     try:
         v = int(text)
@@ -86,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m pytest_kvcache.emulator",
         description="An emulated vLLM + LMCache OpenAI-compatible server.",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=_port, default=8000, help="port to listen on (default %(default)s)")
     p.add_argument("--model", default="emulated-model", help="served model name")
     p.add_argument("--backend", choices=TIERS, default="none",
                    help="offload tier (waterfall: cpu over disk, --cpu-size-gb of RAM demoting LRU "
@@ -117,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-size-gb", type=_positive_float, default=512.0,
                    help="redis tier size in GB of the real model's KV")
     k = p.add_argument_group(
-        "knobs for testing the plugin (seeded by --seed, deterministic; also --config-json keys "
-        "offload_disabled, jitter, slowdown_prefill, slowdown_decode, slowdown_load)")
+        "knobs for testing the plugin: faults and slowdowns (seeded by --seed, deterministic; each is also a "
+        "--config-json key, its name with _ for -, e.g. {\"error_rate\": 0.1, \"crash_after\": 50})")
+    k.add_argument("--error-rate", type=_fraction, default=None, metavar="F",
+                   help="fraction in [0, 1] of requests answered 500 (vLLM's error shape)")
+    k.add_argument("--crash-after", type=_positive_int, default=None, metavar="N",
+                   help="the process exits with status 3 when request N+1 arrives (a server dying mid-run)")
+    k.add_argument("--stall-ms", type=_nonneg_float, default=None, metavar="MS",
+                   help="with --stall-every N: every N-th request's first token comes MS milliseconds late")
+    k.add_argument("--stall-every", type=_positive_int, default=None, metavar="N",
+                   help="which requests --stall-ms delays: every N-th")
     k.add_argument("--offload-disabled", action="store_true", default=None,
                    help="the tier stores nothing and never hits (a misconfigured LMCache silently "
                         "recomputing); lookups are still counted in /metrics and the logs")
@@ -192,7 +210,8 @@ def parse_settings(argv: Sequence[str] | None = None):
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
     for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",
-                 "slowdown_load", "redis_url", "served_version"):
+                 "slowdown_load", "redis_url", "served_version", "error_rate", "crash_after", "stall_ms",
+                 "stall_every"):
         value = getattr(args, name)
         if value is not None:
             extras[name] = value
@@ -210,6 +229,9 @@ def parse_settings(argv: Sequence[str] | None = None):
             parse_redis_url(extras["redis_url"])
         except ValueError as exc:
             parser.error(f"--redis-url: {exc}")
+    if bool(extras.get("stall_ms")) != bool(extras.get("stall_every")):
+        parser.error("--stall-ms and --stall-every go together: every N-th request (--stall-every N) is late by "
+                     "MS milliseconds (--stall-ms MS)")
     if not 0.0 <= extras.get("jitter", 0.0) < 1.0:
         parser.error("--jitter must be in [0, 1)")
     for name in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):

@@ -3,7 +3,8 @@
 Endpoints (vLLM's shapes): ``GET /health``, ``GET /v1/models``, ``POST /tokenize``,
 ``POST /detokenize``, ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /metrics`` (Prometheus text, vLLM and LMCache names), ``GET /version``
-(``{"version": ...}``: ``--served-version``, by default this package's), and the emulator-only
+(``{"version": ..., "kvcache_backend": ...}``: ``--served-version``, by default this package's,
+and the offload tier, ``--backend``, which ``--kv-server external`` reads), and the emulator-only
 ``POST /reset_prefix_cache`` (empties the offload tier, like vLLM's endpoint of that
 name empties its own cache).
 
@@ -248,6 +249,8 @@ class _Stats:
         self.io_seconds = 0.0
         self.io_overrun_seconds = 0.0
         self.io_overruns = 0
+        # hit tokens per tier that served them (waterfall: cpu and disk)
+        self.tier_hits: dict[str, int] = {}
 
 
 class _Request:
@@ -645,6 +648,10 @@ class Emulator:
             st.ext_hits += cached
             st.lm_requested += req.n
             st.lm_hit += cached
+            left = cached  # the tiers in lookup order; a chunk that failed verification ended the load
+            for tier, tokens in (req.split or {self.tier_name: cached}).items():
+                st.tier_hits[tier] = st.tier_hits.get(tier, 0) + min(tokens, left)
+                left -= min(tokens, left)
             lmlog.info("Reqid: %s, Total tokens %d, LMCache hit tokens: %d, need to load: %d",
                        req.rid, req.n, cached, cached)
             if cached:
@@ -1043,7 +1050,8 @@ class Emulator:
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": self.s.served_version})
+        # kvcache_backend: the offload tier it runs, so that --kv-server external knows which items it serves
+        return web.json_response({"version": self.s.served_version, "kvcache_backend": self.s.backend})
 
     async def models(self, request: web.Request) -> web.Response:
         m = self.s.model
@@ -1357,6 +1365,9 @@ class Emulator:
             else:
                 metric("lmcache:local_cpu_usage", "gauge", 0)
                 metric("lmcache:local_disk_usage", "gauge", usage)
+            out.append("# TYPE emulator:tier_hit_tokens_total counter")
+            out.extend(f'emulator:tier_hit_tokens_total{{{lab},tier="{tier}"}} {n}'
+                       for tier, n in sorted(st.tier_hits.items()))
             metric("emulator:tier_stored_bytes", "gauge", self.cache.usage())
             metric("emulator:tier_chunks", "gauge", len(self.cache.tier))
         return web.Response(text="\n".join(out) + "\n",

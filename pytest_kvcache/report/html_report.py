@@ -17,8 +17,10 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:1.5
      padding:0 1em;color:#222}
 h1{font-size:1.5em;margin-bottom:.2em} h2{font-size:1.15em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0} th,td{border:1px solid #ccc;padding:3px 7px;
-text-align:left;white-space:nowrap} th{background:#f2f2f2} tr:nth-child(even) td{background:#fafafa}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
+text-align:left;white-space:nowrap} th{background:#f2f2f2;white-space:normal;vertical-align:bottom}
+tr:nth-child(even) td{background:#fafafa}
+td.num{text-align:right;font-variant-numeric:tabular-nums} td.name{white-space:normal;overflow-wrap:anywhere;
+min-width:9em}
 .banner{padding:.6em 1em;border-radius:4px;font-weight:600;margin:.8em 0}
 .fail{background:#fde2e1;color:#8b1a12} .pass{background:#e3f5e1;color:#1d5e17} .info{background:#eef2f7}
 .warn{background:#fff1dc;color:#7a4500}
@@ -26,8 +28,9 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 .IMPROVED{color:#0b6e8a;font-weight:600}
 .plots{display:flex;flex-wrap:wrap;gap:1em} figure{margin:0;border:1px solid #ddd;padding:.5em;background:#fff}
 figure img{max-width:600px;width:100%;height:auto;display:block} figcaption{font-size:.8em;color:#555;max-width:600px}
+figure.wide{flex-basis:100%} figure.wide img{max-width:100%} figure.wide figcaption{max-width:none}
 ul.header{font-family:ui-monospace,monospace;font-size:.85em;list-style:none;padding-left:0}
-.notes{font-size:.85em;color:#444} .wrap{overflow-x:auto;max-width:100%}
+.notes{font-size:.85em;color:#444;white-space:pre-wrap} .wrap{overflow-x:auto;max-width:100%}
 """
 
 
@@ -47,16 +50,19 @@ def _num(value) -> str:
     return str(value)
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str) -> str:
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str, names: int = 0) -> str:
+    """An HTML table; the first ``names`` columns hold names that may wrap (the others do not)."""
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = []
     for row in rows:
         cells = []
-        for cell in row:
+        for index, cell in enumerate(row):
             text = str(cell)
             cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "IMPROVED", "FAIL") else ""
             if not cls and text[:1] in "-+0123456789[" and text not in ("-",):
                 cls = "num"
+            if index < names:
+                cls = "name"
             cells.append(f'<td class="{cls}">{cell if isinstance(cell, _Raw) else _e(cell)}</td>' if cls
                          else f"<td>{cell if isinstance(cell, _Raw) else _e(cell)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -96,7 +102,7 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
     summary = session.get("summary") or {}
     parts.append("<h2>Verdicts</h2>")
     if summary.get("rows"):
-        parts.append(_table(summary["header"], summary["rows"], "summary"))
+        parts.append(_table(summary["header"], summary["rows"], "summary", names=1))
     else:
         parts.append("<p>No items ran.</p>")
     if summary.get("notes"):
@@ -107,18 +113,23 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
     parts.append("<h2>Items</h2>")
     rows = []
     for r in item_rows(run, per_trial=False):
-        link = _Raw(f'<a href="{_href(r["file"])}">{_e(r["file"])}</a>')
-        rows.append((r["item"], r["kvcache"], r["modality"], r["input_len"], r["concurrency"], _num(r["mean_ttft_ms"]),
+        # the item names its file: the link's text need not repeat it (the table fits the page)
+        link = _Raw(f'<a href="{_href(r["file"])}" title="{_e(r["file"])}">JSON</a>')
+        backend = r["kvcache"] if str(r["modality"]).lower() == str(r["kvcache"]).lower() \
+            else f'{r["kvcache"]} ({r["modality"]})'
+        rows.append((r["item"], backend, r["input_len"], r["concurrency"], _num(r["mean_ttft_ms"]),
                      _num(r["median_ttft_ms"]), _num(r["p99_ttft_ms"]), _num(r["total_token_throughput"]),
                      f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"].upper(), link))
-    parts.append(_table(("item", "backend", "modality", "input len", "concurrency", "mean TTFT (ms)",
+    parts.append(_table(("item", "backend (medium)", "input len", "concurrency", "mean TTFT (ms)",
                          "median TTFT (ms)", "p99 TTFT (ms)", "total throughput (tok/s)", "usable trials",
-                         "verdict", "JSON"), rows, "items"))
+                         "verdict", "file"), rows, "items", names=2))
 
     parts.append("<h2>Plots</h2><div class=\"plots\">")
     for rel in plots:
         name = rel.split("/")[-1]
-        parts.append(f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(name)}"></a>'
+        # a panel per compared metric, an item per column: shown at the page's width, never as a thumbnail
+        wide = ' class="wide"' if name == "baseline_vs_current.png" else ""
+        parts.append(f'<figure{wide}><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(name)}"></a>'
                      f"<figcaption>{_e(captions.get(name, name))}</figcaption></figure>")
     parts.append("</div>")
 
@@ -139,10 +150,10 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
                             [(s["item"], s["metric"], s["runs"], _num(s["latest"])) for s in history["series"]],
                             "history"))
 
-    parts.append("<h2>Pareto frontier (mean TTFT vs total token throughput, per trial)</h2>")
+    parts.append("<h2>Pareto frontier of each phase (mean TTFT vs total token throughput, per trial)</h2>")
     parts.append(_table(("item", "trial", "mean TTFT (ms)", "total throughput (tok/s)"),
                         [(r["item"], r["iteration"], _num(r["mean_ttft_ms"]), _num(r["total_token_throughput"]))
-                         for r in frontier], "pareto"))
+                         for r in frontier], "pareto", names=1))
     links = ["results.csv", "pareto_frontier.csv", "summary.md", "run.json", "logs/"]
     parts.append("<h2>Files</h2><ul>" + "".join(f'<li><a href="{_href(f)}">{_e(f)}</a></li>' for f in links)
                  + f"<li>{len(trial_rows)} CSV rows (one per item and trial)</li></ul>")

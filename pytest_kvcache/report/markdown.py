@@ -57,7 +57,8 @@ def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | N
     if summary.get("rows"):
         out += ["### Verdicts", ""] + md_table(summary["header"], summary["rows"]) + [""]
     if summary.get("notes"):
-        out += [f"- {note}" for note in summary["notes"]] + [""]
+        # a reason of several lines is one list item (its lines joined)
+        out += ["- " + " ".join(part.strip() for part in note.splitlines()) for note in summary["notes"]] + [""]
     from .rows import item_rows
 
     rows = item_rows(run, per_trial=False)

@@ -7,6 +7,9 @@
   already measured: each usable trial's median TTFT (seconds) is one "round", and our
   metrics go into ``extra_info``. pytest-benchmark's timer never runs, so it adds no
   load and changes no measurement (its ``pedantic`` mode would call the load again).
+  Only when the user asks pytest-benchmark for output (:func:`benchmark_wanted`): its
+  table would otherwise repeat the summary's figures in 190 columns, with OPS and
+  outlier columns that mean nothing for trials.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import statistics
 
 from ..decision import worst_zone
 
-__all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "benchmark_extra_info", "fill_benchmark", "junit_properties"]
+__all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "benchmark_extra_info", "benchmark_wanted", "fill_benchmark",
+           "junit_properties"]
 
 #: What pytest-benchmark's table shows as the time of one round: a trial's median TTFT.
 BENCHMARK_METRIC = "median_ttft_ms"
@@ -87,6 +91,15 @@ def benchmark_extra_info(outcome) -> dict:
     if outcome.json_path is not None:
         info["json"] = str(outcome.json_path)
     return info
+
+
+def benchmark_wanted(bench) -> bool:
+    """Whether pytest-benchmark (its session, or None when absent) gets our entries: when it
+    is on and the user asked it for output of its own (--benchmark-json, --benchmark-save,
+    --benchmark-autosave, --benchmark-compare, --benchmark-histogram)."""
+    if bench is None or bench.disabled or getattr(bench, "skip", False):
+        return False
+    return any(getattr(bench, name, None) for name in ("json", "save", "autosave", "compare", "histogram"))
 
 
 def fill_benchmark(benchmark, outcome) -> bool:

@@ -37,6 +37,8 @@ __all__ = [
     "load_run",
     "modality",
     "pareto_frontier",
+    "pareto_frontiers",
+    "run_slowdown",
     "write_csv",
 ]
 
@@ -50,7 +52,7 @@ CSV_COLUMNS: tuple[str, ...] = SEED_COLUMNS + (
     "item", "scenario", "backend", "concurrency", "output_len", "num_prompts", "trials", "usable",
     "median_ttft_ms", "p90_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "median_itl_ms", "mean_e2el_ms",
     "request_throughput", "output_throughput", "completed", "failed", "status", "verdict",
-    "server", "gpu", "vllm_version", "lmcache_version", "labels",
+    "server", "gpu", "vllm_version", "lmcache_version", "labels", "emulator_slowdown",
 )
 #: The session file of a run folder.
 RUN_FILE = "run.json"
@@ -206,9 +208,23 @@ def _num(value) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def run_slowdown(run: RunFolder) -> float | None:
+    """The ``--emulator-slowdown`` of a run that rehearsed a regression (None for a real
+    run): from ``run.json``'s settings, else from its header line (older run folders)."""
+    import re
+
+    value = _num((run.session.get("settings") or {}).get("emulator_slowdown"))
+    if value is None:
+        header = " ".join(str(line) for line in run.session.get("header") or ())
+        found = re.search(r"slowdown ([0-9.]+(?:e[-+]?\d+)?)", header)
+        value = _num(found.group(1)) if found else None
+    return value if value not in (None, 1.0) else None
+
+
 def item_rows(run: RunFolder, per_trial: bool = True) -> list[dict]:
     """The rows of one run folder (see the module docstring for the two granularities)."""
     rows = []
+    slowdown = run_slowdown(run)
     for item in run.items:
         doc = item.doc
         scenario = doc.get("scenario") or {}
@@ -239,6 +255,7 @@ def item_rows(run: RunFolder, per_trial: bool = True) -> list[dict]:
             "vllm_version": server.get("vllm_version", ""),
             "lmcache_version": server.get("lmcache_version", ""),
             "labels": ";".join(f"{k}={v}" for k, v in sorted(labels.items()) if k not in _LABEL_COLUMNS),
+            "emulator_slowdown": slowdown,
         }
         measure = scenario.get("measure_round") or "warm"
         if per_trial:
@@ -319,6 +336,15 @@ def pareto_frontier(rows: Sequence[dict], x: str = "mean_ttft_ms", y: str = "tot
         elif prev is not None and (px, py) == prev:
             frontier.append(i)  # an exact duplicate of a frontier point is not dominated either
     return sorted((rows[i] for i in frontier), key=lambda r: (float(r[x]) * sx, float(r[y]) * sy))
+
+
+def pareto_frontiers(rows: Sequence[dict], x: str = "mean_ttft_ms", y: str = "total_token_throughput") -> list[dict]:
+    """The frontier of each phase, phase after phase: a multi-turn or shared-prefix item
+    is another workload, never a point that dominates (or is dominated by) a prefill one."""
+    phases: dict[str, list[dict]] = {}
+    for row in rows:
+        phases.setdefault(str(row.get("phase") or ""), []).append(row)
+    return [r for members in phases.values() for r in pareto_frontier(members, x=x, y=y)]
 
 
 def _cell(value) -> str:

@@ -5,7 +5,7 @@ Besides the per-item JSON files (written as each item ends, :mod:`.json_report`)
 ``run.json``            the session: plugin version, times, server and labels, the summary
                         table, the regression gate and the item files of this session
 ``results.csv``         one row per item and trial (the seed's columns first, :mod:`.rows`)
-``pareto_frontier.csv`` the rows on the TTFT / throughput Pareto frontier
+``pareto_frontier.csv`` the rows on the TTFT / throughput Pareto frontier of their phase
 ``summary.md``          markdown for ``$GITHUB_STEP_SUMMARY``
 ``report.html``         table and plots together, links to every file; opens from disk
 ``plots/*.png``         :mod:`.plots`
@@ -32,10 +32,13 @@ RUN_SCHEMA_VERSION = 1
 
 #: The plots of a run folder: file name -> what it shows (the HTML report's captions).
 PLOT_FILES: dict[str, str] = {
-    "ttft_vs_input_len.png": "Mean TTFT against input length, a line per backend (media comparison)",
-    "throughput_vs_input_len.png": "Total token throughput against input length, a line per backend",
-    "baseline_vs_current.png": "Baseline against this run per item: trials as points, this run's 95% CI",
-    "pareto.png": "TTFT against total token throughput, with the Pareto frontier",
+    "ttft_vs_input_len.png": "Mean TTFT against input length, a line per backend (media comparison), a panel "
+                             "per phase",
+    "throughput_vs_input_len.png": "Total token throughput against input length, a line per backend, a panel per "
+                                   "phase",
+    "baseline_vs_current.png": "Baseline against this run per item: trials as points, this run's 95% CI, a panel "
+                               "per compared metric",
+    "pareto.png": "TTFT against total token throughput, with the Pareto frontier, a panel per phase",
     "network.png": "Network comparison: TTFT by bandwidth and direction (runs with those labels)",
 }
 
@@ -76,7 +79,7 @@ def comparison_points(outcomes: Sequence, results_dir: Path, store=None) -> list
     return points
 
 
-def write_plots(rows: list[dict], frontier: list[dict], plots_dir: Path, points=None) -> list[Path]:
+def write_plots(rows: list[dict], plots_dir: Path, points=None) -> list[Path]:
     """The plots of :data:`PLOT_FILES` that apply (baseline-vs-current needs ``points``,
     the network plot bandwidth or direction labels)."""
     from . import plots
@@ -89,7 +92,7 @@ def write_plots(rows: list[dict], frontier: list[dict], plots_dir: Path, points=
     ]
     if points is not None:
         out.append(plots.plot_baseline_vs_current(points, plots_dir / "baseline_vs_current.png"))
-    out.append(plots.plot_pareto(rows, frontier, plots_dir / "pareto.png"))
+    out.append(plots.plot_pareto(rows, plots_dir / "pareto.png"))
     network = plots.plot_network(rows, plots_dir / "network.png")
     if network is not None:
         out.append(network)
@@ -137,6 +140,9 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
         "settings": {"server": settings.server.kind,
                      "endpoint": settings.server.endpoint and redact_url(settings.server.endpoint),
                      "model": settings.server.model, "alpha": settings.alpha,
+                     # a rehearsal's mark, read back by compare (rows.run_slowdown)
+                     "emulator_slowdown": settings.server.emulator_slowdown if settings.server.kind == "emulator"
+                     else None,
                      "labels": dict(getattr(settings.server, "labels", ()) or ()),
                      "update_baselines": settings.update_baselines or settings.reset_baselines},
         "gate": {"failed": bool(gate and gate.failed), "failing": list(gate.failing) if gate else [],
@@ -163,14 +169,14 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
 
     trial_rows = _rows.item_rows(run, per_trial=True)
     usable = [r for r in trial_rows if r.get("usable")]
-    frontier = _rows.pareto_frontier(usable)
+    frontier = _rows.pareto_frontiers(usable)
     paths = {
         "run.json": session_path,
         "results.csv": _rows.write_csv(trial_rows, results_dir / "results.csv"),
         "pareto_frontier.csv": _rows.write_csv(frontier, results_dir / "pareto_frontier.csv"),
     }
     points = comparison_points(outcomes, results_dir, store)
-    for p in write_plots(usable, frontier, results_dir / "plots", points):
+    for p in write_plots(usable, results_dir / "plots", points):
         paths[f"plots/{p.name}"] = p
     plots = [name for name in paths if name.startswith("plots/")]
     md = render_markdown(session, run, plots, link_base=None)

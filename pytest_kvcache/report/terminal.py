@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+import math
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 from ..decision import Gate, Zone
 from .redact import redact_url
 
-__all__ = ["SUMMARY_HEADER", "ZONE_COLOURS", "detect_gpus", "gate_line", "header_lines", "render_summary",
-           "summary_rows", "unjudged_count"]
+__all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "TerminalProgress", "detect_gpus",
+           "fit_lines", "fit_table", "gate_line", "header_lines", "render_summary", "summary_rows", "terminal_width",
+           "unjudged_count"]
 
 #: Terminal colour of each zone (pytest's TerminalWriter markup names).
 ZONE_COLOURS: dict[str, str] = {Zone.FAIL.value: "red", Zone.WARN.value: "yellow", Zone.IMPROVED.value: "cyan",
@@ -17,12 +20,9 @@ ZONE_COLOURS: dict[str, str] = {Zone.FAIL.value: "red", Zone.WARN.value: "yellow
 
 
 def _status_cell(outcome) -> str:
-    """SKIPPED/FAILED with the start of the reason (the full reason is in pytest's report)."""
-    text = outcome.status.upper()
-    if outcome.status in ("skipped", "failed") and outcome.message:
-        first = outcome.message.splitlines()[0]
-        text += ": " + (first if len(first) <= 48 else first[:47] + "…")
-    return text
+    """The status of an item without a verdict; a skip's or failure's reason is a note of
+    its own under the table, whole (a cell cut it exactly where the fix was)."""
+    return outcome.status.upper()
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -55,6 +55,8 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
             current = f"{ttft[len(ttft) // 2]:.4g} ms" if ttft else "-"
             rows.append((o.case.name, "median_ttft_ms", "-", current, "-", "-", "-", "-", "-", "-", "-",
                          _status_cell(o)))
+            if o.status in ("skipped", "failed") and o.message:
+                notes.append(f"{o.case.name} {_status_cell(o)}: {o.message.strip()}")
             continue
         for c, v in zip(o.comparisons, o.verdicts):
             unit = " ms" if c.metric.endswith("_ms") else ""
@@ -129,34 +131,114 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
     return lines
 
 
+#: Columns of the verdict table left out, in this order, when it is wider than the terminal;
+#: item, metric, change and verdict always stay (run.json, summary.md and report.html keep all).
+DROP_ORDER: tuple[str, ...] = ("q(BH)", "MDE", "p", "run noise", "95% CI of ratio", "p(Holm)", "baseline", "current")
+#: Colour of a note by the word before its first colon (a zone, or an item's status).
+_NOTE_COLOURS = {**ZONE_COLOURS, "FAILED": "red", "SKIPPED": "yellow"}
+
+
+def terminal_width(config) -> int | None:
+    """The width every line of the session fits: the terminal's (COLUMNS, else the tty's
+    own), where the output is a terminal; None for a log (CI, a pipe, a file), which has no
+    width to fit and keeps its lines whole to be searched, as pytest keeps its summary lines
+    whole on CI. (COLUMNS alone tells no terminal: GNU readline exports it in any process
+    that loads it, and children inherit it.)"""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:  # an xdist worker
+        return None
+    isatty = reporter.isatty  # a method since pytest 8.1, a bool before
+    return config.get_terminal_writer().fullwidth if (isatty() if callable(isatty) else isatty) else None
+
+
+def fit_lines(lines: Sequence[str], width: int | None, indent: str = "    ") -> list[str]:
+    """Each line wrapped to ``width`` columns (None: as they are), its continuation lines
+    indented under it. A long word (a path) starts a line of its own, and only one longer
+    than a whole line is broken: nothing is ever cut off."""
+    import textwrap
+
+    if not width:
+        return list(lines)
+    out = []
+    for line in lines:
+        lead = line[:len(line) - len(line.lstrip())]
+        more = (lead + indent)[:max(0, width // 2)]
+        for part in textwrap.wrap(line, width=width, subsequent_indent=more, break_long_words=False,
+                                  break_on_hyphens=False) or [""]:
+            while len(part) > width:
+                out.append(part[:width])
+                part = more + part[width:]
+            out.append(part)
+    return out
+
+
+def _table_lines(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[int]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in keep]
+    lines = ["  ".join(str(header[i]).ljust(w) for i, w in zip(keep, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(row[i]).ljust(w) for i, w in zip(keep, widths)).rstrip() for row in rows]
+    return lines
+
+
+def fit_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None
+              ) -> tuple[list[tuple[str, int | None]], list[str]]:
+    """The verdict table as lines within ``width`` columns, each with the index of its row
+    (None for the header lines), and the columns it left out (see :data:`DROP_ORDER`).
+
+    When even the narrowest table is too wide (long item names), each item's name stands
+    on a line of its own above its rows."""
+    keep = list(range(len(header)))
+    dropped: list[str] = []
+    for name in (None, *DROP_ORDER):
+        if name is not None and name in header:
+            keep.remove(header.index(name))
+            dropped.append(name)
+        lines = _table_lines(header, rows, keep)
+        if not width or max(map(len, lines)) <= width:
+            return [(line, None if i < 2 else i - 2) for i, line in enumerate(lines)], dropped
+    keep.remove(0)  # the item: above its rows instead
+    table = _table_lines(header, rows, keep)
+    out: list[tuple[str, int | None]] = [(line, None) for line in fit_lines(table[:2], width)]
+    item = None
+    for i, (row, line) in enumerate(zip(rows, table[2:])):
+        if row[0] != item:
+            item = row[0]
+            out += [(text, i) for text in fit_lines([str(item)], width)]
+        out += [(text, i) for text in fit_lines(["  " + line], width)]
+    return out, dropped
+
+
 def render_summary(outcomes: Sequence, gate: Gate | None, settings,
                    change_points: Sequence[Any] = (), interrupted: str | None = None,
-                   not_run: Sequence[str] = ()) -> list[tuple[str, str | None]]:
-    """The summary's lines with the colour of each (None: the terminal's own)."""
+                   not_run: Sequence[str] = (), width: int | None = None) -> list[tuple[str, str | None]]:
+    """The summary's lines with the colour of each (None: the terminal's own), each within
+    ``width`` columns when given: columns are left out by priority and notes wrapped."""
     server = settings.server
-    lines: list[tuple[str, str | None]] = [("", None), (
-        f"pytest-kvcache: server={server.kind}" + (f" endpoint={redact_url(server.endpoint)}" if server.endpoint else "")
-        + (f" slowdown={server.emulator_slowdown:g}" if server.kind == "emulator" and server.emulator_slowdown != 1
-           else "") + f"  results: {settings.results_dir}", None)]
-    header = SUMMARY_HEADER
+    top = (f"pytest-kvcache: server={server.kind}"
+           + (f" endpoint={redact_url(server.endpoint)}" if server.endpoint else "")
+           + (f" slowdown={server.emulator_slowdown:g}" if server.kind == "emulator" and server.emulator_slowdown != 1
+              else "") + f"  results: {settings.results_dir}")
+    lines: list[tuple[str, str | None]] = [("", None), *((text, None) for text in fit_lines([top], width))]
     rows, notes = summary_rows(outcomes, gate)
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines.append(("  ".join(h.ljust(w) for h, w in zip(header, widths)), None))
-    lines.append(("  ".join("-" * w for w in widths), None))
-    for row in rows:
-        lines.append(("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip(),
-                      ZONE_COLOURS.get(row[-1])))
+    table, dropped = fit_table(SUMMARY_HEADER, rows, width)
+    lines += [(text, None if i is None else ZONE_COLOURS.get(rows[i][-1])) for text, i in table]
+    if dropped:
+        notes.insert(0, f"(columns left out to fit {width} columns: {', '.join(dropped)}; report.html, summary.md "
+                        "and run.json have them)")
     for note in notes:
         zone = note.split(": ", 1)[0].rsplit(" ", 1)[-1]
-        lines.append((note, ZONE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)))
+        colour = _NOTE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)
+        lines += [(text, colour) for text in fit_lines(note.splitlines(), width)]
     for cp in change_points:
-        lines.append((f"WARN change point: {cp.describe()}", "yellow"))
+        lines += [(text, "yellow") for text in fit_lines([f"WARN change point: {cp.describe()}"], width)]
     if not_run:
-        lines.append((f"NOT RUN: {len(not_run)} item(s) never started: " + ", ".join(not_run[:5])
-                      + (" ..." if len(not_run) > 5 else ""), "yellow"))
+        lines += [(text, "yellow") for text in fit_lines(
+            [f"NOT RUN: {len(not_run)} item(s) never started: " + ", ".join(not_run[:5])
+             + (" ..." if len(not_run) > 5 else "")], width)]
     last = gate_line(gate, settings.alpha, interrupted, unjudged_count(outcomes, not_run))
     if last:
-        lines.append((last, "red" if interrupted or (gate is not None and gate.failed) else "green"))
+        colour = "red" if interrupted or (gate is not None and gate.failed) else "green"
+        lines += [(text, colour) for text in fit_lines([last], width)]
     return lines
 
 
@@ -176,3 +258,111 @@ def detect_gpus() -> list[str]:
         if line.startswith("GPU ") and ":" in line:
             names.append(line.split(":", 1)[1].split("(UUID")[0].strip())
     return names
+
+
+class ProgressOutput(Protocol):
+    """Where :class:`ItemProgress` writes: whole lines, and (on a terminal) a status that
+    the next status or :meth:`clear` replaces."""
+
+    tty: bool
+
+    def line(self, text: str) -> None: ...
+
+    def status(self, text: str) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+#: the runner's progress texts (runner.CaseRunner): a round's requests done, its warm-up requests
+_ROUND_PROGRESS = re.compile(r"^(?P<round>.*): (?P<done>\d+)/(?P<total>\d+) requests$")
+_WARMUP = re.compile(r"^(?P<round>.*): (?P<n>\d+) warm-up requests$")
+
+
+class ItemProgress:
+    """What a running item shows of its progress, fed the runner's texts (``__call__``).
+
+    ``-v``: one line per round, when it ends (with its time and warm-up requests), and
+    every other message (a confirmation run). Otherwise: on a terminal one status after
+    the item's dots, rewritten in place at most every ``status_every`` seconds (its output
+    clears it before pytest reports the item); in a log (no terminal), one line at most
+    every ``line_every`` seconds, so an item of minutes shows it is alive and a short one
+    adds nothing."""
+
+    def __init__(self, name: str, out: ProgressOutput | None, verbose: bool, *, clock: Callable[[], float] | None = None,
+                 status_every: float = 0.2, line_every: float = 30.0) -> None:
+        import time
+
+        self.name = name
+        self.out = out
+        self.verbose = verbose
+        self._clock = clock or time.monotonic
+        self._status_every = status_every
+        self._line_every = line_every
+        self._started = self._mark = self._clock()
+        self._last_status = -math.inf
+        self._last_line = self._started  # the first line only once an item has run line_every seconds
+        self._warmups: str | None = None
+
+    def __call__(self, text: str) -> None:
+        if self.out is None:
+            return
+        now = self._clock()
+        done = _ROUND_PROGRESS.match(text)
+        if self.verbose:
+            warmup = _WARMUP.match(text)
+            if warmup:
+                self._warmups = warmup["n"]
+            elif done is None:
+                self.out.line(f"  kvcache {self.name}: {text}")
+            elif done["done"] == done["total"]:
+                extra = f", after {self._warmups} warm-up requests" if self._warmups else ""
+                self.out.line(f"  kvcache {self.name}: {text} in {now - self._mark:.1f} s{extra}")
+                self._mark, self._warmups = now, None
+            return
+        if self.out.tty:
+            if now - self._last_status >= self._status_every:
+                self.out.status(f"{self.name}: {text}")
+                self._last_status = now
+        elif now - self._last_line >= self._line_every:
+            self.out.line(f"  kvcache {self.name}: {text} ({now - self._started:.0f} s into the item)")
+            self._last_line = now
+
+
+class TerminalProgress:
+    """:class:`ProgressOutput` on pytest's terminal. Writes bypass pytest's capture; the
+    status is written raw after the item's dots (pytest does not count it in its line, so
+    its own layout is unchanged) and erased with backspaces."""
+
+    def __init__(self, reporter, capture) -> None:
+        self._reporter = reporter
+        self._capture = capture
+        self._tw = reporter.config.get_terminal_writer()
+        isatty = reporter.isatty  # a method since pytest 8.1, a bool before
+        self.tty = bool(isatty() if callable(isatty) else isatty)
+        self._width = terminal_width(reporter.config)
+        self._shown = 0
+
+    def line(self, text: str) -> None:
+        with self._capture.global_and_fixture_disabled():
+            self._erase()
+            for part in fit_lines([text], self._width):
+                self._reporter.write_line(part)
+
+    def status(self, text: str) -> None:
+        room = self._tw.fullwidth - self._tw.width_of_current_line - len(" [100%]") - 2
+        with self._capture.global_and_fixture_disabled():
+            self._erase()
+            if room >= 12:
+                text = " " + (text if len(text) <= room else text[:room - 1] + "…")
+                self._tw.write_raw(text, flush=True)
+                self._shown = len(text)
+
+    def clear(self) -> None:
+        if self._shown:
+            with self._capture.global_and_fixture_disabled():
+                self._erase()
+
+    def _erase(self) -> None:
+        if self._shown:
+            n, self._shown = self._shown, 0
+            self._tw.write_raw("\b" * n + " " * n + "\b" * n, flush=True)

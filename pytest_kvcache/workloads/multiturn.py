@@ -8,6 +8,10 @@
     num_tokens: {distribution: uniform, min: 120, max: 160}       # each user turn
     output_num_tokens: {distribution: uniform, min: 80, max: 120} # each answer
 
+Without ``output_num_tokens`` each answer has the case's ``output_len``; with it, the
+scenario must not set ``output_len`` too (it would have no effect: scenarios.py refuses
+it), and the case's ``output_len`` is the distribution's mean (:func:`answer_len`).
+
 ``num_prompts`` is the number of conversations. Everything is deterministic: turn k's
 prompt is the conversation so far (common prefix + own prefix + earlier user turns and
 synthetic assistant answers of the requested output lengths + user turn k), built
@@ -25,7 +29,7 @@ from ._options import MAX_TURNS, check_distribution, dist_max, sample
 from ._prompt import Prompt
 from .random import SAMPLED_IDS
 
-__all__ = ["OPTIONS", "build_multiturn_prompts", "check_options", "request_bounds"]
+__all__ = ["OPTIONS", "answer_len", "build_multiturn_prompts", "check_options", "request_bounds"]
 
 OPTIONS = {
     "num_turns": {"distribution": "constant", "value": 2},
@@ -47,6 +51,19 @@ def check_options(options: dict) -> dict:
         if key in options:
             out[key] = check_distribution(options[key], key)
     return out
+
+
+def answer_len(options: dict) -> int | None:
+    """The mean length of ``output_num_tokens`` (None without it): a multi-turn item's
+    ``output_len`` when its answers are drawn from a distribution."""
+    dist = check_options(options).get("output_num_tokens")
+    if dist is None:
+        return None
+    if dist["distribution"] == "constant":
+        return dist["value"]
+    if dist["distribution"] == "uniform":
+        return round((dist["min"] + dist["max"]) / 2)
+    return dist["average"]  # lognormal
 
 
 def request_bounds(input_len: int, output_len: int, num_prompts: int, options: dict) -> tuple[int, int, int]:

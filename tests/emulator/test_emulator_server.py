@@ -175,14 +175,15 @@ def test_health_and_models(cpu_emu):
 
 
 def test_version(cpu_emu, emu_factory):
-    """vLLM's ``GET /version`` shape; the version is the package's unless told."""
+    """vLLM's ``GET /version`` shape; the version is the package's unless told, and the
+    offload tier it runs (what ``--kv-server external`` reads) beside it."""
     from pytest_kvcache import __version__
 
     r = httpx.get(cpu_emu.url + "/version")
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
-    assert r.json() == {"version": __version__}
+    assert r.json() == {"version": __version__, "kvcache_backend": "cpu"}
     other = emu_factory("--backend", "none", "--served-version", "0.10.1rc2+emulated")
-    assert httpx.get(other.url + "/version").json() == {"version": "0.10.1rc2+emulated"}
+    assert httpx.get(other.url + "/version").json() == {"version": "0.10.1rc2+emulated", "kvcache_backend": "none"}
 
 
 def test_tokenize_detokenize_round_trip(cpu_emu):
