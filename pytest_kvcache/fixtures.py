@@ -621,7 +621,7 @@ async def _in_thread(call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any
 
 _WORKLOAD_KEYS = frozenset({"input_len", "concurrency", "output_len", "num_prompts", "dataset", "dataset_options",
                             "request_rate", "burstiness", "rounds", "measure", "warmup_requests", "seed", "api",
-                            "slo"})
+                            "slo", "check_outputs"})
 
 
 class KVGate:

@@ -73,6 +73,9 @@ class LoadSpec:
     burstiness: float = 1.0
     min_concurrency_ratio: float = 0.95
     min_rate_ratio: float = 0.95
+    #: vLLM's ``cache_salt`` on every request (the control round's, outputs.py): requests
+    #: of another salt share no cached prefix with these
+    cache_salt: str | None = None
 
 
 def open_client(base_url: str, timeout_s: float = 120.0):
@@ -97,8 +100,11 @@ def _body(spec: LoadSpec, prompt: Prompt) -> bytes:
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "ignore_eos": spec.ignore_eos,
-        "temperature": 0.0,
+        "temperature": 0.0,  # greedy: an answer is a function of the prompt's KV (outputs.py)
+        "seed": spec.seed,
     }
+    if spec.cache_salt is not None:
+        payload["cache_salt"] = spec.cache_salt
     if spec.api == "chat":
         payload["messages"] = [{"role": "user", "content": prompt.text}]
     else:
@@ -392,6 +398,7 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
         output_tokens_reported=usage_seen.get("completion_tokens"),
         error=error,
         text="".join(texts),
+        first_chars=len(texts[0]) if texts else 0,
     )
 
 

@@ -131,6 +131,9 @@ class ScenarioCase:
     #: Prompts given as they are (text, or token ids sent as ids), sent in every trial
     #: instead of a dataset's (``dataset`` is then "prompts"); a Python benchmark's.
     prompts: tuple[str | tuple[int, ...], ...] = ()
+    #: Compare each warm round's answers with the cold round's (outputs.py); None: where
+    #: answers are longer than one token. Not a workload parameter (not in the testbed).
+    check_outputs: bool | None = None
 
     @property
     def options(self) -> dict:
@@ -200,6 +203,8 @@ class RequestRecord:
     error: str | None = None
     #: the generated text, every chunk's in order (what a conversation sends back next turn)
     text: str = ""
+    #: characters of the first streamed chunk's text: the first generated token's (outputs.py)
+    first_chars: int = 0
 
     @property
     def queue_wait(self) -> float:
@@ -279,6 +284,9 @@ class TrialResult:
     index: int
     rounds: tuple[RoundResult, ...]
     measure_round: str
+    #: the cold round's prompts recomputed with a fresh cache_salt after the measured rounds
+    #: (outputs.py): not measured, not part of ``usable``
+    control: RoundResult | None = None
 
     @property
     def measured(self) -> RoundResult:

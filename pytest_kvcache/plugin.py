@@ -267,6 +267,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "what the server's GET /version says (the built-in emulator says it), else every item "
                          "runs (ini: kvcache_external_backend)")
     parser.addini("kvcache_external_backend", "default of --kv-external-backend", default="")
+    group.addoption("--kv-check-outputs", dest="kv_check_outputs", action="store_const", const=True, default=None,
+                    help="check every offload item's answers: each warm round's against the cold round's "
+                         "recomputation, beside a control recomputation (ini: kvcache_check_outputs = auto, true "
+                         "or false; default auto: each scenario's check_outputs, else where output_len > 1)")
+    group.addoption("--no-kv-check-outputs", dest="kv_check_outputs", action="store_const", const=False,
+                    help="check no item's answers (no control round is sent)")
+    parser.addini("kvcache_check_outputs", "default of --kv-check-outputs: auto, true or false", default="auto")
 
 
 def _option(config: pytest.Config, name: str, ini: str):
@@ -396,6 +403,7 @@ def _settings(config: pytest.Config) -> Settings:
         history_url=_history_url(config),
         history_window=_count_setting(config, "kv_history_window", "kvcache_history_window", "20", low=2),
         request_timeout=_request_timeout(config),
+        check_outputs=_check_outputs(config),
     )
 
 
@@ -450,6 +458,18 @@ def _folder(config: pytest.Config, raw: str, names: str, writable: bool) -> Path
     if problem:
         raise pytest.UsageError(f"{names} = {raw!r}: {problem}; pass a folder this user can write")
     return path
+
+
+def _check_outputs(config: pytest.Config) -> bool | None:
+    """--kv-check-outputs / --no-kv-check-outputs, else the ini's auto (None), true or false."""
+    value = config.getoption("kv_check_outputs")
+    if value is not None:
+        return value
+    text = str(config.getini("kvcache_check_outputs")).strip().lower()
+    choices = {"auto": None, "": None, "true": True, "false": False}
+    if text not in choices:
+        raise pytest.UsageError(f"kvcache_check_outputs = {text!r}: use auto, true or false")
+    return choices[text]
 
 
 def _strict_baselines(config: pytest.Config) -> bool:
@@ -652,6 +672,13 @@ def pytest_configure(config: pytest.Config) -> None:
         _gpus_per_worker(per_worker)  # a bad value is a usage error in every process
     _setup_worker(config, config.stash[SESSION_KEY])
     config.pluginmanager.register(config.stash[_GUIDE_KEY], "kvcache-guide")
+    config.stash[SESSION_KEY].after_round = config.hook.pytest_kvcache_after_round
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hooks
+
+    pluginmanager.add_hookspecs(hooks)
 
 
 def _planned(config: pytest.Config) -> int:

@@ -31,6 +31,7 @@ from .loadgen import LoadSpec, open_client, open_pool, run_round
 from .metrics import DEFAULT_PERCENTILES
 from .metrics import summarize as summarize_records
 from .models import RoundResult, ScenarioCase, TrialResult
+from .outputs import CONTROL_ROUND
 from .spread import ClientProcesses
 from .telemetry import Snapshot, TelemetrySource, summarize
 from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, build_random_prompts, check_model_len
@@ -79,15 +80,23 @@ class CaseRunner:
         self._cache_items = prompt_cache_items
 
     def run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
-            progress: Progress | None = None, telemetry: TelemetrySource | None = None) -> tuple[TrialResult, ...]:
+            progress: Progress | None = None, telemetry: TelemetrySource | None = None,
+            control_salt: Callable[[int], str] | None = None,
+            after_round: Callable[[int, str], None] | None = None) -> tuple[TrialResult, ...]:
         """Run the trials with these indices (each index fixes its prompts).
 
-        ``telemetry`` says where the server's metrics and logs are (default: its /metrics)."""
+        ``telemetry`` says where the server's metrics and logs are (default: its /metrics).
+        With ``control_salt`` (trial index -> a salt), each trial ends with a control round:
+        its prompts once more with that ``cache_salt``, recomputed (outputs.py).
+        ``after_round(trial, round name)`` is called after every round, outside any measurement."""
         source = telemetry or TelemetrySource(metrics_urls=(f"{base_url.rstrip('/')}/metrics",))
-        return asyncio.run(self._run(case, base_url, model, trials, progress or (lambda _: None), source))
+        return asyncio.run(self._run(case, base_url, model, trials, progress or (lambda _: None), source,
+                                     control_salt, after_round or (lambda trial, name: None)))
 
     async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
-                   progress: Progress, source: TelemetrySource) -> tuple[TrialResult, ...]:
+                   progress: Progress, source: TelemetrySource,
+                   control_salt: Callable[[int], str] | None,
+                   after_round: Callable[[int, str], None]) -> tuple[TrialResult, ...]:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
                         request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed,
                         timeout_s=self._request_timeout)
@@ -120,7 +129,15 @@ class CaseRunner:
                         result = await self._round(pool, spec, prompts, round_name, tick, case)
                         after = await _snapshot(client, source)
                         rounds.append(replace(result, telemetry=summarize(source, before, after)))
-                    results.append(TrialResult(index=trial, rounds=tuple(rounds), measure_round=case.measure_round))
+                        after_round(trial, round_name)
+                    control = None
+                    if control_salt is not None:
+                        progress(f"trial {trial + 1} control: {len(prompts)} prompts recomputed (cache_salt)")
+                        control = await self._round(pool, replace(spec, cache_salt=control_salt(trial)), prompts,
+                                                    CONTROL_ROUND, lambda: None, case)
+                        after_round(trial, CONTROL_ROUND)
+                    results.append(TrialResult(index=trial, rounds=tuple(rounds), measure_round=case.measure_round,
+                                               control=control))
         finally:
             pool.close()
         return tuple(results)

@@ -33,6 +33,8 @@ A scenario file holds one mapping::
     model_config: config.json     #   ... of this model (file, folder or mapping)
     warmup_requests: 4            # sent before each round, not recorded
     slo: {ttft: 500, tpot: 50}    # ms; goodput (request_goodput) counts requests meeting all
+    check_outputs: true           # warm answers must equal the cold round's recomputation
+                                  #   (default: where output_len > 1; see outputs.py)
     lmcache_mode: mp              # auto | inprocess | mp: how LMCache runs beside vLLM; under
                                   #   --kv-lmcache-mode, over kvcache_lmcache_mode (see backends).
                                   #   matrix: {lmcache_mode: [inprocess, mp]} compares the two
@@ -109,7 +111,7 @@ APIS: tuple[str, ...] = ("completions", "chat")
 TOP_KEYS: frozenset[str] = frozenset(
     {"name", "phase", "description", "matrix", "rounds", "measure", "trials", "seed", "api",
      "request_rate", "burstiness", "thresholds", "paired_with", "dataset_options", "model_config",
-     "warmup_requests", "slo", *MATRIX_KEYS}
+     "warmup_requests", "slo", "check_outputs", *MATRIX_KEYS}
 )
 DEFAULTS: dict[str, Any] = {
     "dataset": "random",
@@ -375,6 +377,10 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if isinstance(warmup, bool) or not isinstance(warmup, int) or not 0 <= warmup <= MAX_WARMUP:
         raise ScenarioError(path, "warmup_requests", f"{_show(warmup)} must be an integer from 0 to {MAX_WARMUP:,}")
     slos = _slos(data.get("slo"), path)
+    check = data.get("check_outputs")
+    if check is not None and not isinstance(check, bool):
+        raise ScenarioError(path, "check_outputs", f"{_show(check)} must be true or false (default: true where "
+                            "output_len > 1)")
     kv_per_token = _kv_per_token(data, dims, matrix, path)
 
     options = json.loads(options_json) if options_json else {}
@@ -421,6 +427,7 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
                 kv_target_gb=float(values["kv_target_gb"]),
                 lmcache_mode=values["lmcache_mode"],
                 compares_lmcache_modes="lmcache_mode" in varying,
+                check_outputs=check,
             )
         )
     if not cases:

@@ -20,6 +20,7 @@ import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from .decision import Verdict, judge_item, needs_confirmation, plan_baseline_upd
 from .errors import BaselineError, KVCacheError
 from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
 from .models import CaseResult, ScenarioCase, TrialResult
+from .outputs import OutputCheck, check_outputs, checks_outputs, control_salt, why_not_checked
 from .report.json_report import write_item_json
 from .report.redact import redact_url, scrub
 from .runner import CaseRunner
@@ -73,6 +75,8 @@ class Settings:
     history_window: int = 20
     #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
     request_timeout: float = 600.0
+    #: --kv-check-outputs / --no-kv-check-outputs (None: each scenario's check_outputs)
+    check_outputs: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,10 @@ class ItemOutcome:
     testbed_differs: bool = False
     baseline_updated: bool = False
     software_change: str = ""
+    #: the check of the answers (outputs.py) of the latest run measured, None before one
+    output_check: OutputCheck | None = None
+    #: the answers of every round of that run, with the salt of its control round
+    answers: tuple[TrialResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,6 +147,8 @@ class KVSession:
         self.session_id = session_id or new_session_id(self.started)
         self.commit = _git_commit()
         self.gate = None  # decision.Gate, set at session end
+        #: the pytest_kvcache_after_round hook (hooks.py), set by the plugin
+        self.after_round = None
         self.history: HistoryReport | None = None  # what the history store said at session end
         #: what ended the run early (SIGINT, SIGTERM, KeyboardInterrupt); None when it ran to the end
         self.interrupted: str | None = None
@@ -318,6 +328,9 @@ class KVSession:
 
         error, server, results, missed = None, None, (), None
         indices = list(trial_indices)
+        salt_run = secrets.token_hex(4)  # a fresh control salt for every run, a restarted tier's too
+        control = (partial(control_salt, f"{self.session_id}-{salt_run}")
+                   if checks_outputs(case, backend.name, self.settings.check_outputs) else None)
         external = redact_url(self.settings.server.endpoint) if self.settings.server.kind == "external" else None
         try:
             server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
@@ -326,7 +339,8 @@ class KVSession:
             for part in (indices[:1], indices[1:]):
                 if part and missed is None:
                     results += self.case_runner.run(case, server.base_url, server.model, part, progress,
-                                                    telemetry=server.telemetry)
+                                                    telemetry=server.telemetry, control_salt=control,
+                                                    after_round=self._after_round(case, backend.name, server))
                     missed = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio,
                                         external=external, not_run=len(indices) - len(results))
         except KVCacheError as exc:
@@ -337,6 +351,10 @@ class KVSession:
                 error = f"the server died during the run: {died}\n  the request that failed: {error}"
         if error is not None:  # failed outside the except block: one message, no chained traceback
             self._fail(outcome, error)
+        if outcome.result is None and case.reference_backend is None:
+            # what was measured stays in the item's JSON should a check below fail the item
+            outcome.result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
+            outcome.identity = self._identity(case, server, backend)
         if any(not t.usable for t in results):
             died = server.exit_report(grace=1.0)
             if died:
@@ -344,7 +362,40 @@ class KVSession:
                            + "\n  ".join(f"trial {t.index + 1}: {t.problem}" for t in results if not t.usable))
         if missed:  # an external server has no log of ours to point at
             self._fail(outcome, missed + (f"\n  server log: {server.log_path}" if server.log_path else ""))
+        self._check_answers(outcome, case, backend.name, results, control is not None, server)
         return server, results
+
+    def _after_round(self, case: ScenarioCase, backend: str, server: ServerHandle
+                     ) -> Callable[[int, str], None] | None:
+        hook = self.after_round
+        if hook is None or not hook.get_hookimpls():  # implemented by no conftest or plugin: nothing to call
+            return None
+
+        def after_round(trial: int, round_name: str) -> None:
+            try:
+                hook(item=case.name, backend=backend, trial=trial, round_name=round_name, server=server)
+            except Exception as exc:  # noqa: BLE001 - a user's hook: its failure is the item's, named
+                raise KVCacheError(f"pytest_kvcache_after_round after trial {trial + 1}'s {round_name} round "
+                                   f"raised {type(exc).__name__}: {exc}") from None
+
+        return after_round
+
+    def _check_answers(self, outcome: ItemOutcome, case: ScenarioCase, backend: str, results: Sequence[TrialResult],
+                       on: bool, server: ServerHandle) -> None:
+        """The warm rounds' answers against recomputation (outputs.py): wrong answers fail
+        the item, so such a run is never judged, let alone stored."""
+        if on:
+            check = check_outputs(case, backend, results)
+        else:
+            reason = why_not_checked(case, backend)
+            check = OutputCheck(status="not_applicable" if reason else "off", reason=reason or (
+                "--no-kv-check-outputs" if self.settings.check_outputs is False else "check_outputs: false"
+                if case.check_outputs is False else f"output_len {case.output_len}: answers of one token are not "
+                "checked by default (check_outputs: true, or --kv-check-outputs, turns it on)"))
+        if outcome.output_check is None or outcome.output_check.status in ("not_applicable", "off") or on:
+            outcome.output_check, outcome.answers = check, tuple(results)
+        if check.failed:
+            self._fail(outcome, check.reason + (f"\n  server log: {server.log_path}" if server.log_path else ""))
 
     # -- paired design ------------------------------------------------------------------
 

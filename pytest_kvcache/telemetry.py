@@ -267,8 +267,11 @@ RAW_COUNTERS: tuple[str, ...] = (
     "emulator:tier_io_overruns_total",
 )
 
-#: LMCache multi-process counters (names vary by version: matched by substring).
-_MP_HIT = re.compile(r"^lmcache_mp_.*(hit|retriev|load)\w*token", re.IGNORECASE)
+#: LMCache multi-process counters (names vary by version: matched by substring). The
+#: per-tier splits (``lmcache_mp_lookup_hit_l1_tokens_total``, ``..._l2_...``) are parts of
+#: the total, not more hits: counted apart (:data:`_MP_TIER_HIT`), never in the sum.
+_MP_HIT = re.compile(r"^lmcache_mp_(?!.*_l[12]_).*(hit|retriev|load)\w*token", re.IGNORECASE)
+_MP_TIER_HIT = re.compile(r"^lmcache_mp_lookup_hit_(l[12])_tokens", re.IGNORECASE)
 _MP_STORE = re.compile(r"^lmcache_mp_.*(stor|sav)\w*token", re.IGNORECASE)
 
 
@@ -344,6 +347,11 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         value = metric_sum(a, name)
         if value is not None:
             out[key] = value
+    for (name, labels), value in a.items():  # LMCache's hits by the tier that held them (L1 DRAM, L2)
+        tier = _MP_TIER_HIT.match(name)
+        if tier and not name.endswith(("_created", "_bucket", "_sum", "_count")):
+            key = f"lmcache_{tier.group(1).lower()}_hit_tokens"
+            out[key] = out.get(key, 0.0) + value - b.get((name, labels), 0.0)
     for (name, labels), value in a.items():  # the emulator's hits per tier that served them
         tier = dict(labels).get("tier") if name == "emulator:tier_hit_tokens_total" else None
         if tier:

@@ -660,6 +660,9 @@ OPTIONS: list[tuple[str | None, str | None, Any, tuple[str, ...]]] = [
     ("--kv-confirm-runs", "kvcache_confirm_runs", _int_in(0, 1000), ("-1", "1001", "many")),
     ("--kv-history", "kvcache_history", None, ("ftp://x/y", "sqlite://relative", "~no_such_user_zz/h.db")),
     ("--kv-history-window", "kvcache_history_window", _int_in(2, 1000), ("1", "0", "x")),
+    # the emulator runs here: naming an external server's backend is refused whatever it is
+    ("--kv-external-backend", "kvcache_external_backend", lambda t: not t.strip(), ("cpu", "none", "floppy")),
+    (None, "kvcache_check_outputs", lambda t: t.strip().lower() in ("", "auto", "true", "false"), ("maybe", "yes")),
 ]
 #: path options whose bad values are listed (or made under a file, where nothing can be)
 FREE_BAD = {"--tokenizer", "--kv-python", "--kv-results-dir", "--baseline-dir", "--kv-history"}
@@ -749,6 +752,7 @@ def test_every_option_and_ini_key_is_fuzzed():
             declared_ini.add(name)
 
     plugin.pytest_addoption(Parser())
-    flags = {"--update-baselines", "--reset-baselines", "--strict-baselines"}  # no value to fuzz
+    flags = {"--update-baselines", "--reset-baselines", "--strict-baselines", "--kv-check-outputs",
+             "--no-kv-check-outputs"}  # no value to fuzz
     assert declared_options - flags == {o for o, _, _, _ in OPTIONS if o}
     assert declared_ini == {i for _, i, _, _ in OPTIONS if i}

@@ -138,6 +138,17 @@ def test_summarize_reads_lmcache_mp_counters():
     assert (t["external_hit_tokens"], t["external_hit_source"], t["stored_tokens"]) == (768, 4, 256)
 
 
+def test_lmcache_mp_hits_split_by_tier_are_parts_not_more_hits():
+    # LMCache 0.5.6's multi-process server: a total and its L1/L2 split
+    names = ("lmcache_mp_lookup_hit_tokens_total", "lmcache_mp_lookup_hit_l1_tokens_total",
+             "lmcache_mp_lookup_hit_l2_tokens_total")
+    before = Snapshot(metrics={"u": parse_metrics("".join(f"{n} 0\n" for n in names))})
+    after = Snapshot(metrics={"u": parse_metrics(f"{names[0]} 1792\n{names[1]} 256\n{names[2]} 1536\n")})
+    t = summarize(TelemetrySource(), before, after)
+    assert (t["external_hit_tokens"], t["external_hit_source"]) == (1792, 4)
+    assert (t["lmcache_l1_hit_tokens"], t["lmcache_l2_hit_tokens"]) == (256, 1536)
+
+
 def test_no_source_no_hit_figure():
     t = summarize(TelemetrySource(), Snapshot(), Snapshot())
     assert "external_hit_tokens" not in t

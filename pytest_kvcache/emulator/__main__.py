@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--config-json key, its name with _ for -, e.g. {\"error_rate\": 0.1, \"crash_after\": 50})")
     k.add_argument("--error-rate", type=_fraction, default=None, metavar="F",
                    help="fraction in [0, 1] of requests answered 500 (vLLM's error shape)")
+    k.add_argument("--corrupt-rate", type=_fraction, default=None, metavar="F",
+                   help="fraction in [0, 1] of offloaded chunks (a seeded draw per chunk) stored with altered "
+                        "bytes under a valid CRC (an offload bug no frame check catches): warm answers that load "
+                        "them differ from the cold ones; counted in emulator:corrupted_chunks_total")
     k.add_argument("--crash-after", type=_positive_int, default=None, metavar="N",
                    help="the process exits with status 3 when request N+1 arrives (a server dying mid-run)")
     k.add_argument("--stall-ms", type=_nonneg_float, default=None, metavar="MS",
@@ -155,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-json", default=None,
                    help="JSON object overriding profile fields (e.g. prefill_base_ms, "
                         "bandwidth_gbps) and emulator settings (use_odirect, spin_ms, "
-                        "vocab_size, error_rate, crash_after, stall_ms, stall_every, "
+                        "vocab_size, error_rate, corrupt_rate, crash_after, stall_ms, stall_every, "
                         "default_max_tokens, send_headers_early, offload_disabled, jitter, "
                         "slowdown_prefill, slowdown_decode, slowdown_load, redis_url, read_delay_ms; profile fields "
                         "scheduler, max_num_seqs, max_num_batched_tokens, step_base_ms)")
@@ -210,8 +214,8 @@ def parse_settings(argv: Sequence[str] | None = None):
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
     for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",
-                 "slowdown_load", "redis_url", "served_version", "error_rate", "crash_after", "stall_ms",
-                 "stall_every"):
+                 "slowdown_load", "redis_url", "served_version", "error_rate", "corrupt_rate", "crash_after",
+                 "stall_ms", "stall_every"):
         value = getattr(args, name)
         if value is not None:
             extras[name] = value
@@ -234,6 +238,8 @@ def parse_settings(argv: Sequence[str] | None = None):
                      "MS milliseconds (--stall-ms MS)")
     if not 0.0 <= extras.get("jitter", 0.0) < 1.0:
         parser.error("--jitter must be in [0, 1)")
+    if not 0.0 <= extras.get("corrupt_rate", 0.0) <= 1.0:
+        parser.error("--corrupt-rate must be in [0, 1]")
     for name in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):
         if not extras.get(name, 1.0) > 0:
             parser.error(f"{name} must be > 0")

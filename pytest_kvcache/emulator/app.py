@@ -13,11 +13,11 @@ grows with concurrency) on a virtual clock: a request's service starts at ``max(
 arrival, the previous request's deadline)`` and its first token is due at ``service
 start + slowdown * modeled_ms``, so the event loop's own delays never accumulate from
 one request to the next.  At service start the prompt is looked up in the prefix cache
-(index only), and the hit chunks are really read back from the tier and verified while
-the modeled window runs.  A chunk that fails verification ends the hit: it and the
-chunks after it are recomputed, and the deadline grows by their modeled prefill.  Only
-if the real read has not finished by the deadline does the first token wait for it
-(an *overrun*).  So modeled times do not depend on the host: its I/O time is reported
+(index only), and the hit chunks are really read back from the tier while the modeled
+window runs.  A chunk whose stored frame is missing, short or fails its CRC ends the hit
+("failed verification" in the log): it and the chunks after it are recomputed, and the
+deadline grows by their modeled prefill.  Only if the real read has not finished by the
+deadline does the first token wait for it (an *overrun*).  So modeled times do not depend on the host: its I/O time is reported
 beside the model (``emulator:tier_io_seconds_total``,
 ``emulator:tier_io_overrun_seconds_total``, ``emulator:tier_io_overruns_total`` in
 ``/metrics``; ``tier_io_ms`` and ``tier_io_overrun_ms`` per request), never added to it
@@ -30,7 +30,20 @@ interpreter lock; writes go to one writer thread, which gets the lock when the l
 waits (the command line sets a 50 ms switch interval, so the writer seldom forces it).
 Decode then runs per request.  The ``batched`` scheduler keeps the same rules per engine
 step (see :meth:`Emulator._batched_worker`).  In the ``fixed`` profile every request is
-independent.
+independent: its hit chunks are read back within its fixed TTFT, and its new chunks are
+written after its response.
+
+Answers are greedy and follow the KV: a request's generated tokens are a function of
+its prompt's token ids (all of them) and ``--seed`` alone (``max_tokens`` only cuts it
+short: a shorter answer is a longer one's beginning), so a warm request that loads
+honest KV answers exactly as its cold recomputation did, whatever the backend, the
+timing or the request's number; ``temperature`` and the request's ``seed`` are accepted
+and do not change that.  Each loaded chunk (read back, or served from the write buffer)
+whose bytes are not its true KV mixes their digest into the answer, so a tier that hands
+back wrong bytes changes the warm answer, as it would a real model's.  A request's
+``cache_salt`` (as vLLM's: a non-empty string; here at most ``MAX_CACHE_SALT_CHARS``, else
+400) is mixed into its chunk keys, so it shares no cached chunk with unsalted or
+differently salted requests; its answer does not depend on it.
 
 What the served times still contain of the host: the request's handling before it
 reaches the scheduler (reading and parsing the body: it overlaps the modeled window,
@@ -56,7 +69,10 @@ before the body is read.
 (``finish_reason: "length"``), one per chunk.  Fault knobs (``--config-json``):
 ``error_rate`` (fraction of requests answered 500), ``crash_after`` (the process exits
 with status 3 when request N+1 arrives), ``stall_ms`` + ``stall_every`` (every N-th
-request's first token comes ``stall_ms`` late).
+request's first token comes ``stall_ms`` late), ``corrupt_rate`` (fraction of offloaded
+chunks, a seeded draw per chunk key, stored with altered bytes under a valid CRC: warm
+answers that load them differ from the cold ones; counted in
+``emulator:corrupted_chunks_total``).
 
 Knobs for testing the plugin (``--config-json`` keys, most also flags; all seeded by
 ``--seed`` and deterministic given the order in which requests arrive):
@@ -90,7 +106,7 @@ JSON), strict JSON (no ``NaN``/``Infinity``), an object; fields have their OpenA
 ``emulator_timing`` also carries ``modeled_ms``: the modeled (scaled) prefill-side time
 of the request without queueing and real I/O, so tests can compare the model's figures
 without wall-clock noise; ``tier_io_ms``: the host's time for the request's real tier
-read and verification (0 without a hit); ``tier_io_overrun_ms``: how long its first token
+read and its frame checks (0 without a hit); ``tier_io_overrun_ms``: how long its first token
 waited for that read past the modeled deadline (0 when the read fitted in the model).
 """
 
@@ -98,6 +114,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -109,7 +126,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import pairwise
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import hdrs, web
 
@@ -143,7 +160,11 @@ EMULATOR_KEYS = {
     "slowdown_load": float,
     "redis_url": str,
     "read_delay_ms": float,
+    "corrupt_rate": float,
 }
+
+#: vLLM's cache_salt has no length limit; the emulator's keeps a hostile one cheap
+MAX_CACHE_SALT_CHARS = 256
 
 #: a file tier's read of a request's chunks yields to the event loop after this much
 #: reading (seconds) ...
@@ -193,6 +214,7 @@ class Settings:
     redis_size_gb: float = 512.0
     served_version: str = __version__
     read_delay_ms: float = 0.0
+    corrupt_rate: float = 0.0
     # request limits (see the module docstring)
     max_body_bytes: int = 16 * 1024 * 1024
     max_header_bytes: int = 65536
@@ -254,13 +276,16 @@ class _Stats:
 
 
 class _Request:
-    __slots__ = ("arrival", "ids", "io_ms", "io_overrun_ms", "keys", "max_tokens", "modeled_ms", "n", "rid",
-                 "rng", "seq", "split")
+    __slots__ = ("arrival", "digest", "ids", "io_ms", "io_overrun_ms", "keys", "max_tokens", "modeled_ms", "n",
+                 "rid", "rng", "seq", "split", "wrong")
 
-    def __init__(self, rid: str, seq: int, ids: Sequence[int], arrival: float, max_tokens: int) -> None:
+    def __init__(self, rid: str, seq: int, ids: Sequence[int], arrival: float, max_tokens: int,
+                 digest: bytes) -> None:
         self.rid = rid
         self.seq = seq
         self.ids = ids
+        self.digest = digest  # of the prompt's token ids: the answer's seed
+        self.wrong: list[bytes] = []  # digests of the loaded chunks that are not their true KV
         self.keys: list[bytes] = []
         self.arrival = arrival
         self.n = len(ids)
@@ -272,12 +297,23 @@ class _Request:
         self.split: dict[str, int] | None = None  # waterfall: hit tokens per tier
 
 
+class _Prompt(NamedTuple):
+    """A prompt as the emulator serves it: token ids, chunk keys (none without a tier) and
+    the digest of the ids (its greedy answer's seed)."""
+
+    ids: array
+    keys: list[bytes]
+    digest: bytes
+
+
 @dataclass(frozen=True)
 class _Loaded:
     """Outcome of a request's real tier read: how many of its hit chunks were read back
-    and verified, and when (``perf_counter``) the read was handed to the tier and ended."""
+    (their frames intact), the digests of those whose bytes are not their true KV, and
+    when (``perf_counter``) the read was handed to the tier and ended."""
 
     chunks: int
+    wrong: list[bytes]
     started: float
     done: float
 
@@ -372,6 +408,21 @@ def _too_long(limit: int, n: int | str) -> str:
             "tokens. Please reduce the length of the input messages.")
 
 
+def _cache_salt(body: dict) -> str | None:
+    """A request's ``cache_salt`` (vLLM's rule: a non-empty string if given), bounded."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str):
+        raise BadRequest(f"'cache_salt' must be a string, got {type(salt).__name__}")
+    if not salt:
+        raise BadRequest("Parameter 'cache_salt' must be a non-empty string if provided.")
+    if len(salt) > MAX_CACHE_SALT_CHARS:
+        raise BadRequest(f"'cache_salt' is {len(salt)} characters long, over the emulator's limit of "
+                         f"{MAX_CACHE_SALT_CHARS}")
+    return salt
+
+
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -427,7 +478,7 @@ class Emulator:
         # A warm round resends the cold round's prompts: tokenizing and hashing a 100k-word
         # prompt again (~13 ms of a 2-core VM) is host time the model does not charge, and it
         # would hold the loop past the short modeled windows of warm requests.
-        self._prompts: OrderedDict[tuple[int, int], tuple[array, list[bytes] | None]] = OrderedDict()
+        self._prompts: OrderedDict[tuple[int, int, str | None], _Prompt] = OrderedDict()
         self._prompt_tokens = 0
         gb = {"cpu": settings.cpu_size_gb, "waterfall": settings.cpu_size_gb,
               "redis": settings.redis_size_gb}.get(
@@ -438,6 +489,8 @@ class Emulator:
             raise ValueError(f"--backend {settings.backend} needs --disk-path")
         if not 0.0 <= settings.jitter < 1.0:
             raise ValueError("jitter must be in [0, 1)")
+        if not 0.0 <= settings.corrupt_rate <= 1.0:
+            raise ValueError("corrupt_rate must be in [0, 1]")
         for k in ("slowdown_prefill", "slowdown_decode", "slowdown_load"):
             if not getattr(settings, k) > 0:
                 raise ValueError(f"{k} must be > 0")
@@ -449,7 +502,8 @@ class Emulator:
                                  kv_bytes_per_token=self.profile.kv_bytes_per_token,
                                  payload_scale=settings.payload_scale,
                                  namespace=settings.model,
-                                 read_delay_s=settings.read_delay_ms / 1000.0)
+                                 read_delay_s=settings.read_delay_ms / 1000.0,
+                                 corrupt_rate=settings.corrupt_rate, seed=settings.seed)
         self.tier_name = settings.backend
         # Tier reads run on the event loop (file tiers in turns, see _load; a redis read
         # is one MGET round trip, as LMCache's retrieve holds up the engine step).  File
@@ -491,6 +545,10 @@ class Emulator:
     # -- lifecycle ------------------------------------------------------------------
     async def startup(self, app: web.Application) -> None:
         self._queue = asyncio.Queue()
+        if self.s.corrupt_rate and self.cache.enabled:
+            log.warning("fault injection: %g of offloaded chunks are stored with altered bytes under a valid CRC "
+                        "(--corrupt-rate); warm answers that load them differ from the cold ones",
+                        self.s.corrupt_rate)
         if not self.fixed:
             worker = self._batched_worker if self.profile.scheduler == "batched" else self._prefill_worker
             self._worker = asyncio.get_running_loop().create_task(worker())
@@ -539,13 +597,15 @@ class Emulator:
         return hit
 
     async def _load(self, req: _Request, hit: int) -> _Loaded:
-        """Read back and verify the ``hit`` leading chunks of ``req`` (the lookup found
-        them); stop at the first that fails.
+        """Read back the ``hit`` leading chunks of ``req`` (the lookup found them); stop at
+        the first whose frame fails (missing, short, CRC).  The bytes are not compared
+        with the true KV (an engine cannot): the digests of those that differ go into
+        the answer (:meth:`_answer_rng`).
 
         A chunk whose offload write is still in flight is served from the write buffer
         (LMCache stages offloads in CPU memory), so no lookup waits for a write and a
         warm round right after a cold one hits fully; only chunks already in the tier
-        are read back (for real) and verified.
+        are read back (for real).
 
         Reads run on the event loop, not in a thread: a chunk file costs three system
         calls, and a reader thread must win the interpreter lock back after each while
@@ -569,30 +629,40 @@ class Emulator:
                 split[place] = split.get(place, 0) + self.cache.chunk_size
             req.split = split
         load = self.cache.load
-        if not (hit and self.file_tier):
-            return _Loaded(load(keys, buffered) if hit else 0, started, perf())
+        if not hit:
+            return _Loaded(0, [], started, perf())
+        if not self.file_tier:
+            done, wrong = load(keys, buffered)
+            return _Loaded(done, wrong, started, perf())
         done = 0
+        wrong: list[bytes] = []
         turn = started
         for i in range(0, hit, READ_GROUP):
             if perf() - turn > READ_TURN_S:
                 await asyncio.sleep(0)
                 turn = perf()
             part = keys[i:i + READ_GROUP]
-            ok = load(part, buffered)
+            ok, bad = load(part, buffered)
             done += ok
+            wrong += bad
             if ok < len(part):
                 break
-        return _Loaded(done, started, perf())
+        return _Loaded(done, wrong, started, perf())
 
     def _settle_load(self, req: _Request, hit: int, loaded: _Loaded, deadline: float) -> float:
-        """Record the host's read time of ``req`` beside the model; return when its first
-        token may leave: ``deadline``, or the end of the read if that came later (an
-        overrun, counted: the time past ``deadline`` that the read itself took)."""
+        """Record the host's read time of ``req`` beside the model and the KV its answer
+        follows; return when its first token may leave: ``deadline``, or the end of the
+        read if that came later (an overrun, counted: the time past ``deadline`` that the
+        read itself took)."""
         if loaded.chunks < hit:
-            log.warning("request %s: %d of %d hit chunks failed verification; recomputing",
-                        req.rid, hit - loaded.chunks, hit)
+            log.warning("request %s: %d of %d hit chunks failed verification (frame missing, short or CRC "
+                        "mismatch); recomputing", req.rid, hit - loaded.chunks, hit)
         if hit == 0:
             return deadline
+        req.wrong = loaded.wrong
+        if loaded.wrong:
+            log.debug("request %s: %d loaded chunks are not their true KV; the answer follows them",
+                      req.rid, len(loaded.wrong))
         st = self.stats
         io = loaded.done - loaded.started
         st.io_seconds += io
@@ -717,7 +787,7 @@ class Emulator:
 
     def _modeled_prefill_ms(self, req: _Request, hit: int, cached: int, stored: int) -> float:
         """FIFO scheduler: scaled modeled time of ``req`` (ms): the load of the ``hit``
-        tokens the lookup found, the prefill of all but the ``cached`` ones that verified
+        tokens the lookup found, the prefill of all but the ``cached`` ones read back
         (so a chunk that failed is recomputed), and the store of ``stored`` tokens."""
         prof = self.profile
         return self.slow * self._jitter(req) * (
@@ -860,7 +930,9 @@ class Emulator:
         write leaves on time.
         """
         if self.fixed:
-            cached = self.cache.lookup(req.keys) * self.cache.chunk_size if self.cache.enabled else 0
+            hit = self._hit_chunks(req)
+            loaded = await self._load(req, hit)
+            cached = loaded.chunks * self.cache.chunk_size
             self._account_prefill(req, cached)
             self.running += 1
             self.context_tokens += req.n
@@ -868,7 +940,7 @@ class Emulator:
             if self.slow_prefill != 1.0:
                 ttft_ms *= self.slow_prefill
             req.modeled_ms = ttft_ms
-            return 0.0, cached, req.arrival + ttft_ms / 1000.0
+            return 0.0, cached, self._settle_load(req, hit, loaded, req.arrival + ttft_ms / 1000.0)
         assert self._queue is not None
         fut = asyncio.get_running_loop().create_future()
         self.waiting += 1
@@ -887,18 +959,6 @@ class Emulator:
         if self.jitter and req is not None:
             itl *= self._jitter(req)
         return itl
-
-    async def _fixed_cache_work(self, req: _Request) -> None:
-        """Fixed profile: real load/store after the response (no timing effect)."""
-        if not self.cache.enabled or not req.keys:
-            return
-        try:
-            hit = self._hit_chunks(req)
-            loaded = await self._load(req, hit)
-            self._settle_load(req, hit, loaded, loaded.done)
-            self._store_background(req, loaded.chunks)
-        except Exception as exc:  # noqa: BLE001 - never let it kill the server
-            log.warning("cache work failed for %s: %s", req.rid, exc)
 
     # -- request parsing ------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict:
@@ -976,23 +1036,30 @@ class Emulator:
                              if isinstance(p, dict) and isinstance(p.get("text"), str) else 0 for p in content)
         self._check_chars(chars)
 
-    def _remembered(self, prompt: str) -> tuple[array, list[bytes] | None] | None:
-        """The ids and chunk keys of a long prompt seen before (None: not seen, or short)."""
+    def _remembered(self, prompt: str, salt: str | None) -> _Prompt | None:
+        """A long prompt seen before with this salt (None: not seen, or short)."""
         if len(prompt) < _MEMO_MIN_CHARS:
             return None
-        found = self._prompts.get((len(prompt), hash(prompt)))
+        key = (len(prompt), hash(prompt), salt)
+        found = self._prompts.get(key)
         if found is not None:
-            self._prompts.move_to_end((len(prompt), hash(prompt)))
+            self._prompts.move_to_end(key)
         return found
 
-    def _remember(self, prompt: str, ids: Sequence[int], keys: list[bytes] | None) -> None:
+    def _remember(self, prompt: str, salt: str | None, served: _Prompt) -> None:
         if len(prompt) < _MEMO_MIN_CHARS:
             return
-        self._prompts[(len(prompt), hash(prompt))] = (array("I", ids), keys)
-        self._prompt_tokens += len(ids)
+        self._prompts[(len(prompt), hash(prompt), salt)] = served
+        self._prompt_tokens += len(served.ids)
         while self._prompt_tokens > _MEMO_MAX_TOKENS and self._prompts:
-            _, (old_ids, _keys) = self._prompts.popitem(last=False)
-            self._prompt_tokens -= len(old_ids)
+            _, old = self._prompts.popitem(last=False)
+            self._prompt_tokens -= len(old.ids)
+
+    def _serve_as(self, ids: Sequence[int], salt: str | None) -> _Prompt:
+        """``ids`` with their chunk keys and digest (one blake2b pass: ~0.5 ms per 100k tokens)."""
+        arr = ids if isinstance(ids, array) else array("I", ids)
+        keys = self.cache.keys(arr, salt) if self.cache.enabled else []
+        return _Prompt(arr, keys, hashlib.blake2b(arr, digest_size=16).digest())
 
     def _ids_from_prompt(self, prompt: Any) -> Sequence[int]:
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -1114,6 +1181,7 @@ class Emulator:
         try:
             body = await self._body(request)
             self._check_model(body)
+            salt = _cache_salt(body)
             memo = prompt = None
             if chat:
                 ids = self._chat_ids(body)
@@ -1124,8 +1192,8 @@ class Emulator:
                 if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                     prompt = prompt[0]
                 self._check_prompt_size(prompt)
-                memo = self._remembered(prompt) if isinstance(prompt, str) else None
-                ids = memo[0] if memo else self._ids_from_prompt(prompt)
+                memo = self._remembered(prompt, salt) if isinstance(prompt, str) else None
+                ids = memo.ids if memo else self._ids_from_prompt(prompt)
             n = len(ids)
             if n == 0:
                 raise BadRequest("The prompt is empty: at least one token is required")
@@ -1151,11 +1219,11 @@ class Emulator:
             self.stats.failed += 1
             return _error("fault injection: internal server error", 500)
 
-        req = _Request(rid, seq, ids, arrival, max_tokens)
-        if self.cache.enabled:
-            req.keys = memo[1] if memo else self.cache.keys(ids)
+        served = memo or self._serve_as(ids, salt)
         if memo is None and isinstance(prompt, str):
-            self._remember(prompt, ids, req.keys)
+            self._remember(prompt, salt, served)
+        req = _Request(rid, seq, served.ids, arrival, max_tokens, served.digest)
+        req.keys = served.keys
         resp: web.StreamResponse | None = None
         if stream:
             cls = web.StreamResponse if s.send_headers_early else _EventStream
@@ -1187,10 +1255,8 @@ class Emulator:
                 self.running -= 1
                 self.context_tokens -= req.n
                 self._slot_freed.set()
-            if self.fixed:
-                task = asyncio.get_running_loop().create_task(self._fixed_cache_work(req))
-                self._bg.add(task)
-                task.add_done_callback(self._bg.discard)
+            if self.fixed:  # its new chunks are offloaded after the response (no timing effect)
+                self._store_background(req, 0)
 
     async def _emit(self, request, resp, req: _Request, chat: bool, body: dict,
                     queue_ms: float, cached: int, deadline: float,
@@ -1199,7 +1265,7 @@ class Emulator:
         model = self.s.model
         created = int(time.time())
         n = req.n
-        rng = random.Random(self.s.seed * 1_000_003 + req.seq)
+        rng = self._answer_rng(req)
         lo, hi = tok.num_special, tok.vocab_size
         words = [" " + tok.id_to_word(i) for i in
                  (lo + int(rng.random() * (hi - lo)) for _ in range(req.max_tokens))]
@@ -1295,6 +1361,16 @@ class Emulator:
             if stamps:
                 self.decoding -= 1
 
+    def _answer_rng(self, req: _Request) -> random.Random:
+        """The generator of ``req``'s (greedy) answer: seeded by its prompt's digest and
+        ``--seed``, and by the digests of any loaded chunks that were not their true KV
+        (so wrong KV changes the answer, as it would a real model's)."""
+        h = hashlib.blake2b(req.digest, digest_size=16)
+        h.update(b"|%d|" % self.s.seed)
+        for d in req.wrong:
+            h.update(d)
+        return random.Random(int.from_bytes(h.digest(), "little"))
+
     def _timing(self, req: _Request, queue_ms: float, cached: int, stamps: list[float]) -> dict:
         t0 = req.arrival
         ttft = (stamps[0] - t0) * 1000.0 if stamps else None
@@ -1336,6 +1412,8 @@ class Emulator:
         metric("emulator:tier_io_seconds_total", "counter", st.io_seconds)
         metric("emulator:tier_io_overrun_seconds_total", "counter", st.io_overrun_seconds)
         metric("emulator:tier_io_overruns_total", "counter", st.io_overruns)
+        # chunks the corrupt_rate fault stored with altered bytes
+        metric("emulator:corrupted_chunks_total", "counter", self.cache.corrupted_chunks)
         metric("vllm:prefix_cache_queries_total", "counter", st.queries)
         metric("vllm:prefix_cache_hits_total", "counter", 0)
         metric("vllm:external_prefix_cache_queries_total", "counter", st.ext_queries)

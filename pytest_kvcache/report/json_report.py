@@ -15,10 +15,13 @@ from pathlib import Path
 from .._atomic import write_json_atomic
 from ..decision import worst_zone
 from ..metrics import request_details, summarize
+from ..outputs import output_digest
 
-__all__ = ["RESULT_SCHEMA_VERSION", "item_document", "write_item_json"]
+__all__ = ["OUTPUTS_SCHEMA_VERSION", "RESULT_SCHEMA_VERSION", "item_document", "outputs_document", "outputs_path",
+           "write_item_json"]
 
 RESULT_SCHEMA_VERSION = 2
+OUTPUTS_SCHEMA_VERSION = 1
 
 
 def _clean(value):
@@ -58,6 +61,10 @@ def item_document(outcome) -> dict:
         doc["software"] = dict(outcome.identity.software)
     if outcome.software_change:
         doc["software_change"] = outcome.software_change
+    check = getattr(outcome, "output_check", None)
+    if check is not None:
+        doc["outputs"] = {**check.to_dict(), "details": outputs_path(outcome.json_path).name if outcome.json_path
+                          else None, "answers": _answer_digests(outcome.answers)}
     zone = worst_zone([v.zone for v in outcome.verdicts])
     verdicts = list(outcome.verdicts) + [None] * (len(outcome.comparisons) - len(outcome.verdicts))
     doc["verdict"] = {
@@ -85,5 +92,38 @@ def _trials(result) -> list[dict]:
     ]
 
 
+def _answer_rounds(trials) -> list[tuple[int, str, object]]:
+    """(trial, round name, round) of every round whose answers are kept, the control's too."""
+    out = []
+    for t in trials:
+        out += [(t.index, r.round, r) for r in t.rounds]
+        if t.control is not None:
+            out.append((t.index, t.control.round, t.control))
+    return out
+
+
+def _answer_digests(trials) -> list[dict]:
+    """A digest of every answer, by trial and round, in prompt order (None: no answer)."""
+    return [{"trial": index, "round": name, "sha256_16": [output_digest(r.text) if r.success else None
+                                                          for r in sorted(rnd.records, key=lambda r: r.index)]}
+            for index, name, rnd in _answer_rounds(trials)]
+
+
+def outputs_path(item_json: Path) -> Path:
+    """The file beside an item's JSON that holds its answers in full."""
+    return item_json.with_name(item_json.stem + ".outputs.json")
+
+
+def outputs_document(outcome) -> dict:
+    """Every answer of the item's latest run in full: what the digests in its JSON stand for."""
+    return {"schema_version": OUTPUTS_SCHEMA_VERSION, "item": outcome.nodeid, "rounds": [
+        {"trial": index, "round": name, "answers": [
+            {"prompt": r.index, "text": r.text if r.success else None, "error": r.error}
+            for r in sorted(rnd.records, key=lambda r: r.index)]}
+        for index, name, rnd in _answer_rounds(outcome.answers)]}
+
+
 def write_item_json(path: Path, outcome) -> None:
+    if getattr(outcome, "answers", ()):
+        write_json_atomic(outputs_path(path), outputs_document(outcome), indent=None)
     write_json_atomic(path, item_document(outcome))

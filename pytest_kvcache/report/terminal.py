@@ -74,6 +74,10 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
                 notes.append(f"{o.case.name} {v.zone.value}: {v.reason}")
         if o.software_change and any(v.zone is not Zone.PASS for v in o.verdicts):
             notes.append(f"{o.case.name}: software since the baseline: {o.software_change}")
+    for o in outcomes:  # a check that could not be made must not read as a pass
+        check = getattr(o, "output_check", None)
+        if check is not None and check.status == "unchecked":
+            notes.append(f"{o.case.name} ANSWERS NOT CHECKED: {check.reason}")
     if gate is not None:
         if gate.testbed_differs:
             notes.append(f"NOT COMPARED: {gate.testbed_differs} item(s) have baselines recorded on another testbed "

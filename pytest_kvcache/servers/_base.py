@@ -56,6 +56,8 @@ class ServerHandle:
     _exited: Callable[[float], str | None] | None = field(default=None, repr=False)
     #: where the telemetry of this server and its backend's services is
     telemetry: TelemetrySource = field(default_factory=TelemetrySource)
+    #: the ports of its backend's services by name (``{"redis": 6390}``), for hooks
+    ports: Mapping[str, int] = field(default_factory=dict)
 
     def alive(self) -> bool:
         return self._alive() if self._alive else True

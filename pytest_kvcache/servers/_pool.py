@@ -230,4 +230,4 @@ class ServerPool:
         if services:
             info = dict(info, services=", ".join(p.name.split(" (")[0] for p in services))
         return ServerHandle(kind=s.kind, base_url=base_url, model=model, info=info, log_path=log_path,
-                            _stop=stop, _alive=alive, _exited=exited, telemetry=telemetry)
+                            _stop=stop, _alive=alive, _exited=exited, telemetry=telemetry, ports=dict(ports))

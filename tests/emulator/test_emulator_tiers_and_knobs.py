@@ -133,10 +133,10 @@ def test_redis_tier_lru_verification_and_rebuild(redis_server):
     c = redis_server.client()
     names = c.call("KEYS", prefix.replace("@", "?") + "*")
     assert len(names) == 3 and all(n.endswith(b"kv_bytes") for n in names)
-    assert cache.load(keys[2:]) == 3
+    assert cache.load(keys[2:]) == (3, [])
     # a corrupt value is a miss and is evicted
     c.call("SET", tier._rkey(keys[3]), b"garbage-garbage-garbage")
-    assert cache.load(keys[2:]) == 1
+    assert cache.load(keys[2:]) == (1, [])
     assert not tier.contains(keys[3])
     # a new tier on the same server finds the chunks (emulator restart)
     again = RedisTier(redis_server.url, capacity_bytes=3 * 100, prefix=prefix)
@@ -167,7 +167,7 @@ def test_redis_tier_moves_a_request_in_one_round_trip_per_batch(redis_server, mo
     c = redis_server.client()
     c.call("CONFIG", "RESETSTAT")
     assert cache.store(keys) == 10
-    assert cache.load(keys) == 10
+    assert cache.load(keys) == (10, [])
     calls = _command_calls(c)
     assert calls.get("mset") == 1 and calls.get("mget") == 1, calls
     assert "get" not in calls and "set" not in calls, calls
@@ -175,7 +175,7 @@ def test_redis_tier_moves_a_request_in_one_round_trip_per_batch(redis_server, mo
     monkeypatch.setattr(prefix_cache, "REDIS_BATCH", 4)
     c.call("SET", tier._rkey(keys[5]), b"garbage-garbage-garbage")
     c.call("CONFIG", "RESETSTAT")
-    assert cache.load(keys) == 5  # chunks 0-4 verified, chunk 5 corrupt
+    assert cache.load(keys) == (5, [])  # chunks 0-4 read, chunk 5's frame corrupt
     assert _command_calls(c).get("mget") == 2  # the batch after the bad chunk is never fetched
     assert not tier.contains(keys[5]) and tier.contains(keys[6])
     tier.clear()
@@ -528,7 +528,7 @@ def test_waterfall_tier_demotes_to_disk_and_promotes_on_hit(tmp_path):
     assert [tier.where(k) for k in keys] == ["disk", "disk", "cpu", "cpu"]
     assert len(list((tmp_path / "wf").glob("*.kvchunk"))) == 2  # real files for the demoted
     assert len(tier) == 4 and cache.lookup(keys) == 4
-    assert cache.load(keys) == 4  # verified, from the fastest holder
+    assert cache.load(keys) == (4, [])  # their true bytes, from the fastest holder
     # the hits promoted the first chunks back to RAM (LRU), demoting the others
     assert tier.where(keys[3]) == "cpu" and tier.where(keys[0]) == "disk"
     assert all(tier.contains(k) for k in keys)

@@ -144,21 +144,27 @@ def test_prefix_cache_longest_leading_run():
     assert cache.store(keys[:5]) == 5
     assert cache.store(keys[:5]) == 0  # already present
     assert cache.lookup(keys) == 5
-    assert cache.load(keys[:5]) == 5
+    assert cache.load(keys[:5]) == (5, [])
     cache.tier.evict(keys[2])
     assert cache.lookup(keys) == 2  # stops at the first gap
     # payload size follows the scale
     assert cache.payload_len == round(4 * 57_344 / 4096)
 
 
-def test_prefix_cache_corrupt_chunk_is_a_miss():
+def test_prefix_cache_short_chunk_is_a_miss_wrong_bytes_are_loaded_and_reported():
+    """A chunk that cannot be KV (wrong length) ends the hit and is evicted; one of the
+    right length but other bytes is loaded (an engine cannot tell), its digest reported."""
     tier = CpuTier(10**9)
     cache = PrefixCache(tier, chunk_size=4)
     keys = cache.keys(list(range(12)))
     cache.store(keys)
     tier.put(keys[1], b"x" * cache.payload_len)  # same length, wrong bytes
     assert cache.lookup(keys) == 3
-    assert cache.load(keys) == 1
+    n, wrong = cache.load(keys)
+    assert n == 3 and len(wrong) == 1 and tier.contains(keys[1])
+    assert cache.load(keys) == (n, wrong)  # the same bytes, the same digest
+    tier.put(keys[1], b"x" * (cache.payload_len - 1))
+    assert cache.load(keys) == (1, [])
     assert not tier.contains(keys[1])  # evicted
 
 
@@ -221,7 +227,7 @@ def test_disk_prefix_cache_round_trip(tmp_path):
     keys = cache.keys(list(range(1000)))
     assert cache.store(keys) == 3
     assert len(list(tmp_path.glob("*.kvchunk"))) == 3
-    assert cache.load(keys) == 3
+    assert cache.load(keys) == (3, [])
     assert cache.modeled_usage() == 3 * 256 * 57_344
 
 
