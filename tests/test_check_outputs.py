@@ -5,7 +5,6 @@ and the option, its ini key and the scenario key behave."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
