@@ -26,6 +26,11 @@ metric x testbed) of the run history; ``history import RUN_DIR...`` adds run fol
     python -m pytest_kvcache history --since 30d --item 'seed_prefill/*' --plot history-plots
     python -m pytest_kvcache history postgresql://ci@db.example/kvcache --json
     python -m pytest_kvcache history import artifacts/run-* --to postgresql://ci@db.example/kvcache
+
+``python -m pytest_kvcache doctor``: what this machine can run, backend by backend, and why
+not (see :mod:`pytest_kvcache.doctor`)::
+
+    python -m pytest_kvcache doctor --kv-python .real-stack/venv/bin/python --kv-gds-path /mnt/gds --json
 """
 
 from __future__ import annotations
@@ -74,7 +79,8 @@ def _token_values(text: str) -> list[str]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pytest_kvcache",
                                      description="pytest-kvcache tools: compare result folders, calibrate the "
-                                                 "emulator, find change points in the run history")
+                                                 "emulator, find change points in the run history, check "
+                                                 "what this machine can run")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     cmp_ = sub.add_parser(
         "compare", help="combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
@@ -105,7 +111,19 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--no-plots", action="store_true", help="write the CSV files only")
     _calibrate_parser(sub)
     _history_parser(sub)
+    _doctor_parser(sub)
     return parser
+
+
+def _doctor_parser(sub) -> None:
+    from .doctor import add_arguments
+
+    doc = sub.add_parser(
+        "doctor", help="what this machine can run: GPUs, vLLM/LMCache, GDS, Redis, Mooncake, disk and RAM",
+        description="Probe this machine (nvidia-smi, the vLLM and LMCache of --kv-python, a GDS mount, Redis, "
+                    "Mooncake, free disk and RAM) and print, for every backend marker, 'runnable' or "
+                    "'not runnable: REASON; fix: WHAT TO DO'. Exit status 0 whatever it finds.")
+    add_arguments(doc)
 
 
 def _token_list(text: str) -> tuple[int, ...]:
@@ -549,6 +567,10 @@ def main(argv: list[str] | None = None) -> int:
             return history(args)
         if args.command == "history import":
             return history_import(args)
+        if args.command == "doctor":
+            from .doctor import main_doctor
+
+            return main_doctor(args)
     except (ResultsError, KVCacheError) as exc:
         print(f"pytest-kvcache {args.command}: error: {exc}", file=sys.stderr)
         return 2

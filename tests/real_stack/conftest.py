@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def real_stack() -> RealStack:
 def stack_processes():
     """A function listing the processes of a real stack now (to check for leftovers)."""
     return _stack_processes
+
+
+@pytest.fixture
+def no_leftovers(stack_processes):
+    """The test leaves no process of a real stack behind (within 15 s of its end)."""
+    before = stack_processes()
+    yield
+    deadline = time.monotonic() + 15
+    while True:
+        left = stack_processes() - before
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert not left, f"processes left behind: {sorted(left)}"
 
 
 @pytest.fixture(scope="session")

@@ -282,19 +282,6 @@ def describe(data: dict) -> str:
             f"{control['compared']}; p={out['p_value']}")
 
 
-@pytest.fixture
-def no_leftovers(stack_processes):
-    before = stack_processes()
-    yield
-    deadline = time.monotonic() + 15
-    while True:
-        left = stack_processes() - before
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not left, f"processes left behind: {sorted(left)}"
-
-
 def test_honest_redis_tier_passes_the_answers_check(pytester, real_stack, redis_server_available, no_leftovers):
     # ["cpu", "redis"] checks LMCache's L1 path too (about 2 minutes more: a second vLLM
     # start); its figures were the same as redis's (tier 2 of 16, control 0 of 16)

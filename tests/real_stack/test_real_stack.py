@@ -55,19 +55,6 @@ def rounds(pytester: pytest.Pytester, backend: str) -> list[dict]:
     return [{"round": name, **r} for t in data["trials"] for name, r in t["rounds"].items()], data["server"]
 
 
-@pytest.fixture
-def no_leftovers(stack_processes):
-    before = stack_processes()
-    yield
-    deadline = time.monotonic() + 15
-    while True:
-        left = stack_processes() - before
-        if not left or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert not left, f"processes left behind: {sorted(left)}"
-
-
 def test_none_and_lmcache_mp_cpu_offload_and_redis_tier(pytester, real_stack, no_leftovers):
     backends = ["none", "cpu"] + (["redis"] if shutil.which("redis-server") else [])
     result = run_plugin(pytester, real_stack, backends)
