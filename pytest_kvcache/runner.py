@@ -90,7 +90,7 @@ class CaseRunner:
         its prompts once more with that ``cache_salt``, recomputed (outputs.py).
         ``after_round(trial, round name)`` is called after every round, outside any measurement."""
         source = telemetry or TelemetrySource(metrics_urls=(f"{base_url.rstrip('/')}/metrics",))
-        return asyncio.run(self._run(case, base_url, model, trials, progress or (lambda _: None), source,
+        return _run_async(self._run(case, base_url, model, trials, progress or (lambda _: None), source,
                                      control_salt, after_round or (lambda trial, name: None)))
 
     async def _run(self, case: ScenarioCase, base_url: str, model: str, trials: Sequence[int],
@@ -174,7 +174,7 @@ class CaseRunner:
             result = self._resummarize(result, [result], None)
             return replace(result, telemetry=summarize(source, before, after))
 
-        return asyncio.run(one_round())
+        return _run_async(one_round())
 
     def prompt_lengths(self, base_url: str, model: str, prompts: Sequence[str | Sequence[int]]) -> tuple[int, ...]:
         """Each prompt's tokens as the server counts them (token ids: their number)."""
@@ -260,6 +260,19 @@ class CaseRunner:
                 codec, dataset=case.dataset, input_len=case.input_len, output_len=case.output_len,
                 num_prompts=case.num_prompts, seed=case.seed, trial=trial, options=case.options))
         return self._prompts[key]
+
+
+def _run_async(coro):
+    """``asyncio.run``, except that a Ctrl-C or SIGTERM (a KeyboardInterrupt) that lands
+    while asyncio shuts the loop down stays what it is: that shutdown can end in
+    "RuntimeError: Event loop stopped before Future completed", which would fail the item
+    instead of ending the run as interrupted."""
+    try:
+        return asyncio.run(coro)
+    except RuntimeError as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            raise exc.__context__ from None
+        raise
 
 
 async def _given(codec, prompts: Sequence[str | Sequence[int]], output_len: int) -> list[Prompt]:

@@ -76,6 +76,7 @@ class Run:
                  "--emulator-profile=fixed", "--kv-server-args=--fixed-ttft-ms 250 --fixed-itl-ms 5", *args],
                 cwd=project, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.seen: dict[int, int] = {}  # pid -> start time of every descendant seen
+        self.cmdlines: dict[int, bytes] = {}  # pid -> its command line when first seen (it may be gone since)
 
     def watch(self) -> None:
         parents: dict[int, list[int]] = {}
@@ -88,6 +89,8 @@ class Run:
             for child in parents.get(todo.pop(), []):
                 info = _stat(child)
                 if info:
+                    if child not in self.seen:
+                        self.cmdlines[child] = _cmdline(child)
                     self.seen.setdefault(child, info[2])
                     todo.append(child)
 
@@ -224,7 +227,7 @@ def test_sigterm_ends_the_run_like_ctrl_c(project: Path) -> None:
     before = _baselines(project)
     run = Run(project, "--update-baselines", "--kv-client-processes=2")
     run.measuring()
-    assert any(b"pytest_kvcache.spread" in _cmdline(pid) for pid in run.seen), "no client process was seen"
+    assert any(b"pytest_kvcache.spread" in line for line in run.cmdlines.values()), "no client process was seen"
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish() == pytest.ExitCode.INTERRUPTED
     _check_clean_end(run, before)

@@ -13,11 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .._atomic import write_json_atomic
+from ..baselines import key_to_relpath
 from ..decision import worst_zone
 from ..metrics import request_details, summarize
 from ..outputs import output_digest
 
-__all__ = ["OUTPUTS_SCHEMA_VERSION", "RESULT_SCHEMA_VERSION", "item_document", "outputs_document", "outputs_path",
+__all__ = ["OUTPUTS_SCHEMA_VERSION", "RESULT_SCHEMA_VERSION", "answers_relpath", "item_document", "outputs_document",
            "write_item_json"]
 
 RESULT_SCHEMA_VERSION = 2
@@ -63,7 +64,7 @@ def item_document(outcome) -> dict:
         doc["software_change"] = outcome.software_change
     check = getattr(outcome, "output_check", None)
     if check is not None:
-        doc["outputs"] = {**check.to_dict(), "details": outputs_path(outcome.json_path).name if outcome.json_path
+        doc["outputs"] = {**check.to_dict(), "details": answers_relpath(outcome.baseline_key) if outcome.answers
                           else None, "answers": _answer_digests(outcome.answers)}
     zone = worst_zone([v.zone for v in outcome.verdicts])
     verdicts = list(outcome.verdicts) + [None] * (len(outcome.comparisons) - len(outcome.verdicts))
@@ -109,9 +110,10 @@ def _answer_digests(trials) -> list[dict]:
             for index, name, rnd in _answer_rounds(trials)]
 
 
-def outputs_path(item_json: Path) -> Path:
-    """The file beside an item's JSON that holds its answers in full."""
-    return item_json.with_name(item_json.stem + ".outputs.json")
+def answers_relpath(baseline_key: str) -> str:
+    """Where, in the run folder, an item's answers are kept in full: under ``answers/``, so
+    that the folders of item JSON files hold item JSON files only."""
+    return (Path("answers") / key_to_relpath(baseline_key)).as_posix()
 
 
 def outputs_document(outcome) -> dict:
@@ -124,6 +126,9 @@ def outputs_document(outcome) -> dict:
 
 
 def write_item_json(path: Path, outcome) -> None:
+    """The item's JSON at ``path``; its answers, where it has some, under the run folder's
+    ``answers/`` (``path`` is ``<run folder>/<baseline key>.json``)."""
     if getattr(outcome, "answers", ()):
-        write_json_atomic(outputs_path(path), outputs_document(outcome), indent=None)
+        run_folder = path.parents[len(key_to_relpath(outcome.baseline_key).parts) - 1]
+        write_json_atomic(run_folder / answers_relpath(outcome.baseline_key), outputs_document(outcome), indent=None)
     write_json_atomic(path, item_document(outcome))

@@ -483,9 +483,12 @@ def test_quick_profile_warm_redis_at_10k_beats_recompute_in_tier_order(emu_facto
         if served["redis"] < served["none"]:
             break
     assert served["redis"] < served["none"], served
-    served, modeled = medians(["cpu", "disk", "redis"])
+    for _ in range(3):  # the same for the tiers' order: a busy neighbour may blur one measurement
+        served, modeled = medians(["cpu", "disk", "redis"])
+        assert modeled["cpu"] < modeled["disk"] < modeled["redis"], modeled
+        if served["cpu"] < served["disk"] < served["redis"]:
+            break
     assert served["cpu"] < served["disk"] < served["redis"], served
-    assert modeled["cpu"] < modeled["disk"] < modeled["redis"], modeled
 
 
 def test_seed004_small_overhead_on_pure_misses(emu_factory):

@@ -43,7 +43,7 @@ phase: prefill
 matrix:
   backend: [{{backends}}]
   input_len: [2k]
-  concurrency: [2]
+  concurrency: [1]  # a slot never waits: no client guard to trip on a busy runner
   output_len: [16]
 dataset: random
 num_prompts: {NUM_PROMPTS}
@@ -226,8 +226,7 @@ def run_answers(pytester: pytest.Pytester, stack, backends: list[str], mode: str
 
 
 def item_json(pytester: pytest.Pytester, backend: str) -> dict:
-    (path,) = [p for p in pytester.path.joinpath("out", "answers").glob(f"answers[[]{backend}-*].json")
-               if not p.name.endswith(".outputs.json")]
+    (path,) = pytester.path.joinpath("out", "answers").glob(f"answers[[]{backend}-*].json")
     return json.loads(path.read_text())
 
 
@@ -289,15 +288,15 @@ def test_honest_redis_tier_passes_the_answers_check(pytester, real_stack, redis_
     result = run_answers(pytester, real_stack, ["redis"], "honest")
     elapsed = time.monotonic() - start
     assert result.ret == 0, result.stdout.str()[-6000:]
-    result.stdout.fnmatch_lines(["*answers[[]redis-2k-c2*] PASSED*"])
+    result.stdout.fnmatch_lines(["*answers[[]redis-2k-c1*] PASSED*"])
     data = item_json(pytester, "redis")
     out = data["outputs"]
     assert out["status"] == "passed", out
     assert out["tier"]["warm"]["compared"] == out["control"]["compared"] == NUM_PROMPTS * TRIALS, out
-    assert pytester.path.joinpath("out", "answers", out["details"]).is_file()
+    assert pytester.path.joinpath("out", out["details"]).is_file()
     check_telemetry(data)
     check_warm_rounds_read_redis(pytester, "honest")
-    assert [p.name for p in pytester.path.joinpath("bl").rglob("*.json")] == ["answers[redis-2k-c2].json"]
+    assert [p.name for p in pytester.path.joinpath("bl").rglob("*.json")] == ["answers[redis-2k-c1].json"]
     print(f"honest redis: {describe(data)}; {elapsed:.0f} s; hook: {hook_log(pytester)}")
 
 
