@@ -52,7 +52,7 @@ def test_an_honest_tier_passes_and_keeps_every_answer(project):
     digests = {(a["trial"], a["round"]): a["sha256_16"] for a in cpu["outputs"]["answers"]}
     assert set(digests) == {(t, r) for t in (0, 1) for r in ("cold", "warm", "control")}
     assert digests[(0, "cold")] == digests[(0, "warm")] == digests[(0, "control")] != digests[(1, "cold")]
-    assert cpu["outputs"]["details"] == "answers/check/check[cpu-1k-c1].json"
+    assert cpu["outputs"]["details"] == "answers/check/check[cpu-1k-c1].answers.json"
     details = json.loads((project.path / "out" / cpu["outputs"]["details"]).read_text())
     assert sorted(p.name for p in (project.path / "out" / "check").iterdir()) == [  # item JSON files only
         "check[cpu-1k-c1].json", "check[none-1k-c1].json"]

@@ -111,9 +111,11 @@ def _answer_digests(trials) -> list[dict]:
 
 
 def answers_relpath(baseline_key: str) -> str:
-    """Where, in the run folder, an item's answers are kept in full: under ``answers/``, so
-    that the folders of item JSON files hold item JSON files only."""
-    return (Path("answers") / key_to_relpath(baseline_key)).as_posix()
+    """Where, in the run folder, an item's answers are kept in full: under ``answers/`` and
+    named ``<item>.answers.json``, so that neither a folder of item JSON files nor a search
+    for an item's file name finds anything but the item's JSON."""
+    path = Path("answers") / key_to_relpath(baseline_key)
+    return path.with_name(path.name.removesuffix(".json") + ".answers.json").as_posix()
 
 
 def outputs_document(outcome) -> dict:
