@@ -54,7 +54,7 @@ FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=True,
                                        HealthCheck.function_scoped_fixture, HealthCheck.filter_too_much])
 #: (suite, outcome) -> inputs; outcome: loaded | clean-error | traceback | silently-accepted
 COUNTS: collections.Counter = collections.Counter()
-SECONDS = 2.0  # a file, however hostile, is judged within this
+SECONDS = 10.0  # a file, however hostile, is judged within this (a bomb takes minutes; a busy runner, seconds)
 BOMB_BYTES = 64 * 2**20  # ... and a bomb within this much memory
 
 
