@@ -32,6 +32,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .backends.probe import PROBE_HELPERS
+
 __all__ = ["SCHEMA_VERSION", "Report", "Verdict", "add_arguments", "diagnose", "main_doctor", "verdicts"]
 
 SCHEMA_VERSION = 1
@@ -95,22 +97,7 @@ def probe_gpus() -> tuple[GpuFacts, dict[str, str]]:
 
 # -- vLLM, LMCache, Mooncake ------------------------------------------------------------------------
 
-_STACK_SCRIPT = r"""
-import importlib.metadata as md, importlib.util as iu, json, os, sys
-def version(*names):
-    for n in names:
-        try:
-            return md.version(n)
-        except md.PackageNotFoundError:
-            pass
-    return None
-def location(mod):
-    try:
-        spec = iu.find_spec(mod)
-    except (ImportError, ValueError):
-        return None
-    return os.path.dirname(spec.origin) if spec and spec.origin else None
-vdir, ldir = location("vllm"), location("lmcache")
+_STACK_SCRIPT = PROBE_HELPERS + r"""vdir, ldir = location("vllm"), location("lmcache")
 out = {"python_version": sys.version.split()[0], "vllm_importable": vdir is not None,
        "lmcache_importable": ldir is not None, "vllm_cpu_build": None, "l2_adapters": [],
        "inprocess_connector": False, "mp_connector": False}

@@ -19,9 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["StackProbe", "probe_stack", "vllm_flags"]
+__all__ = ["PROBE_HELPERS", "StackProbe", "probe_stack", "vllm_flags"]
 
-_PROBE_SCRIPT = r"""
+#: The start of every script run under another interpreter to probe its install (here and in
+#: doctor.py): a package's version by distribution names, a module's folder without importing it.
+PROBE_HELPERS = r"""
 import importlib.metadata as md, importlib.util as iu, json, os, re, sys
 def version(*names):
     for n in names:
@@ -36,7 +38,9 @@ def location(mod):
     except (ImportError, ValueError):
         return None
     return os.path.dirname(spec.origin) if spec and spec.origin else None
-def read(path):
+"""
+
+_PROBE_SCRIPT = PROBE_HELPERS + r"""def read(path):
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
