@@ -48,7 +48,11 @@ from .metrics import percentile, summarize
 from .models import RequestRecord, RoundResult
 from .workloads import Prompt
 
-__all__ = ["LoadSpec", "open_client", "open_pool", "run_round"]
+__all__ = ["DEFAULT_CLIENT_FLOOR", "LoadSpec", "open_client", "open_pool", "run_round"]
+
+#: the client guard's floor: delivered concurrency and request rate as a fraction of the
+#: configured ones (--kv-client-floor lowers it)
+DEFAULT_CLIENT_FLOOR = 0.95
 
 
 @dataclass(frozen=True)
@@ -71,8 +75,8 @@ class LoadSpec:
     max_loop_lag_ms: float = 20.0
     ignore_eos: bool = True
     burstiness: float = 1.0
-    min_concurrency_ratio: float = 0.95
-    min_rate_ratio: float = 0.95
+    min_concurrency_ratio: float = DEFAULT_CLIENT_FLOOR
+    min_rate_ratio: float = DEFAULT_CLIENT_FLOOR
     #: vLLM's ``cache_salt`` on every request (the control round's, outputs.py): requests
     #: of another salt share no cached prefix with these
     cache_salt: str | None = None

@@ -23,6 +23,7 @@ from .backends import LMCACHE_MODES
 from .errors import KVCacheError, ScenarioError
 from .guide import SessionGuide
 from .identity import KeyMoves
+from .loadgen import DEFAULT_CLIENT_FLOOR
 from .models import BACKENDS, PHASES, ScenarioCase, format_tokens
 from .scenarios import (
     MAX_TOKENS,
@@ -43,6 +44,8 @@ pytest_plugins = ("pytest_kvcache.fixtures",)  # kv_backend, kv_server, kv_load,
 SESSION_KEY = pytest.StashKey[KVSession]()
 #: seconds one benchmark request may take (--kv-request-timeout); a 100k-token prefill under load fits
 DEFAULT_REQUEST_TIMEOUT = 600.0
+#: --kv-client-floor's lowest value: below it a round would be another scenario's load
+MIN_CLIENT_FLOOR = 0.5
 #: --kv-client-processes: each is a Python interpreter, and a round never needs more than a CPU's cores
 MAX_CLIENT_PROCESSES = 256
 _URL = re.compile(r"^https?://([^/\s@]+@)?[^/\s:@]+(:\d+)?(/.*)?$")  # credentials allowed: user:token@
@@ -193,6 +196,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--kv-request-timeout", default=None, metavar="SECONDS",
                     help="how long one benchmark request may take to complete before it counts as failed "
                          f"(ini: kvcache_request_timeout; default {DEFAULT_REQUEST_TIMEOUT:g})")
+    group.addoption("--kv-client-floor", default=None, metavar="F",
+                    help="a round is invalid when the client kept fewer than F x the scenario's concurrency in "
+                         "flight while requests waited, or issued fewer than F x its request rate; lower it "
+                         f"knowingly on a shared runner with very short requests ({MIN_CLIENT_FLOOR:g} <= F <= 1; "
+                         f"ini: kvcache_client_floor; default {DEFAULT_CLIENT_FLOOR:g})")
 
     parser.addini("kvcache_python", "default of --kv-python", default="")
     parser.addini("kvcache_tensor_parallel_size", "default of --kv-tensor-parallel-size", default="")
@@ -209,6 +217,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini("kvcache_min_hit_ratio", "default of --kv-min-hit-ratio", default="0.5")
     parser.addini("kvcache_ready_timeout", "default of --kv-ready-timeout", default="")
     parser.addini("kvcache_request_timeout", "default of --kv-request-timeout", default="")
+    parser.addini("kvcache_client_floor", "default of --kv-client-floor", default="")
     parser.addini("kvcache_server", f"default of --kv-server: {', '.join(SERVER_KINDS)}", default="emulator")
     parser.addini("kvcache_endpoint", "default of --kv-endpoint", default="")
     parser.addini("kvcache_server_args", "default of --kv-server-args", default="")
@@ -403,8 +412,24 @@ def _settings(config: pytest.Config) -> Settings:
         history_url=_history_url(config),
         history_window=_count_setting(config, "kv_history_window", "kvcache_history_window", "20", low=2),
         request_timeout=_request_timeout(config),
+        client_floor=_client_floor(config),
         check_outputs=_check_outputs(config),
     )
+
+
+def _client_floor(config: pytest.Config) -> float:
+    raw = _option(config, "kv_client_floor", "kvcache_client_floor")
+    if raw is None:
+        return DEFAULT_CLIENT_FLOOR
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not MIN_CLIENT_FLOOR <= value <= 1:
+        raise pytest.UsageError(f"--kv-client-floor / kvcache_client_floor = {raw!r}: use a fraction from "
+                                f"{MIN_CLIENT_FLOOR:g} to 1, e.g. {DEFAULT_CLIENT_FLOOR:g} (below {MIN_CLIENT_FLOOR:g} "
+                                "a round would be another scenario's load)")
+    return value
 
 
 def _check_endpoint(endpoint: str) -> None:

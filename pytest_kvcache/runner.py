@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ._http import StreamPool
-from .loadgen import LoadSpec, open_client, open_pool, run_round
+from .loadgen import DEFAULT_CLIENT_FLOOR, LoadSpec, open_client, open_pool, run_round
 from .metrics import DEFAULT_PERCENTILES
 from .metrics import summarize as summarize_records
 from .models import RoundResult, ScenarioCase, TrialResult
@@ -70,9 +70,10 @@ class CaseRunner:
 
     def __init__(self, tokenizer_path: str | None = None, prompt_cache_items: int = 64,
                  percentiles: Sequence[float] = DEFAULT_PERCENTILES, client_processes: int = 1,
-                 request_timeout: float = 600.0) -> None:
+                 request_timeout: float = 600.0, client_floor: float = DEFAULT_CLIENT_FLOOR) -> None:
         self._percentiles = tuple(percentiles)
         self._request_timeout = request_timeout
+        self._client_floor = client_floor
         self._client_processes = client_processes
         self._local = LocalTokenizer(tokenizer_path) if tokenizer_path else None
         self._tokenizer_source = tokenizer_path
@@ -99,7 +100,8 @@ class CaseRunner:
                    after_round: Callable[[int, str], None]) -> tuple[TrialResult, ...]:
         spec = LoadSpec(model=model, api=case.api, max_concurrency=case.concurrency,
                         request_rate=case.request_rate, burstiness=case.burstiness, seed=case.seed,
-                        timeout_s=self._request_timeout)
+                        timeout_s=self._request_timeout, min_concurrency_ratio=self._client_floor,
+                        min_rate_ratio=self._client_floor)
         results = []
         pool = (open_pool(base_url, case.concurrency) if self._client_processes <= 1
                 else ClientProcesses(base_url, case.concurrency, self._client_processes))
@@ -151,7 +153,8 @@ class CaseRunner:
         hit check."""
         source = telemetry or TelemetrySource(metrics_urls=(f"{base_url.rstrip('/')}/metrics",))
         spec = LoadSpec(model=model, api=api, max_concurrency=concurrency, request_rate=request_rate,
-                        burstiness=burstiness, seed=seed, timeout_s=self._request_timeout)
+                        burstiness=burstiness, seed=seed, timeout_s=self._request_timeout,
+                        min_concurrency_ratio=self._client_floor, min_rate_ratio=self._client_floor)
         done = 0
 
         def tick() -> None:

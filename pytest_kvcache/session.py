@@ -30,6 +30,7 @@ from .baselines import Baseline, BaselineRun, BaselineStore, describe_runs
 from .decision import Verdict, judge_item, needs_confirmation, plan_baseline_update
 from .errors import BaselineError, KVCacheError
 from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
+from .loadgen import DEFAULT_CLIENT_FLOOR
 from .models import CaseResult, ScenarioCase, TrialResult
 from .outputs import OutputCheck, check_outputs, checks_outputs, control_salt, why_not_checked
 from .report.json_report import write_item_json
@@ -75,6 +76,8 @@ class Settings:
     history_window: int = 20
     #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
     request_timeout: float = 600.0
+    #: the client guard's floor for delivered vs configured load (--kv-client-floor; loadgen.py)
+    client_floor: float = DEFAULT_CLIENT_FLOOR
     #: --kv-check-outputs / --no-kv-check-outputs (None: each scenario's check_outputs)
     check_outputs: bool | None = None
 
@@ -268,7 +271,8 @@ class KVSession:
         if self.runner is None:
             self.runner = CaseRunner(self.settings.tokenizer, percentiles=self.settings.percentiles,
                                      client_processes=self.settings.client_processes,
-                                     request_timeout=self.settings.request_timeout)
+                                     request_timeout=self.settings.request_timeout,
+                                     client_floor=self.settings.client_floor)
         return self.runner
 
     def planned(self) -> int:

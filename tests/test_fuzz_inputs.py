@@ -648,6 +648,7 @@ OPTIONS: list[tuple[str | None, str | None, Any, tuple[str, ...]]] = [
     ("--kv-gpu-memory-utilization", "kvcache_gpu_memory_utilization", _float_in(0, 1.000001), ("1.5", "0")),
     ("--kv-ready-timeout", "kvcache_ready_timeout", _float_in(0, 86400, high_ok=True), ("0", "soon", "inf")),
     ("--kv-request-timeout", "kvcache_request_timeout", _float_in(0, 86400, high_ok=True), ("0", "nan", "86401")),
+    ("--kv-client-floor", "kvcache_client_floor", _float_in(0.5, 1, low_ok=True, high_ok=True), ("0.4", "nan", "1.5")),
     ("--kv-gpus-per-worker", "kvcache_gpus_per_worker", _int_in(1), ("0", "two")),
     ("--percentiles", "kvcache_percentiles", _percentiles_ok, ("50,50", "0", "101", "p99", "50,,90")),
     ("--kv-client-processes", "kvcache_client_processes", _int_in(1, 256), ("0", "257", "-1")),

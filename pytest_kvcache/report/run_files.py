@@ -140,6 +140,7 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
         "settings": {"server": settings.server.kind,
                      "endpoint": settings.server.endpoint and redact_url(settings.server.endpoint),
                      "model": settings.server.model, "alpha": settings.alpha,
+                     "client_floor": settings.client_floor,
                      # a rehearsal's mark, read back by compare (rows.run_slowdown)
                      "emulator_slowdown": settings.server.emulator_slowdown if settings.server.kind == "emulator"
                      else None,

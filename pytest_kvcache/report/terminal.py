@@ -114,6 +114,7 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
     """The session header: server, versions, GPU and labels (``pytest_report_header``)."""
     server = settings.server
     from .. import __version__
+    from ..loadgen import DEFAULT_CLIENT_FLOOR
 
     first = f"kvcache: pytest-kvcache {__version__}, server={server.kind}"
     if server.kind == "emulator":
@@ -131,6 +132,9 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
     lines.append(f"kvcache: GPU: {gpu or 'unknown'}")
     labels = getattr(server, "labels", ()) or ()
     lines.append("kvcache: labels: " + (", ".join(f"{k}={v}" for k, v in labels) if labels else "none"))
+    if settings.client_floor < DEFAULT_CLIENT_FLOOR:
+        lines.append(f"kvcache: client floor {settings.client_floor:.0%} (--kv-client-floor): a round counts while "
+                     "the client delivers that share of its concurrency and request rate")
     lines.append(f"kvcache: results: {settings.results_dir}")
     return lines
 
