@@ -99,7 +99,7 @@ def probe_gpus() -> tuple[GpuFacts, dict[str, str]]:
 
 _STACK_SCRIPT = PROBE_HELPERS + r"""vdir, ldir = location("vllm"), location("lmcache")
 out = {"python_version": sys.version.split()[0], "vllm_importable": vdir is not None,
-       "lmcache_importable": ldir is not None, "vllm_cpu_build": None, "l2_adapters": [],
+       "lmcache_importable": ldir is not None, "vllm_cpu_build": None,
        "inprocess_connector": False, "mp_connector": False}
 if vdir:
     v = version("vllm", "vllm-cpu") or ""
@@ -107,15 +107,9 @@ if vdir:
     out["vllm_cpu_build"] = bool(version("vllm-cpu")) or "+cpu" in v or "cpu" in t.partition("+")[2]
     conn = os.path.join(vdir, "distributed", "kv_transfer", "kv_connector", "v1")
     out["mp_connector"] = os.path.isfile(os.path.join(conn, "lmcache_mp_connector.py"))
-if ldir:
-    adir = os.path.join(ldir, "v1", "distributed", "l2_adapters")
-    if os.path.isdir(adir):
-        out["l2_adapters"] = sorted(n[:-len("_l2_adapter.py")] for n in os.listdir(adir)
-                                    if n.endswith("_l2_adapter.py"))
-    if vdir:
-        out["inprocess_connector"] = (os.path.isfile(os.path.join(conn, "lmcache_connector.py"))
-                                      and os.path.isfile(os.path.join(ldir, "integration", "vllm",
-                                                                      "vllm_v1_adapter.py")))
+if ldir and vdir:
+    out["inprocess_connector"] = (os.path.isfile(os.path.join(conn, "lmcache_connector.py"))
+                                  and os.path.isfile(os.path.join(ldir, "integration", "vllm", "vllm_v1_adapter.py")))
 print(json.dumps(out))
 """
 
@@ -133,6 +127,8 @@ class StackFacts:
     torch_version: str | None = None
     lmcache_mp: bool = False
     l2_adapters: tuple[str, ...] = ()
+    #: LMCache's compiled extensions (lmcache_mooncake only where LMCache was built against Mooncake)
+    lmcache_extensions: tuple[str, ...] = ()
     inprocess_connector: bool = False
     mp_connector: bool = False
     mooncake_version: str | None = None
@@ -177,7 +173,7 @@ def probe_python(python: str | None = None) -> StackFacts:
         vllm_cpu_build=data.get("vllm_cpu_build"),
         lmcache_version=base.lmcache_version if data.get("lmcache_importable") else None,
         torch_version=base.torch_version, lmcache_mp=base.lmcache_mp,
-        l2_adapters=tuple(data.get("l2_adapters") or ()),
+        l2_adapters=tuple(sorted(base.lmcache_l2_adapters)), lmcache_extensions=tuple(sorted(base.lmcache_extensions)),
         inprocess_connector=bool(data.get("inprocess_connector")), mp_connector=bool(data.get("mp_connector")),
         mooncake_version=base.mooncake_version, tools=tuple(base.tools))
 
@@ -293,10 +289,10 @@ class RedisFacts:
 
 def ping_redis(url: str, timeout: float = 3.0) -> str | None:
     """None when Redis at ``url`` answers PING with PONG, else why not."""
-    from .backends import parse_redis_url
+    from ._redis_url import parse_redis_url
 
     try:
-        host, port = parse_redis_url(url)
+        host, port, _, _ = parse_redis_url(url)
     except ValueError as exc:
         return str(exc)
     try:
@@ -428,6 +424,8 @@ def _no_gpu(gpu: GpuFacts) -> str:
 
 def verdicts(r: Report) -> dict[str, Verdict]:
     """One verdict per backend marker (:data:`models.BACKENDS`), from the findings alone."""
+    from .backends.probe import StackProbe
+    from .backends.vllm import mp_missing
     from .models import BACKENDS
 
     gpu_ok = r.gpu.count > 0 and r.gpu.error is None
@@ -513,12 +511,25 @@ def verdicts(r: Report) -> dict[str, Verdict]:
                 fixes.append("pip install vllm (the GPU build) on a GPU runner")
             out[name] = verdict(reasons, fixes, f"vLLM {s.vllm_version} native offloading")
         elif name in ("lmcache_server", "mooncake"):
-            needs_stack(reasons, fixes, gpu=True,
-                        gpu_fix=f"run on a GPU runner ({name} needs LMCache's in-process connector)")
+            # the plugin's own rule (backends.vllm.mp_missing): without a GPU only LMCache's
+            # multi-process server can serve it, where it has an adapter for it
+            mp_reason = mp_missing(name, StackProbe(lmcache_version=s.lmcache_version,
+                                                    lmcache_l2_adapters=frozenset(s.l2_adapters),
+                                                    lmcache_extensions=frozenset(s.lmcache_extensions)))
+            mp_ok = vllm and s.lmcache_version is not None and s.lmcache_mp and mp_reason is None
+            needs_stack(reasons, fixes, gpu=not mp_ok,
+                        gpu_fix=f"run on a GPU runner ({name} needs LMCache's in-process connector there)")
+            if vllm and s.lmcache_version and not gpu_ok and mp_reason:
+                reasons.append(f"without a GPU: {mp_reason}")
+                if name == "mooncake":
+                    fixes.append("or build LMCache from source against Mooncake (MOONCAKE_INCLUDE_DIR) for its "
+                                 "multi-process mode")
             if name == "mooncake" and not (s.tool("mooncake_master") or s.mooncake_version):
                 reasons.append("Mooncake is not installed (no mooncake_master, no mooncake-transfer-engine)")
-                fixes.append(f"{s.python} -m pip install mooncake-transfer-engine")
-            out[name] = verdict(reasons, fixes, f"{real}")
+                fixes.append(f"{s.python} -m pip install mooncake-transfer-engine"
+                             + ("" if gpu_ok else " (mooncake-transfer-engine-non-cuda without CUDA)"))
+            out[name] = verdict(reasons, fixes, real if gpu_ok or not mp_ok else
+                                f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} MP mode")
         else:  # pragma: no cover - a backend added to BACKENDS without a rule here
             out[name] = Verdict(False, "doctor has no rule for this backend", "update pytest_kvcache/doctor.py")
     return out

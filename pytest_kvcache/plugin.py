@@ -169,8 +169,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "the ini kvcache_lmcache_mode is only a default under them (default auto)")
     group.addoption("--kv-lmcache", action="append", default=[], metavar="KEY=VALUE",
                     help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
-                         "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; repeatable "
-                         "(ini: kvcache_lmcache, one per line)")
+                         "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; in multi-process "
+                         "mode also l2_store_policy=skip_l1 and fault_inject=RATE (a tier losing that share of "
+                         "keys, a rehearsal never stored as a baseline); repeatable (ini: kvcache_lmcache, one per "
+                         "line)")
     group.addoption("--kv-redis-url", default=None, metavar="URL",
                     help="Redis of the redis backend, redis://HOST:PORT; default: a redis-server started on "
                          "127.0.0.1 for the session (ini: kvcache_redis_url)")
@@ -1097,7 +1099,7 @@ def _visible_gpus() -> list[str]:
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [g.strip() for g in env.split(",") if g.strip() and g.strip() != "-1"]
-    from .report.terminal import detect_gpus
+    from .backends.probe import detect_gpus
 
     return [str(i) for i in range(len(detect_gpus()))]
 
@@ -1131,7 +1133,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     kv = config.stash.get(SESSION_KEY, None)
     if kv is None:
         return []
-    from .report.terminal import detect_gpus, header_lines
+    from .backends.probe import detect_gpus
+    from .report.terminal import header_lines
 
     server = kv.settings.server
     versions = None

@@ -38,13 +38,6 @@ from .workloads import LocalTokenizer, Prompt, ServerTokenizer, build_prompts, b
 
 __all__ = ["CaseRunner", "Progress", "parse_prometheus"]
 
-#: Counters scraped from ``/metrics`` around each round (vLLM's names).
-TELEMETRY_COUNTERS: tuple[str, ...] = (
-    "vllm:prompt_tokens_total",
-    "vllm:external_prefix_cache_queries_total",
-    "vllm:external_prefix_cache_hits_total",
-    "vllm:prefix_cache_hits_total",
-)
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfaINFA]+)")
 
 Progress = Callable[[str], None]

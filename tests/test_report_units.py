@@ -111,8 +111,13 @@ def test_markdown_table_escapes_pipes():
 def test_header_names_server_versions_gpu_labels(tmp_path):
     server = SimpleNamespace(kind="vllm", endpoint=None, model="Qwen/Qwen2.5-7B", emulator_profile="quick",
                              emulator_slowdown=1.0, labels=(("bandwidth", "400Gbps"), ("arcc", "on")))
-    settings = SimpleNamespace(server=server, results_dir=tmp_path, versions=(("commit", "abc123"),))
+    settings = SimpleNamespace(server=server, results_dir=tmp_path, versions=(("commit", "abc123"),),
+                               client_floor=0.95)
     lines = header_lines(settings, gpu="8 x NVIDIA H100", versions={"vllm_version": "0.11.0"})
     assert lines[0].startswith("kvcache: pytest-kvcache ") and "server=vllm model=Qwen/Qwen2.5-7B" in lines[0]
     assert lines[1:5] == ["kvcache: versions: vllm_version 0.11.0", "kvcache: software under test: commit=abc123",
                           "kvcache: GPU: 8 x NVIDIA H100", "kvcache: labels: bandwidth=400Gbps, arcc=on"]
+    assert not any("client floor" in line for line in lines)
+    lowered = header_lines(SimpleNamespace(**{**vars(settings), "client_floor": 0.6}))
+    assert "kvcache: client floor 60% (--kv-client-floor): a round counts while the client delivers that share " \
+           "of its concurrency and request rate" in lowered

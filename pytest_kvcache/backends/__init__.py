@@ -40,8 +40,8 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlparse
 
+from .._redis_url import parse_redis_url
 from ..models import BACKENDS, LMCACHE_MODES
 from .probe import StackProbe
 
@@ -155,8 +155,10 @@ class BackendConfig:
                 self.services, self.files)
 
     @property
-    def expects_hits(self) -> bool:
-        return self.name != "none"
+    def rehearsal(self) -> str | None:
+        """What in this configuration fails on purpose (LMCache's fault_inject), else None."""
+        fault = dict(self.lmcache).get("fault_inject")
+        return f"LMCache setting fault_inject={fault} drops tier keys on purpose" if fault else None
 
     def fingerprint(self) -> dict[str, str]:
         """The configuration, with this session's scratch folder blanked out."""
@@ -224,6 +226,10 @@ def provision(name: str, server_kind: str, workdir: Path, options: BackendOption
         # The endpoint is configured by whoever started it; the backend is a label.
         return BackendConfig(name=name, workdir=None)
     if server_kind == "emulator":
+        if name not in WITHOUT_LMCACHE and any(key == "fault_inject" for key, _ in options.lmcache_overrides):
+            raise BackendUnavailable("LMCache setting fault_inject wraps a real LMCache tier (--kv-server vllm); "
+                                     "the emulator rehearses a failing tier with --kv-server-args "
+                                     "'--offload-disabled' or '--corrupt-rate F'")
         config = _emulator(name, workdir, options)
     else:
         from .vllm import vllm_backend
@@ -286,8 +292,3 @@ def _emulator(name: str, workdir: Path, options: BackendOptions | None = None) -
                              "that has it")
 
 
-def parse_redis_url(url: str) -> tuple[str, int]:
-    parsed = urlparse(url)
-    if parsed.scheme not in ("redis", "rediss", "valkey") or not parsed.hostname:
-        raise ValueError(f"{url!r}: use redis://HOST:PORT")
-    return parsed.hostname, parsed.port or 6379

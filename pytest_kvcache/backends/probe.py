@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["PROBE_HELPERS", "StackProbe", "probe_stack", "vllm_flags"]
+__all__ = ["PROBE_HELPERS", "StackProbe", "detect_gpus", "has_gpu", "probe_stack", "vllm_flags"]
 
 #: The start of every script run under another interpreter to probe its install (here and in
 #: doctor.py): a package's version by distribution names, a module's folder without importing it.
@@ -71,6 +71,10 @@ if ldir:
     out["lmcache_flags"] = sorted(flags)
     out["lmcache_mp"] = os.path.isfile(os.path.join(ldir, "v1", "multiprocess", "server.py"))
     out["lmcache_lm_server"] = os.path.isfile(os.path.join(ldir, "v1", "server", "__main__.py"))
+    adir = os.path.join(ldir, "v1", "distributed", "l2_adapters")
+    out["lmcache_l2_adapters"] = sorted(n[:-len("_l2_adapter.py")] for n in (os.listdir(adir) if os.path.isdir(adir) else ())
+                                        if n.endswith("_l2_adapter.py"))
+    out["lmcache_extensions"] = sorted(n.split(".")[0] for n in os.listdir(ldir) if n.endswith(".so"))
 print(json.dumps(out))
 """
 
@@ -90,6 +94,10 @@ class StackProbe:
     lmcache_flags: frozenset[str] = frozenset()
     lmcache_mp: bool = False
     lmcache_lm_server: bool = False
+    #: L2 adapter types of LMCache's multi-process server (file names; e.g. fs, resp, fault_inject)
+    lmcache_l2_adapters: frozenset[str] = frozenset()
+    #: LMCache's compiled extensions (e.g. lmcache_redis; lmcache_mooncake where it was built with Mooncake)
+    lmcache_extensions: frozenset[str] = frozenset()
     gpu: bool = False
     tools: tuple[tuple[str, str], ...] = ()  # command name -> path, for vllm, lmcache, mooncake_*
     vllm_flag_set: frozenset[str] | None = field(default=None, compare=False)
@@ -122,16 +130,26 @@ def _find_tool(python: str, name: str) -> str | None:
     return shutil.which(name)
 
 
-def has_gpu() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
+def detect_gpus() -> list[str]:
+    """Names of the NVIDIA GPUs ``nvidia-smi -L`` lists (empty without a GPU or driver)."""
     if shutil.which("nvidia-smi") is None:
-        return False
+        return []
     try:
         out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=False)
     except (OSError, subprocess.SubprocessError):
+        return []
+    names = []
+    for line in out.stdout.splitlines():  # "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-...)"
+        if line.startswith("GPU ") and ":" in line:
+            names.append(line.split(":", 1)[1].split("(UUID")[0].strip())
+    return names
+
+
+def has_gpu() -> bool:
+    """A GPU this process may use: one listed, and CUDA_VISIBLE_DEVICES hides none."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return out.returncode == 0 and "GPU" in out.stdout
+    return bool(detect_gpus())
 
 
 @functools.lru_cache(maxsize=8)
@@ -159,6 +177,8 @@ def probe_stack(python: str | None = None) -> StackProbe:
         lmcache_flags=frozenset(data.get("lmcache_flags") or ()),
         lmcache_mp=bool(data.get("lmcache_mp")),
         lmcache_lm_server=bool(data.get("lmcache_lm_server")),
+        lmcache_l2_adapters=frozenset(data.get("lmcache_l2_adapters") or ()),
+        lmcache_extensions=frozenset(data.get("lmcache_extensions") or ()),
         gpu=has_gpu(),
         tools=tools,
     )

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import ctypes.util
 import json
-import os
 from pathlib import Path
 
 import yaml
@@ -18,11 +17,11 @@ from . import (
     BackendOptions,
     BackendUnavailable,
     ServiceSpec,
-    parse_redis_url,
 )
+from .._redis_url import parse_redis_url
 from .probe import StackProbe
 
-__all__ = ["DOCUMENTED_LMCACHE_FLAGS", "DOCUMENTED_LMCACHE_SETTINGS", "lmcache_mode", "vllm_backend"]
+__all__ = ["DOCUMENTED_LMCACHE_FLAGS", "DOCUMENTED_LMCACHE_SETTINGS", "lmcache_mode", "mp_missing", "vllm_backend"]
 
 #: LMCache in-process settings this module writes (documented names; checked against the
 #: installed LMCache's _CONFIG_DEFINITIONS where it is installed).
@@ -33,8 +32,14 @@ DOCUMENTED_LMCACHE_SETTINGS = frozenset({
 #: ``lmcache server`` flags this module writes (documented; checked where installed).
 DOCUMENTED_LMCACHE_FLAGS = frozenset({
     "--host", "--port", "--chunk-size", "--supported-transfer-mode", "--shm-name", "--l1-manager",
-    "--l2-adapter", "--http-port", "--prometheus-port",
+    "--l2-adapter", "--http-port", "--prometheus-port", "--l2-store-policy",
 })
+#: LMCache settings of the multi-process server (``--kv-lmcache KEY=VALUE``); the first four
+#: have in-process names, the last two only exist here (see docs/backends.md).
+MP_SETTINGS = frozenset({"chunk_size", "max_local_cpu_size", "max_local_disk_size", "extra_config",
+                         "l2_store_policy", "fault_inject"})
+#: Keys of ``fault_inject`` (LMCache's fault_inject L2 adapter, which wraps the tier's adapter).
+FAULT_INJECT_KEYS = frozenset({"rate", "seed", "gap_indices", "gap_tail_ratios"})
 
 #: Defaults of the in-process configuration (GB).
 INPROCESS_CPU_GB = 5.0
@@ -42,33 +47,55 @@ INPROCESS_DISK_GB = 50.0
 #: Default L1 (DRAM) of the multi-process server (GB): it lives in /dev/shm.
 MP_L1_GB = 1.0
 
-_INPROCESS_ONLY = ("lmcache_server", "mooncake")
+#: LMCache's compiled Mooncake client, which its mooncake_store L2 adapter needs
+MOONCAKE_EXTENSION = "lmcache_mooncake"
 _MP_CAPABLE = ("cpu", "disk", "redis")
+#: backends whose multi-process server keeps the KV in an L2 adapter (cpu: L1 only)
+_L2_TIERS = ("disk", "redis", "mooncake")
 
 
-def _cuda_visible() -> str:
-    return os.environ.get("CUDA_VISIBLE_DEVICES", "")
+def mp_missing(name: str, probe: StackProbe) -> str | None:
+    """Why LMCache's multi-process server cannot serve this backend here (None: it can)."""
+    if name in _MP_CAPABLE or name == "gds":
+        return None
+    if name == "mooncake":
+        if probe.lmcache_l2_adapters and "mooncake_store" not in probe.lmcache_l2_adapters:
+            return f"the installed LMCache {probe.lmcache_version} has no mooncake_store L2 adapter"
+        if MOONCAKE_EXTENSION not in probe.lmcache_extensions:
+            installed = f"LMCache {probe.lmcache_version}" if probe.lmcache_version else "LMCache"
+            return ("LMCache's multi-process server reaches Mooncake through its mooncake_store L2 adapter, which "
+                    f"needs LMCache's C++ Mooncake extension ({MOONCAKE_EXTENSION}); the installed {installed} "
+                    "lacks it (its PyPI wheels are built without it: build LMCache from source with "
+                    "MOONCAKE_INCLUDE_DIR set)")
+        return None
+    if name == "lmcache_server":
+        return ("LMCache's multi-process server has no L2 adapter for an LMCache server (lm://): only the "
+                "in-process connector reaches one")
+    return f"backend '{name}' has no LMCache multi-process configuration"
 
 
 def lmcache_mode(name: str, options: BackendOptions, probe: StackProbe) -> str:
     """The LMCache mode configured for this backend: the one asked for, or the probe's answer for auto."""
     mode = options.lmcache_mode
     if mode == "mp":
-        if name not in _MP_CAPABLE and name != "gds":
-            raise BackendUnavailable(f"backend '{name}' has no LMCache multi-process configuration here "
-                                     f"(mode mp from {options.lmcache_mode_from}); use lmcache_mode: inprocess "
-                                     "in the scenario or --kv-lmcache-mode inprocess (GPU runners)")
+        missing = mp_missing(name, probe)
+        if missing:
+            raise BackendUnavailable(f"backend '{name}' cannot run in LMCache's multi-process mode (mode mp from "
+                                     f"{options.lmcache_mode_from}): {missing}; use lmcache_mode: inprocess in the "
+                                     "scenario or --kv-lmcache-mode inprocess (GPU runners)")
         return "mp"
     if mode == "inprocess":
         return "inprocess"
     # auto: the in-process connector has no CPU transfer path; the MP server has.
     if probe.gpu:
         return "inprocess"
-    if name in _MP_CAPABLE and (probe.lmcache_mp or probe.lmcache_version is None):
+    missing = mp_missing(name, probe)
+    if missing is None and (probe.lmcache_mp or probe.lmcache_version is None):
         return "mp"
     raise BackendUnavailable(
         f"backend '{name}' needs LMCache's in-process connector, which needs a GPU (on a CPU build it logs "
         "'No supported cpu connector found' and recomputes every request); no GPU here"
+        + (f", and {missing}" if missing else "")
         + ("" if probe.lmcache_mp else ", and the installed LMCache has no multi-process server"))
 
 
@@ -142,11 +169,7 @@ def _inprocess(name: str, workdir: Path, options: BackendOptions, probe: StackPr
             argv=(probe.python, "-m", "lmcache.v1.server", "127.0.0.1", "{port:lmserver}", "cpu")))
     elif name == "mooncake":
         base.update(remote_url="mooncakestore://127.0.0.1:{port:mooncake_master}/", remote_serde="naive",
-                    extra_config={"local_hostname": "127.0.0.1",
-                                  "metadata_server": "http://127.0.0.1:{port:mooncake_meta}/metadata",
-                                  "master_server_address": "127.0.0.1:{port:mooncake_master}",
-                                  "protocol": "tcp", "global_segment_size": 3355443200,
-                                  "local_buffer_size": 1073741824})
+                    extra_config=_mooncake_client())
         services.extend(_mooncake_services(probe))
     else:  # pragma: no cover - guarded by BACKENDS
         raise BackendUnavailable(f"backend '{name}' is not wired for --kv-server vllm")
@@ -168,8 +191,15 @@ def _redis_service() -> ServiceSpec:
 
 
 def _user_redis(url: str) -> ServiceSpec:
-    host, port = parse_redis_url(url)
+    host, port, _, _ = parse_redis_url(url)
     return ServiceSpec(name=f"Redis at {url}", argv=(), ready="redis", port="", host=host, fixed_port=port)
+
+
+def _mooncake_client() -> dict:
+    """The Mooncake Store client's setup (TCP on loopback; the master and metadata server below)."""
+    return {"local_hostname": "127.0.0.1", "metadata_server": "http://127.0.0.1:{port:mooncake_meta}/metadata",
+            "master_server_address": "127.0.0.1:{port:mooncake_master}", "protocol": "tcp",
+            "global_segment_size": 3355443200, "local_buffer_size": 1073741824}
 
 
 def _mooncake_services(probe: StackProbe) -> list[ServiceSpec]:
@@ -201,10 +231,11 @@ def _lmcache_cli(probe: StackProbe) -> tuple[str, ...]:
 def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) -> BackendConfig:
     _connector_check(probe, "LMCacheMPConnector")
     settings = _settings(options, {"chunk_size": CHUNK_SIZE, "max_local_cpu_size": MP_L1_GB})
-    unknown = sorted(set(settings) - {"chunk_size", "max_local_cpu_size", "max_local_disk_size", "extra_config"})
+    unknown = sorted(set(settings) - MP_SETTINGS)
     if unknown:
         raise BackendUnavailable(f"LMCache setting(s) {', '.join(unknown)} have no multi-process equivalent; "
                                  "use lmcache_mode: inprocess in the scenario or --kv-lmcache-mode inprocess")
+    fault = _fault_inject(name, settings, probe)
     l1 = {"type": "DRAM", "tag": "_default", "size_gb": settings["max_local_cpu_size"],
           "eviction": {"eviction_policy": "LRU", "trigger_watermark": 0.8, "eviction_ratio": 0.2}}
     argv = [*_lmcache_cli(probe), "server", "--host", "127.0.0.1", "--port", "{port:lmcache}",
@@ -225,20 +256,26 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
     extra = settings.get("extra_config") or {}
     if name == "disk":
         adapter = {"type": "fs", "base_path": "{workdir}/disk-tier", "use_odirect": bool(extra.get("use_odirect"))}
-        argv += ["--l2-adapter", json.dumps(adapter, sort_keys=True)]
+        argv += ["--l2-adapter", _fault_wrapped(json.dumps(adapter, sort_keys=True), fault)]
         dirs.append("{workdir}/disk-tier")
     elif name == "redis":
         if options.redis_url:
-            host, port = parse_redis_url(options.redis_url)
+            host, port, _, _ = parse_redis_url(options.redis_url)
             adapter = json.dumps({"type": "resp", "host": host, "port": port}, sort_keys=True)
             services.append(_user_redis(options.redis_url))
         else:
             # the port is a JSON number: the placeholder sits outside quotes
             adapter = '{"host": "127.0.0.1", "port": {port:redis}, "type": "resp"}'
             services.append(_redis_service())
-        argv += ["--l2-adapter", adapter]
+        argv += ["--l2-adapter", _fault_wrapped(adapter, fault)]
+    elif name == "mooncake":
+        # the adapter hands every key but its own to the Mooncake client as text
+        client = {key: str(value) for key, value in _mooncake_client().items()}
+        argv += ["--l2-adapter", _fault_wrapped(json.dumps({"type": "mooncake_store", **client}, sort_keys=True), fault)]
+        services.extend(_mooncake_services(probe))
     elif name == "gds":
         argv += ["--gds-l1-path", str(options.gds_path)]
+    argv += _store_policy(settings, fault, probe)
     lm_service = ServiceSpec(name="lmcache server", port=ready_port, ready=ready, argv=tuple(argv),
                              env=(("LMCACHE_DISABLE_BANNER", "1"),))
     services.append(lm_service)
@@ -247,6 +284,56 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
     return BackendConfig(name=name, workdir=str(workdir), vllm_args=("--kv-transfer-config", transfer),
                          lmcache=_encoded(settings), mode="mp", services=tuple(services),
                          metrics_urls=tuple(metrics_urls), dirs=tuple(dirs))
+
+
+def _fault_inject(name: str, settings: dict, probe: StackProbe) -> dict | None:
+    """``fault_inject`` checked, as the fault_inject adapter's fields (None: not set)."""
+    fault = settings.get("fault_inject")
+    if fault is None:
+        return None
+    if isinstance(fault, (int, float)) and not isinstance(fault, bool):
+        fault = {"rate": fault}
+    if not isinstance(fault, dict) or set(fault) - FAULT_INJECT_KEYS:
+        raise BackendUnavailable(
+            f"LMCache setting fault_inject={json.dumps(fault)}: use a drop rate (fault_inject=0.3) or an object "
+            f"with {', '.join(sorted(FAULT_INJECT_KEYS))}, e.g. fault_inject={{\"rate\": 0.3, \"seed\": 7}}")
+    rate = fault.get("rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate <= 1:
+        raise BackendUnavailable(f"LMCache setting fault_inject: rate {rate!r} is not a drop probability from 0 to 1")
+    if name not in _L2_TIERS:
+        raise BackendUnavailable(f"LMCache setting fault_inject wraps the tier's L2 adapter; backend '{name}' has "
+                                 f"none in multi-process mode (use {' or '.join(_L2_TIERS)})")
+    if probe.lmcache_l2_adapters and "fault_inject" not in probe.lmcache_l2_adapters:
+        raise BackendUnavailable(f"the installed LMCache {probe.lmcache_version} has no fault_inject L2 adapter "
+                                 "(LMCache 0.5.6 has it)")
+    settings["fault_inject"] = fault
+    return fault
+
+
+def _fault_wrapped(adapter: str, fault: dict | None) -> str:
+    """The tier's adapter JSON, inside LMCache's fault_inject adapter where one is asked for.
+
+    Text, not a dict: a port placeholder may stand where a JSON number goes."""
+    if fault is None:
+        return adapter
+    outer = json.dumps({"type": "fault_inject", **fault}, sort_keys=True)
+    return outer[:-1] + ', "inner": ' + adapter + "}"
+
+
+def _store_policy(settings: dict, fault: dict | None, probe: StackProbe) -> list[str]:
+    """``--l2-store-policy`` from ``l2_store_policy``.
+
+    A fault-injected tier stores with skip_l1 unless told otherwise: the KV leaves L1 once it
+    is in L2, so a warm round loads it through the faulty adapter (from L1 it never would)."""
+    policy = settings.get("l2_store_policy", "skip_l1" if fault is not None else None)
+    if policy is None:
+        return []
+    if policy not in ("default", "skip_l1"):
+        raise BackendUnavailable(f"LMCache setting l2_store_policy={policy!r}: use default or skip_l1")
+    if probe.lmcache_flags and "--l2-store-policy" not in probe.lmcache_flags:
+        raise BackendUnavailable(f"the installed LMCache {probe.lmcache_version} has no --l2-store-policy")
+    settings["l2_store_policy"] = policy
+    return ["--l2-store-policy", policy]
 
 
 # -- vLLM's own offloading -------------------------------------------------------------------------

@@ -227,7 +227,7 @@ def parse_settings(argv: Sequence[str] | None = None):
         if "{" in extras["redis_url"]:
             parser.error(f"--redis-url {extras['redis_url']!r} is an unrendered template "
                          "(the caller must start the Redis service and fill in its port)")
-        from .prefix_cache import parse_redis_url
+        from .._redis_url import parse_redis_url
 
         try:
             parse_redis_url(extras["redis_url"])

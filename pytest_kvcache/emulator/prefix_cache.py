@@ -70,6 +70,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
+from .._redis_url import parse_redis_url
+
 __all__ = [
     "CpuTier",
     "DiskTier",
@@ -553,17 +555,6 @@ class WaterfallTier(Tier):
 
 class RespError(Exception):
     """An error reply of a Redis server, or a broken connection."""
-
-
-def parse_redis_url(url: str) -> tuple[str, int, int, str | None]:
-    """``redis://[:password@]host[:port][/db]`` -> (host, port, db, password)."""
-    from urllib.parse import urlparse
-
-    u = urlparse(url)
-    if u.scheme not in ("redis", "valkey") or not u.hostname:
-        raise ValueError(f"{url!r}: use redis://HOST:PORT[/DB]")
-    db = int(u.path.strip("/") or 0)
-    return u.hostname, u.port or 6379, db, u.password
 
 
 _READ_BUFFER = 1 << 20

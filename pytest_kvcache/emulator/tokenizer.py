@@ -46,20 +46,9 @@ IM_START, IM_END = 0, 1
 ROLE_IDS = {"system": 2, "user": 3, "assistant": 4, "tool": 5}
 
 
-def _word(n: int) -> str:
-    """Bijective base-80 spelling of ``n`` (n >= 0): 0 -> 'ba', 80 -> 'baba'."""
-    base = len(SYLLABLES)
-    parts = []
-    n += 1
-    while n > 0:
-        n -= 1
-        parts.append(SYLLABLES[n % base])
-        n //= base
-    return "".join(reversed(parts))
-
-
 def _first_words(n: int) -> list[str]:
-    """``[_word(i) for i in range(n)]``, built by length (bijective order) and fast."""
+    """The first ``n`` words: bijective base-80 spellings of 0..n-1 in syllables (0 -> 'ba',
+    80 -> 'baba'), built by length and fast."""
     out: list[str] = []
     level = [""]
     while len(out) < n:

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from ..decision import Gate, Zone
 from .redact import redact_url
 
-__all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "TerminalProgress", "detect_gpus",
+__all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "TerminalProgress",
            "fit_lines", "fit_table", "gate_line", "header_lines", "render_summary", "summary_rows", "terminal_width",
            "unjudged_count"]
 
@@ -248,24 +248,6 @@ def render_summary(outcomes: Sequence, gate: Gate | None, settings,
         colour = "red" if interrupted or (gate is not None and gate.failed) else "green"
         lines += [(text, colour) for text in fit_lines([last], width)]
     return lines
-
-
-def detect_gpus() -> list[str]:
-    """Names of the NVIDIA GPUs ``nvidia-smi -L`` lists (empty without a GPU or driver)."""
-    import shutil
-    import subprocess
-
-    if shutil.which("nvidia-smi") is None:
-        return []
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return []
-    names = []
-    for line in out.stdout.splitlines():  # "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-...)"
-        if line.startswith("GPU ") and ":" in line:
-            names.append(line.split(":", 1)[1].split("(UUID")[0].strip())
-    return names
 
 
 class ProgressOutput(Protocol):

@@ -42,8 +42,8 @@ from pytest_kvcache.emulator.prefix_cache import (
     RespClient,
     RespError,
     make_tier,
-    parse_redis_url,
 )
+from pytest_kvcache._redis_url import parse_redis_url
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
 
@@ -98,7 +98,8 @@ def body_of(ids, max_tokens: int = 1) -> dict:
 def test_parse_redis_url():
     assert parse_redis_url("redis://h:7000/2") == ("h", 7000, 2, None)
     assert parse_redis_url("redis://:pw@h") == ("h", 6379, 0, "pw")
-    for bad in ("http://h:1", "h:6379", "redis://"):
+    assert parse_redis_url("valkey://10.0.0.5") == ("10.0.0.5", 6379, 0, None)
+    for bad in ("http://h:1", "h:6379", "redis://", "redis://h:port", "redis://h:1/db"):
         with pytest.raises(ValueError):
             parse_redis_url(bad)
 

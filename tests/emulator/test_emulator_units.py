@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import time
 
 import pytest
 
@@ -51,15 +50,13 @@ def test_tokenizer_unknown_words_are_stable_and_in_range():
     assert len(a) == 3
 
 
-def test_tokenizer_speed_100k_words():
+def test_tokenizer_round_trip_100k_words():
+    # its speed is benchmarks/bench_tokenizer.py's (figures, not a timed test)
     tok = WordTokenizer()
     assert tok.enable_fast()
     rng = random.Random(2)
     ids = [rng.randrange(tok.vocab_size) for _ in range(100_000)]
-    text = tok.decode(ids)
-    assert tok.encode(text) == ids
-    best = min(_timed(lambda: tok.encode(text)) for _ in range(3))
-    assert best < 0.05  # generous: ~5-12 ms on a 2-core VM
+    assert tok.encode(tok.decode(ids)) == ids
 
 
 def test_tokenizer_fast_path_matches_plain_path():
@@ -83,12 +80,6 @@ def test_tokenizer_fast_path_matches_plain_path():
         text = rng.choice(["", "  ", "\n"]) + text
         assert len(text) >= 2048
         assert fast.encode(text) == plain.encode(text)
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 def test_tokenizer_bad_ids():
