@@ -28,11 +28,12 @@ import time
 from urllib.parse import urlsplit
 
 from ._sockio import StampedSocket, kernel_stamps_available
+from .errors import KVCacheError
 
 __all__ = ["HTTPStreamError", "StreamConnection", "StreamPool", "split_events"]
 
 
-class HTTPStreamError(Exception):
+class HTTPStreamError(KVCacheError):
     """The connection broke or the response was not valid HTTP/1.1."""
 
 

@@ -6,9 +6,14 @@ at fault and the fix::
 
     KVCacheError
     ├── ScenarioError          a scenario YAML file is malformed
-    ├── OptionError            a command-line option or ini value is malformed
     ├── WorkloadError          prompts could not be built (tokenizer, dataset)
     ├── ServerError            a server process failed to start, died or is unreachable
+    ├── BackendUnavailable     (backends) a backend cannot run here; the item is skipped with the reason
+    ├── HTTPStreamError        (_http) a benchmark request's connection broke or its response was not HTTP/1.1
+    ├── ClientProcessError     (spread) a client process of --kv-client-processes failed or died
+    ├── CalibrationError       (calibrate) a server could not be calibrated
+    ├── ResultsError           (report.rows) a results folder or file cannot be read
+    ├── ProfileFileError       (emulator.profile_file) an emulator profile file is unusable; also a ValueError
     ├── BaselineError          (see baselines.py) a stored baseline cannot be used
     │   ├── BaselineCorruptError   a file that cannot be read (BaselineSchemaError: of a newer schema)
     │   └── TestbedMismatchError   recorded on another testbed
@@ -23,7 +28,6 @@ __all__ = [
     "BaselineSchemaError",
     "HistoryError",
     "KVCacheError",
-    "OptionError",
     "ScenarioError",
     "ServerError",
     "TestbedMismatchError",
@@ -43,10 +47,6 @@ class ScenarioError(KVCacheError):
         self.key = key
         self.problem = problem
         super().__init__(f"{self.path}: key '{key}': {problem}")
-
-
-class OptionError(KVCacheError):
-    """A command-line option or ini value is malformed; the message names it."""
 
 
 class WorkloadError(KVCacheError):

@@ -37,6 +37,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 
+from .errors import KVCacheError
 from .loadgen import LoadSpec, _arrival_offsets, open_pool, run_round
 from .metrics import summarize
 from .models import RoundResult
@@ -51,7 +52,7 @@ READY_TIMEOUT_S = 120.0
 START_MARGIN_S = 0.05
 
 
-class ClientProcessError(RuntimeError):
+class ClientProcessError(KVCacheError):
     """A client process could not start, died, or failed outside any request."""
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .._redis_url import parse_redis_url
+from ..errors import KVCacheError
 from ..models import BACKENDS, LMCACHE_MODES
 from .probe import StackProbe
 
@@ -66,7 +67,7 @@ WITHOUT_LMCACHE: tuple[str, ...] = ("none", "native")
 _PORT = re.compile(r"\{port:([a-z0-9_]+)\}")
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(KVCacheError):
     """This backend cannot run with this server on this machine; ``str()`` says why."""
 
 

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..errors import KVCacheError
 from .costmodel import PROFILES, Profile, apply_overrides, make_profile
 
 __all__ = ["PROFILE_FILE_KIND", "PROFILE_FILE_SCHEMA_VERSION", "ProfileFileError", "is_profile_path",
@@ -30,7 +31,7 @@ PROFILE_FILE_SCHEMA_VERSION = 1
 PROFILE_FILE_KIND = "pytest-kvcache emulator profile"
 
 
-class ProfileFileError(ValueError):
+class ProfileFileError(KVCacheError, ValueError):
     """A profile file cannot be used; the message names the file and the fix."""
 
 

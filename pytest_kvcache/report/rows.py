@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import KVCacheError
 from .json_report import RESULT_SCHEMA_VERSION
 
 __all__ = [
@@ -66,7 +67,7 @@ _MODALITY = {
 _LABEL_COLUMNS = ("bandwidth", "arcc", "direction")
 
 
-class ResultsError(Exception):
+class ResultsError(KVCacheError):
     """A run folder or result file that cannot be read; the message names it."""
 
 
