@@ -319,13 +319,18 @@ def _emulator_profile(config: pytest.Config) -> str:
     return str(path.resolve())
 
 
-def _float_setting(config: pytest.Config, name: str, ini: str, low: float, high: float, form: str) -> float:
+def _float_setting(config: pytest.Config, name: str, ini: str, low: float, high: float, form: str, *,
+                   default: float | None = None, low_ok: bool = False, high_ok: bool = False) -> float:
+    """Option ``name`` (else ini ``ini``, else ``default``) as a number between ``low`` and
+    ``high`` (each excluded unless ``low_ok`` / ``high_ok``); ``form`` says what to give."""
     raw = _option(config, name, ini)
+    if raw is None and default is not None:
+        return default
     try:
         value = float(raw)
     except (TypeError, ValueError):
         value = math.nan
-    if not low < value < high:
+    if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
         raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {raw!r}: use {form}")
     return value
 
@@ -402,7 +407,9 @@ def _settings(config: pytest.Config) -> Settings:
         thresholds=_threshold_settings(config),
         trials=config.getoption("trials"),
         verbose=config.getoption("verbose"),
-        min_hit_ratio=_min_hit_ratio(config),
+        min_hit_ratio=_float_setting(config, "kv_min_hit_ratio", "kvcache_min_hit_ratio", 0, 1,
+                                     "a fraction from 0 to 1, e.g. 0.5 (0 turns the check off)",
+                                     low_ok=True, high_ok=True),
         percentiles=_percentiles(config),
         client_processes=_int_setting(config, "kv_client_processes", "kvcache_client_processes",
                                       MAX_CLIENT_PROCESSES) or 1,
@@ -413,25 +420,15 @@ def _settings(config: pytest.Config) -> Settings:
         confirm_runs=_count_setting(config, "kv_confirm_runs", "kvcache_confirm_runs", "1"),
         history_url=_history_url(config),
         history_window=_count_setting(config, "kv_history_window", "kvcache_history_window", "20", low=2),
-        request_timeout=_request_timeout(config),
-        client_floor=_client_floor(config),
+        request_timeout=_float_setting(config, "kv_request_timeout", "kvcache_request_timeout", 0, 86400,
+                                       f"seconds above 0 and at most 86400 (a day), e.g. {DEFAULT_REQUEST_TIMEOUT:g}",
+                                       default=DEFAULT_REQUEST_TIMEOUT, high_ok=True),
+        client_floor=_float_setting(config, "kv_client_floor", "kvcache_client_floor", MIN_CLIENT_FLOOR, 1,
+                                    f"a fraction from {MIN_CLIENT_FLOOR:g} to 1, e.g. {DEFAULT_CLIENT_FLOOR:g} (below "
+                                    f"{MIN_CLIENT_FLOOR:g} a round would be another scenario's load)",
+                                    default=DEFAULT_CLIENT_FLOOR, low_ok=True, high_ok=True),
         check_outputs=_check_outputs(config),
     )
-
-
-def _client_floor(config: pytest.Config) -> float:
-    raw = _option(config, "kv_client_floor", "kvcache_client_floor")
-    if raw is None:
-        return DEFAULT_CLIENT_FLOOR
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not MIN_CLIENT_FLOOR <= value <= 1:
-        raise pytest.UsageError(f"--kv-client-floor / kvcache_client_floor = {raw!r}: use a fraction from "
-                                f"{MIN_CLIENT_FLOOR:g} to 1, e.g. {DEFAULT_CLIENT_FLOOR:g} (below {MIN_CLIENT_FLOOR:g} "
-                                "a round would be another scenario's load)")
-    return value
 
 
 def _check_endpoint(endpoint: str) -> None:
@@ -506,20 +503,6 @@ def _strict_baselines(config: pytest.Config) -> bool:
         return bool(config.getini("kvcache_strict_baselines"))
     except ValueError as exc:  # pytest's "invalid truth value 'maybe'" names neither the key nor the fix
         raise pytest.UsageError(f"--strict-baselines / kvcache_strict_baselines: {exc}; use true or false") from None
-
-
-def _request_timeout(config: pytest.Config) -> float:
-    raw = _option(config, "kv_request_timeout", "kvcache_request_timeout")
-    if raw is None:
-        return DEFAULT_REQUEST_TIMEOUT
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 86400:
-        raise pytest.UsageError(f"--kv-request-timeout / kvcache_request_timeout = {raw!r}: use seconds above 0 and "
-                                f"at most 86400 (a day), e.g. {DEFAULT_REQUEST_TIMEOUT:g}")
-    return value
 
 
 def _key_patterns(config: pytest.Config, ini: str) -> tuple[str, ...]:
@@ -601,18 +584,6 @@ def _pairs(config: pytest.Config, name: str, ini: str, example: str) -> tuple[tu
             raise pytest.UsageError(f"--{name.replace('_', '-')} / {ini} = {item!r}: use KEY=VALUE, e.g. {example}")
         pairs.append((key.strip(), value.strip()))
     return tuple(pairs)
-
-
-def _min_hit_ratio(config: pytest.Config) -> float:
-    raw = _option(config, "kv_min_hit_ratio", "kvcache_min_hit_ratio")
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise pytest.UsageError(f"--kv-min-hit-ratio / kvcache_min_hit_ratio = {raw!r}: use a fraction from 0 "
-                                "to 1, e.g. 0.5 (0 turns the check off)")
-    return value
 
 
 def _backend_settings(config: pytest.Config, kind: str) -> dict:

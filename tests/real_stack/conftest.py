@@ -50,6 +50,21 @@ def real_stack() -> RealStack:
     return stack
 
 
+def _two_round_scenario(name: str, backends: list[str], *, output_len: int, num_prompts: int, trials: int,
+                        extra: str = "") -> str:
+    """A scenario of a cold and a warm round, 2,000-token random prompts at concurrency 1
+    (a slot never waits: no client guard to trip on a busy runner)."""
+    return (f"name: {name}\nphase: prefill\nmatrix:\n  backend: [{', '.join(backends)}]\n  input_len: [2k]\n"
+            f"  concurrency: [1]\n  output_len: [{output_len}]\ndataset: random\nnum_prompts: {num_prompts}\n"
+            f"rounds: [cold, warm]\nmeasure: warm\ntrials: {trials}\nseed: 0\napi: completions\n{extra}")
+
+
+@pytest.fixture
+def two_round_scenario():
+    """A function writing a cold-and-warm scenario's YAML (see :func:`_two_round_scenario`)."""
+    return _two_round_scenario
+
+
 @pytest.fixture
 def stack_processes():
     """A function listing the processes of a real stack now (to check for leftovers)."""

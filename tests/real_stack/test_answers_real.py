@@ -37,24 +37,7 @@ pytest_plugins = ("pytester",)
 NUM_PROMPTS = 8
 TRIALS = 2
 
-SCENARIO = f"""
-name: answers
-phase: prefill
-matrix:
-  backend: [{{backends}}]
-  input_len: [2k]
-  concurrency: [1]  # a slot never waits: no client guard to trip on a busy runner
-  output_len: [16]
-dataset: random
-num_prompts: {NUM_PROMPTS}
-rounds: [cold, warm]
-measure: warm
-trials: {TRIALS}
-seed: 0
-api: completions
-thresholds:
-  median_ttft_ms: {{{{direction: lower, threshold: 10%}}}}
-"""
+THRESHOLDS = "thresholds:\n  median_ttft_ms: {direction: lower, threshold: 10%}\n"
 
 #: The pytester project's conftest.py: the hook, a raw RESP client (this interpreter has
 #: no redis package) and a reader of LMCache's Prometheus text. MODE: honest or corrupt.
@@ -211,12 +194,13 @@ def pytest_kvcache_after_round(backend, trial, round_name, server):
 '''
 
 
-def run_answers(pytester: pytest.Pytester, stack, backends: list[str], mode: str,
+def run_answers(pytester: pytest.Pytester, stack, scenario, backends: list[str], mode: str,
                 timeout: float = 900) -> pytest.RunResult:
     pytester.makeini("[pytest]\n")  # this folder is the rootdir and its ini the config
     pytester.makeconftest(HOOK_CONFTEST.format(mode=mode))
     pytester.path.joinpath("scenarios").mkdir(exist_ok=True)
-    pytester.path.joinpath("scenarios", "answers.yaml").write_text(SCENARIO.format(backends=", ".join(backends)))
+    pytester.path.joinpath("scenarios", "answers.yaml").write_text(scenario(
+        "answers", backends, output_len=16, num_prompts=NUM_PROMPTS, trials=TRIALS, extra=THRESHOLDS))
     # --rootdir: the option values that are paths (model, interpreter) would move it to the repository
     return pytester.runpytest_subprocess(
         "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm",
@@ -281,11 +265,12 @@ def describe(data: dict) -> str:
             f"{control['compared']}; p={out['p_value']}")
 
 
-def test_honest_redis_tier_passes_the_answers_check(pytester, real_stack, redis_server_available, no_leftovers):
+def test_honest_redis_tier_passes_the_answers_check(pytester, real_stack, redis_server_available, no_leftovers,
+                                                    two_round_scenario):
     # ["cpu", "redis"] checks LMCache's L1 path too (about 2 minutes more: a second vLLM
     # start); its figures were the same as redis's (tier 2 of 16, control 0 of 16)
     start = time.monotonic()
-    result = run_answers(pytester, real_stack, ["redis"], "honest")
+    result = run_answers(pytester, real_stack, two_round_scenario, ["redis"], "honest")
     elapsed = time.monotonic() - start
     assert result.ret == 0, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(["*answers[[]redis-2k-c1*] PASSED*"])
@@ -300,9 +285,10 @@ def test_honest_redis_tier_passes_the_answers_check(pytester, real_stack, redis_
     print(f"honest redis: {describe(data)}; {elapsed:.0f} s; hook: {hook_log(pytester)}")
 
 
-def test_corrupted_redis_values_fail_the_answers_check(pytester, real_stack, redis_server_available, no_leftovers):
+def test_corrupted_redis_values_fail_the_answers_check(pytester, real_stack, redis_server_available, no_leftovers,
+                                                       two_round_scenario):
     start = time.monotonic()
-    result = run_answers(pytester, real_stack, ["redis"], "corrupt")
+    result = run_answers(pytester, real_stack, two_round_scenario, ["redis"], "corrupt")
     elapsed = time.monotonic() - start
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()[-6000:]
     result.stdout.fnmatch_lines(["*wrong outputs from the tier: * of 16 warm-round answers start with another "

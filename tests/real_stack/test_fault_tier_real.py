@@ -31,22 +31,6 @@ TRIALS = 2
 EXPECTED_HIT_TOKENS = NUM_PROMPTS * 1792
 FAULT = '{"rate": 0.3, "seed": 7}'
 
-SCENARIO = f"""
-name: lossy
-phase: prefill
-matrix:
-  backend: [none, disk]
-  input_len: [2k]
-  concurrency: [1]  # a slot never waits: no client guard to trip on a busy runner
-  output_len: [1]
-dataset: random
-num_prompts: {NUM_PROMPTS}
-rounds: [cold, warm]
-measure: warm
-trials: {TRIALS}
-seed: 0
-api: completions
-"""
 
 
 def _item(pytester: pytest.Pytester, backend: str) -> dict:
@@ -58,10 +42,12 @@ def _medians(data: dict, round_name: str) -> list[float]:
     return [t["rounds"][round_name]["median_ttft_ms"] for t in data["trials"]]
 
 
-def test_a_partial_loss_tier_is_measured_named_and_never_a_baseline(pytester, real_stack, no_leftovers):
+def test_a_partial_loss_tier_is_measured_named_and_never_a_baseline(pytester, real_stack, no_leftovers,
+                                                                   two_round_scenario):
     pytester.makeini("[pytest]\n")
     pytester.path.joinpath("scenarios").mkdir()
-    pytester.path.joinpath("scenarios", "lossy.yaml").write_text(SCENARIO)
+    pytester.path.joinpath("scenarios", "lossy.yaml").write_text(two_round_scenario(
+        "lossy", ["none", "disk"], output_len=1, num_prompts=NUM_PROMPTS, trials=TRIALS))
     result = pytester.runpytest_subprocess(
         "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm",
         "--model", real_stack.model, "--tokenizer", real_stack.model, "--kv-python", real_stack.python,
