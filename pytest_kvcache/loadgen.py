@@ -1,6 +1,6 @@
 """The load generator: async streaming requests -> :class:`RequestRecord`.
 
-Measuring rules (DESIGN.md section 3):
+Measuring rules (docs/measuring.md):
 
 * Request bodies are encoded before the round starts, so JSON encoding is never
   inside a measured interval.
