@@ -1,6 +1,6 @@
 """How exact is the load generator? Measure it against a server with known timings.
 
-Starts ``python -m pytest_kvcache.reference_server`` (fixed TTFT and inter-token gap,
+Starts ``python -m pytest_kvcache.testing.reference_server`` (fixed TTFT and inter-token gap,
 with its own per-request stamps in ``server_timing``), runs ``loadgen.run_round`` at
 concurrency 16, 128 and 512, and prints, per concurrency, the client's TTFT and ITL
 error against the server's truth for each request, split into the send side (client
@@ -41,23 +41,16 @@ import itertools
 
 from pytest_kvcache import loadgen
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
-from pytest_kvcache.servers._process import ManagedProcess, free_port
+from pytest_kvcache.testing import ReferenceServer, start_reference_server
 from pytest_kvcache.workloads import Prompt
 
 MODEL = "reference-model"
 
 
-def start_server(tmp: Path, ttft_ms: float, itl_ms: float, *extra: str) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
-    proc = ManagedProcess(
-        f"reference server :{port}",
-        [sys.executable, "-m", "pytest_kvcache.reference_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", MODEL, "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), *extra],
-        log_path=tmp / f"reference-{port}.log", health_url=url + "/health", env=env, ready_timeout=30)
-    proc.start()
-    return proc, url
+def start_server(tmp: Path, ttft_ms: float, itl_ms: float, *extra: str) -> tuple[ReferenceServer, str]:
+    server = start_reference_server(tmp, "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), *extra, model=MODEL,
+                                    name="reference server")
+    return server, server.url
 
 
 def make_prompts(n: int, input_len: int, output_len: int, seed: int = 0) -> list[Prompt]:

@@ -1,6 +1,6 @@
 """Our load generator beside ``vllm bench serve``, in one run, against one known-timing server.
 
-Accuracy: the reference server (``python -m pytest_kvcache.reference_server``, its own
+Accuracy: the reference server (``python -m pytest_kvcache.testing.reference_server``, its own
 process) sends every streamed request's first token exactly 40 ms after the request
 arrived and one token every 8 ms after that, 32 in all. At each concurrency our client
 (``bench_client.one_level``, i.e. the package's ``loadgen``) and then ``vllm bench serve``

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 
 import pytest
 
-from pytest_kvcache.servers._process import ManagedProcess, free_port
+from pytest_kvcache.servers._process import free_port
+from pytest_kvcache.testing import start_reference_server
 
 pytest_plugins = ("pytester",)
 
@@ -111,13 +111,8 @@ trials: 1
 
 def test_external_endpoint_with_known_ttft(pytester, tmp_path):
     """Against a server whose TTFT is fixed at 40 ms, external mode reports it within 2 ms."""
-    port = free_port()
-    server = ManagedProcess(
-        "reference server",
-        [sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port), "--model", "fixed-model",
-         "--ttft-ms", "40", "--itl-ms", "8"],
-        log_path=tmp_path / "fixed.log", health_url=f"http://127.0.0.1:{port}/health")
-    server.start()
+    server = start_reference_server(tmp_path, "--ttft-ms", "40", "--itl-ms", "8", model="fixed-model")
+    port = server.port
     pytester.mkdir("scenarios")
     pytester.path.joinpath("scenarios", "fixed.yaml").write_text(FIXED)
     medians = []

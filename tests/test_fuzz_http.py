@@ -41,7 +41,7 @@ WORDS = ["ba", "be", "bi", "bo", "bu", "da", "de", "daba", "hello", "x"]
 # -- servers -----------------------------------------------------------------------------------
 def _start(tmp: Path, kind: str, *args: str) -> tuple[ManagedProcess, int]:
     port = free_port()
-    module = {"reference": "pytest_kvcache.reference_server", "emulator": "pytest_kvcache.emulator"}[kind]
+    module = {"reference": "pytest_kvcache.testing.reference_server", "emulator": "pytest_kvcache.emulator"}[kind]
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = ManagedProcess(f"{kind} server", [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", str(port),
                                              "--model", MODEL, *args],

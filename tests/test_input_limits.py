@@ -9,7 +9,6 @@ import asyncio
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from pytest_kvcache.scenarios import MAX_FILE_BYTES, load_scenario, parse_scenar
 
 pytest_plugins = ("pytester",)
 
-ROOT = Path(__file__).resolve().parents[1]
 VALID = "name: s\nphase: prefill\nmatrix:\n  backend: [cpu]\n  input_len: [1k]\n"
 TOP_LEN = "name: s\nphase: prefill\nmatrix:\n  backend: [cpu]\n"  # input_len free to set at top level
 
@@ -207,19 +205,12 @@ MODEL = "limit-test-model"
 @pytest.fixture(scope="module")
 def short_server(tmp_path_factory):
     """The reference server with a max_model_len of 4,096 tokens."""
-    from pytest_kvcache.servers._process import ManagedProcess, free_port
+    from pytest_kvcache.testing import start_reference_server
 
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = ManagedProcess(
-        "reference server",
-        [sys.executable, "-m", "pytest_kvcache.reference_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", MODEL, "--ttft-ms", "1", "--itl-ms", "1", "--max-model-len", "4096"],
-        log_path=tmp_path_factory.mktemp("ref") / "ref.log", health_url=f"http://127.0.0.1:{port}/health",
-        env=env, ready_timeout=30)
-    proc.start()
-    yield f"http://127.0.0.1:{port}"
-    proc.stop()
+    server = start_reference_server(tmp_path_factory.mktemp("ref"), "--ttft-ms", "1", "--itl-ms", "1",
+                                    "--max-model-len", "4096", model=MODEL)
+    yield server.url
+    server.stop()
 
 
 def _case(**data):

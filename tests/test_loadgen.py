@@ -8,56 +8,31 @@ import json
 import os
 import random
 import statistics
-import sys
 import time
-from pathlib import Path
+from functools import partial
 
 import pytest
 
 from pytest_kvcache import loadgen
 from pytest_kvcache._sockio import kernel_stamps_available
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
-from pytest_kvcache.servers._process import ManagedProcess, free_port
+from pytest_kvcache.servers._process import free_port
 from pytest_kvcache.workloads import Prompt
+from pytest_kvcache.testing import start_reference_server
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ref-test-model"
-
-
-class RefServer:
-    def __init__(self, tmp: Path, *args: str) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        self.proc = ManagedProcess(
-            "reference server",
-            [sys.executable, "-m", "pytest_kvcache.reference_server", "--host", "127.0.0.1", "--port", str(port),
-             "--model", MODEL, *args],
-            log_path=tmp / f"ref-{port}.log", health_url=self.url + "/health", env=env, ready_timeout=30)
-        self.proc.start()
-
-    def stop(self) -> None:
-        self.proc.stop()
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    server = RefServer(tmp_path_factory.mktemp("ref"), "--ttft-ms", "40", "--itl-ms", "8")
+    server = start_reference_server(tmp_path_factory.mktemp("ref"), "--ttft-ms", "40", "--itl-ms", "8", model=MODEL)
     yield server
     server.stop()
 
 
 @pytest.fixture
-def make_server(tmp_path):
-    started = []
-
-    def make(*args: str) -> RefServer:
-        started.append(RefServer(tmp_path, *args))
-        return started[-1]
-
-    yield make
-    for s in started:
-        s.stop()
+def make_server(kv_reference_server):
+    return partial(kv_reference_server, model=MODEL)
 
 
 def prompts(n: int, input_len: int = 256, output_len: int = 32, seed: int = 0) -> list[Prompt]:

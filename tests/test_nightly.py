@@ -10,7 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from pytest_kvcache.servers._process import ManagedProcess, free_port
+from pytest_kvcache.testing import start_reference_server
+
 
 pytest_plugins = ("pytester",)
 
@@ -36,14 +37,10 @@ ITEM = "nightly[none-1k-c1]"
 @contextmanager
 def reference_server(tmp_path, ttft_ms: float, version: str) -> Iterator[int]:
     """A server with a known TTFT that reports ``version`` at GET /version, on a new port."""
-    port = free_port()
-    server = ManagedProcess(f"reference server {version}", [
-        sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port), "--model", "m",
-        "--ttft-ms", str(ttft_ms), "--itl-ms", "5", "--served-version", version],
-        log_path=tmp_path / f"server-{port}.log", health_url=f"http://127.0.0.1:{port}/health")
-    server.start()
+    server = start_reference_server(tmp_path, "--ttft-ms", str(ttft_ms), "--itl-ms", "5", "--served-version",
+                                    version, model="m", name=f"reference server {version}")
     try:
-        yield port
+        yield server.port
     finally:
         server.stop()
 

@@ -16,25 +16,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_kvcache import reference_server
-from pytest_kvcache.servers._process import ManagedProcess, free_port
+from pytest_kvcache.testing import reference_server
+from pytest_kvcache.servers._process import free_port
+from pytest_kvcache.testing import ReferenceServer, start_reference_server
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ref-test-model"
 TTFT, ITL = 0.040, 0.008
 
 
-def start(tmp: Path, *args: str) -> tuple[ManagedProcess, str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = ManagedProcess(
-        "reference server",
-        [sys.executable, "-m", "pytest_kvcache.reference_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", MODEL, *args],
-        log_path=tmp / f"ref-{port}.log", health_url=url + "/health", env=env, ready_timeout=30)
-    proc.start()
-    return proc, url
+def start(tmp: Path, *args: str) -> tuple[ReferenceServer, str]:
+    server = start_reference_server(tmp, *args, model=MODEL)
+    return server, server.url
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +206,7 @@ def test_error_every(tmp_path) -> None:
 def test_sigterm_exits_zero(tmp_path) -> None:
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port)],
+    p = subprocess.Popen([sys.executable, "-m", "pytest_kvcache.testing.reference_server", "--port", str(port)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
@@ -238,7 +231,7 @@ def test_workers_share_the_port_and_stop_together(tmp_path) -> None:
     log = tmp_path / "workers.log"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     with log.open("w") as out:
-        p = subprocess.Popen([sys.executable, "-m", "pytest_kvcache.reference_server", "--port", str(port),
+        p = subprocess.Popen([sys.executable, "-m", "pytest_kvcache.testing.reference_server", "--port", str(port),
                               "--ttft-ms", "1", "--itl-ms", "1", "--workers", "2"], env=env, stdout=out,
                              stderr=subprocess.STDOUT)
     try:
@@ -267,7 +260,7 @@ def test_workers_share_the_port_and_stop_together(tmp_path) -> None:
 
 
 def test_workers_need_a_fixed_port() -> None:
-    from pytest_kvcache.reference_server import main
+    from pytest_kvcache.testing.reference_server import main
 
     with pytest.raises(SystemExit) as exc:
         main(["--port", "0", "--workers", "2"])
@@ -285,13 +278,13 @@ def test_arrival_is_when_the_request_reached_the_host_not_when_the_server_woke(t
         request = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                    b"Content-Length: %d\r\n\r\n%b" % (len(body), body))
         with socket.create_connection(("127.0.0.1", port)) as sock:
-            os.kill(proc.pid, signal.SIGSTOP)
+            os.kill(proc.process.pid, signal.SIGSTOP)
             try:
                 sent = time.perf_counter()
                 sock.sendall(request)
                 time.sleep(0.2)  # the bytes wait in the stopped server's socket
             finally:
-                os.kill(proc.pid, signal.SIGCONT)
+                os.kill(proc.process.pid, signal.SIGCONT)
             sock.settimeout(10)
             data = b""
             while b"[DONE]" not in data:

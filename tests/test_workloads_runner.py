@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -14,11 +11,11 @@ from pytest_kvcache.loadgen import LoadSpec
 from pytest_kvcache.models import RoundResult
 from pytest_kvcache.runner import CaseRunner
 from pytest_kvcache.scenarios import parse_scenario
-from pytest_kvcache.servers._process import ManagedProcess, free_port
 from pytest_kvcache.telemetry import TelemetrySource
 from pytest_kvcache.workloads import Prompt
 
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
+from pytest_kvcache.testing import start_reference_server
 
 class Codec:
     def __init__(self):
@@ -32,23 +29,14 @@ class Codec:
         return self._tok.decode(ids)
 
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "ref-test-model"
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = ManagedProcess(
-        "reference server",
-        [sys.executable, "-m", "pytest_kvcache.reference_server", "--host", "127.0.0.1", "--port", str(port),
-         "--model", MODEL, "--ttft-ms", "20", "--itl-ms", "2"],
-        log_path=tmp_path_factory.mktemp("ref") / "ref.log", health_url=f"http://127.0.0.1:{port}/health",
-        env=env, ready_timeout=30)
-    proc.start()
-    yield f"http://127.0.0.1:{port}"
-    proc.stop()
+    server = start_reference_server(tmp_path_factory.mktemp("ref"), "--ttft-ms", "20", "--itl-ms", "2", model=MODEL)
+    yield server.url
+    server.stop()
 
 
 def run(url, data, monkeypatch, percentiles=(50, 90, 99)):

@@ -16,7 +16,7 @@ with a client's in another process.
 
 Run it with::
 
-    python -m pytest_kvcache.reference_server --host 127.0.0.1 --port 8123 \\
+    python -m pytest_kvcache.testing.reference_server --host 127.0.0.1 --port 8123 \\
         --ttft-ms 40 --itl-ms 8 [--model NAME] [--tokens-per-chunk 1] [--error-every N] \\
         [--cut-after-chunks K [--cut-every N]] [--malformed-every N] \\
         [--stall-every N --stall-s S] [--early-headers] [--workers N] \\
@@ -84,8 +84,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
-from ._sockio import SO_TIMESTAMPNS, StampedSocket, kernel_stamps_available
-from .emulator.tokenizer import get_tokenizer
+from .._sockio import SO_TIMESTAMPNS, StampedSocket, kernel_stamps_available
+from ..emulator.tokenizer import get_tokenizer
 
 __all__ = ["ReferenceServer", "ReferenceSettings", "main", "serve"]
 
@@ -865,7 +865,7 @@ async def serve(settings: ReferenceSettings, ready=None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pytest_kvcache.reference_server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pytest_kvcache.testing.reference_server", description=__doc__.split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default="reference-model")
