@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from .._openai_request import add_limit_options, nonneg_float, positive_float, positive_int
 from .costmodel import PROFILES, TIERS
 from .profile_file import ProfileFileError, is_profile_path, resolve_profile
 
@@ -29,36 +30,6 @@ WRITER_SWITCH_INTERVAL_S = 0.05
 AIOHTTP_MAX_LINE = 8190
 #: ... and more header lines than this (so it never holds more than ~1 MB of one head)
 AIOHTTP_MAX_HEADERS = 128
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
 
 
 def _profile_spec(text: str) -> str:
@@ -107,24 +78,24 @@ def build_parser() -> argparse.ArgumentParser:
                         + "; ".join(
                        f"{n}: {PROFILES[n].description or n} ({PROFILES[n].kv_bytes_per_token} KV B/token, "
                        f"{PROFILES[n].scheduler} scheduler)" for n in sorted(PROFILES)))
-    p.add_argument("--slowdown", type=_positive_float, default=1.0,
+    p.add_argument("--slowdown", type=positive_float, default=1.0,
                    help="multiplies every modeled time (fixed profile included)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=_positive_int, default=256, help="tokens per cache chunk")
+    p.add_argument("--chunk-size", type=positive_int, default=256, help="tokens per cache chunk")
     p.add_argument("--disk-path", default=None, help="directory of the disk/gds tier (waterfall: its disk)")
-    p.add_argument("--cpu-size-gb", type=_positive_float, default=128.0,
+    p.add_argument("--cpu-size-gb", type=positive_float, default=128.0,
                    help="cpu tier size in GB of the real model's KV")
-    p.add_argument("--disk-size-gb", type=_positive_float, default=512.0,
+    p.add_argument("--disk-size-gb", type=positive_float, default=512.0,
                    help="disk/gds tier size in GB of the real model's KV")
-    p.add_argument("--payload-scale", type=_positive_float, default=1 / 4096,
+    p.add_argument("--payload-scale", type=positive_float, default=1 / 4096,
                    help="bytes stored per real-model KV byte (default 1/4096)")
-    p.add_argument("--fixed-ttft-ms", type=_nonneg_float, default=None,
+    p.add_argument("--fixed-ttft-ms", type=nonneg_float, default=None,
                    help="fixed profile: time to first token (default 40)")
-    p.add_argument("--fixed-itl-ms", type=_nonneg_float, default=None,
+    p.add_argument("--fixed-itl-ms", type=nonneg_float, default=None,
                    help="fixed profile: interval between tokens (default 8)")
     p.add_argument("--redis-url", default=None,
                    help="redis tier: the Redis server, redis://HOST:PORT[/DB] (real GET/SET)")
-    p.add_argument("--redis-size-gb", type=_positive_float, default=512.0,
+    p.add_argument("--redis-size-gb", type=positive_float, default=512.0,
                    help="redis tier size in GB of the real model's KV")
     k = p.add_argument_group(
         "knobs for testing the plugin: faults and slowdowns (seeded by --seed, deterministic; each is also a "
@@ -135,25 +106,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction in [0, 1] of offloaded chunks (a seeded draw per chunk) stored with altered "
                         "bytes under a valid CRC (an offload bug no frame check catches): warm answers that load "
                         "them differ from the cold ones; counted in emulator:corrupted_chunks_total")
-    k.add_argument("--crash-after", type=_positive_int, default=None, metavar="N",
+    k.add_argument("--crash-after", type=positive_int, default=None, metavar="N",
                    help="the process exits with status 3 when request N+1 arrives (a server dying mid-run)")
-    k.add_argument("--stall-ms", type=_nonneg_float, default=None, metavar="MS",
+    k.add_argument("--stall-ms", type=nonneg_float, default=None, metavar="MS",
                    help="with --stall-every N: every N-th request's first token comes MS milliseconds late")
-    k.add_argument("--stall-every", type=_positive_int, default=None, metavar="N",
+    k.add_argument("--stall-every", type=positive_int, default=None, metavar="N",
                    help="which requests --stall-ms delays: every N-th")
     k.add_argument("--offload-disabled", action="store_true", default=None,
                    help="the tier stores nothing and never hits (a misconfigured LMCache silently "
                         "recomputing); lookups are still counted in /metrics and the logs")
-    k.add_argument("--jitter", type=_nonneg_float, default=None,
+    k.add_argument("--jitter", type=nonneg_float, default=None,
                    help="fraction in [0, 1): each modeled time is multiplied by a seeded uniform "
                         "factor in [1-j, 1+j] (modeled profiles)")
-    k.add_argument("--slowdown-prefill", type=_positive_float, default=None,
+    k.add_argument("--slowdown-prefill", type=positive_float, default=None,
                    help="multiplies modeled prefill compute (fixed profile: the TTFT), on top of --slowdown")
-    k.add_argument("--slowdown-decode", type=_positive_float, default=None,
+    k.add_argument("--slowdown-decode", type=positive_float, default=None,
                    help="multiplies decode intervals (fixed profile: the ITL), on top of --slowdown")
-    k.add_argument("--slowdown-load", type=_positive_float, default=None,
+    k.add_argument("--slowdown-load", type=positive_float, default=None,
                    help="multiplies modeled load/store transfer of the offload tier, on top of --slowdown")
-    p.add_argument("--max-model-len", type=_positive_int, default=131072)
+    p.add_argument("--max-model-len", type=positive_int, default=131072)
     p.add_argument("--served-version", default=None, metavar="VERSION",
                    help=f"the version GET /version reports (default: this package's, {__version__})")
     p.add_argument("--config-json", default=None,
@@ -164,19 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "slowdown_prefill, slowdown_decode, slowdown_load, redis_url, read_delay_ms; profile fields "
                         "scheduler, max_num_seqs, max_num_batched_tokens, step_base_ms)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    lim = p.add_argument_group("request limits (what is over them gets a 4xx)")
-    lim.add_argument("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
-                     help="413 for a request body over N bytes (default 16 MiB; a 1M-token prompt as text or "
-                          "token ids is ~7 MB)")
-    lim.add_argument("--max-header-bytes", type=_positive_int, default=65536, metavar="N",
-                     help=f"431 for a request line and headers over N bytes (default 64 KiB; aiohttp refuses "
-                          f"with 400 a line over {AIOHTTP_MAX_LINE} bytes or more than {AIOHTTP_MAX_HEADERS} "
-                          "headers)")
-    lim.add_argument("--max-json-depth", type=_positive_int, default=64, metavar="N",
-                     help="400 for a JSON body nesting containers more than N deep (default 64)")
-    lim.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="N",
-                     help="400, before tokenizing, for a prompt (or chat messages' text) over N characters "
-                          "(default 16 x --max-model-len)")
+    add_limit_options(p, header_note=f"; aiohttp refuses with 400 a line over {AIOHTTP_MAX_LINE} bytes or more "
+                                     f"than {AIOHTTP_MAX_HEADERS} headers")
     return p
 
 

@@ -131,6 +131,14 @@ from typing import Any, NamedTuple
 from aiohttp import hdrs, web
 
 from .. import __version__
+from .._openai_request import (
+    BadRequest,
+    chat_chars,
+    flag,
+    is_json_type,
+    json_body,
+    too_long,
+)
 from .costmodel import Profile, attended_pairs, make_profile
 from .prefix_cache import PrefixCache, make_tier
 from .tokenizer import get_tokenizer
@@ -336,12 +344,6 @@ class _Prefill:
         self.j = j  # jitter factor
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 class _EventStream(web.StreamResponse):
     """A streamed response whose headers leave with the first chunk (one send, not two).
 
@@ -357,55 +359,6 @@ def _error(message: str, code: int) -> web.Response:
     etype = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError"}.get(code, "BadRequestError")
     body = {"error": {"message": message, "type": etype, "param": None, "code": code}}
     return web.Response(status=code, text=json.dumps(body), content_type="application/json")
-
-
-def _is_json_type(media_type: str) -> bool:
-    return media_type == "application/json" or media_type.endswith("+json")
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _openers_over(raw: bytes, limit: int) -> bool:
-    """Whether ``raw`` holds more than ``limit`` of ``[`` and ``{``: only then can its JSON nest
-    deeper than ``limit`` (memchr per opener, so a typical body costs microseconds where
-    counting every byte would cost as much as parsing it)."""
-    n = 0
-    for opener in (b"[", b"{"):
-        i = raw.find(opener)
-        while i >= 0:
-            n += 1
-            if n > limit:
-                return True
-            i = raw.find(opener, i + 1)
-    return False
-
-
-def _check_depth(obj: dict | list, limit: int) -> None:
-    """Refuse ``obj`` if it nests containers more than ``limit`` deep (level by level, no recursion)."""
-    level, depth = [obj], 1
-    while level:
-        if depth > limit:
-            raise BadRequest(f"request body nests JSON more than the limit of {limit} levels deep (--max-json-depth)")
-        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
-        depth += 1
-
-
-def _flag(obj: dict, key: str, default: bool = False) -> bool:
-    """A boolean field (null: ``default``)."""
-    value = obj.get(key)
-    if value is None:
-        return default
-    if type(value) is not bool:
-        raise BadRequest(f"'{key}' must be a boolean, got {type(value).__name__}")
-    return value
-
-
-def _too_long(limit: int, n: int | str) -> str:
-    """vLLM's message for a prompt over the context length."""
-    return (f"This model's maximum context length is {limit} tokens. However, your request has {n} input "
-            "tokens. Please reduce the length of the input messages.")
 
 
 def _cache_salt(body: dict) -> str | None:
@@ -963,7 +916,7 @@ class Emulator:
     # -- request parsing ------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict:
         s = self.s
-        if hdrs.CONTENT_TYPE in request.headers and not _is_json_type(request.content_type):
+        if hdrs.CONTENT_TYPE in request.headers and not is_json_type(request.content_type):
             raise BadRequest(f"Content-Type {request.headers[hdrs.CONTENT_TYPE][:100]!r} is not supported: "
                              "send application/json", 415)
         too_large = BadRequest(f"request body is over the limit of {s.max_body_bytes} bytes (--max-body-bytes)", 413)
@@ -975,18 +928,7 @@ class Emulator:
             raise too_large from None
         except Exception as exc:  # noqa: BLE001 - a body cut short or badly chunked is the client's fault
             raise BadRequest(f"request body could not be read: {exc}") from None
-        try:
-            body = json.loads(raw, parse_constant=_no_constant)
-        except RecursionError:
-            raise BadRequest(f"request body nests JSON more than the limit of {s.max_json_depth} levels deep "
-                             "(--max-json-depth)") from None
-        except ValueError as exc:
-            raise BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
-        if not isinstance(body, dict):
-            raise BadRequest("request body must be a JSON object")
-        if _openers_over(raw, s.max_json_depth):
-            _check_depth(body, s.max_json_depth)
-        return body
+        return json_body(raw, s.max_json_depth)
 
     def _check_model(self, body: dict) -> None:
         model = body.get("model")
@@ -1011,30 +953,10 @@ class Emulator:
         if isinstance(prompt, str):
             self._check_chars(len(prompt))
         elif isinstance(prompt, list) and prompt and type(prompt[0]) is int and len(prompt) > self.s.max_model_len:
-            raise BadRequest(_too_long(self.s.max_model_len, len(prompt)))
+            raise BadRequest(too_long(self.s.max_model_len, len(prompt)))
 
     def _check_chat(self, messages: Any) -> None:
-        """Refuse, before the template tokenizes them, messages too many for the context (each
-        costs 3 tokens at least) or too long, and a role that is not a string (the template
-        looks it up in a dict); the template says what else is wrong."""
-        if not isinstance(messages, list):
-            return
-        limit = self.s.max_model_len
-        if 3 * len(messages) > limit:
-            raise BadRequest(_too_long(limit, f"more than {limit}"))
-        chars = 0
-        for m in messages:
-            if not isinstance(m, dict):
-                continue
-            if not isinstance(m.get("role"), str):
-                raise BadRequest(f"a message's 'role' must be a string, got {type(m.get('role')).__name__}")
-            content = m.get("content")
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                chars += sum(len(p) if isinstance(p, str) else len(p["text"])
-                             if isinstance(p, dict) and isinstance(p.get("text"), str) else 0 for p in content)
-        self._check_chars(chars)
+        self._check_chars(chat_chars(messages, self.s.max_model_len))
 
     def _remembered(self, prompt: str, salt: str | None) -> _Prompt | None:
         """A long prompt seen before with this salt (None: not seen, or short)."""
@@ -1090,7 +1012,7 @@ class Emulator:
         messages = body.get("messages")
         self._check_chat(messages)
         try:
-            return self.tok.apply_chat_template(messages, _flag(body, "add_generation_prompt", True))
+            return self.tok.apply_chat_template(messages, flag(body, "add_generation_prompt", True))
         except ValueError as exc:
             raise BadRequest(str(exc))
 
@@ -1104,7 +1026,7 @@ class Emulator:
             raise BadRequest("max_tokens must be a positive integer")
         m = self.s.max_model_len
         if n > m:
-            raise BadRequest(_too_long(m, n))
+            raise BadRequest(too_long(m, n))
         if n + mt > m:
             raise BadRequest(
                 f"This model's maximum context length is {m} tokens. However, you requested "
@@ -1198,14 +1120,14 @@ class Emulator:
             if n == 0:
                 raise BadRequest("The prompt is empty: at least one token is required")
             max_tokens = self._max_tokens(body, n, chat)
-            stream = _flag(body, "stream")
+            stream = flag(body, "stream")
             so = body.get("stream_options")
             if so is None:
                 so = {}
             if not isinstance(so, dict):
                 raise BadRequest("stream_options must be an object")
-            include_usage = _flag(so, "include_usage") and stream
-            continuous = _flag(so, "continuous_usage_stats") and stream
+            include_usage = flag(so, "include_usage") and stream
+            continuous = flag(so, "continuous_usage_stats") and stream
         except BadRequest as exc:
             return _error(str(exc), exc.code)
 

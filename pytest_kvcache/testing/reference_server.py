@@ -84,6 +84,15 @@ import time
 import traceback
 from dataclasses import dataclass
 
+from .._openai_request import (
+    BadRequest,
+    add_limit_options,
+    chat_chars,
+    flag,
+    is_json_type,
+    json_body,
+    too_long,
+)
 from .._sockio import SO_TIMESTAMPNS, StampedSocket, kernel_stamps_available
 from ..emulator.tokenizer import get_tokenizer
 
@@ -256,83 +265,33 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(payload), payload)
 
 
-class _BadRequest(Exception):
-    def __init__(self, message: str, code: int = 400) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def _parse_head(head: str, max_body: int) -> tuple[str, str, dict[str, str], int]:
     """Method, path, headers (names in lower case) and body length of a request head
-    (without its blank line); :class:`_BadRequest` says what is wrong with a malformed one."""
+    (without its blank line); :class:`BadRequest` says what is wrong with a malformed one."""
     lines = head.split("\r\n")
     parts = lines[0].split(" ")
     if (len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) or not parts[1].startswith("/")
             or parts[2] not in ("HTTP/1.1", "HTTP/1.0")):
-        raise _BadRequest(f"bad request line {lines[0][:100]!r}: expected 'METHOD /path HTTP/1.1'")
+        raise BadRequest(f"bad request line {lines[0][:100]!r}: expected 'METHOD /path HTTP/1.1'")
     headers: dict[str, str] = {}
     for line in lines[1:]:
         name, colon, value = line.partition(":")
         if not colon or not _TOKEN.fullmatch(name):
-            raise _BadRequest(f"bad header line {line[:100]!r}: expected 'Name: value'")
+            raise BadRequest(f"bad header line {line[:100]!r}: expected 'Name: value'")
         name = name.lower()
         if name == "content-length" and name in headers:  # which one would frame the body?
-            raise _BadRequest("more than one Content-Length header")
+            raise BadRequest("more than one Content-Length header")
         headers[name] = value.strip()
     if "transfer-encoding" in headers:
-        raise _BadRequest("Transfer-Encoding (e.g. chunked request bodies) is not supported: send Content-Length")
+        raise BadRequest("Transfer-Encoding (e.g. chunked request bodies) is not supported: send Content-Length")
     cl = headers.get("content-length", "0")
     if not (cl.isascii() and cl.isdigit()):
-        raise _BadRequest(f"bad Content-Length {cl[:40]!r}: expected one non-negative integer")
+        raise BadRequest(f"bad Content-Length {cl[:40]!r}: expected one non-negative integer")
     digits = cl.lstrip("0") or "0"
     if len(digits) > len(str(max_body)) or int(digits) > max_body:
-        raise _BadRequest(f"request body of {digits[:40]} bytes is over the limit of {max_body} bytes "
+        raise BadRequest(f"request body of {digits[:40]} bytes is over the limit of {max_body} bytes "
                           "(--max-body-bytes)", 413)
     return parts[0], parts[1].split("?", 1)[0], headers, int(digits)
-
-
-def _is_json_type(content_type: str) -> bool:
-    media = content_type.split(";", 1)[0].strip().lower()
-    return media == "application/json" or media.endswith("+json")
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _openers_over(raw: bytes, limit: int) -> bool:
-    """Whether ``raw`` holds more than ``limit`` of ``[`` and ``{``: only then can its JSON nest
-    deeper than ``limit`` (memchr per opener, so a typical body costs microseconds where
-    counting every byte would cost as much as parsing it)."""
-    n = 0
-    for opener in (b"[", b"{"):
-        i = raw.find(opener)
-        while i >= 0:
-            n += 1
-            if n > limit:
-                return True
-            i = raw.find(opener, i + 1)
-    return False
-
-
-def _check_depth(obj: dict | list, limit: int) -> None:
-    """Refuse ``obj`` if it nests containers more than ``limit`` deep (level by level, no recursion)."""
-    level, depth = [obj], 1
-    while level:
-        if depth > limit:
-            raise _BadRequest(f"request body nests JSON more than the limit of {limit} levels deep (--max-json-depth)")
-        level = [v for c in level for v in (c.values() if isinstance(c, dict) else c) if isinstance(v, (dict, list))]
-        depth += 1
-
-
-def _flag(obj: dict, key: str, default: bool = False) -> bool:
-    """A boolean field (null: ``default``)."""
-    value = obj.get(key)
-    if value is None:
-        return default
-    if type(value) is not bool:
-        raise _BadRequest(f"'{key}' must be a boolean, got {type(value).__name__}")
-    return value
 
 
 def _count_words(text: str, limit: int) -> int:
@@ -347,12 +306,6 @@ def _count_words(text: str, limit: int) -> int:
         if n > limit:
             break
     return n
-
-
-def _too_long(limit: int, n: int | str) -> str:
-    """vLLM's message for a prompt over the context length."""
-    return (f"This model's maximum context length is {limit} tokens. However, your request has {n} input "
-            "tokens. Please reduce the length of the input messages.")
 
 
 class _Request:
@@ -371,7 +324,7 @@ class _Connection:
         self._need = 0  # the buffer's length when the request whose head was parsed is complete
         self._rejected = False  # a malformed request was queued: nothing after it is read
         self._arrival = 0.0
-        self._queue: list[_Request | _BadRequest] = []
+        self._queue: list[_Request | BadRequest] = []
         self._busy = False
         self._scheduled = False
 
@@ -400,12 +353,12 @@ class _Connection:
             end = self._buf.find(b"\r\n\r\n", 0, s.max_header_bytes + 4)
             if end < 0:
                 if len(self._buf) > s.max_header_bytes:
-                    self._reject(_BadRequest(f"request line and headers are over the limit of {s.max_header_bytes} "
+                    self._reject(BadRequest(f"request line and headers are over the limit of {s.max_header_bytes} "
                                              "bytes (--max-header-bytes)", 431))
                 break
             try:
                 method, path, headers, length = _parse_head(self._buf[:end].decode("latin-1"), s.max_body_bytes)
-            except _BadRequest as exc:
+            except BadRequest as exc:
                 self._reject(exc)
                 break
             if len(self._buf) < end + 4 + length:
@@ -418,7 +371,7 @@ class _Connection:
             self._arrival = stamp  # pipelined bytes after this request arrived with it
         self._next()
 
-    def _reject(self, exc: _BadRequest) -> None:
+    def _reject(self, exc: BadRequest) -> None:
         """Queue the answer to a malformed request (after those already due) and read no more."""
         self._rejected = True
         self._buf.clear()
@@ -430,7 +383,7 @@ class _Connection:
             return
         req = self._queue.pop(0)
         self._busy = True  # a rejected request is the connection's last: it stays busy
-        if isinstance(req, _BadRequest):
+        if isinstance(req, BadRequest):
             self.write(_response(req.code, json.dumps(_error_body(str(req), req.code)).encode(), close=True))
             # closing at once, with the client's bytes unread, would reset the connection and
             # could destroy the answer before the client reads it: close when it does, or later
@@ -628,10 +581,10 @@ class ReferenceServer:
                     return  # the stream calls conn.done() when it ends
             elif req.path in ("/health", "/version", "/v1/models", "/tokenize", "/detokenize", "/v1/completions",
                               "/v1/chat/completions"):
-                raise _BadRequest(f"method {req.method} not allowed", 405)
+                raise BadRequest(f"method {req.method} not allowed", 405)
             else:
-                raise _BadRequest(f"no route {req.path}", 404)
-        except _BadRequest as exc:
+                raise BadRequest(f"no route {req.path}", 404)
+        except BadRequest as exc:
             conn.write(_json_response(exc.code, _error_body(str(exc), exc.code)))
         except Exception:  # noqa: BLE001 - a bug costs one answer, not the connection nor the server
             traceback.print_exc()
@@ -641,61 +594,31 @@ class ReferenceServer:
     def _json(self, req: _Request) -> dict:
         s = self.s
         content_type = req.headers.get("content-type")
-        if content_type is not None and not _is_json_type(content_type):
-            raise _BadRequest(f"Content-Type {content_type[:100]!r} is not supported: send application/json", 415)
-        try:
-            body = json.loads(req.body, parse_constant=_no_constant)
-        except RecursionError:
-            raise _BadRequest(f"request body nests JSON more than the limit of {s.max_json_depth} levels deep "
-                              "(--max-json-depth)") from None
-        except ValueError as exc:
-            raise _BadRequest(f"request body is not valid JSON: {str(exc)[:200]}") from None
-        if not isinstance(body, dict):
-            raise _BadRequest("request body must be a JSON object")
-        if _openers_over(req.body, s.max_json_depth):
-            _check_depth(body, s.max_json_depth)
+        if content_type is not None and not is_json_type(content_type):
+            raise BadRequest(f"Content-Type {content_type[:100]!r} is not supported: send application/json", 415)
+        body = json_body(req.body, s.max_json_depth)
         model = body.get("model")
         if model is not None and not isinstance(model, str):
-            raise _BadRequest(f"'model' must be a string, got {type(model).__name__}")
+            raise BadRequest(f"'model' must be a string, got {type(model).__name__}")
         if model is not None and model != s.model:
-            raise _BadRequest(f"The model `{model[:200]}` does not exist.", 404)
+            raise BadRequest(f"The model `{model[:200]}` does not exist.", 404)
         return body
 
     def _check_chars(self, chars: int) -> None:
         if chars > self.max_prompt_chars:
-            raise _BadRequest(f"the prompt is {chars} characters long, over the limit of {self.max_prompt_chars} "
+            raise BadRequest(f"the prompt is {chars} characters long, over the limit of {self.max_prompt_chars} "
                               "(--max-prompt-chars); it was not tokenized")
 
     def _check_chat(self, messages: object) -> None:
-        """Refuse, before the template tokenizes them, messages too many for the context (each
-        costs 3 tokens at least) or too long, and a role that is not a string (the template
-        looks it up in a dict); the template says what else is wrong."""
-        if not isinstance(messages, list):
-            return
-        limit = self.s.max_model_len
-        if 3 * len(messages) > limit:
-            raise _BadRequest(_too_long(limit, f"more than {limit}"))
-        chars = 0
-        for m in messages:
-            if not isinstance(m, dict):
-                continue
-            if not isinstance(m.get("role"), str):
-                raise _BadRequest(f"a message's 'role' must be a string, got {type(m.get('role')).__name__}")
-            content = m.get("content")
-            if isinstance(content, str):
-                chars += len(content)
-            elif isinstance(content, list):
-                chars += sum(len(p) if isinstance(p, str) else len(p["text"])
-                             if isinstance(p, dict) and isinstance(p.get("text"), str) else 0 for p in content)
-        self._check_chars(chars)
+        self._check_chars(chat_chars(messages, self.s.max_model_len))
 
     def _chat_ids(self, body: dict) -> list[int]:
         messages = body.get("messages")
         self._check_chat(messages)
         try:
-            return self.tok.apply_chat_template(messages, _flag(body, "add_generation_prompt", True))
+            return self.tok.apply_chat_template(messages, flag(body, "add_generation_prompt", True))
         except ValueError as exc:
-            raise _BadRequest(str(exc)) from None
+            raise BadRequest(str(exc)) from None
 
     def _tokenize(self, body: dict) -> bytes:
         if "messages" in body:
@@ -705,21 +628,21 @@ class ReferenceServer:
             try:
                 ids = self.tok.encode(body["prompt"])
             except UnicodeEncodeError:  # an unknown word is hashed as UTF-8, which a lone surrogate is not
-                raise _BadRequest("the prompt is not valid Unicode: it holds a lone surrogate "
+                raise BadRequest("the prompt is not valid Unicode: it holds a lone surrogate "
                                   "(\\ud800-\\udfff)") from None
         else:
-            raise _BadRequest("'prompt' (a string) or 'messages' is required")
+            raise BadRequest("'prompt' (a string) or 'messages' is required")
         return _json_response(200, {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids,
                                     "token_strs": None})
 
     def _detokenize(self, body: dict) -> bytes:
         ids = body.get("tokens")
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise _BadRequest("'tokens' must be a list of integers")
+            raise BadRequest("'tokens' must be a list of integers")
         try:
             return _json_response(200, {"prompt": self.tok.decode(ids)})
         except ValueError as exc:
-            raise _BadRequest(str(exc)) from None
+            raise BadRequest(str(exc)) from None
 
     def _prompt_len(self, body: dict, chat: bool) -> int:
         """The prompt's tokens; a prompt over the context length is refused here, once counted past it."""
@@ -727,7 +650,7 @@ class ReferenceServer:
         if chat:
             n = len(self._chat_ids(body))
             if n > limit:
-                raise _BadRequest(_too_long(limit, n))
+                raise BadRequest(too_long(limit, n))
             return n
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -736,13 +659,13 @@ class ReferenceServer:
             self._check_chars(len(prompt))
             n = _count_words(prompt, limit)
             if n > limit:
-                raise _BadRequest(_too_long(limit, f"more than {limit}"))
+                raise BadRequest(too_long(limit, f"more than {limit}"))
             return n
         if isinstance(prompt, list) and len(prompt) > limit:
-            raise _BadRequest(_too_long(limit, len(prompt)))
+            raise BadRequest(too_long(limit, len(prompt)))
         if isinstance(prompt, list) and all(type(i) is int and 0 <= i < self.s.vocab_size for i in prompt):
             return len(prompt)
-        raise _BadRequest(f"'prompt' must be a string or a list of token ids in [0, {self.s.vocab_size})")
+        raise BadRequest(f"'prompt' must be a string or a list of token ids in [0, {self.s.vocab_size})")
 
     def _generate(self, conn: _Connection, req: _Request, chat: bool) -> bool:
         """Answer a generation request; True when a stream was started (it ends itself)."""
@@ -750,25 +673,25 @@ class ReferenceServer:
         body = self._json(req)
         n = self._prompt_len(body, chat)
         if n == 0:
-            raise _BadRequest("The prompt is empty: at least one token is required")
+            raise BadRequest("The prompt is empty: at least one token is required")
         mt = body.get("max_completion_tokens") if chat and body.get("max_completion_tokens") is not None \
             else body.get("max_tokens")
         if mt is None:
             mt = 16
         if type(mt) is not int or mt < 1:
-            raise _BadRequest("max_tokens must be a positive integer")
+            raise BadRequest("max_tokens must be a positive integer")
         if n + mt > s.max_model_len:
-            raise _BadRequest(
+            raise BadRequest(
                 f"This model's maximum context length is {s.max_model_len} tokens. However, you requested "
                 f"{n + mt} tokens ({n} in the messages, {mt} in the completion). Please reduce the length of "
                 "the messages or completion.")
-        stream = _flag(body, "stream")
+        stream = flag(body, "stream")
         so = body.get("stream_options")
         if so is None:
             so = {}
         if not isinstance(so, dict):
-            raise _BadRequest("stream_options must be an object")
-        continuous, include_usage = _flag(so, "continuous_usage_stats"), _flag(so, "include_usage")
+            raise BadRequest("stream_options must be an object")
+        continuous, include_usage = flag(so, "continuous_usage_stats"), flag(so, "include_usage")
         self.seq += 1
         seq = self.seq
         if s.error_every and seq % s.error_every == 0:
@@ -886,28 +809,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="serve from N processes sharing the port (SO_REUSEPORT), for chunk rates one core "
                         "cannot write; a fixed --port is needed (fault knobs count per process)")
-    lim = p.add_argument_group("request limits (what is over them gets a 4xx)")
-    lim.add_argument("--max-body-bytes", type=_positive_int, default=16 * 1024 * 1024, metavar="N",
-                     help="413 for a request body over N bytes (default 16 MiB; a 1M-token prompt as text or "
-                          "token ids is ~7 MB)")
-    lim.add_argument("--max-header-bytes", type=_positive_int, default=65536, metavar="N",
-                     help="431 for a request line and headers over N bytes (default 64 KiB)")
-    lim.add_argument("--max-json-depth", type=_positive_int, default=64, metavar="N",
-                     help="400 for a JSON body nesting containers more than N deep (default 64)")
-    lim.add_argument("--max-prompt-chars", type=_positive_int, default=None, metavar="N",
-                     help="400, before tokenizing, for a prompt (or chat messages' text) over N characters "
-                          "(default 16 x --max-model-len)")
+    add_limit_options(p)
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:
