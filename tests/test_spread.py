@@ -8,15 +8,16 @@ import json
 
 import pytest
 from kvproject import make_project, run_pytest
-from test_loadgen import MODEL, RefServer, prompts
+from test_loadgen import MODEL, prompts
 
 from pytest_kvcache import loadgen
 from pytest_kvcache.spread import ClientProcessError, ClientProcesses, split_slots
+from pytest_kvcache.testing import start_reference_server
 
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    server = RefServer(tmp_path_factory.mktemp("ref"), "--ttft-ms", "20", "--itl-ms", "2")
+    server = start_reference_server(tmp_path_factory.mktemp("ref"), "--ttft-ms", "20", "--itl-ms", "2", model=MODEL)
     yield server
     server.stop()
 
