@@ -701,7 +701,8 @@ def option_input(draw) -> tuple[list[str], list[str], bool]:
 
 
 @pytest.fixture
-def options_project(pytester: pytest.Pytester) -> pytest.Pytester:
+def options_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
+    monkeypatch.delenv("PYTEST_ADDOPTS")  # the suite's --kv-client-floor (conftest.py) would win over a bad ini value
     pytester.mkdir("scenarios")
     pytester.path.joinpath("scenarios", "s.yaml").write_text(
         "name: s\nphase: prefill\nmatrix:\n  backend: [cpu]\n  input_len: [1k]\n")
