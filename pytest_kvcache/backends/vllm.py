@@ -35,7 +35,7 @@ DOCUMENTED_LMCACHE_FLAGS = frozenset({
     "--l2-adapter", "--http-port", "--prometheus-port", "--l2-store-policy",
 })
 #: LMCache settings of the multi-process server (``--kv-lmcache KEY=VALUE``); the first four
-#: have in-process names, the last two only exist here (see docs/backends.md).
+#: have in-process names, the last two only exist here (README: "Backends without a GPU").
 MP_SETTINGS = frozenset({"chunk_size", "max_local_cpu_size", "max_local_disk_size", "extra_config",
                          "l2_store_policy", "fault_inject"})
 #: Keys of ``fault_inject`` (LMCache's fault_inject L2 adapter, which wraps the tier's adapter).
