@@ -277,11 +277,11 @@ def item_changes(rows: list[dict], metrics: tuple[str, ...]) -> tuple[str, list[
     reference = runs[0] if runs else ""
     changes = []
     for (scenario, item), per_run in by_item.items():
-        base_run = next((run for run in runs if run in per_run), None)
+        base_run = next(run for run in runs if run in per_run)  # every item has a run: runs lists them all
         for run in runs:
             if run == base_run or run not in per_run:
                 continue
-            row = {"scenario": scenario, "item": item, "reference": base_run, "run": run}
+            row: dict[str, object] = {"scenario": scenario, "item": item, "reference": base_run, "run": run}
             for metric in metrics:
                 before, after = per_run[base_run].get(metric), per_run[run].get(metric)
                 row[f"{metric}_reference"], row[metric] = before, after

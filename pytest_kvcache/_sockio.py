@@ -22,7 +22,7 @@ import socket
 import struct
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 __all__ = ["SO_TIMESTAMPNS", "StampedSocket", "kernel_stamps_available"]
 
@@ -68,6 +68,7 @@ class StampedSocket:
         loop.add_reader(self._fd, self._readable)
 
     def _readable(self) -> None:
+        ancillary: Sequence[tuple[int, int, bytes]]  # recvmsg's list, or none
         try:
             if self.kernel_stamps:
                 data, ancillary, _flags, _addr = self.sock.recvmsg(_READ_SIZE, _ANC_SIZE)

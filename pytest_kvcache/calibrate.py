@@ -35,10 +35,11 @@ import asyncio
 import dataclasses
 import datetime as _dt
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ._http import StreamPool
 from .backends import CHUNK_SIZE
 from .emulator.costmodel import PROFILES, TIERS, Profile, attended_pairs
 from .emulator.profile_file import write_profile_file
@@ -177,76 +178,101 @@ async def measure(base_url: str, model: str, codec_for: Callable[[object], Token
     """Median TTFTs of ``lengths`` (default: the plan's fitted and held-out ones) in each round,
     and the decode ITLs. ``codec_for(client)`` gives the tokenizer (the client is the
     server's control-plane client, for a server-side tokenizer)."""
-    held_out = set(plan.holdout_lens)
     lengths = sorted(set(lengths if lengths is not None else (*plan.input_lens, *plan.holdout_lens)))
     spec = LoadSpec(model=model, api=plan.api, max_concurrency=1, seed=plan.seed)
-    points: list[LengthPoint] = []
-    decode_points: list[DecodePoint] = []
     pool = open_pool(base_url, max(1, plan.decode_concurrency))
     try:
         async with open_client(base_url) as client:
-            codec = codec_for(client)
-
-            async def prompts(n: int, count: int, output_len: int, trial: int) -> list[Prompt]:
-                return await build_prompts(codec, dataset="random", input_len=n, output_len=output_len,
-                                           num_prompts=count, seed=plan.seed, trial=trial)
-
-            async def trusted(what: str, attempt_rounds) -> list[RoundResult]:
-                """Rounds the client's guard trusts: a spoiled attempt is measured again with new
-                prompts (a neighbour's burst on a shared machine), up to _ATTEMPTS times."""
-                for attempt in range(_ATTEMPTS):
-                    results = await attempt_rounds(attempt)
-                    reasons = [r.invalid_reason for r in results if r.invalid_reason]
-                    if not reasons:
-                        return results
-                    progress(f"{what}: not trustworthy ({reasons[0]}); measuring again with new prompts")
-                raise CalibrationError(f"{what}: the client's guard rejected {_ATTEMPTS} attempts (last: "
-                                       f"{reasons[0]}); run calibrate on a quieter machine")
-
-            # A server's first requests of each new length pay one-off costs (kernels built for
-            # new shapes: on vLLM's CPU build the first pass over the lengths ran 10-20% slower
-            # than the second), and so do its first loads from the tier: not measured.
-            progress(f"warming the server up ({len(lengths)} lengths, {' and '.join(plan.rounds)})")
-            for n in lengths:
-                batch = await prompts(n, 2, 2, trial=_WARMUP_TRIAL)
-                for round_name in plan.rounds:
-                    _no_failures(await run_round(pool, spec, batch, round_name), "warm-up", n)
-            # The prompts of a length are split over passes that go up the lengths, then down:
-            # a machine that drifts slower during the run slows every length alike, not the last ones.
-            ttfts: dict[tuple[int, str], list[float]] = {(n, r): [] for n in lengths for r in plan.rounds}
-            for index, count in enumerate(_pass_sizes(plan.prompts, plan.passes)):
-                for n in lengths if index % 2 == 0 else lengths[::-1]:
-                    async def length_rounds(attempt: int, n: int = n, index: int = index,
-                                            count: int = count) -> list[RoundResult]:
-                        batch = await prompts(n, count, plan.output_len, trial=index + _RETRY_TRIAL * attempt)
-                        return [_no_failures(await run_round(pool, spec, batch, r), r, n) for r in plan.rounds]
-
-                    for result in await trusted(f"{n} tokens (pass {index + 1})", length_rounds):
-                        ttfts[n, result.round] += [1000.0 * r.ttft for r in result.records]
-            for (n, round_name), values in ttfts.items():
-                point = LengthPoint(n, round_name, statistics.median(values), tuple(values), held_out=n in held_out)
-                points.append(point)
-                progress(f"{round_name:4} {n:>6} tokens: median TTFT {point.median_ttft_ms:8.1f} ms"
-                         f"{'  (held out)' if point.held_out else ''}")
-            if decode:
-                short = min(lengths)
-                for concurrency in (1, plan.decode_concurrency):
-                    async def decode_round(attempt: int, c: int = concurrency) -> list[RoundResult]:
-                        batch = await prompts(short, max(_DECODE_PROMPTS, 2 * c), _DECODE_OUTPUT_LEN,
-                                              trial=_DECODE_TRIAL + c + _RETRY_TRIAL * attempt)
-                        result = await run_round(pool, replace(spec, max_concurrency=c), batch, "decode")
-                        return [_no_failures(result, "decode", short)]
-
-                    [result] = await trusted(f"decode at concurrency {concurrency}", decode_round)
-                    itl = result.summary.get("median_itl_ms")
-                    if itl is None:
-                        raise CalibrationError(f"the decode round at concurrency {concurrency} gave no "
-                                               "inter-token latencies (does the server stream tokens?)")
-                    decode_points.append(DecodePoint(concurrency, float(itl)))
-                    progress(f"decode at concurrency {concurrency}: median ITL {float(itl):.2f} ms")
+            session = _Session(pool, spec, codec_for(client), plan, progress)
+            await session.warm_up(lengths)
+            points = await session.length_points(lengths)
+            decode_points = await session.decode_points(min(lengths)) if decode else []
     finally:
         pool.close()
     return Measurements(points=tuple(points), decode=tuple(decode_points))
+
+
+class _Session:
+    """One :func:`measure`: its pool, load, tokenizer and plan, and the rounds it sends."""
+
+    def __init__(self, pool: StreamPool, spec: LoadSpec, codec: TokenCodec, plan: CalibrationPlan,
+                 progress: Callable[[str], None]) -> None:
+        self.pool = pool
+        self.spec = spec
+        self.codec = codec
+        self.plan = plan
+        self.progress = progress
+
+    async def prompts(self, n: int, count: int, output_len: int, trial: int) -> list[Prompt]:
+        return await build_prompts(self.codec, dataset="random", input_len=n, output_len=output_len,
+                                   num_prompts=count, seed=self.plan.seed, trial=trial)
+
+    async def trusted(self, what: str, attempt_rounds: Callable[[int], Awaitable[list[RoundResult]]]
+                      ) -> list[RoundResult]:
+        """Rounds the client's guard trusts: a spoiled attempt is measured again with new
+        prompts (a neighbour's burst on a shared machine), up to _ATTEMPTS times."""
+        reasons: list[str] = []
+        for attempt in range(_ATTEMPTS):
+            results = await attempt_rounds(attempt)
+            reasons = [r.invalid_reason for r in results if r.invalid_reason]
+            if not reasons:
+                return results
+            self.progress(f"{what}: not trustworthy ({reasons[0]}); measuring again with new prompts")
+        raise CalibrationError(f"{what}: the client's guard rejected {_ATTEMPTS} attempts (last: "
+                               f"{reasons[0]}); run calibrate on a quieter machine")
+
+    async def warm_up(self, lengths: Sequence[int]) -> None:
+        # A server's first requests of each new length pay one-off costs (kernels built for
+        # new shapes: on vLLM's CPU build the first pass over the lengths ran 10-20% slower
+        # than the second), and so do its first loads from the tier: not measured.
+        plan = self.plan
+        self.progress(f"warming the server up ({len(lengths)} lengths, {' and '.join(plan.rounds)})")
+        for n in lengths:
+            batch = await self.prompts(n, 2, 2, trial=_WARMUP_TRIAL)
+            for round_name in plan.rounds:
+                _no_failures(await run_round(self.pool, self.spec, batch, round_name), "warm-up", n)
+
+    async def length_points(self, lengths: Sequence[int]) -> list[LengthPoint]:
+        # The prompts of a length are split over passes that go up the lengths, then down:
+        # a machine that drifts slower during the run slows every length alike, not the last ones.
+        plan = self.plan
+        ttfts: dict[tuple[int, str], list[float]] = {(n, r): [] for n in lengths for r in plan.rounds}
+        for index, count in enumerate(_pass_sizes(plan.prompts, plan.passes)):
+            for n in lengths if index % 2 == 0 else lengths[::-1]:
+                async def length_rounds(attempt: int, n: int = n, index: int = index,
+                                        count: int = count) -> list[RoundResult]:
+                    batch = await self.prompts(n, count, plan.output_len, trial=index + _RETRY_TRIAL * attempt)
+                    return [_no_failures(await run_round(self.pool, self.spec, batch, r), r, n) for r in plan.rounds]
+
+                for result in await self.trusted(f"{n} tokens (pass {index + 1})", length_rounds):
+                    ttfts[n, result.round] += [1000.0 * r.ttft for r in result.records]
+        held_out = set(plan.holdout_lens)
+        points = []
+        for (n, round_name), values in ttfts.items():
+            point = LengthPoint(n, round_name, statistics.median(values), tuple(values), held_out=n in held_out)
+            points.append(point)
+            self.progress(f"{round_name:4} {n:>6} tokens: median TTFT {point.median_ttft_ms:8.1f} ms"
+                          f"{'  (held out)' if point.held_out else ''}")
+        return points
+
+    async def decode_points(self, short: int) -> list[DecodePoint]:
+        """The median ITL alone and at the plan's decode concurrency, on the shortest length."""
+        points = []
+        for concurrency in (1, self.plan.decode_concurrency):
+            async def decode_round(attempt: int, c: int = concurrency) -> list[RoundResult]:
+                batch = await self.prompts(short, max(_DECODE_PROMPTS, 2 * c), _DECODE_OUTPUT_LEN,
+                                           trial=_DECODE_TRIAL + c + _RETRY_TRIAL * attempt)
+                result = await run_round(self.pool, replace(self.spec, max_concurrency=c), batch, "decode")
+                return [_no_failures(result, "decode", short)]
+
+            [result] = await self.trusted(f"decode at concurrency {concurrency}", decode_round)
+            itl = result.summary.get("median_itl_ms")
+            if itl is None:
+                raise CalibrationError(f"the decode round at concurrency {concurrency} gave no "
+                                       "inter-token latencies (does the server stream tokens?)")
+            points.append(DecodePoint(concurrency, float(itl)))
+            self.progress(f"decode at concurrency {concurrency}: median ITL {float(itl):.2f} ms")
+        return points
 
 
 def _pass_sizes(prompts: int, passes: int) -> list[int]:
@@ -320,7 +346,7 @@ def fit_ttft(measurements: Measurements, plan: CalibrationPlan, kv_bytes_per_tok
     if len({p.input_len for p in cold}) < 3:
         raise CalibrationError("fewer than 3 cold input lengths were measured; nothing to fit")
     points = cold + (measurements.fitted("warm") if plan.backend != "none" else [])
-    rows = []
+    rows: list[tuple[float, ...]] = []
     for p in points:
         n = p.input_len
         cached = cached_tokens(n, plan.chunk_size) if p.round == "warm" else 0
@@ -404,8 +430,12 @@ class CalibrationResult:
 
 
 def _codec_factory(tokenizer: str | None, model: str) -> Callable[[object], TokenCodec]:
-    local = LocalTokenizer(tokenizer) if tokenizer else None
-    return lambda client: local or ServerTokenizer(client, model)
+    local: TokenCodec | None = LocalTokenizer(tokenizer) if tokenizer else None
+
+    def codec_for(client: object) -> TokenCodec:
+        return local or ServerTokenizer(client, model)
+
+    return codec_for
 
 
 def calibrate(plan: CalibrationPlan, server: ServerSettings, *, out: Path, work_dir: Path,

@@ -422,117 +422,162 @@ def _no_gpu(gpu: GpuFacts) -> str:
     return f"no GPU ({gpu.error})"
 
 
-def verdicts(r: Report) -> dict[str, Verdict]:
-    """One verdict per backend marker (:data:`models.BACKENDS`), from the findings alone."""
-    from .backends.probe import StackProbe
-    from .backends.vllm import mp_missing
-    from .models import BACKENDS
+@dataclass(frozen=True)
+class _Findings:
+    """What every backend's verdict reads: the report and the stack's summary lines."""
 
-    gpu_ok = r.gpu.count > 0 and r.gpu.error is None
-    s = r.stack
-    vllm = s.vllm_version is not None
-    no_vllm = (f"vLLM is not installed for {s.python}" + (f" ({s.error})" if s.error else ""))
-    build = "CPU build" if s.vllm_cpu_build else "GPU build"
-    if not vllm:
-        real = "vLLM not installed: emulator only"
-    elif s.lmcache_version is None:
-        real = f"vLLM {s.vllm_version} without LMCache: offload backends on the emulator only"
-    elif gpu_ok:
-        real = f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} in-process"
-    elif s.lmcache_mp:
-        real = f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} MP mode"
-    else:
-        real = f"vLLM {s.vllm_version} without GPU and LMCache without MP server: emulator only"
+    r: Report
+    gpu_ok: bool
+    vllm: bool
+    build: str
+    #: the real stack this machine can run, in one line
+    real: str
 
-    def needs_stack(reasons: list[str], fixes: list[str], *, gpu: bool, lmcache: bool = True,
+    @classmethod
+    def of(cls, r: Report) -> _Findings:
+        s = r.stack
+        gpu_ok = r.gpu.count > 0 and r.gpu.error is None
+        build = "CPU build" if s.vllm_cpu_build else "GPU build"
+        if s.vllm_version is None:
+            real = "vLLM not installed: emulator only"
+        elif s.lmcache_version is None:
+            real = f"vLLM {s.vllm_version} without LMCache: offload backends on the emulator only"
+        elif gpu_ok:
+            real = f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} in-process"
+        elif s.lmcache_mp:
+            real = f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} MP mode"
+        else:
+            real = f"vLLM {s.vllm_version} without GPU and LMCache without MP server: emulator only"
+        return cls(r=r, gpu_ok=gpu_ok, vllm=s.vllm_version is not None, build=build, real=real)
+
+    def needs_stack(self, reasons: list[str], fixes: list[str], *, gpu: bool, lmcache: bool = True,
                     gpu_fix: str = "run on a GPU runner") -> None:
-        if gpu and not gpu_ok:
-            reasons.append(_no_gpu(r.gpu))
+        s = self.r.stack
+        if gpu and not self.gpu_ok:
+            reasons.append(_no_gpu(self.r.gpu))
             fixes.append(gpu_fix)
-        if not vllm:
-            reasons.append(no_vllm)
+        if not self.vllm:
+            reasons.append(f"vLLM is not installed for {s.python}" + (f" ({s.error})" if s.error else ""))
             fixes.append(GET_VLLM)
         elif lmcache and s.lmcache_version is None:
             reasons.append(f"LMCache is not installed next to vLLM ({s.python})")
             fixes.append(f"{s.python} -m pip install lmcache")
 
-    def verdict(reasons: list[str], fixes: list[str], how: str = "") -> Verdict:
-        if reasons:
-            return Verdict(False, ", ".join(reasons), "; ".join(dict.fromkeys(fixes)))
-        return Verdict(True, how=how)
 
+def _verdict(reasons: list[str], fixes: list[str], how: str = "") -> Verdict:
+    if reasons:
+        return Verdict(False, ", ".join(reasons), "; ".join(dict.fromkeys(fixes)))
+    return Verdict(True, how=how)
+
+
+def verdicts(r: Report) -> dict[str, Verdict]:
+    """One verdict per backend marker (:data:`models.BACKENDS`), from the findings alone."""
+    from .models import BACKENDS
+
+    f = _Findings.of(r)
+    s = r.stack
     out: dict[str, Verdict] = {}
     for name in BACKENDS:
-        reasons: list[str] = []
-        fixes: list[str] = []
         if name == "none":
-            out[name] = verdict([], [], "emulator" + (f"; vLLM {s.vllm_version} ({build})" if vllm else
-                                                      "; vLLM not installed: " + GET_VLLM))
+            out[name] = _verdict([], [], "emulator" + (f"; vLLM {s.vllm_version} ({f.build})" if f.vllm else
+                                                       "; vLLM not installed: " + GET_VLLM))
         elif name in ("cpu", "disk"):
-            out[name] = verdict([], [], f"emulator; {real}")
+            out[name] = _verdict([], [], f"emulator; {f.real}")
         elif name == "waterfall":
-            out[name] = verdict([], [], "emulator only")
+            out[name] = _verdict([], [], "emulator only")
         elif name == "redis":
-            if r.redis.url:
-                if not r.redis.reachable:
-                    reasons.append(f"Redis at {r.redis.url} is unreachable ({r.redis.error})")
-                    fixes.append("start Redis there, or give a reachable --kv-redis-url (or none: the plugin "
-                                 "starts redis-server)")
-                how = f"emulator and {real}; Redis at {r.redis.url}"
-            else:
-                if not r.redis.server:
-                    reasons.append("redis-server is not installed and no --kv-redis-url was given")
-                    fixes.append("install redis-server (apt-get install redis-server) or pass --kv-redis-url "
-                                 "redis://HOST:PORT of a running Redis")
-                how = f"emulator and {real}; the plugin starts {r.redis.server}"
-            if vllm and s.lmcache_version and not gpu_ok and s.l2_adapters and "resp" not in s.l2_adapters:
-                how += " (note: this LMCache has no resp L2 adapter for MP mode)"
-            out[name] = verdict(reasons, fixes, how)
+            out[name] = _redis_verdict(f)
         elif name == "gds":
-            if not gpu_ok:
-                reasons.append(_no_gpu(r.gpu))
-                fixes.append("run on a GPU runner with GPUDirect Storage")
-            if not r.gds.cufile:
-                reasons.append("no cuFile library (libcufile.so)")
-                fixes.append("install NVIDIA GDS (nvidia-gds, libcufile) with the CUDA toolkit")
-            if not r.gds.path:
-                reasons.append("no GDS mount given")
-                fixes.append("pass --kv-gds-path DIR on a GDS-capable mount")
-            elif r.gds.error:
-                reasons.append(f"GDS path: {r.gds.error}")
-                fixes.append("give --kv-gds-path a folder on a local NVMe or GDS-capable file system "
-                             "(ext4/xfs on NVMe, not tmpfs or overlay)")
-            needs_stack(reasons, fixes, gpu=False)
-            out[name] = verdict(reasons, fixes, f"{real}; {r.gds.path} ({r.gds.fstype})")
+            out[name] = _gds_verdict(f)
         elif name == "native":
-            needs_stack(reasons, fixes, gpu=True, lmcache=False)
-            if vllm and s.vllm_cpu_build:
-                reasons.append(f"vLLM {s.vllm_version} is the CPU build")
-                fixes.append("pip install vllm (the GPU build) on a GPU runner")
-            out[name] = verdict(reasons, fixes, f"vLLM {s.vllm_version} native offloading")
+            out[name] = _native_verdict(f)
         elif name in ("lmcache_server", "mooncake"):
-            # the plugin's own rule (backends.vllm.mp_missing): without a GPU only LMCache's
-            # multi-process server can serve it, where it has an adapter for it
-            mp_reason = mp_missing(name, StackProbe(lmcache_version=s.lmcache_version,
-                                                    lmcache_l2_adapters=frozenset(s.l2_adapters),
-                                                    lmcache_extensions=frozenset(s.lmcache_extensions)))
-            mp_ok = vllm and s.lmcache_version is not None and s.lmcache_mp and mp_reason is None
-            needs_stack(reasons, fixes, gpu=not mp_ok,
-                        gpu_fix=f"run on a GPU runner ({name} needs LMCache's in-process connector there)")
-            if vllm and s.lmcache_version and not gpu_ok and mp_reason:
-                reasons.append(f"without a GPU: {mp_reason}")
-                if name == "mooncake":
-                    fixes.append("or build LMCache from source against Mooncake (MOONCAKE_INCLUDE_DIR) for its "
-                                 "multi-process mode")
-            if name == "mooncake" and not (s.tool("mooncake_master") or s.mooncake_version):
-                reasons.append("Mooncake is not installed (no mooncake_master, no mooncake-transfer-engine)")
-                fixes.append(f"{s.python} -m pip install mooncake-transfer-engine"
-                             + ("" if gpu_ok else " (mooncake-transfer-engine-non-cuda without CUDA)"))
-            out[name] = verdict(reasons, fixes, real if gpu_ok or not mp_ok else
-                                f"vLLM {s.vllm_version} ({build}) with LMCache {s.lmcache_version} MP mode")
+            out[name] = _connector_verdict(f, name)
         else:  # pragma: no cover - a backend added to BACKENDS without a rule here
             out[name] = Verdict(False, "doctor has no rule for this backend", "update pytest_kvcache/doctor.py")
     return out
+
+
+def _redis_verdict(f: _Findings) -> Verdict:
+    r, s = f.r, f.r.stack
+    reasons: list[str] = []
+    fixes: list[str] = []
+    if r.redis.url:
+        if not r.redis.reachable:
+            reasons.append(f"Redis at {r.redis.url} is unreachable ({r.redis.error})")
+            fixes.append("start Redis there, or give a reachable --kv-redis-url (or none: the plugin "
+                         "starts redis-server)")
+        how = f"emulator and {f.real}; Redis at {r.redis.url}"
+    else:
+        if not r.redis.server:
+            reasons.append("redis-server is not installed and no --kv-redis-url was given")
+            fixes.append("install redis-server (apt-get install redis-server) or pass --kv-redis-url "
+                         "redis://HOST:PORT of a running Redis")
+        how = f"emulator and {f.real}; the plugin starts {r.redis.server}"
+    if f.vllm and s.lmcache_version and not f.gpu_ok and s.l2_adapters and "resp" not in s.l2_adapters:
+        how += " (note: this LMCache has no resp L2 adapter for MP mode)"
+    return _verdict(reasons, fixes, how)
+
+
+def _gds_verdict(f: _Findings) -> Verdict:
+    r = f.r
+    reasons: list[str] = []
+    fixes: list[str] = []
+    if not f.gpu_ok:
+        reasons.append(_no_gpu(r.gpu))
+        fixes.append("run on a GPU runner with GPUDirect Storage")
+    if not r.gds.cufile:
+        reasons.append("no cuFile library (libcufile.so)")
+        fixes.append("install NVIDIA GDS (nvidia-gds, libcufile) with the CUDA toolkit")
+    if not r.gds.path:
+        reasons.append("no GDS mount given")
+        fixes.append("pass --kv-gds-path DIR on a GDS-capable mount")
+    elif r.gds.error:
+        reasons.append(f"GDS path: {r.gds.error}")
+        fixes.append("give --kv-gds-path a folder on a local NVMe or GDS-capable file system "
+                     "(ext4/xfs on NVMe, not tmpfs or overlay)")
+    f.needs_stack(reasons, fixes, gpu=False)
+    return _verdict(reasons, fixes, f"{f.real}; {r.gds.path} ({r.gds.fstype})")
+
+
+def _native_verdict(f: _Findings) -> Verdict:
+    s = f.r.stack
+    reasons: list[str] = []
+    fixes: list[str] = []
+    f.needs_stack(reasons, fixes, gpu=True, lmcache=False)
+    if f.vllm and s.vllm_cpu_build:
+        reasons.append(f"vLLM {s.vllm_version} is the CPU build")
+        fixes.append("pip install vllm (the GPU build) on a GPU runner")
+    return _verdict(reasons, fixes, f"vLLM {s.vllm_version} native offloading")
+
+
+def _connector_verdict(f: _Findings, name: str) -> Verdict:
+    """lmcache_server and mooncake: LMCache's connector to a remote store."""
+    from .backends.probe import StackProbe
+    from .backends.vllm import mp_missing
+
+    s = f.r.stack
+    reasons: list[str] = []
+    fixes: list[str] = []
+    # the plugin's own rule (backends.vllm.mp_missing): without a GPU only LMCache's
+    # multi-process server can serve it, where it has an adapter for it
+    mp_reason = mp_missing(name, StackProbe(lmcache_version=s.lmcache_version,
+                                            lmcache_l2_adapters=frozenset(s.l2_adapters),
+                                            lmcache_extensions=frozenset(s.lmcache_extensions)))
+    mp_ok = f.vllm and s.lmcache_version is not None and s.lmcache_mp and mp_reason is None
+    f.needs_stack(reasons, fixes, gpu=not mp_ok,
+                  gpu_fix=f"run on a GPU runner ({name} needs LMCache's in-process connector there)")
+    if f.vllm and s.lmcache_version and not f.gpu_ok and mp_reason:
+        reasons.append(f"without a GPU: {mp_reason}")
+        if name == "mooncake":
+            fixes.append("or build LMCache from source against Mooncake (MOONCAKE_INCLUDE_DIR) for its "
+                         "multi-process mode")
+    if name == "mooncake" and not (s.tool("mooncake_master") or s.mooncake_version):
+        reasons.append("Mooncake is not installed (no mooncake_master, no mooncake-transfer-engine)")
+        fixes.append(f"{s.python} -m pip install mooncake-transfer-engine"
+                     + ("" if f.gpu_ok else " (mooncake-transfer-engine-non-cuda without CUDA)"))
+    return _verdict(reasons, fixes, f.real if f.gpu_ok or not mp_ok else
+                    f"vLLM {s.vllm_version} ({f.build}) with LMCache {s.lmcache_version} MP mode")
 
 
 def diagnose(*, python: str | None = None, gds_path: str | None = None, redis_url: str | None = None,
@@ -609,7 +654,7 @@ def text_lines(r: Report) -> list[str]:
         lines.append("            (no scenario sets kv_target_gb)")
     if r.model:
         lines.append(f"  model:    {r.model.path}: " + (f"{r.model.kv_bytes_per_token:,} KV bytes per token"
-                                                        if r.model.kv_bytes_per_token else r.model.error))
+                                                        if r.model.kv_bytes_per_token else str(r.model.error)))
     lines.append("")
     lines += [v.line(name) for name, v in verdicts(r).items()]
     return lines

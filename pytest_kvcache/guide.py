@@ -121,12 +121,12 @@ class SessionGuide:
                 close = difflib.get_close_matches(word, sorted(markers), n=1)
                 lines.append(f"  -m {expression}: no item has the marker '{word}'"
                              + (f"; did you mean {close[0]}?" if close else ""))
-        for option, values, have, show in (
+        for option, given, have, show in (
                 ("input-len", config.getoption("input_len"), set(lengths), format_tokens),
                 ("backend", config.getoption("backend"), set(backends), str),
                 ("concurrency", config.getoption("concurrency"), set(values("concurrency")), str),
                 ("output-len", config.getoption("output_len"), set(values("output_len")), str)):
-            missing = [v for group in values or () for v in group if v not in have]
+            missing = [v for group in given or () for v in group if v not in have]
             if missing:
                 lines.append(f"  --{option} {','.join(show(v) for v in missing)}: no item has "
                              + ("these values" if len(missing) > 1 else "this value"))

@@ -37,13 +37,14 @@ import gc
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from typing_extensions import Self
 
-from ._http import HTTPStreamError, StreamPool, split_events
+from ._http import HTTPStreamError, StreamConnection, StreamPool, split_events
 from .metrics import percentile, summarize
 from .models import RequestRecord, RoundResult
 from .workloads import Prompt
@@ -325,17 +326,21 @@ class _Decoder:
             self._task.cancel()
 
 
+@dataclass
+class _Answer:
+    """What a response's events said, filled in as they are decoded."""
+
+    chunk_times: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    usage: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
 async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Prompt, request: bytes,
                        scheduled: float, slots: asyncio.Semaphore, track: _Tracker, decoder: _Decoder,
                        on_done: Callable[[], None] | None) -> RequestRecord:
-    chunk_times: list[float] = []
-    chunk_tokens: list[int] = []
-    texts: list[str] = []
-    usage_seen: dict = {}
-    extras: dict = {}
     error = None
-    status = None
-    pieces: list = []
     queued = slots.locked()
     if queued:
         track.waiting(index, time.perf_counter())
@@ -345,48 +350,25 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
         try:
             conn = await pool.acquire()
             start = conn.send(request)  # the stamp is taken right before its own write
-            async with asyncio.timeout(spec.timeout_s):
-                await conn.wait()
+            if sys.version_info >= (3, 11):
+                async with asyncio.timeout(spec.timeout_s):
+                    await conn.wait()
+            else:  # asyncio.timeout is 3.11's; wait_for costs a task per request
+                await asyncio.wait_for(conn.wait(), spec.timeout_s)
         except HTTPStreamError as exc:
             error = str(exc)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on
             error = f"timeout: no complete response within {spec.timeout_s:g}s"
         except OSError as exc:
             error = f"connection error: {exc}"
         end = time.perf_counter()
         if start is None:
             start = end
-        done_at = end
-        if conn is not None:
-            pieces = conn.pieces
-            if pieces:
-                done_at = min(end, pieces[-1][0])
-            if error is None and conn.error:
-                error = conn.error
-            status = conn.status
-            pool.release(conn)  # hand the slot on before any decoding
+        done_at, status, pieces, error = _hand_back(pool, conn, end, error)
     track.ran(index, start, done_at, queued)
-    if status is not None and status != 200:
-        if error is None or error.startswith("connection closed"):
-            body = b"".join(p for _, p in pieces).decode("utf-8", "replace")
-            error = f"HTTP {status}: {body[:300]}"
-    elif status == 200:
-        def decode():
-            finished, rest = yield from _decode(pieces, chunk_times, chunk_tokens, usage_seen, extras, texts)
-            if rest.strip():
-                raise _StreamError(f"stream ended inside an SSE event: {rest[:120]!r}")
-            if not finished:
-                raise _StreamError("stream ended before [DONE]")
-            if not chunk_times:
-                raise _StreamError("stream finished without any text")
-
-        try:
-            await decoder.run(decode())
-        except _StreamError as exc:
-            if error is None:
-                error = str(exc)
-    if "server_timing" in extras:
-        track.server_timing[index] = extras["server_timing"]
+    answer, error = await _read_answer(status, pieces, error, decoder)
+    if "server_timing" in answer.extras:
+        track.server_timing[index] = answer.extras["server_timing"]
     if on_done is not None:
         on_done()
     return RequestRecord(
@@ -396,14 +378,58 @@ async def _one_request(pool: StreamPool, spec: LoadSpec, index: int, prompt: Pro
         scheduled=scheduled,
         start=start,
         end=end,
-        chunk_times=tuple(chunk_times),
-        chunk_tokens=tuple(chunk_tokens),
-        prompt_tokens_reported=usage_seen.get("prompt_tokens"),
-        output_tokens_reported=usage_seen.get("completion_tokens"),
+        chunk_times=tuple(answer.chunk_times),
+        chunk_tokens=tuple(answer.chunk_tokens),
+        prompt_tokens_reported=answer.usage.get("prompt_tokens"),
+        output_tokens_reported=answer.usage.get("completion_tokens"),
         error=error,
-        text="".join(texts),
-        first_chars=len(texts[0]) if texts else 0,
+        text="".join(answer.texts),
+        first_chars=len(answer.texts[0]) if answer.texts else 0,
     )
+
+
+def _hand_back(pool: StreamPool, conn: StreamConnection | None, end: float, error: str | None
+               ) -> tuple[float, int | None, list, str | None]:
+    """Return the connection to the pool (before any decoding, so the slot moves on);
+    returns when the response's last byte arrived, its status, its reads and the error."""
+    if conn is None:
+        return end, None, [], error
+    pieces = conn.pieces
+    done_at = min(end, pieces[-1][0]) if pieces else end
+    if error is None and conn.error:
+        error = conn.error
+    status = conn.status
+    pool.release(conn)
+    return done_at, status, pieces, error
+
+
+async def _read_answer(status: int | None, pieces: list, error: str | None, decoder: _Decoder
+                       ) -> tuple[_Answer, str | None]:
+    """The response's events decoded (a 200) or its body as the error (another status)."""
+    answer = _Answer()
+    if status is not None and status != 200:
+        if error is None or error.startswith("connection closed"):
+            body = b"".join(p for _, p in pieces).decode("utf-8", "replace")
+            error = f"HTTP {status}: {body[:300]}"
+    elif status == 200:
+        try:
+            await decoder.run(_decode_answer(pieces, answer))
+        except _StreamError as exc:
+            if error is None:
+                error = str(exc)
+    return answer, error
+
+
+def _decode_answer(pieces: list, answer: _Answer) -> Generator[None, None, None]:
+    """:func:`_decode` into ``answer``; a stream cut short or without text is an error."""
+    finished, rest = yield from _decode(pieces, answer.chunk_times, answer.chunk_tokens, answer.usage,
+                                        answer.extras, answer.texts)
+    if rest.strip():
+        raise _StreamError(f"stream ended inside an SSE event: {rest[:120]!r}")
+    if not finished:
+        raise _StreamError("stream ended before [DONE]")
+    if not answer.chunk_times:
+        raise _StreamError("stream finished without any text")
 
 
 class _Tracker:
@@ -522,9 +548,7 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
                                   on_request_done)
 
     if start_at is not None and start_at > perf():
-        await asyncio.sleep(max(0.0, start_at - perf() - 0.002))
-        while perf() < start_at:  # the last 2 ms in small steps: asyncio's sleep is ms-coarse
-            await asyncio.sleep(0)
+        await _sleep_until(start_at)
     with _LagMonitor() as lag:
         t0 = perf() if start_at is None else start_at
         try:
@@ -536,48 +560,10 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
         finished = max((done for _, done in track.runs), default=None)
         duration = finished - t0 if finished is not None and finished > t0 else perf() - t0
     summary = summarize(records, duration)
-    reasons: list[str] = []
-
-    p99_lag = lag.percentile_ms(99)
-    limit = max(spec.max_loop_lag_ms, 0.05 * (summary["median_ttft_ms"] or 0.0))
-    summary["loop_lag_p99_ms"] = p99_lag
-    # With the kernel's receive stamps a late loop no longer makes a stamp late (a start
-    # stamp is taken at the send itself); what lag still costs, fewer requests in flight,
-    # the delivered-load checks below see.
-    if p99_lag > limit and not pool.kernel_stamps:
-        reasons.append(f"the client's event loop lagged {p99_lag:.1f} ms at the 99th percentile (limit {limit:.1f} ms): "
-                       "timestamps may be late; reduce concurrency or spread the load over client processes "
-                       "(--kv-client-processes)")
-
-    delivered, wait_span = _delivered_concurrency(track.runs, track.wait_spans)
-    summary["configured_concurrency"] = spec.max_concurrency
-    summary["delivered_concurrency"] = delivered
-    summary["concurrency_ratio"] = None if delivered is None else delivered / spec.max_concurrency
-    # At concurrency 1 nothing queues on the server: a gap between one request and the
-    # next changes no request's latency, so only higher concurrencies are held to the floor.
-    if (spec.max_concurrency > 1 and delivered is not None and wait_span > 0.001
-            and delivered < spec.min_concurrency_ratio * spec.max_concurrency):
-        reasons.append(f"the client delivered {delivered:.1f} requests in flight on average while requests waited "
-                       f"for a slot, configured {spec.max_concurrency} (floor {spec.min_concurrency_ratio:.0%}): "
-                       "it could not start requests fast enough")
-
-    if not math.isinf(spec.request_rate):
-        summary["configured_request_rate"] = spec.request_rate
-        issued = [track.issued[i] for i in range(len(prompts)) if i in track.issued]
-        lateness = sorted(track.issued[i] - (t0 + offsets[i]) for i in track.issued)
-        summary["p99_arrival_lateness_ms"] = percentile(lateness, 99) * 1000.0 if lateness else None
-        planned_span = offsets[-1] - offsets[0] if offsets else 0.0
-        actual_span = (max(issued) - min(issued)) if len(issued) > 1 else 0.0
-        if len(issued) > 1 and planned_span > 0 and actual_span > 0:
-            intended = (len(issued) - 1) / planned_span
-            delivered_rate = (len(issued) - 1) / actual_span
-            summary["scheduled_request_rate"] = intended
-            summary["delivered_request_rate"] = delivered_rate
-            summary["request_rate_ratio"] = delivered_rate / intended
-            if delivered_rate < spec.min_rate_ratio * intended:
-                reasons.append(f"the client issued {delivered_rate:.2f} requests/s against a schedule of "
-                               f"{intended:.2f}/s (configured {spec.request_rate:g}/s, floor "
-                               f"{spec.min_rate_ratio:.0%}): it could not keep up with the arrival rate")
+    reasons = [reason for reason in (_lag_check(summary, lag.percentile_ms(99), spec, pool.kernel_stamps),
+                                     _concurrency_check(summary, track, spec),
+                                     _rate_check(summary, track, offsets, t0, spec))
+               if reason is not None]
     if server_timings is not None:
         server_timings.update(track.server_timing)
     return RoundResult(
@@ -589,3 +575,65 @@ async def run_round(pool: StreamPool, spec: LoadSpec, prompts: Sequence[Prompt],
         invalid_reason="; ".join(reasons) or None,
         client_stamps="kernel" if pool.kernel_stamps else "user",
     )
+
+
+async def _sleep_until(start_at: float) -> None:
+    perf = time.perf_counter
+    await asyncio.sleep(max(0.0, start_at - perf() - 0.002))
+    while perf() < start_at:  # the last 2 ms in small steps: asyncio's sleep is ms-coarse
+        await asyncio.sleep(0)
+
+
+def _lag_check(summary: dict, p99_lag: float, spec: LoadSpec, kernel_stamps: bool) -> str | None:
+    """Guard (a): the event loop's lag, where it can make a stamp late."""
+    limit = max(spec.max_loop_lag_ms, 0.05 * (summary["median_ttft_ms"] or 0.0))
+    summary["loop_lag_p99_ms"] = p99_lag
+    # With the kernel's receive stamps a late loop no longer makes a stamp late (a start
+    # stamp is taken at the send itself); what lag still costs, fewer requests in flight,
+    # the delivered-load checks see.
+    if p99_lag > limit and not kernel_stamps:
+        return (f"the client's event loop lagged {p99_lag:.1f} ms at the 99th percentile (limit {limit:.1f} ms): "
+                "timestamps may be late; reduce concurrency or spread the load over client processes "
+                "(--kv-client-processes)")
+    return None
+
+
+def _concurrency_check(summary: dict, track: _Tracker, spec: LoadSpec) -> str | None:
+    """Guard (b): the requests in flight while requests waited for a slot."""
+    delivered, wait_span = _delivered_concurrency(track.runs, track.wait_spans)
+    summary["configured_concurrency"] = spec.max_concurrency
+    summary["delivered_concurrency"] = delivered
+    summary["concurrency_ratio"] = None if delivered is None else delivered / spec.max_concurrency
+    # At concurrency 1 nothing queues on the server: a gap between one request and the
+    # next changes no request's latency, so only higher concurrencies are held to the floor.
+    if (spec.max_concurrency > 1 and delivered is not None and wait_span > 0.001
+            and delivered < spec.min_concurrency_ratio * spec.max_concurrency):
+        return (f"the client delivered {delivered:.1f} requests in flight on average while requests waited "
+                f"for a slot, configured {spec.max_concurrency} (floor {spec.min_concurrency_ratio:.0%}): "
+                "it could not start requests fast enough")
+    return None
+
+
+def _rate_check(summary: dict, track: _Tracker, offsets: Sequence[float], t0: float, spec: LoadSpec
+                ) -> str | None:
+    """Guard (c): the delivered request rate against the seeded schedule's."""
+    if math.isinf(spec.request_rate):
+        return None
+    summary["configured_request_rate"] = spec.request_rate
+    issued = [track.issued[i] for i in range(len(offsets)) if i in track.issued]
+    lateness = sorted(track.issued[i] - (t0 + offsets[i]) for i in track.issued)
+    summary["p99_arrival_lateness_ms"] = percentile(lateness, 99) * 1000.0 if lateness else None
+    planned_span = offsets[-1] - offsets[0] if offsets else 0.0
+    actual_span = (max(issued) - min(issued)) if len(issued) > 1 else 0.0
+    if len(issued) <= 1 or planned_span <= 0 or actual_span <= 0:
+        return None
+    intended = (len(issued) - 1) / planned_span
+    delivered_rate = (len(issued) - 1) / actual_span
+    summary["scheduled_request_rate"] = intended
+    summary["delivered_request_rate"] = delivered_rate
+    summary["request_rate_ratio"] = delivered_rate / intended
+    if delivered_rate < spec.min_rate_ratio * intended:
+        return (f"the client issued {delivered_rate:.2f} requests/s against a schedule of "
+                f"{intended:.2f}/s (configured {spec.request_rate:g}/s, floor "
+                f"{spec.min_rate_ratio:.0%}): it could not keep up with the arrival rate")
+    return None

@@ -58,7 +58,7 @@ import itertools
 import json
 import math
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -296,13 +296,48 @@ def _check_expanded(root: Any, path: Path | str) -> None:
         stack.extend((k, False) for k in children(node))
 
 
+@dataclass(frozen=True)
+class _Settings:
+    """What a scenario file sets for every item of its matrix, validated."""
+
+    rounds: tuple[str, ...]
+    measure: str
+    trials: int
+    seed: int
+    api: str
+    request_rate: float
+    burstiness: float
+    thresholds: tuple[MetricThreshold, ...] | None  # None: each item's defaults
+    reference: str | None
+    options_json: str
+    warmup: int
+    slos: tuple[tuple[str, float], ...]
+    check_outputs: bool | None
+
+
 def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if not isinstance(data, dict):
         raise ScenarioError(path, "<top>", "a scenario file must hold a mapping with at least 'name' and 'matrix'")
     unknown = sorted(set(map(str, data)) - TOP_KEYS)
     if unknown:
         raise ScenarioError(path, _key(unknown[0]), f"unknown key; allowed keys: {', '.join(sorted(TOP_KEYS))}")
+    name, phase = _name_and_phase(data, path)
+    description = data.get("description", "")
+    if isinstance(description, (list, dict)):
+        raise ScenarioError(path, "description", "must be text (one string)")
+    matrix = _matrix(data, path)
+    dims = _dimensions(data, matrix, path)
+    settings = _settings(data, dims, path)
+    kv_per_token = _kv_per_token(data, dims, matrix, path)
+    options = json.loads(settings.options_json) if settings.options_json else {}
+    _output_len_from_options(dims, options, matrix, data, path)
+    cases = _cases(name, phase, settings, dims, matrix, options, kv_per_token, path)
+    if not cases:
+        raise ScenarioError(path, "paired_with", "leaves no item: every backend of the matrix is the reference")
+    return Scenario(name=name, path=str(path), phase=phase, description=str(description).strip(), cases=cases)
 
+
+def _name_and_phase(data: dict, path: Path | str) -> tuple[str, str]:
     name = _require(data, "name", path)
     if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > MAX_NAME_CHARS:
         raise ScenarioError(path, "name", f"{_show(name)} must be an identifier (letters, digits, _) of at most "
@@ -312,20 +347,24 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     phase = data.get("phase", name)
     if phase not in PHASES:
         raise ScenarioError(path, "phase", f"{_show(phase)} is not a known phase; use one of: {', '.join(PHASES)}")
-    description = data.get("description", "")
-    if isinstance(description, (list, dict)):
-        raise ScenarioError(path, "description", "must be text (one string)")
-    description = str(description).strip()
+    return name, phase
 
+
+def _matrix(data: dict, path: Path | str) -> dict:
     matrix = _require(data, "matrix", path)
     if not isinstance(matrix, dict) or not matrix:
-        raise ScenarioError(path, "matrix", "must be a mapping of dimension -> list of values, e.g. {backend: [none, cpu]}")
+        raise ScenarioError(path, "matrix",
+                            "must be a mapping of dimension -> list of values, e.g. {backend: [none, cpu]}")
     for key in matrix:
         if key not in MATRIX_KEYS:
             raise ScenarioError(path, f"matrix.{_key(key)}", f"unknown dimension; allowed: {', '.join(MATRIX_KEYS)}")
         if key in data:
             raise ScenarioError(path, key, "given both at top level and in matrix; keep one")
+    return matrix
 
+
+def _dimensions(data: dict, matrix: dict, path: Path | str) -> dict[str, list[Any]]:
+    """Each matrix key's checked values (from the matrix, the top level or the defaults)."""
     dims: dict[str, list[Any]] = {}
     for key in MATRIX_KEYS:
         where = f"matrix.{key}" if key in matrix else key
@@ -348,15 +387,12 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if items > MAX_ITEMS:  # before expanding: 8 x 200 x 200 x 200 is 64 million items
         raise ScenarioError(path, "matrix", f"makes {items:,} items ({' x '.join(str(len(v)) for v in dims.values())})"
                             f", more than {MAX_ITEMS:,}, the limit of a scenario file; split it or drop values")
+    return dims
 
-    rounds = data.get("rounds", DEFAULTS["rounds"])
-    if (not isinstance(rounds, list) or not rounds or any(r not in ROUNDS for r in rounds)
-            or len(set(rounds)) != len(rounds)):
-        raise ScenarioError(path, "rounds", f"{_show(rounds)} must be a non-empty list of {', '.join(ROUNDS)}, "
-                            "each at most once")
-    measure = data.get("measure", rounds[-1])
-    if measure not in rounds:
-        raise ScenarioError(path, "measure", f"{_show(measure)} must be one of the rounds {rounds}")
+
+def _settings(data: dict, dims: dict[str, list[Any]], path: Path | str) -> _Settings:
+    """The file's settings outside the matrix, checked in the order of the keys' documentation."""
+    rounds, measure = _rounds(data, path)
     trials = _positive_int(data.get("trials", DEFAULTS["trials"]), "trials", path, MAX_TRIALS)
     seed = data.get("seed", DEFAULTS["seed"])
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed <= _MAX_SEED:
@@ -365,12 +401,8 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if api not in APIS:
         raise ScenarioError(path, "api", f"{_show(api)} must be one of {', '.join(APIS)}")
     request_rate = _rate(data.get("request_rate", DEFAULTS["request_rate"]), path)
-    burstiness = data.get("burstiness", 1.0)
-    low, high = BURSTINESS_RANGE
-    if isinstance(burstiness, bool) or not isinstance(burstiness, (int, float)) or not low <= burstiness <= high:
-        raise ScenarioError(path, "burstiness", f"{_show(burstiness)} must be a number from {low:g} to {high:g} "
-                            "(1 = Poisson arrivals, smaller is burstier)")
-    explicit = _thresholds(data.get("thresholds"), path)
+    burstiness = _burstiness(data.get("burstiness", 1.0), path)
+    thresholds = _thresholds(data.get("thresholds"), path)
     reference = _paired_with(data.get("paired_with"), path)
     options_json = _dataset_options(data.get("dataset_options"), dims["dataset"], path)
     warmup = data.get("warmup_requests", 0)
@@ -381,11 +413,36 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
     if check is not None and not isinstance(check, bool):
         raise ScenarioError(path, "check_outputs", f"{_show(check)} must be true or false (default: true where "
                             "output_len > 1)")
-    kv_per_token = _kv_per_token(data, dims, matrix, path)
+    return _Settings(rounds=rounds, measure=measure, trials=trials, seed=seed, api=api, request_rate=request_rate,
+                     burstiness=burstiness, thresholds=thresholds, reference=reference, options_json=options_json,
+                     warmup=warmup, slos=slos, check_outputs=check)
 
-    options = json.loads(options_json) if options_json else {}
-    _output_len_from_options(dims, options, matrix, data, path)
+
+def _rounds(data: dict, path: Path | str) -> tuple[tuple[str, ...], str]:
+    rounds: Any = data.get("rounds", DEFAULTS["rounds"])
+    if (not isinstance(rounds, list) or not rounds or any(r not in ROUNDS for r in rounds)
+            or len(set(rounds)) != len(rounds)):
+        raise ScenarioError(path, "rounds", f"{_show(rounds)} must be a non-empty list of {', '.join(ROUNDS)}, "
+                            "each at most once")
+    measure: Any = data.get("measure", rounds[-1])
+    if measure not in rounds:
+        raise ScenarioError(path, "measure", f"{_show(measure)} must be one of the rounds {rounds}")
+    return tuple(rounds), measure
+
+
+def _burstiness(value: Any, path: Path | str) -> float:
+    low, high = BURSTINESS_RANGE
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise ScenarioError(path, "burstiness", f"{_show(value)} must be a number from {low:g} to {high:g} "
+                            "(1 = Poisson arrivals, smaller is burstier)")
+    return float(value)
+
+
+def _cases(name: str, phase: str, settings: _Settings, dims: dict[str, list[Any]], matrix: dict, options: dict,
+           kv_per_token: int, path: Path | str) -> tuple[ScenarioCase, ...]:
+    """One case for each combination of the matrix's values, each within the load limits."""
     varying = [k for k in MATRIX_KEYS if len(dims[k]) > 1]
+    reference = settings.reference
     cases = []
     for combo in itertools.product(*(dims[k] for k in MATRIX_KEYS)):
         values = dict(zip(MATRIX_KEYS, combo))
@@ -399,40 +456,43 @@ def parse_scenario(data: Any, path: Path | str) -> Scenario:
         case_id = _case_id(values, varying, reference)
         prompts_key = "kv_target_gb" if values["kv_target_gb"] else (
             "matrix.num_prompts" if "num_prompts" in matrix else "num_prompts")
-        _check_load(f"{name}[{case_id}]", values, options, warmup, request_rate, prompts_key, path)
-        cases.append(
-            ScenarioCase(
-                scenario=name,
-                path=str(path),
-                phase=phase,
-                case_id=case_id,
-                backend=values["backend"],
-                input_len=values["input_len"],
-                concurrency=values["concurrency"],
-                output_len=values["output_len"],
-                num_prompts=values["num_prompts"],
-                dataset=values["dataset"],
-                rounds=tuple(rounds),
-                measure_round=measure,
-                trials=trials,
-                seed=seed,
-                api=api,
-                request_rate=request_rate,
-                burstiness=float(burstiness),
-                thresholds=explicit if explicit is not None else default_thresholds(values["output_len"]),
-                reference_backend=reference,
-                dataset_options=options_json,
-                warmup_requests=warmup,
-                slos=slos,
-                kv_target_gb=float(values["kv_target_gb"]),
-                lmcache_mode=values["lmcache_mode"],
-                compares_lmcache_modes="lmcache_mode" in varying,
-                check_outputs=check,
-            )
-        )
-    if not cases:
-        raise ScenarioError(path, "paired_with", "leaves no item: every backend of the matrix is the reference")
-    return Scenario(name=name, path=str(path), phase=phase, description=description, cases=tuple(cases))
+        _check_load(f"{name}[{case_id}]", values, options, settings.warmup, settings.request_rate, prompts_key,
+                    path)
+        cases.append(_case(name, phase, case_id, values, "lmcache_mode" in varying, settings, path))
+    return tuple(cases)
+
+
+def _case(name: str, phase: str, case_id: str, values: dict[str, Any], compares_lmcache_modes: bool,
+          settings: _Settings, path: Path | str) -> ScenarioCase:
+    thresholds = settings.thresholds
+    return ScenarioCase(
+        scenario=name,
+        path=str(path),
+        phase=phase,
+        case_id=case_id,
+        backend=values["backend"],
+        input_len=values["input_len"],
+        concurrency=values["concurrency"],
+        output_len=values["output_len"],
+        num_prompts=values["num_prompts"],
+        dataset=values["dataset"],
+        rounds=settings.rounds,
+        measure_round=settings.measure,
+        trials=settings.trials,
+        seed=settings.seed,
+        api=settings.api,
+        request_rate=settings.request_rate,
+        burstiness=settings.burstiness,
+        thresholds=thresholds if thresholds is not None else default_thresholds(values["output_len"]),
+        reference_backend=settings.reference,
+        dataset_options=settings.options_json,
+        warmup_requests=settings.warmup,
+        slos=settings.slos,
+        kv_target_gb=float(values["kv_target_gb"]),
+        lmcache_mode=values["lmcache_mode"],
+        compares_lmcache_modes=compares_lmcache_modes,
+        check_outputs=settings.check_outputs,
+    )
 
 
 def _output_len_from_options(dims: dict[str, list[Any]], options: dict, matrix: dict, data: dict,
@@ -640,7 +700,8 @@ def _thresholds(raw: Any, path: Path | str) -> tuple[MetricThreshold, ...] | Non
         if direction not in ("lower", "higher"):
             raise ScenarioError(path, f"{where}.direction",
                                 f"{_show(direction)} must be 'lower' or 'higher' (which is better)")
-        out.append(MetricThreshold(str(metric), direction, _fraction(spec.get("threshold"), f"{where}.threshold", path)))
+        fraction = _fraction(spec.get("threshold"), f"{where}.threshold", path)
+        out.append(MetricThreshold(str(metric), direction, fraction))
     return tuple(out)
 
 

@@ -293,29 +293,45 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         d = _delta(b, a, name)
         if d is not None:
             out[name] = d
+    logs = source.logs_since(before)
+    log_hits = max(logs.retrieved_tokens, logs.hit_tokens) if (logs.retrieved_lines or logs.hit_lines) else None
+    _add_token_counts(out, b, a, log_hits)
+    _add_log_figures(out, logs, log_hits)
+    _add_tier_figures(out, b, a)
+    for cause, n in logs.causes.items():
+        out[f"log_cause:{cause}"] = float(n)
+    return out
+
+
+def _mp_delta(before: Samples, after: Samples, pattern: re.Pattern[str]) -> float | None:
+    """The round's difference of LMCache's multi-process counters that ``pattern`` matches."""
+    total_after = _mp_sum(after, pattern)
+    return None if total_after is None else total_after - (_mp_sum(before, pattern) or 0.0)
+
+
+def _external_hits(b: Samples, a: Samples, log_hits: int | None) -> tuple[float | None, float]:
+    """The round's tokens loaded from the tier, from the best source that counts them, and
+    the source's rank (see :func:`summarize`; 0 where none does)."""
+    by_rank = (_delta(b, a, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer"),
+               _delta(b, a, "vllm:external_prefix_cache_hits_total"),
+               _delta(b, a, "lmcache:num_hit_tokens_total"),
+               _mp_delta(b, a, _MP_HIT))
+    for rank, value in enumerate(by_rank, start=1):
+        if value is not None:
+            return value, float(rank)
+    if log_hits is not None:
+        return float(log_hits), 5.0
+    return None, 0.0
+
+
+def _add_token_counts(out: dict[str, float], b: Samples, a: Samples, log_hits: int | None) -> None:
+    """The prompt's tokens by what served them: computed, local prefix cache, the tier."""
     prompt = _delta(b, a, "vllm:prompt_tokens_total")
     by_compute = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="local_compute")
     by_local = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="local_cache_hit")
-    by_external = _delta(b, a, "vllm:prompt_tokens_by_source_total", source="external_kv_transfer")
     ext_queries = _delta(b, a, "vllm:external_prefix_cache_queries_total")
-    ext_hits = _delta(b, a, "vllm:external_prefix_cache_hits_total")
     local_hits = by_local if by_local is not None else _delta(b, a, "vllm:prefix_cache_hits_total")
-    lm_hits = _delta(b, a, "lmcache:num_hit_tokens_total")
-    lm_stored = _delta(b, a, "lmcache:num_stored_tokens_total")
-    mp_hits_after, mp_hits_before = _mp_sum(a, _MP_HIT), _mp_sum(b, _MP_HIT)
-    mp_hits = None if mp_hits_after is None else mp_hits_after - (mp_hits_before or 0.0)
-    mp_store_after, mp_store_before = _mp_sum(a, _MP_STORE), _mp_sum(b, _MP_STORE)
-    mp_stored = None if mp_store_after is None else mp_store_after - (mp_store_before or 0.0)
-    logs = source.logs_since(before)
-
-    external, how = None, 0.0
-    for rank, value in enumerate((by_external, ext_hits, lm_hits, mp_hits), start=1):
-        if value is not None:
-            external, how = value, float(rank)
-            break
-    log_hits = max(logs.retrieved_tokens, logs.hit_tokens) if (logs.retrieved_lines or logs.hit_lines) else None
-    if external is None and log_hits is not None:
-        external, how = float(log_hits), 5.0
+    external, how = _external_hits(b, a, log_hits)
     if prompt is not None:
         out["prompt_tokens"] = prompt
     if by_compute is not None:
@@ -331,8 +347,15 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         out["external_hit_source"] = how
         if prompt:
             out["hit_ratio"] = external / prompt
-    if lm_stored is not None or mp_stored is not None:
-        out["stored_tokens"] = lm_stored if lm_stored is not None else mp_stored
+    stored = _delta(b, a, "lmcache:num_stored_tokens_total")
+    if stored is None:
+        stored = _mp_delta(b, a, _MP_STORE)
+    if stored is not None:
+        out["stored_tokens"] = stored
+
+
+def _add_log_figures(out: dict[str, float], logs: LogCounts, log_hits: int | None) -> None:
+    """What LMCache's log lines say it loaded and stored, and how fast it loaded."""
     if logs.hit_lines or logs.retrieved_lines:
         out["log_hit_tokens"] = float(log_hits or 0)
     if logs.stored_lines:
@@ -341,6 +364,10 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         out["loaded_bytes"] = logs.retrieved_bytes
         if logs.retrieve_seconds > 0:
             out["load_bandwidth_gbps"] = logs.retrieved_bytes / logs.retrieve_seconds / 1e9
+
+
+def _add_tier_figures(out: dict[str, float], b: Samples, a: Samples) -> None:
+    """What the tiers hold at the end of the round, and the round's hits by tier."""
     # gauges at the end of the round: what the LMCache tiers hold (multi-process server)
     for key, name in (("l1_usage_bytes", "lmcache_mp_l1_memory_usage_bytes"),
                       ("l2_usage_bytes", "lmcache_mp_l2_usage_bytes")):
@@ -348,17 +375,14 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
         if value is not None:
             out[key] = value
     for (name, labels), value in a.items():  # LMCache's hits by the tier that held them (L1 DRAM, L2)
-        tier = _MP_TIER_HIT.match(name)
-        if tier and not name.endswith(("_created", "_bucket", "_sum", "_count")):
-            key = f"lmcache_{tier.group(1).lower()}_hit_tokens"
+        level = _MP_TIER_HIT.match(name)
+        if level and not name.endswith(("_created", "_bucket", "_sum", "_count")):
+            key = f"lmcache_{level.group(1).lower()}_hit_tokens"
             out[key] = out.get(key, 0.0) + value - b.get((name, labels), 0.0)
     for (name, labels), value in a.items():  # the emulator's hits per tier that served them
         tier = dict(labels).get("tier") if name == "emulator:tier_hit_tokens_total" else None
         if tier:
             out[f"tier_hit_tokens:{tier}"] = value - b.get((name, labels), 0.0)
-    for cause, n in logs.causes.items():
-        out[f"log_cause:{cause}"] = float(n)
-    return out
 
 
 def causes_of(telemetry: Mapping[str, float]) -> list[str]:

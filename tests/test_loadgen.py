@@ -6,21 +6,18 @@ import asyncio
 import itertools
 import json
 import os
-import random
 import statistics
 import time
 from functools import partial
 
 import pytest
+from loadgen_prompts import MODEL, prompts
 
 from pytest_kvcache import loadgen
 from pytest_kvcache._sockio import kernel_stamps_available
-from pytest_kvcache.emulator.tokenizer import get_tokenizer
 from pytest_kvcache.servers._process import free_port
 from pytest_kvcache.workloads import Prompt
 from pytest_kvcache.testing import start_reference_server
-
-MODEL = "ref-test-model"
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +30,6 @@ def ref(tmp_path_factory):
 @pytest.fixture
 def make_server(kv_reference_server):
     return partial(kv_reference_server, model=MODEL)
-
-
-def prompts(n: int, input_len: int = 256, output_len: int = 32, seed: int = 0) -> list[Prompt]:
-    tok = get_tokenizer()
-    rng = random.Random(seed)
-    return [Prompt(tok.decode([rng.randrange(tok.num_special, tok.vocab_size) for _ in range(input_len)]),
-                   input_len, output_len) for _ in range(n)]
 
 
 async def round_(url: str, ps: list[Prompt], warmup: bool = False, timings: dict | None = None,

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from kvproject import make_project, run_pytest
-from test_loadgen import MODEL, prompts
+from loadgen_prompts import MODEL, prompts
 
 from pytest_kvcache import loadgen
 from pytest_kvcache.spread import ClientProcessError, ClientProcesses, split_slots

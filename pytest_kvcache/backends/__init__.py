@@ -163,7 +163,8 @@ class BackendConfig:
 
     def fingerprint(self) -> dict[str, str]:
         """The configuration, with this session's scratch folder blanked out."""
-        config = {"emulator_args": self.emulator_args, "vllm_args": self.vllm_args, "lmcache": dict(self.lmcache)}
+        config: dict[str, object] = {"emulator_args": self.emulator_args, "vllm_args": self.vllm_args,
+                                     "lmcache": dict(self.lmcache)}
         if self.mode:
             config["mode"] = self.mode
         if self.services:
@@ -269,7 +270,8 @@ def _emulator(name: str, workdir: Path, options: BackendOptions | None = None) -
                                  emulator_args=("--backend", name, "--redis-url", options.redis_url,
                                                 "--redis-size-gb", EMULATED_DISK_GB))
         if shutil.which("redis-server") is None:
-            raise BackendUnavailable("backend 'redis' needs redis-server on PATH (or --kv-redis-url of a running Redis)")
+            raise BackendUnavailable("backend 'redis' needs redis-server on PATH (or --kv-redis-url of a running "
+                                     "Redis)")
         return BackendConfig(name=name, workdir=str(path), services=(_redis_service(),),
                              emulator_args=("--backend", name, "--redis-url", "redis://127.0.0.1:{port:redis}",
                                             "--redis-size-gb", EMULATED_DISK_GB))

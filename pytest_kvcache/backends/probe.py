@@ -72,8 +72,8 @@ if ldir:
     out["lmcache_mp"] = os.path.isfile(os.path.join(ldir, "v1", "multiprocess", "server.py"))
     out["lmcache_lm_server"] = os.path.isfile(os.path.join(ldir, "v1", "server", "__main__.py"))
     adir = os.path.join(ldir, "v1", "distributed", "l2_adapters")
-    out["lmcache_l2_adapters"] = sorted(n[:-len("_l2_adapter.py")] for n in (os.listdir(adir) if os.path.isdir(adir) else ())
-                                        if n.endswith("_l2_adapter.py"))
+    names = os.listdir(adir) if os.path.isdir(adir) else ()
+    out["lmcache_l2_adapters"] = sorted(n[:-len("_l2_adapter.py")] for n in names if n.endswith("_l2_adapter.py"))
     out["lmcache_extensions"] = sorted(n.split(".")[0] for n in os.listdir(ldir) if n.endswith(".so"))
 print(json.dumps(out))
 """

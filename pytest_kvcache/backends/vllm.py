@@ -255,8 +255,8 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
     dirs: list[str] = []
     extra = settings.get("extra_config") or {}
     if name == "disk":
-        adapter = {"type": "fs", "base_path": "{workdir}/disk-tier", "use_odirect": bool(extra.get("use_odirect"))}
-        argv += ["--l2-adapter", _fault_wrapped(json.dumps(adapter, sort_keys=True), fault)]
+        disk = {"type": "fs", "base_path": "{workdir}/disk-tier", "use_odirect": bool(extra.get("use_odirect"))}
+        argv += ["--l2-adapter", _fault_wrapped(json.dumps(disk, sort_keys=True), fault)]
         dirs.append("{workdir}/disk-tier")
     elif name == "redis":
         if options.redis_url:
@@ -271,7 +271,8 @@ def _mp(name: str, workdir: Path, options: BackendOptions, probe: StackProbe) ->
     elif name == "mooncake":
         # the adapter hands every key but its own to the Mooncake client as text
         client = {key: str(value) for key, value in _mooncake_client().items()}
-        argv += ["--l2-adapter", _fault_wrapped(json.dumps({"type": "mooncake_store", **client}, sort_keys=True), fault)]
+        store = json.dumps({"type": "mooncake_store", **client}, sort_keys=True)
+        argv += ["--l2-adapter", _fault_wrapped(store, fault)]
         services.extend(_mooncake_services(probe))
     elif name == "gds":
         argv += ["--gds-l1-path", str(options.gds_path)]
@@ -367,7 +368,8 @@ def gds_missing(options: BackendOptions, gpu: bool | None = None) -> str | None:
     if not (has_gpu() if gpu is None else gpu):
         reasons.append("no NVIDIA GPU")
     if ctypes.util.find_library("cufile") is None and not any(
-            Path(p).exists() for p in ("/usr/local/cuda/lib64/libcufile.so", "/usr/lib/x86_64-linux-gnu/libcufile.so.0")):
+            Path(p).exists() for p in ("/usr/local/cuda/lib64/libcufile.so",
+                                       "/usr/lib/x86_64-linux-gnu/libcufile.so.0")):
         reasons.append("no cuFile library (libcufile)")
     if not options.gds_path:
         reasons.append("no GDS mount given (--kv-gds-path DIR)")

@@ -126,6 +126,9 @@ class ServerPool:
         try:
             for spec in specs:
                 port = spec.fixed_port if spec.fixed_port is not None else ports.get(spec.port)
+                if port is None:
+                    raise ServerError(f"{spec.name} has no port: backend '{backend.name}' gives it neither a "
+                                      "port name nor a fixed port")
                 if spec.ready == "redis":
                     check = redis_ready(port, spec.host)
                 elif spec.ready.startswith("http:"):

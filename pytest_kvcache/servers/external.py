@@ -24,7 +24,7 @@ def connect_external(endpoint: str | None, model: str | None) -> ServerHandle:
         raise ServerError(
             f"--kv-endpoint {endpoint}: GET /v1/models failed ({exc}); start the server first or fix the URL"
         ) from None
-    served = [m.get("id") for m in listing.get("data", []) if isinstance(m, dict)]
+    served = [m["id"] for m in listing.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)]
     if model is None:
         if not served:
             raise ServerError(f"--kv-endpoint {endpoint} serves no model; pass --model NAME")

@@ -85,6 +85,6 @@ def vllm_command(model: str, port: int, backend: BackendConfig, rendered_args: S
         info["kv_mode"] = backend.mode
     if dropped:
         info["dropped_flags"] = "; ".join(dropped)
-    for key, value in labels:
-        info[f"label.{key}"] = value
+    for key, label in labels:
+        info[f"label.{key}"] = label
     return argv, env, info

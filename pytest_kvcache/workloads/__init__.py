@@ -9,6 +9,8 @@ scenario's ``dataset_options`` for a dataset (raises :class:`OptionProblem`).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ..errors import WorkloadError
 from ._codec import LocalTokenizer, ServerTokenizer, TokenCodec
 from ._options import MAX_TOKENS, OptionProblem, show
@@ -28,8 +30,10 @@ def check_dataset_options(dataset: str, options: dict) -> dict:
     """The options normalized; unknown keys and bad values raise OptionProblem."""
     from . import multiturn, shared_prefix, sharegpt
 
-    allowed = {"random": {}, "sharegpt": sharegpt.OPTIONS, "multiturn": multiturn.OPTIONS,
-               "shared_prefix": shared_prefix.OPTIONS}[dataset]
+    options_of: dict[str, Mapping[str, object]] = {
+        "random": {}, "sharegpt": sharegpt.OPTIONS, "multiturn": multiturn.OPTIONS,
+        "shared_prefix": shared_prefix.OPTIONS}
+    allowed = options_of[dataset]
     if not isinstance(options, dict):
         raise OptionProblem("<mapping>", f"{show(options)} must be a mapping of option -> value")
     for key in options:
@@ -62,7 +66,7 @@ def request_bounds(dataset: str, *, input_len: int, output_len: int, num_prompts
     if dataset == "multiturn":
         return multiturn.request_bounds(input_len, output_len, num_prompts, options)
     if dataset == "sharegpt":  # kept pairs: prompt <= input_len, prompt + answer <= max_total_len
-        total = options.get("max_total_len", sharegpt.OPTIONS["max_total_len"])
+        total = options.get("max_total_len", sharegpt.MAX_TOTAL_LEN)
         return num_prompts, min(input_len, total), min(total, input_len + (options.get("output_len") or total))
     return num_prompts, input_len, input_len + output_len
 

@@ -72,7 +72,7 @@ class LocalTokenizer:
             self._tokenizer = Tokenizer.from_file(str(file))
         except Exception as exc:  # the library raises plain Exception subclasses
             raise WorkloadError(f"--tokenizer {file}: cannot be loaded: {exc}") from None
-        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=False)
+        self.vocab_size: int | None = self._tokenizer.get_vocab_size(with_added_tokens=False)
 
     async def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=True).ids

