@@ -60,10 +60,18 @@ class Zone(str, enum.Enum):
     IMPROVED = "IMPROVED"
     PASS = "PASS"
 
+    @classmethod
+    def named(cls, word: str) -> Zone | None:
+        """The zone a word of a report names ("FAIL", ...); None for any other word."""
+        try:
+            return cls(word)
+        except ValueError:
+            return None
 
-def worst_zone(zones: Sequence[Zone | str]) -> Zone | None:
+
+def worst_zone(zones: Sequence[Zone]) -> Zone | None:
     """The worst of some zones (FAIL, then WARN, IMPROVED, PASS); None for none."""
-    present = {Zone(z) for z in zones}
+    present = set(zones)
     return next((z for z in Zone if z in present), None)
 
 
@@ -291,7 +299,7 @@ def night_shift(comparisons: Sequence[tuple[str, MetricComparison]]) -> NightShi
         return None
     moves = [math.log(c.ratio) * c.direction.sign for _, c in judged]
     centre = statistics.median(moves)
-    noise = statistics.median(c.sd_log for _, c in judged)
+    noise = statistics.median(c.sd_log for _, c in judged if c.sd_log is not None)
     same = sum(1 for m in moves if m * centre > 0)
     spread = statistics.median(abs(m - centre) for m in moves)
     if same < 0.8 * len(moves) or abs(centre) <= 2.0 * noise or spread >= abs(centre) / 2.0:

@@ -700,5 +700,5 @@ def history_runs(session: KVSession) -> list:
             runs.append(ItemRun(session_id=session.session_id, time=time, item=o.baseline_key, attempt=attempt,
                                 testbed=dict(o.identity.testbed), software=software, commit=commit,
                                 baseline_updated=o.baseline_updated, status=o.status,
-                                zone=zone.value if zone else None, metrics=metrics, trials=trials))
+                                zone=zone, metrics=metrics, trials=trials))
     return runs

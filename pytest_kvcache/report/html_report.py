@@ -10,6 +10,8 @@ import html
 from collections.abc import Mapping, Sequence
 from urllib.parse import quote
 
+from ..decision import Zone
+
 __all__ = ["render_html"]
 
 _CSS = """
@@ -58,7 +60,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str, 
         cells = []
         for index, cell in enumerate(row):
             text = str(cell)
-            cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "IMPROVED", "FAIL") else ""
+            zone = Zone.named(text.split(":")[0])
+            cls = zone.value if zone else ""
             if not cls and text[:1] in "-+0123456789[" and text not in ("-",):
                 cls = "num"
             if index < names:
@@ -138,7 +141,7 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
         parts.append(f"<h2>History</h2><p>Every run is recorded in <code>{_e(history['store'])}</code>; "
                      "<code>python -m pytest_kvcache history</code> shows every series.</p>")
         if history["lines"]:
-            parts.append('<ul class="notes">' + "".join(f'<li class="WARN">change point: {_e(line)}</li>'
+            parts.append('<ul class="notes">' + "".join(f'<li class="{Zone.WARN.value}">change point: {_e(line)}</li>'
                                                         for line in history["lines"]) + "</ul>")
         else:
             parts.append(f"<p>No change point among the last runs of this session's "

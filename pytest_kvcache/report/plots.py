@@ -17,6 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..decision import Zone
+
 __all__ = [
     "LOG_SPAN",
     "ComparisonPoints",
@@ -43,7 +45,7 @@ _LABELS = {
     "request_throughput": "request throughput (requests/s)",
     "input_len": "input length (tokens)",
 }
-_ZONE_COLOURS = {"PASS": "#2ca02c", "WARN": "#ff7f0e", "IMPROVED": "#17becf", "FAIL": "#d62728"}
+_ZONE_COLOURS = {Zone.PASS: "#2ca02c", Zone.WARN: "#ff7f0e", Zone.IMPROVED: "#17becf", Zone.FAIL: "#d62728"}
 #: Columns that may tell one line from another; only those that vary within a panel are named.
 _SERIES_COLUMNS = ("folder", "scenario", "kvcache", "concurrency", "output_len", "bandwidth", "arcc", "direction")
 #: An axis is logarithmic when its largest value is this many times its smallest.
@@ -400,7 +402,11 @@ class ComparisonPoints:
     current_value: float | None = None
     ci_low: float | None = None  # of the current level, in the metric's unit
     ci_high: float | None = None
-    zone: str | None = None
+    zone: Zone | None = None  # None: not compared
+
+
+def _zone_colour(zone: Zone | None) -> str:
+    return _ZONE_COLOURS[zone] if zone else "C0"
 
 
 def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> Path:
@@ -416,8 +422,8 @@ def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> 
     if any(p.baseline_value is not None for p in points):
         entries["baseline level"] = Line2D([], [], color="#444444", lw=2)
     for zone in dict.fromkeys(p.zone for p in points):
-        entries[f"this run's trials ({zone or 'not compared'})"] = Line2D(
-            [], [], color=_ZONE_COLOURS.get(zone or "", "C0"), marker="o", ls="None")
+        entries[f"this run's trials ({zone.value if zone else 'not compared'})"] = Line2D(
+            [], [], color=_zone_colour(zone), marker="o", ls="None")
     if any(p.ci_low is not None for p in points):
         entries["this run: 95% CI"] = Line2D([], [], color="#444444", marker="s", lw=1.5)
     items_per_panel = [list(dict.fromkeys(p.item for p in points if p.metric == m)) for m in metrics]
@@ -434,7 +440,7 @@ def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> 
                 ax.scatter([i - 0.18] * len(p.baseline), p.baseline, s=18, color="#7f7f7f", alpha=0.7, zorder=3)
             if p.baseline_value is not None:
                 ax.hlines(p.baseline_value, i - 0.32, i - 0.04, color="#444444", lw=2, zorder=4)
-            colour = _ZONE_COLOURS.get(p.zone or "", "C0")
+            colour = _zone_colour(p.zone)
             ax.scatter([i + 0.18] * len(p.current), p.current, s=22, color=colour, zorder=5)
             if p.current_value is not None and p.ci_low is not None and p.ci_high is not None:
                 ax.errorbar([i + 0.3], [p.current_value], yerr=[[max(0.0, p.current_value - p.ci_low)],
