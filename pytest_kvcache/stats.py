@@ -41,8 +41,8 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, TypedDict
+from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -458,47 +458,30 @@ def _run_stats(metric: str, side: str, runs: Sequence[Sequence[float]]) -> tuple
     return means, counts, ss
 
 
-class _Sides(TypedDict):
-    """The fields of a :class:`MetricComparison` that describe the two sides, not the test."""
-
-    metric: str
-    direction: Direction
-    threshold: float
-    alpha: float
-    confidence: float
-    n_baseline: int
-    n_current: int
-    baseline_value: float
-    current_value: float
-    ratio: float
-    change_pct: float
-    runs_baseline: int
-    runs_current: int
+def _untested(metric: str, direction: Direction, threshold: float, alpha: float, confidence: float, *,
+              n_baseline: int, n_current: int, baseline_value: float, current_value: float, ratio: float,
+              runs_baseline: int = 1, runs_current: int = 1) -> MetricComparison:
+    """The two sides of a comparison before any test: no interval, p = 1, not judged."""
+    return MetricComparison(metric=metric, direction=direction, threshold=float(threshold), alpha=float(alpha),
+                            confidence=float(confidence), n_baseline=n_baseline, n_current=n_current,
+                            baseline_value=baseline_value, current_value=current_value, ratio=ratio,
+                            change_pct=(ratio - 1.0) * 100.0, runs_baseline=runs_baseline, runs_current=runs_current,
+                            ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient-untested",
+                            sd_log=None, mde_pct=None, note="")
 
 
-def _sides(metric: str, direction: Direction, threshold: float, alpha: float, confidence: float, *,
-           n_baseline: int, n_current: int, baseline_value: float, current_value: float, ratio: float,
-           runs_baseline: int = 1, runs_current: int = 1) -> _Sides:
-    return _Sides(metric=metric, direction=direction, threshold=float(threshold), alpha=float(alpha),
-                  confidence=float(confidence), n_baseline=n_baseline, n_current=n_current,
-                  baseline_value=baseline_value, current_value=current_value, ratio=ratio,
-                  change_pct=(ratio - 1.0) * 100.0, runs_baseline=runs_baseline, runs_current=runs_current)
-
-
-def _unjudged_comparison(sides: _Sides, baseline_runs: Sequence[Sequence[float]],
+def _unjudged_comparison(sides: MetricComparison, baseline_runs: Sequence[Sequence[float]],
                          current_runs: Sequence[Sequence[float]], prior: NoisePrior | None) -> MetricComparison | None:
     """The comparisons that need no test: every value equal, or the run-to-run noise unknown
     (one baseline run and no prior: "insufficient-runs", docs/statistics.md)."""
-    runs = sides["runs_baseline"]
+    runs = sides.runs_baseline
     every = [v for run in (*baseline_runs, *current_runs) for v in run]
     if all(v == every[0] for v in every) and (runs >= 2 or prior is not None):
-        return MetricComparison(**sides, ci_low=1.0, ci_high=1.0, p_worse=1.0, p_better=1.0, test="exact-equal",
-                                sd_log=None, mde_pct=None, note="every trial value is identical on both sides: "
-                                "no evidence of any change", noise_source="")
+        return replace(sides, ci_low=1.0, ci_high=1.0, test="exact-equal",
+                       note="every trial value is identical on both sides: no evidence of any change")
     if runs < 2 and prior is None:
-        return MetricComparison(
-            **sides, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient-runs", sd_log=None,
-            mde_pct=None, runs_needed=3,
+        return replace(
+            sides, test="insufficient-runs", runs_needed=3,
             note=f"cannot judge: the baseline has {runs} run, so its run-to-run noise is unknown; record at least "
                  "2 more runs on other days (--update-baselines), or give the testbed's run-to-run noise "
                  "(--kv-run-noise)")
@@ -595,7 +578,7 @@ def compare_runs(
     runs, k = len(b_means), len(c_means)
     base_value = math.exp(float(np.mean(b_means)))
     cur_value = math.exp(float(np.mean(c_means)))
-    sides = _sides(metric, d, threshold, alpha, confidence, n_baseline=sum(b_n), n_current=sum(c_n),
+    sides = _untested(metric, d, threshold, alpha, confidence, n_baseline=sum(b_n), n_current=sum(c_n),
                    baseline_value=base_value, current_value=cur_value, ratio=cur_value / base_value,
                    runs_baseline=runs, runs_current=k)
     unjudged = _unjudged_comparison(sides, baseline_runs, current_runs, prior)
@@ -620,8 +603,8 @@ def compare_runs(
     if mde_log > threshold_log(threshold, d):
         needed, note = detect.runs_needed(level, b_n, c_n[0], runs, prior.df if prior is not None else 0.0)
         notes.append(note)
-    return MetricComparison(
-        **sides, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),
+    return replace(
+        sides, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),
         p_worse=float(min(max(level.p_worse, 0.0), 1.0)), p_better=float(min(max(level.p_better, 0.0), 1.0)),
         test="run-level" if k == 1 else "run-level, confirmed", sd_log=math.sqrt(float(level.var_one)),
         mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), between_sd=math.sqrt(float(level.between_var)),
@@ -690,12 +673,11 @@ def compare_paired(
     diffs = ly - lx
     mean = float(diffs.mean())
     ratio = math.exp(mean)
-    sides = _sides(metric, d, threshold, alpha, confidence, n_baseline=n, n_current=n,
+    sides = _untested(metric, d, threshold, alpha, confidence, n_baseline=n, n_current=n,
                    baseline_value=math.exp(float(lx.mean())), current_value=math.exp(float(ly.mean())), ratio=ratio)
     if n < 2:
-        return MetricComparison(**sides, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0,
-                                test="insufficient-pairs", sd_log=None, mde_pct=None,
-                                note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
+        return replace(sides, test="insufficient-pairs",
+                       note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
     notes: list[str] = []
     sd = float(diffs.std(ddof=1))
     if sd < SD_LOG_FLOOR:
@@ -707,8 +689,8 @@ def compare_paired(
     p_worse, p_better = float(st.t.sf(t, df)), float(st.t.cdf(t, df))
     half = float(st.t.ppf(0.5 + confidence / 2.0, df)) * se
     mde_log = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df)) * se
-    return MetricComparison(
-        **sides, ci_low=math.exp(mean - half), ci_high=math.exp(mean + half), p_worse=p_worse, p_better=p_better,
+    return replace(
+        sides, ci_low=math.exp(mean - half), ci_high=math.exp(mean + half), p_worse=p_worse, p_better=p_better,
         test="paired-t", sd_log=sd, mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), within_sd=sd,
         noise_df=float(df), noise_source="pairs of this run")
 
