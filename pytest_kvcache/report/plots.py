@@ -16,6 +16,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from ..decision import Zone
 
@@ -53,7 +54,8 @@ LOG_SPAN = 20.0
 #: matplotlib's default colour cycle (tab10), then markers and line styles for more series
 _COLOURS = tuple(f"C{i}" for i in range(10))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-_LINESTYLES = ("-", "--", ":", "-.")
+LineStyle = Literal["-", "--", ":", "-."]
+_LINESTYLES: tuple[LineStyle, ...] = ("-", "--", ":", "-.")
 _LEGEND_FONT = 8
 #: legend entries per column before another column is started
 _LEGEND_ROWS = 24
@@ -142,7 +144,7 @@ class Style:
 
     colour: str
     marker: str
-    linestyle: str
+    linestyle: LineStyle
 
 
 def _look(i: int) -> Style:
@@ -150,7 +152,7 @@ def _look(i: int) -> Style:
     return Style(_COLOURS[i % 10], _MARKERS[i // 10 % 10], _LINESTYLES[i // 100 % 4])
 
 
-def _run_look(r: int) -> tuple[str, str]:
+def _run_look(r: int) -> tuple[str, LineStyle]:
     """The r-th run's marker and line style: both change from one run to the next, and no
     two of the first 40 runs share the pair."""
     return _MARKERS[r % 10], _LINESTYLES[(r + r // 10) % 4]
@@ -189,8 +191,8 @@ class SeriesStyles:
 
         if not self.factored:
             return [(handle(style, line=lines), self.label(*key)) for key, style in self._flat.items()]
-        entries = [(handle(Style(_COLOURS[i], "o", "-"), marker=not lines, line=lines), g)
-                   for i, g in enumerate(self.groups)]
+        entries: list[tuple[object, str]] = [
+            (handle(Style(_COLOURS[i], "o", "-"), marker=not lines, line=lines), g) for i, g in enumerate(self.groups)]
         entries.append((Line2D([], [], linestyle="None", marker="None"), "runs:"))
         for r, run in enumerate(self.runs):
             entries.append((handle(Style("#444444", *_run_look(r)), line=lines), run))
@@ -379,8 +381,8 @@ def plot_pareto(rows: Sequence[Mapping], path: Path, x: str = "mean_ttft_ms", y:
         if not members:
             _no_data(ax, f"no rows with {x} and {y}")
         else:
-            shown = [float(r[x]) for r in members if xmax is None or float(r[x]) <= xmax] or [float(xmax)]
-            _scale(ax, "x", shown)
+            shown = [float(r[x]) for r in members if xmax is None or float(r[x]) <= xmax]
+            _scale(ax, "x", shown or [float(xmax or 0.0)])  # empty only below a given xmax
             _scale(ax, "y", [float(r[y]) for r in members])
         ax.set_title(_panel_title(name, members, len(panels) > 1), fontsize=10)
         ax.set_xlabel(axis_label(x))

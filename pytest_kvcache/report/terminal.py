@@ -40,7 +40,7 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
 
     Only comparisons made against a baseline or a reference are in the gate (an update
     of the baselines compares too, to refuse a sick run, but decides nothing else)."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     gated = [o for o in outcomes if o.status != "baseline-updated"]
     pairs = [c for o in gated for c in o.comparisons]
     holm_p = gate.holm if gate and len(gate.holm) == len(pairs) else [None] * len(pairs)
