@@ -48,12 +48,14 @@ __all__ = [
 ]
 
 #: A first run whose uncorrected p of being worse is at most this, and which is worse
-#: by more than half a threshold, is confirmed by another run before it is judged.
+#: by more than half a threshold, is confirmed by another run before it is judged
+#: (docs/statistics.md, When a first run is confirmed).
 SCREEN_P = 0.05
 
 
 class Zone(str, enum.Enum):
-    """The outcome of one comparison; the order of the members is worst first."""
+    """The outcome of one comparison; the order of the members is worst first
+    (docs/statistics.md, Zones)."""
 
     FAIL = "FAIL"
     WARN = "WARN"
@@ -327,7 +329,8 @@ class Gate:
 
 
 def session_gate(entries: Sequence[GateEntry], alpha: float) -> Gate:
-    """Holm over every comparison of the session (BH for the report), in entry order."""
+    """Holm over every comparison of the session (BH for the report), in entry order;
+    the items not compared as docs/statistics.md (What counts as unjudged) defines them."""
     pairs = [(e.item, c) for e in entries for c in e.comparisons]
     worse = [c.p_worse for _, c in pairs]
     holm_worse, holm_better = holm(worse), holm([c.p_better for _, c in pairs])

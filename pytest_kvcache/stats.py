@@ -63,14 +63,15 @@ __all__ = [
     "threshold_log",
 ]
 
-#: Floor on the trial-to-trial standard deviation, log scale (about 0.1%).
+#: Floor on the trial-to-trial standard deviation, log scale (about 0.1%; docs/statistics.md, Floors).
 SD_LOG_FLOOR: float = 1e-3
-#: Floor on the standard deviation of a run's mean, log scale (about 0.5%).
+#: Floor on the standard deviation of a run's mean, log scale (about 0.5%; docs/statistics.md, Floors).
 RUN_SD_FLOOR: float = 5e-3
 #: Degrees of freedom above which Student's t is taken as the normal distribution.
 _DF_NORMAL = 1e6
 #: The night variance is an upper confidence bound at this level (it reduces power
-#: only through the confirmation runs, where an underestimate would cost false failures).
+#: only through the confirmation runs, where an underestimate would cost false failures;
+#: docs/statistics.md, Confirmation runs).
 _NIGHT_CONFIDENCE = 0.90
 #: A confirmation run is taken to share at least this part of its deviation with the
 #: first run (one runner, one night): the margin that holds the gate's false failures
@@ -195,7 +196,8 @@ class MetricComparison:
 
     @property
     def judged(self) -> bool:
-        """False when no test could be made (too few runs or trials)."""
+        """False when no test could be made (too few runs or pairs; docs/statistics.md, What
+        counts as unjudged)."""
         return not self.test.startswith("insufficient")
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,7 +232,8 @@ def _check_threshold(threshold: float, direction: Direction) -> None:
 
 
 def threshold_log(threshold: float, direction: Direction | str) -> float:
-    """The practical threshold as a positive log-scale distance in the bad direction.
+    """The practical threshold as a positive log-scale distance in the bad direction
+    (docs/statistics.md, Thresholds).
 
     ``log(1 + threshold)`` for lower-is-better, ``-log(1 - threshold)`` for
     higher-is-better (a 5% throughput drop is ratio 0.95).
@@ -284,7 +287,8 @@ def _t_ppf(q: float, df: float) -> float:
 
 
 def _min_tail(u: Any, rho: Any, k: int) -> Any:
-    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1).
+    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1)
+    (docs/statistics.md, Confirmation runs).
 
     ``Z_i = sqrt(rho) W + sqrt(1 - rho) E_i``: conditioning on the shared ``W`` leaves k
     independent tails; the outer integral is Gauss-Hermite (64 nodes).
@@ -320,7 +324,8 @@ def _trigamma_inverse(x: np.ndarray) -> np.ndarray:
 
 
 def fit_noise_prior(variances: Any, dfs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma).
+    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma;
+    docs/statistics.md, Noise pooled over the testbed's items).
 
     ``variances`` (..., F) are the items' sample variances of their run means on the
     log scale, ``dfs`` (..., F) their degrees of freedom (runs - 1). Fits the scaled
@@ -390,7 +395,8 @@ class _RunLevel:
 
 def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n: Any, cur_ss: Any,
                prior_var: Any, prior_df: Any, night_var: Any, sign: float, shared_current: bool) -> _RunLevel:
-    """The computation behind :func:`compare_runs` and :func:`compare_runs_batch`.
+    """The computation behind :func:`compare_runs` and :func:`compare_runs_batch`
+    (docs/statistics.md, The run-level comparison, step by step).
 
     ``base_means`` (..., R) and ``cur_means`` (..., K) are log run means, ``*_n`` their
     trial counts, ``*_ss`` the summed within-run squared deviations (...). ``prior_var``
@@ -473,7 +479,8 @@ def _untested(metric: str, direction: Direction, threshold: float, alpha: float,
 def _unjudged_comparison(sides: MetricComparison, baseline_runs: Sequence[Sequence[float]],
                          current_runs: Sequence[Sequence[float]], prior: NoisePrior | None) -> MetricComparison | None:
     """The comparisons that need no test: every value equal, or the run-to-run noise unknown
-    (one baseline run and no prior: "insufficient-runs", docs/statistics.md)."""
+    (one baseline run and no prior: "insufficient-runs"; docs/statistics.md, What counts as
+    unjudged)."""
     runs = sides.runs_baseline
     every = [v for run in (*baseline_runs, *current_runs) for v in run]
     if all(v == every[0] for v in every) and (runs >= 2 or prior is not None):
@@ -509,7 +516,8 @@ def _noise_source(b_means: Sequence[float], prior: NoisePrior | None) -> tuple[s
 
 @dataclass(frozen=True)
 class _Power:
-    """What one run can detect, and what more baseline runs would buy (docs/statistics.md)."""
+    """What one run can detect, and what more baseline runs would buy (docs/statistics.md,
+    What one run can detect)."""
 
     alpha: float
     power: float
