@@ -23,7 +23,9 @@ number >= 0, and above 0 for TTFT and end-to-end latencies, throughputs and the 
 (NaN and Infinity, which Python's json accepts, are refused). A value the loader would
 refuse is never written either.
 Schema-1 files (one ``fingerprint``, a ``history`` of runs) are read as schema 2 and
-written as schema 2 on the next update.
+written as schema 2 on the next update. In memory a file is a :class:`Baseline` of
+:class:`BaselineRun` of :class:`BaselineTrial` (frozen; ``from_json``/``to_json`` at the
+file's edge).
 
 Writes (:meth:`BaselineStore.write`) hold an exclusive ``fcntl.flock`` on a sibling lock
 file ``.<file name>.lock`` for the whole read-modify-write, so pytest-xdist workers
@@ -56,6 +58,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "Baseline",
     "BaselineRun",
+    "BaselineTrial",
     "BaselineStore",
     "describe_runs",
     "key_to_relpath",
@@ -66,6 +69,8 @@ SCHEMA_VERSION: int = 2
 MAX_RUNS: int = 20
 _FIELDS = ("schema_version", "key", "testbed", "runs")
 _LEGACY_FIELDS = ("schema_version", "key", "fingerprint", "history")
+#: A trial's own fields; any other is kept as it is (BaselineTrial.extra)
+_TRIAL_FIELDS = frozenset({"index", "summary", "ttfts_ms"})
 _UNSAFE = re.compile(r"[^A-Za-z0-9\-_.\[\],=+@]")
 _MAX_SEGMENT = 150
 #: Metrics a measured (usable) trial cannot have at 0: TTFT and end-to-end latency
@@ -79,6 +84,36 @@ _MAX_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class BaselineTrial:
+    """One stored trial: its summary (metric -> value; None: not measured) and the TTFT of
+    each of its successful requests."""
+
+    summary: Mapping[str, float | None]
+    index: int = 0
+    ttfts_ms: tuple[float, ...] = ()
+    #: the trial's other fields in the file, kept as they are
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def value(self, metric: str) -> float | None:
+        """The metric's value when it is a positive number (what a log-scale comparison takes)."""
+        value = self.summary.get(metric)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return None
+
+    @classmethod
+    def from_json(cls, data: Any, *, path: Path, where: str) -> BaselineTrial:
+        """A trial of a file; raises BaselineCorruptError naming ``where`` in ``path``."""
+        _check_trial(path, where, data)
+        return cls(summary=dict(data["summary"]), index=data.get("index", 0),
+                   ttfts_ms=tuple(data.get("ttfts_ms", [])),
+                   extra={k: v for k, v in data.items() if k not in _TRIAL_FIELDS})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "summary": dict(self.summary), "ttfts_ms": list(self.ttfts_ms), **self.extra}
+
+
+@dataclass(frozen=True)
 class BaselineRun:
     """One stored run: its trials grouped, the software it measured, when and from where."""
 
@@ -86,26 +121,45 @@ class BaselineRun:
     created: str
     software: Mapping[str, str] = field(default_factory=dict)
     commit: str | None = None
-    #: per trial: {"index": int, "summary": {metric: value}, "ttfts_ms": [...]}
-    trials: tuple[Mapping[str, Any], ...] = ()
+    trials: tuple[BaselineTrial, ...] = ()
 
     def values(self, metric: str) -> list[float]:
         """The metric's per-trial values (missing, non-numeric and non-positive dropped)."""
-        out = []
-        for trial in self.trials:
-            value = trial.get("summary", {}).get(metric)
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-                out.append(float(value))
-        return out
+        return [value for value in (trial.value(metric) for trial in self.trials) if value is not None]
 
-    def to_dict(self) -> dict[str, Any]:
+    @classmethod
+    def from_json(cls, data: Any, *, path: Path, where: str,
+                  software: Mapping[str, str] | None = None) -> BaselineRun:
+        """A run of a file (``software``: a schema-1 file's, which its runs do not hold);
+        raises BaselineCorruptError naming ``where`` in ``path``."""
+        if not isinstance(data, dict):
+            raise BaselineCorruptError(path, f"{where} is {_kind(data)}, expected an object")
+        trials = data.get("trials", [])
+        if not isinstance(trials, list):
+            raise BaselineCorruptError(path, f"{where}.trials is {_kind(trials)}, expected a list of objects")
+        parsed = tuple(BaselineTrial.from_json(trial, path=path, where=f"{where}.trials[{i}]")
+                       for i, trial in enumerate(trials))
+        created = data.get("created", "")
+        run_id = data.get("run_id", created)
+        commit = data.get("commit")
+        if not isinstance(created, str) or not isinstance(run_id, str) \
+                or not (commit is None or isinstance(commit, str)):
+            raise BaselineCorruptError(path, f"{where}: run_id, created and commit must be strings")
+        soft = software if software is not None else _strings(path, f"{where}.software", data.get("software", {}))
+        return cls(run_id=run_id, created=created, software=soft, commit=commit, trials=parsed)
+
+    def to_json(self) -> dict[str, Any]:
         return {"run_id": self.run_id, "created": self.created, "software": dict(self.software),
-                "commit": self.commit, "trials": [dict(t) for t in self.trials]}
+                "commit": self.commit, "trials": [t.to_json() for t in self.trials]}
 
 
 @dataclass(frozen=True)
 class Baseline:
-    """A stored baseline: its key, file, testbed and runs (oldest first)."""
+    """A stored baseline: its key, file, testbed and runs (oldest first).
+
+    ``schema_version`` is the version of the file as it was read; :meth:`to_json` always
+    writes the current one (a schema-1 file is rewritten as schema 2).
+    """
 
     key: str
     path: Path
@@ -121,6 +175,28 @@ class Baseline:
         """Per-trial values of ``metric``, one list per run that has any."""
         return [values for values in (run.values(metric) for run in self.runs) if values]
 
+    @classmethod
+    def from_json(cls, data: Any, *, path: Path, key: str) -> Baseline:
+        """A parsed file (schema 2, or 1 read as 2) that must hold ``key``; raises
+        BaselineCorruptError saying what is wrong (BaselineSchemaError for a newer schema)."""
+        version = _check_document(path, key, data)
+        if version == SCHEMA_VERSION:
+            testbed = _strings(path, "testbed", data["testbed"])
+            listed, software = data["runs"], None
+            where = "runs"
+        else:
+            testbed, software = split_legacy_fingerprint(_strings(path, "fingerprint", data["fingerprint"]))
+            listed, where = data["history"], "history"
+        if not isinstance(listed, list):
+            raise BaselineCorruptError(path, f"'{where}' is {type(listed).__name__}, expected a list")
+        runs = tuple(BaselineRun.from_json(run, path=path, where=f"{where}[{i}]", software=software)
+                     for i, run in enumerate(listed))
+        return cls(key=key, path=path, testbed=testbed, runs=runs, schema_version=version)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"schema_version": SCHEMA_VERSION, "key": self.key, "testbed": dict(self.testbed),
+                "runs": [run.to_json() for run in self.runs]}
+
 
 def describe_runs(runs: Sequence[BaselineRun]) -> str:
     """"3 runs from 2026-11-01 to 2026-11-20 (vllm_version 0.11.0)", for messages."""
@@ -128,7 +204,7 @@ def describe_runs(runs: Sequence[BaselineRun]) -> str:
         return "no runs"
     days = sorted(r.created[:10] for r in runs)
     when = f"on {days[0]}" if days[0] == days[-1] else f"from {days[0]} to {days[-1]}"
-    software = {}
+    software: dict[str, list[str]] = {}
     for run in runs:
         for k, v in run.software.items():
             software.setdefault(k, []).append(v)
@@ -240,12 +316,12 @@ def _bad_text(value: Any, place: str) -> str | None:
     return None
 
 
-def _trial(path: Path, where: str, trial: Any) -> None:
+def _check_trial(path: Path, where: str, trial: Any) -> None:
     if not isinstance(trial, dict):
         raise BaselineCorruptError(path, f"{where} is {_kind(trial)}, expected an object")
     if "summary" not in trial:
         raise BaselineCorruptError(path, f"{where} has no 'summary'")
-    for name in trial.keys() - {"index", "summary", "ttfts_ms"}:  # kept as they are, so they must be JSON
+    for name in trial.keys() - _TRIAL_FIELDS:  # kept as they are, so they must be JSON
         place = _non_finite(trial[name], _place(where, name))
         if place:
             raise BaselineCorruptError(path, f"{place} is NaN or Infinity, which JSON does not allow")
@@ -264,25 +340,8 @@ def _trial(path: Path, where: str, trial: Any) -> None:
                                        "milliseconds >= 0")
 
 
-def _run(path: Path, where: str, data: Any, software: Mapping[str, str] | None = None) -> BaselineRun:
-    if not isinstance(data, dict):
-        raise BaselineCorruptError(path, f"{where} is {_kind(data)}, expected an object")
-    trials = data.get("trials", [])
-    if not isinstance(trials, list):
-        raise BaselineCorruptError(path, f"{where}.trials is {_kind(trials)}, expected a list of objects")
-    for i, trial in enumerate(trials):
-        _trial(path, f"{where}.trials[{i}]", trial)
-    created = data.get("created", "")
-    run_id = data.get("run_id", created)
-    commit = data.get("commit")
-    if not isinstance(created, str) or not isinstance(run_id, str) or not (commit is None or isinstance(commit, str)):
-        raise BaselineCorruptError(path, f"{where}: run_id, created and commit must be strings")
-    soft = software if software is not None else _strings(path, f"{where}.software", data.get("software", {}))
-    return BaselineRun(run_id=run_id, created=created, software=soft, commit=commit, trials=tuple(trials))
-
-
-def _validate(path: Path, key: str, data: Any) -> Baseline:
-    """Check a parsed file (schema 2, or 1 read as 2); raise BaselineCorruptError saying what is wrong."""
+def _check_document(path: Path, key: str, data: Any) -> int:
+    """The schema version of a parsed file, once its top level is sound and holds ``key``."""
     if not isinstance(data, dict):
         raise BaselineCorruptError(path, f"top level is {type(data).__name__}, expected an object")
     version = data.get("schema_version")
@@ -304,17 +363,7 @@ def _validate(path: Path, key: str, data: Any) -> Baseline:
         raise BaselineCorruptError(path, f"'key' is {type(data['key']).__name__}, expected a string")
     if data["key"] != key:
         raise BaselineCorruptError(path, f"it holds key {data['key']!r}, expected {key!r}")
-    if version == SCHEMA_VERSION:
-        testbed = _strings(path, "testbed", data["testbed"])
-        listed, software = data["runs"], None
-        where = "runs"
-    else:
-        testbed, software = split_legacy_fingerprint(_strings(path, "fingerprint", data["fingerprint"]))
-        listed, where = data["history"], "history"
-    if not isinstance(listed, list):
-        raise BaselineCorruptError(path, f"'{where}' is {type(listed).__name__}, expected a list")
-    runs = tuple(_run(path, f"{where}[{i}]", run, software) for i, run in enumerate(listed))
-    return Baseline(key=key, path=path, testbed=testbed, runs=runs, schema_version=version)
+    return version
 
 
 def _read(path: Path, key: str) -> Baseline | None:
@@ -340,17 +389,15 @@ def _read(path: Path, key: str) -> Baseline | None:
         raise BaselineCorruptError(path, f"not usable JSON ({exc})") from exc
     except RecursionError:
         raise BaselineCorruptError(path, "not usable JSON (nested too deeply)") from None
-    baseline = _validate(path, key, data)
+    baseline = Baseline.from_json(data, path=path, key=key)
     place = _bad_text(data, "")  # it could be read, but not written back
     if place:
         raise BaselineCorruptError(path, f"{place} holds a lone surrogate escape (\\ud800-\\udfff), not text")
     return baseline
 
 
-def _dumps(key: str, testbed: Mapping[str, str], runs: Sequence[BaselineRun]) -> str:
-    doc = {"schema_version": SCHEMA_VERSION, "key": key, "testbed": dict(testbed),
-           "runs": [run.to_dict() for run in runs]}
-    return json.dumps(doc, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+def _dumps(baseline: Baseline) -> str:
+    return json.dumps(baseline.to_json(), indent=1, ensure_ascii=False, allow_nan=False) + "\n"
 
 
 def _check_strings(name: str, mapping: Mapping[str, str]) -> dict[str, str]:
@@ -411,11 +458,11 @@ class BaselineStore:
             raise ValueError(f"max_runs must be an integer >= 1, got {max_runs!r}")
         path = self.path_for(key)
         try:  # fail before taking the lock if the run cannot be stored
-            json.dumps(run.to_dict(), allow_nan=False)
+            json.dumps(run.to_json(), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise ValueError(f"baseline {key!r}: run is not JSON-serializable: {exc}") from exc
         try:  # nor store what load() would refuse: the plugin never writes a file it cannot read
-            _run(path, "run", run.to_dict())
+            BaselineRun.from_json(run.to_json(), path=path, where="run")
         except BaselineCorruptError as exc:
             raise ValueError(f"baseline {key!r}: the run cannot be stored: {exc.problem}") from None
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -431,7 +478,8 @@ class BaselineStore:
                     raise TestbedMismatchError(key, path, lines)
                 runs = [*existing.runs, run]
                 kept, dropped = runs[-max_runs:], tuple(runs[:-max_runs])
-            write_text_atomic(path, _dumps(key, bed, kept))
+            written = Baseline(key=key, path=path, testbed=bed, runs=tuple(kept))
+            write_text_atomic(path, _dumps(written))
         finally:
             os.close(lock_fd)  # closing releases the flock
-        return Baseline(key=key, path=path, testbed=bed, runs=tuple(kept)), dropped
+        return written, dropped

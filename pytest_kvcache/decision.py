@@ -48,22 +48,32 @@ __all__ = [
 ]
 
 #: A first run whose uncorrected p of being worse is at most this, and which is worse
-#: by more than half a threshold, is confirmed by another run before it is judged.
+#: by more than half a threshold, is confirmed by another run before it is judged
+#: (docs/statistics.md, When a first run is confirmed).
 SCREEN_P = 0.05
 
 
 class Zone(str, enum.Enum):
-    """The outcome of one comparison; the order of the members is worst first."""
+    """The outcome of one comparison; the order of the members is worst first
+    (docs/statistics.md, Zones)."""
 
     FAIL = "FAIL"
     WARN = "WARN"
     IMPROVED = "IMPROVED"
     PASS = "PASS"
 
+    @classmethod
+    def named(cls, word: str) -> Zone | None:
+        """The zone a word of a report names ("FAIL", ...); None for any other word."""
+        try:
+            return cls(word)
+        except ValueError:
+            return None
 
-def worst_zone(zones: Sequence[Zone | str]) -> Zone | None:
+
+def worst_zone(zones: Sequence[Zone]) -> Zone | None:
     """The worst of some zones (FAIL, then WARN, IMPROVED, PASS); None for none."""
-    present = {Zone(z) for z in zones}
+    present = set(zones)
     return next((z for z in Zone if z in present), None)
 
 
@@ -291,7 +301,7 @@ def night_shift(comparisons: Sequence[tuple[str, MetricComparison]]) -> NightShi
         return None
     moves = [math.log(c.ratio) * c.direction.sign for _, c in judged]
     centre = statistics.median(moves)
-    noise = statistics.median(c.sd_log for _, c in judged)
+    noise = statistics.median(c.sd_log for _, c in judged if c.sd_log is not None)
     same = sum(1 for m in moves if m * centre > 0)
     spread = statistics.median(abs(m - centre) for m in moves)
     if same < 0.8 * len(moves) or abs(centre) <= 2.0 * noise or spread >= abs(centre) / 2.0:
@@ -319,7 +329,8 @@ class Gate:
 
 
 def session_gate(entries: Sequence[GateEntry], alpha: float) -> Gate:
-    """Holm over every comparison of the session (BH for the report), in entry order."""
+    """Holm over every comparison of the session (BH for the report), in entry order;
+    the items not compared as docs/statistics.md (What counts as unjudged) defines them."""
     pairs = [(e.item, c) for e in entries for c in e.comparisons]
     worse = [c.p_worse for _, c in pairs]
     holm_worse, holm_better = holm(worse), holm([c.p_better for _, c in pairs])

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from .backends import BackendConfig
-from .baselines import Baseline, BaselineRun, BaselineStore, describe_runs
+from .baselines import Baseline, BaselineRun, BaselineStore, BaselineTrial, describe_runs
 from .decision import Verdict, judge_item, needs_confirmation, plan_baseline_update
 from .errors import BaselineError, KVCacheError
 from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
@@ -628,9 +628,8 @@ class KVSession:
         return BaselineRun(
             run_id=self.session_id, created=self.started.isoformat(timespec="seconds"),
             software=dict(outcome.identity.software), commit=self.commit,
-            trials=tuple({"index": t.index, "summary": dict(t.measured.summary),
-                          "ttfts_ms": [round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success]}
-                         for t in outcome.result.trials))
+            trials=tuple(BaselineTrial(index=t.index, summary=dict(t.measured.summary), ttfts_ms=tuple(
+                round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success)) for t in outcome.result.trials))
 
     def _fail(self, outcome: ItemOutcome, message: str) -> None:
         message = scrub(message, self.settings.server.endpoint)  # an error may quote the endpoint's URL
@@ -700,5 +699,5 @@ def history_runs(session: KVSession) -> list:
             runs.append(ItemRun(session_id=session.session_id, time=time, item=o.baseline_key, attempt=attempt,
                                 testbed=dict(o.identity.testbed), software=software, commit=commit,
                                 baseline_updated=o.baseline_updated, status=o.status,
-                                zone=zone.value if zone else None, metrics=metrics, trials=trials))
+                                zone=zone, metrics=metrics, trials=trials))
     return runs

@@ -41,7 +41,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,14 +63,15 @@ __all__ = [
     "threshold_log",
 ]
 
-#: Floor on the trial-to-trial standard deviation, log scale (about 0.1%).
+#: Floor on the trial-to-trial standard deviation, log scale (about 0.1%; docs/statistics.md, Floors).
 SD_LOG_FLOOR: float = 1e-3
-#: Floor on the standard deviation of a run's mean, log scale (about 0.5%).
+#: Floor on the standard deviation of a run's mean, log scale (about 0.5%; docs/statistics.md, Floors).
 RUN_SD_FLOOR: float = 5e-3
 #: Degrees of freedom above which Student's t is taken as the normal distribution.
 _DF_NORMAL = 1e6
 #: The night variance is an upper confidence bound at this level (it reduces power
-#: only through the confirmation runs, where an underestimate would cost false failures).
+#: only through the confirmation runs, where an underestimate would cost false failures;
+#: docs/statistics.md, Confirmation runs).
 _NIGHT_CONFIDENCE = 0.90
 #: A confirmation run is taken to share at least this part of its deviation with the
 #: first run (one runner, one night): the margin that holds the gate's false failures
@@ -195,7 +196,8 @@ class MetricComparison:
 
     @property
     def judged(self) -> bool:
-        """False when no test could be made (too few runs or trials)."""
+        """False when no test could be made (too few runs or pairs; docs/statistics.md, What
+        counts as unjudged)."""
         return not self.test.startswith("insufficient")
 
     def to_dict(self) -> dict[str, Any]:
@@ -230,7 +232,8 @@ def _check_threshold(threshold: float, direction: Direction) -> None:
 
 
 def threshold_log(threshold: float, direction: Direction | str) -> float:
-    """The practical threshold as a positive log-scale distance in the bad direction.
+    """The practical threshold as a positive log-scale distance in the bad direction
+    (docs/statistics.md, Thresholds).
 
     ``log(1 + threshold)`` for lower-is-better, ``-log(1 - threshold)`` for
     higher-is-better (a 5% throughput drop is ratio 0.95).
@@ -284,7 +287,8 @@ def _t_ppf(q: float, df: float) -> float:
 
 
 def _min_tail(u: Any, rho: Any, k: int) -> Any:
-    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1).
+    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1)
+    (docs/statistics.md, Confirmation runs).
 
     ``Z_i = sqrt(rho) W + sqrt(1 - rho) E_i``: conditioning on the shared ``W`` leaves k
     independent tails; the outer integral is Gauss-Hermite (64 nodes).
@@ -320,7 +324,8 @@ def _trigamma_inverse(x: np.ndarray) -> np.ndarray:
 
 
 def fit_noise_prior(variances: Any, dfs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma).
+    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma;
+    docs/statistics.md, Noise pooled over the testbed's items).
 
     ``variances`` (..., F) are the items' sample variances of their run means on the
     log scale, ``dfs`` (..., F) their degrees of freedom (runs - 1). Fits the scaled
@@ -390,7 +395,8 @@ class _RunLevel:
 
 def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n: Any, cur_ss: Any,
                prior_var: Any, prior_df: Any, night_var: Any, sign: float, shared_current: bool) -> _RunLevel:
-    """The computation behind :func:`compare_runs` and :func:`compare_runs_batch`.
+    """The computation behind :func:`compare_runs` and :func:`compare_runs_batch`
+    (docs/statistics.md, The run-level comparison, step by step).
 
     ``base_means`` (..., R) and ``cur_means`` (..., K) are log run means, ``*_n`` their
     trial counts, ``*_ss`` the summed within-run squared deviations (...). ``prior_var``
@@ -458,6 +464,93 @@ def _run_stats(metric: str, side: str, runs: Sequence[Sequence[float]]) -> tuple
     return means, counts, ss
 
 
+def _untested(metric: str, direction: Direction, threshold: float, alpha: float, confidence: float, *,
+              n_baseline: int, n_current: int, baseline_value: float, current_value: float, ratio: float,
+              runs_baseline: int = 1, runs_current: int = 1) -> MetricComparison:
+    """The two sides of a comparison before any test: no interval, p = 1, not judged."""
+    return MetricComparison(metric=metric, direction=direction, threshold=float(threshold), alpha=float(alpha),
+                            confidence=float(confidence), n_baseline=n_baseline, n_current=n_current,
+                            baseline_value=baseline_value, current_value=current_value, ratio=ratio,
+                            change_pct=(ratio - 1.0) * 100.0, runs_baseline=runs_baseline, runs_current=runs_current,
+                            ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient-untested",
+                            sd_log=None, mde_pct=None, note="")
+
+
+def _unjudged_comparison(sides: MetricComparison, baseline_runs: Sequence[Sequence[float]],
+                         current_runs: Sequence[Sequence[float]], prior: NoisePrior | None) -> MetricComparison | None:
+    """The comparisons that need no test: every value equal, or the run-to-run noise unknown
+    (one baseline run and no prior: "insufficient-runs"; docs/statistics.md, What counts as
+    unjudged)."""
+    runs = sides.runs_baseline
+    every = [v for run in (*baseline_runs, *current_runs) for v in run]
+    if all(v == every[0] for v in every) and (runs >= 2 or prior is not None):
+        return replace(sides, ci_low=1.0, ci_high=1.0, test="exact-equal",
+                       note="every trial value is identical on both sides: no evidence of any change")
+    if runs < 2 and prior is None:
+        return replace(
+            sides, test="insufficient-runs", runs_needed=3,
+            note=f"cannot judge: the baseline has {runs} run, so its run-to-run noise is unknown; record at least "
+                 "2 more runs on other days (--update-baselines), or give the testbed's run-to-run noise "
+                 "(--kv-run-noise)")
+    return None
+
+
+def _noise_source(b_means: Sequence[float], prior: NoisePrior | None) -> tuple[str, list[str]]:
+    """Where the run-to-run noise came from, and a note when the baseline's runs disagree
+    beyond the testbed's noise (an F test at 1%: a change between them?)."""
+    runs = len(b_means)
+    if prior is None:
+        return "this item's runs", []
+    source = prior.source if runs < 2 else f"this item's {runs} runs and {prior.source}"
+    if runs >= 2 and prior.df < _DF_NORMAL and prior.var > 0:
+        import numpy as np
+        from scipy import stats as st
+
+        own = float(np.var(b_means, ddof=1))
+        if own / prior.var > st.f.ppf(0.99, runs - 1, prior.df):
+            return source, [f"the baseline's {runs} runs disagree beyond this testbed's run-to-run noise "
+                            f"(sd {math.sqrt(own) * 100:.1f}% against {math.sqrt(prior.var) * 100:.1f}%): a change "
+                            "between them? refresh the baseline (--reset-baselines) if so"]
+    return source, []
+
+
+@dataclass(frozen=True)
+class _Power:
+    """What one run can detect, and what more baseline runs would buy (docs/statistics.md,
+    What one run can detect)."""
+
+    alpha: float
+    power: float
+    direction: Direction
+    threshold: float
+
+    def detectable(self, var: float, df: float) -> float:
+        """The smallest worsening (log scale) detected with this power at this level."""
+        return (_t_ppf(1.0 - self.alpha, df) + _t_ppf(self.power, df)) * math.sqrt(var)
+
+    def runs_needed(self, level: _RunLevel, base_n: Sequence[int], first_n: int, runs: int,
+                    prior_df: float) -> tuple[int | None, str]:
+        """The baseline runs that would bring one run's detectable change under the threshold
+        (more runs: more df too), or why no number of them would; with the note to show."""
+        import numpy as np
+
+        between_var, within_var = float(level.between_var), float(level.within_var)
+        target = threshold_log(self.threshold, self.direction)
+        tau2 = between_var + within_var / float(np.mean(base_n))
+        floor = between_var + within_var / first_n
+        if self.detectable(floor, math.inf) >= target:
+            return None, (f"the run-to-run noise alone ({_pct_from_log(math.sqrt(between_var), self.direction):.1f}%) "
+                          f"keeps one run from detecting a {self.threshold * 100:g}% change at this level: more "
+                          "baseline runs cannot fix that, confirmation runs (--kv-confirm-runs) can")
+        needed = next((r for r in range(max(runs + 1, 2), _MAX_RUNS_NEEDED + 1)
+                       if self.detectable(tau2 / r + floor, prior_df + r - 1) <= target), None)
+        more = f"{needed} baseline runs would be needed" if needed else \
+            f"more than {_MAX_RUNS_NEEDED} baseline runs would be needed"
+        mde_log = self.detectable(float(level.var_one), float(level.df))
+        return needed, (f"one run can detect only a {_pct_from_log(mde_log, self.direction):.1f}% change (threshold "
+                        f"{self.threshold * 100:g}%); {more}")
+
+
 def compare_runs(
     metric: str,
     baseline_runs: Sequence[Sequence[float]],
@@ -493,77 +586,37 @@ def compare_runs(
     runs, k = len(b_means), len(c_means)
     base_value = math.exp(float(np.mean(b_means)))
     cur_value = math.exp(float(np.mean(c_means)))
-    ratio = cur_value / base_value
-    common = dict(metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
-                  confidence=float(confidence), n_baseline=sum(b_n), n_current=sum(c_n), baseline_value=base_value,
-                  current_value=cur_value, ratio=ratio, change_pct=(ratio - 1.0) * 100.0, runs_baseline=runs,
-                  runs_current=k)
-    every = [v for run in (*baseline_runs, *current_runs) for v in run]
-    if all(v == every[0] for v in every) and (runs >= 2 or prior is not None):
-        return MetricComparison(**common, ci_low=1.0, ci_high=1.0, p_worse=1.0, p_better=1.0, test="exact-equal",
-                                sd_log=None, mde_pct=None, note="every trial value is identical on both sides: "
-                                "no evidence of any change", noise_source="")
-    if runs < 2 and prior is None:
-        return MetricComparison(
-            **common, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0, test="insufficient-runs", sd_log=None,
-            mde_pct=None, runs_needed=3,
-            note=f"cannot judge: the baseline has {runs} run, so its run-to-run noise is unknown; record at least "
-                 "2 more runs on other days (--update-baselines), or give the testbed's run-to-run noise "
-                 "(--kv-run-noise)")
+    sides = _untested(metric, d, threshold, alpha, confidence, n_baseline=sum(b_n), n_current=sum(c_n),
+                   baseline_value=base_value, current_value=cur_value, ratio=cur_value / base_value,
+                   runs_baseline=runs, runs_current=k)
+    unjudged = _unjudged_comparison(sides, baseline_runs, current_runs, prior)
+    if unjudged is not None:
+        return unjudged
     night = prior.night_var if prior is not None and prior.night_var is not None else math.nan
     level = _run_level(np.array(b_means), np.array(b_n), b_ss, np.array(c_means), np.array(c_n), c_ss,
                        prior.var if prior is not None else 0.0, prior.df if prior is not None else 0.0,
                        night, d.sign, shared_current)
     df = float(level.df)
-    var_one, var_mean = float(level.var_one), float(level.var_mean)
-    between_var, within_var = float(level.between_var), float(level.within_var)
-    half = _t_ppf(0.5 + confidence / 2.0, df) * math.sqrt(var_mean)
+    half = _t_ppf(0.5 + confidence / 2.0, df) * math.sqrt(float(level.var_mean))
     diff = float(level.diff)
     notes = []
     if k > 1:
         notes.append(f"{k} runs: the first and {k - 1} confirmation run{'s' if k > 2 else ''}; "
                      "each must be as far out for the change to be significant")
-    source = "this item's runs"
-    if prior is not None:
-        source = prior.source if runs < 2 else f"this item's {runs} runs and {prior.source}"
-        if runs >= 2 and prior.df < _DF_NORMAL and prior.var > 0:
-            from scipy import stats as st
-
-            own = float(np.var(b_means, ddof=1))
-            if own / prior.var > st.f.ppf(0.99, runs - 1, prior.df):
-                notes.append(f"the baseline's {runs} runs disagree beyond this testbed's run-to-run noise "
-                             f"(sd {math.sqrt(own) * 100:.1f}% against {math.sqrt(prior.var) * 100:.1f}%): a change "
-                             "between them? refresh the baseline (--reset-baselines) if so")
-    # what one run can detect, and what more baseline runs would buy (more runs: more df too)
-    target = threshold_log(threshold, d)
-    mde_log = (_t_ppf(1.0 - alpha, df) + _t_ppf(power, df)) * math.sqrt(var_one)
+    source, disagree = _noise_source(b_means, prior)
+    notes += disagree
+    detect = _Power(alpha=alpha, power=power, direction=d, threshold=threshold)
+    mde_log = detect.detectable(float(level.var_one), df)
     needed = None
-    if mde_log > target:
-        tau2 = between_var + within_var / float(np.mean(b_n))
-        floor = between_var + within_var / c_n[0]
-        prior_df = prior.df if prior is not None else 0.0
-
-        def detectable(r: int) -> float:
-            dfr = prior_df + r - 1
-            return (_t_ppf(1.0 - alpha, dfr) + _t_ppf(power, dfr)) * math.sqrt(tau2 / r + floor)
-
-        if (_t_ppf(1.0 - alpha, math.inf) + _t_ppf(power, math.inf)) * math.sqrt(floor) >= target:
-            notes.append(f"the run-to-run noise alone ({_pct_from_log(math.sqrt(between_var), d):.1f}%) keeps one "
-                         f"run from detecting a {threshold * 100:g}% change at this level: more baseline runs cannot "
-                         "fix that, confirmation runs (--kv-confirm-runs) can")
-        else:
-            needed = next((r for r in range(max(runs + 1, 2), _MAX_RUNS_NEEDED + 1) if detectable(r) <= target),
-                          None)
-            more = f"{needed} baseline runs would be needed" if needed else \
-                f"more than {_MAX_RUNS_NEEDED} baseline runs would be needed"
-            notes.append(f"one run can detect only a {_pct_from_log(mde_log, d):.1f}% change (threshold "
-                         f"{threshold * 100:g}%); {more}")
-    return MetricComparison(
-        **common, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),
+    if mde_log > threshold_log(threshold, d):
+        needed, note = detect.runs_needed(level, b_n, c_n[0], runs, prior.df if prior is not None else 0.0)
+        notes.append(note)
+    return replace(
+        sides, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),
         p_worse=float(min(max(level.p_worse, 0.0), 1.0)), p_better=float(min(max(level.p_better, 0.0), 1.0)),
-        test="run-level" if k == 1 else "run-level, confirmed", sd_log=math.sqrt(var_one),
-        mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), between_sd=math.sqrt(between_var),
-        within_sd=math.sqrt(within_var), noise_df=df, noise_source=source, runs_needed=needed)
+        test="run-level" if k == 1 else "run-level, confirmed", sd_log=math.sqrt(float(level.var_one)),
+        mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), between_sd=math.sqrt(float(level.between_var)),
+        within_sd=math.sqrt(float(level.within_var)), noise_df=df, noise_source=source, runs_needed=needed)
 
 
 def compare_runs_batch(baseline: Any, current: Any, *, direction: Direction | str, prior_var: Any = 0.0,
@@ -628,13 +681,11 @@ def compare_paired(
     diffs = ly - lx
     mean = float(diffs.mean())
     ratio = math.exp(mean)
-    common = dict(metric=metric, direction=d, threshold=float(threshold), alpha=float(alpha),
-                  confidence=float(confidence), n_baseline=n, n_current=n, baseline_value=math.exp(float(lx.mean())),
-                  current_value=math.exp(float(ly.mean())), ratio=ratio, change_pct=(ratio - 1.0) * 100.0)
+    sides = _untested(metric, d, threshold, alpha, confidence, n_baseline=n, n_current=n,
+                   baseline_value=math.exp(float(lx.mean())), current_value=math.exp(float(ly.mean())), ratio=ratio)
     if n < 2:
-        return MetricComparison(**common, ci_low=None, ci_high=None, p_worse=1.0, p_better=1.0,
-                                test="insufficient-pairs", sd_log=None, mde_pct=None,
-                                note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
+        return replace(sides, test="insufficient-pairs",
+                       note="a paired comparison needs at least 2 pairs; no p-value, cannot be significant")
     notes: list[str] = []
     sd = float(diffs.std(ddof=1))
     if sd < SD_LOG_FLOOR:
@@ -646,8 +697,8 @@ def compare_paired(
     p_worse, p_better = float(st.t.sf(t, df)), float(st.t.cdf(t, df))
     half = float(st.t.ppf(0.5 + confidence / 2.0, df)) * se
     mde_log = float(st.t.ppf(1.0 - alpha, df) + st.t.ppf(power, df)) * se
-    return MetricComparison(
-        **common, ci_low=math.exp(mean - half), ci_high=math.exp(mean + half), p_worse=p_worse, p_better=p_better,
+    return replace(
+        sides, ci_low=math.exp(mean - half), ci_high=math.exp(mean + half), p_worse=p_worse, p_better=p_better,
         test="paired-t", sd_log=sd, mde_pct=_pct_from_log(mde_log, d), note="; ".join(notes), within_sd=sd,
         noise_df=float(df), noise_source="pairs of this run")
 

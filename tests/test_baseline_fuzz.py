@@ -24,7 +24,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_kvcache.baselines import Baseline, BaselineRun, BaselineStore
+from pytest_kvcache.baselines import Baseline, BaselineRun, BaselineStore, BaselineTrial
 from pytest_kvcache.errors import BaselineCorruptError, TestbedMismatchError
 
 KEY = "fuzz/prefill[none-1k-c4]"
@@ -148,7 +148,7 @@ def _number(value: Any) -> float | None:
 def _unsound(baseline: Baseline) -> str | None:
     """What is unsound in a baseline that loaded, else None."""
     for run in baseline.runs:
-        for trial in run.trials:
+        for trial in (t.to_json() for t in run.trials):  # as the file will hold it
             if not isinstance(trial.get("summary"), dict):
                 return f"{run.run_id} a trial without a summary"
             for name, value in trial["summary"].items():
@@ -189,7 +189,8 @@ def check(store: BaselineStore, content: bytes) -> str:
         return f"silently accepted: {_unsound(loaded)}"
     try:
         try:
-            store.write(KEY, TESTBED, BaselineRun("new", "2026-12-01", trials=(_trial(0, {"median_ttft_ms": 5.0}),)))
+            store.write(KEY, TESTBED, BaselineRun("new", "2026-12-01",
+                                                     trials=(BaselineTrial({"median_ttft_ms": 5.0}, 0, (1.5, 2.5)),)))
         except TestbedMismatchError:
             pass
         store.write(KEY, TESTBED, BaselineRun("new", "2026-12-01"), replace=True)

@@ -15,6 +15,7 @@ from pytest_kvcache.baselines import (
     Baseline,
     BaselineRun,
     BaselineStore,
+    BaselineTrial,
     describe_runs,
     key_to_relpath,
 )
@@ -28,9 +29,9 @@ TESTBED = {"gpu": "1 x NVIDIA H100 80GB HBM3", "model": "Qwen/Qwen3-8B", "backen
 def make_run(i: int, **software: str) -> BaselineRun:
     return BaselineRun(run_id=f"r{i}", created=f"2026-11-{i + 1:02d}T00:00:00+00:00",
                        software=software or {"vllm_version": "0.11.0"}, commit="abc",
-                       trials=({"index": 0, "summary": {"median_ttft_ms": 100.0 + i, "p90_ttft_ms": 120.5},
-                                "ttfts_ms": [0.1, 0.2]},
-                               {"index": 1, "summary": {"median_ttft_ms": 101.0 + i, "mean_tpot_ms": None}}))
+                       trials=(BaselineTrial(index=0, summary={"median_ttft_ms": 100.0 + i, "p90_ttft_ms": 120.5},
+                                             ttfts_ms=(0.1, 0.2)),
+                               BaselineTrial(index=1, summary={"median_ttft_ms": 101.0 + i, "mean_tpot_ms": None})))
 
 
 @pytest.fixture
@@ -127,7 +128,7 @@ def test_bad_arguments(store: BaselineStore) -> None:
     with pytest.raises(TypeError):
         store.write(KEY, TESTBED, {"run_id": "x"})  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="JSON"):
-        store.write(KEY, TESTBED, BaselineRun("x", "t", trials=({"summary": {"x": float("nan")}},)))
+        store.write(KEY, TESTBED, BaselineRun("x", "t", trials=(BaselineTrial({"x": float("nan")}),)))
     assert not store.path_for(KEY).exists()
 
 
@@ -280,7 +281,7 @@ def test_newer_schema_says_which_version_this_plugin_reads(store: BaselineStore)
 
 
 def test_write_refuses_what_load_would_refuse(store: BaselineStore) -> None:
-    bad = BaselineRun("x", "t", trials=({"summary": {"median_ttft_ms": -1.0}},))
+    bad = BaselineRun("x", "t", trials=(BaselineTrial({"median_ttft_ms": -1.0}),))
     with pytest.raises(ValueError, match=r"run.trials\[0\].summary.median_ttft_ms is -1.0"):
         store.write(KEY, TESTBED, bad)
     assert not store.path_for(KEY).exists()

@@ -26,8 +26,8 @@ def cmp(ratio: float, direction: Direction = LOWER, threshold: float = 0.10, **k
 
 def test_zone_order_and_worst() -> None:
     assert [z.value for z in Zone] == ["FAIL", "WARN", "IMPROVED", "PASS"]
-    assert decision.worst_zone(["PASS", "IMPROVED"]) is Zone.IMPROVED
-    assert decision.worst_zone([Zone.PASS, "WARN", "FAIL"]) is Zone.FAIL
+    assert decision.worst_zone([Zone.PASS, Zone.IMPROVED]) is Zone.IMPROVED
+    assert decision.worst_zone([Zone.PASS, Zone.WARN, Zone.FAIL]) is Zone.FAIL
     assert decision.worst_zone([]) is None
 
 

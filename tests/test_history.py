@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kvcache.decision import Zone
 from pytest_kvcache.errors import HistoryError, KVCacheError
 from pytest_kvcache.history import (
     HISTORY_FILE_NAME,
@@ -51,7 +52,7 @@ def make_run(session: str, item: str = PREFILL, *, time: str = "2024-05-01T02:00
                    for i, (t, x) in enumerate(zip(ttft, throughput, strict=True)))
     return ItemRun(session_id=session, time=time, item=item, attempt=attempt, testbed=testbed or TESTBED,
                    software=software or {"vllm": "0.6.1", "lmcache": "0.1.3"}, commit=commit,
-                   baseline_updated=attempt == 0, status="compared", zone="PASS", metrics=metrics, trials=trials)
+                   baseline_updated=attempt == 0, status="compared", zone=Zone.PASS, metrics=metrics, trials=trials)
 
 
 def session_time(s: int) -> str:
@@ -300,6 +301,7 @@ def test_postgresql_url_without_psycopg_says_what_to_install(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
+from pytest_kvcache.decision import Zone
 from pytest_kvcache.history import ItemRun, open_history
 url, writer, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 while not go.exists():
@@ -311,7 +313,7 @@ with open_history(url, rootdir=Path.cwd()) as store:  # a fresh store: the schem
         # import runs beside the session that wrote the folder
         runs = [ItemRun(session_id=session, time=f"2024-05-01T02:{s % 60:02d}:00Z", item=f"item-{i}", attempt=0,
                         testbed={"gpu": "H100"}, software={"vllm": "0.6.1"}, commit=None, baseline_updated=False,
-                        status="compared", zone="PASS", metrics=(("median_ttft_ms", "lower"),),
+                        status="compared", zone=Zone.PASS, metrics=(("median_ttft_ms", "lower"),),
                         trials=tuple({"index": t, "usable": True, "summary": {"median_ttft_ms": 100.0 + t}}
                                      for t in range(5)))
                 for session in (f"own-{writer}-{s}", f"shared-{writer // 2}-{s}") for i in range(ITEMS)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from pytest_kvcache.__main__ import main
+from pytest_kvcache.decision import Zone
 from pytest_kvcache.models import format_tokens
 from pytest_kvcache.report import plots
 from pytest_kvcache.report.rows import RESULT_SCHEMA_VERSION, load_run
@@ -164,10 +165,10 @@ def test_run_plots_panel_per_phase_log_axes_padding_and_no_empty_panel(tmp_path,
     rows = item_rows(run, per_trial=True)
     points = [plots.ComparisonPoints(item=r["item"], metric="median_ttft_ms", current=[r["median_ttft_ms"]],
                                      baseline=[r["median_ttft_ms"] * 0.98], baseline_value=r["median_ttft_ms"] * 0.98,
-                                     current_value=r["median_ttft_ms"], zone="PASS")
+                                     current_value=r["median_ttft_ms"], zone=Zone.PASS)
               for r in rows if r["iteration"] == 1]
     points.append(plots.ComparisonPoints(item="multiturn[cpu-128-c8]", metric="mean_tpot_ms", current=[5.0, 5.1],
-                                         zone="PASS"))
+                                         zone=Zone.PASS))
     points.append(plots.ComparisonPoints(item="prefill[none-1k-c16]", metric="p99_ttft_ms", current=[]))  # nothing
     write_plots(rows, tmp_path / "plots", points)
     for fig in figures:

@@ -46,7 +46,9 @@ PLOTS = ("ttft_vs_input_len.png", "throughput_vs_input_len.png", "baseline_vs_cu
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     project = make_project(tmp_path_factory.mktemp("report-project"), SCENARIO)
-    labels = ["--kv-label", "bandwidth=400Gbps", "--kv-label", "direction=east-west"]
+    # a module fixture runs before conftest's autouse one sets PYTEST_ADDOPTS: the test projects'
+    # client floor (conftest's TEST_PROJECT_CLIENT_FLOOR) is given here
+    labels = ["--kv-label", "bandwidth=400Gbps", "--kv-label", "direction=east-west", "--kv-client-floor=0.5"]
     first = run_pytest(project, "--update-baselines", "--kv-results-dir=first", *labels)
     assert first.returncode == 0, first.stdout + first.stderr
     second = run_pytest(project, "-v", "--kv-results-dir=out", "--junitxml=junit.xml", "--benchmark-json=bench.json",

@@ -11,6 +11,7 @@ runners do not race on ``CREATE TABLE``.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import HistoryError
@@ -117,7 +118,7 @@ class PostgresHistoryStore(HistoryStore):
             raise self._error(exc, "opening the history") from exc
         check_schema_version(row[0] if row else None, f"PostgreSQL database {self.location}")
 
-    def _query(self, sql: str, params: list[Any] | tuple[Any, ...]) -> list[tuple]:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         try:
             return self._connection("reading").execute(sql.replace("?", "%s"), params).fetchall()
         except self._psycopg.Error as exc:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..decision import Zone
 from ..identity import testbed_id
 
 __all__ = ["HISTORY_FILE_SCHEMA_VERSION", "ItemRun", "testbed_id"]
@@ -33,7 +34,7 @@ class ItemRun:
     commit: str | None  # the deployment's or the test repository's commit, when known
     baseline_updated: bool  # this run was stored as (part of) the item's baseline
     status: str  # compared | baseline-updated | skipped | failed | measured
-    zone: str | None  # the item's worst verdict zone: FAIL, WARN, IMPROVED, PASS; None when not compared
+    zone: Zone | None  # the item's worst verdict zone; None when not compared
     #: the metrics the item is judged on, with the direction that is better ("lower"/"higher")
     metrics: tuple[tuple[str, str], ...]
     #: per trial: {"index": int, "usable": bool, "summary": {metric: value or None}}
@@ -56,7 +57,8 @@ class ItemRun:
         return {
             "session_id": self.session_id, "time": self.time, "item": self.item, "attempt": self.attempt,
             "testbed": dict(self.testbed), "software": dict(self.software), "commit": self.commit,
-            "baseline_updated": self.baseline_updated, "status": self.status, "zone": self.zone,
+            "baseline_updated": self.baseline_updated, "status": self.status,
+            "zone": self.zone.value if self.zone else None,
             "metrics": [list(m) for m in self.metrics],
             "trials": [dict(t) for t in self.trials],
         }
@@ -80,8 +82,8 @@ class ItemRun:
         if commit is not None and not isinstance(commit, str):
             raise ValueError(f"field 'commit' is {commit!r}, expected a string or null")
         zone = data.get("zone")
-        if zone is not None and not isinstance(zone, str):
-            raise ValueError(f"field 'zone' is {zone!r}, expected a string or null")
+        if zone is not None and (not isinstance(zone, str) or Zone.named(zone) is None):
+            raise ValueError(f"field 'zone' is {zone!r}, expected one of {', '.join(z.value for z in Zone)} or null")
         metrics = need("metrics", list)
         if not all(isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m)
                    for m in metrics):
@@ -92,6 +94,6 @@ class ItemRun:
         return cls(session_id=need("session_id", str), time=need("time", str), item=need("item", str),
                    attempt=need("attempt", int), testbed=strings("testbed"), software=strings("software"),
                    commit=commit, baseline_updated=bool(need("baseline_updated", bool)),
-                   status=need("status", str), zone=zone, metrics=tuple((m[0], m[1]) for m in metrics),
-                   trials=tuple(trials))
+                   status=need("status", str), zone=Zone(zone) if zone else None,
+                   metrics=tuple((m[0], m[1]) for m in metrics), trials=tuple(trials))
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -124,7 +124,7 @@ class SQLiteHistoryStore(HistoryStore):
                                                         "'schema_version'").fetchone(), "reading its version")
         check_schema_version(row[0] if row else None, str(self.path))
 
-    def _query(self, sql: str, params: list[Any] | tuple[Any, ...]) -> list[tuple]:
+    def _query(self, sql: str, params: Sequence[Any]) -> list[tuple]:
         return self._retrying(lambda: self._conn.execute(sql, params).fetchall(), "reading")
 
     def _insert(self, rows: list[tuple]) -> int:

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ..decision import Zone
 from ..errors import HistoryError
 from ._record import ItemRun
 
@@ -148,7 +149,8 @@ def _row(run: ItemRun) -> tuple:
     except TypeError as exc:
         raise HistoryError(f"item run {run.item!r} of session {run.session_id!r} is not JSON: {exc}") from None
     return (run.session_id, run.item, run.attempt, run.time, utc_time, run.testbed_id, nested[0], nested[1],
-            run.commit, int(run.baseline_updated), run.status, run.zone, nested[2], nested[3])
+            run.commit, int(run.baseline_updated), run.status, run.zone.value if run.zone else None, nested[2],
+            nested[3])
 
 
 def _item_run(row: Sequence[Any]) -> ItemRun:
@@ -156,8 +158,8 @@ def _item_run(row: Sequence[Any]) -> ItemRun:
      trials) = row
     return ItemRun(session_id=session_id, time=time, item=item, attempt=int(attempt), testbed=json.loads(testbed),
                    software=json.loads(software), commit=commit, baseline_updated=bool(baseline_updated),
-                   status=status, zone=zone, metrics=tuple((m[0], m[1]) for m in json.loads(metrics)),
-                   trials=tuple(json.loads(trials)))
+                   status=status, zone=Zone(zone) if zone else None,
+                   metrics=tuple((m[0], m[1]) for m in json.loads(metrics)), trials=tuple(json.loads(trials)))
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,9 @@ def plot_series(path: Path, labels: Sequence[str], values: Sequence[float], chan
     for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
         if b > a:
             mean = math.fsum(values[a:b]) / (b - a)
-            ax.hlines(mean, a - 0.4, b - 0.6, colors="C1", linewidth=2.0, label="segment mean" if k == 0 else None)
+            # one legend entry for every segment (matplotlib leaves out labels that start with "_")
+            ax.hlines(mean, a - 0.4, b - 0.6, colors="C1", linewidth=2.0,
+                      label="segment mean" if k == 0 else "_nolegend_")
     top = max(values, default=1.0) * 1.15
     for k, cp in enumerate(cps):
         ax.axvline(cp.index - 0.5, color="C3", linestyle="--", linewidth=1.2, label="change point" if k == 0 else None)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
+
+from ..decision import Zone
+from .headline import GateState, gate_state
 
 __all__ = ["render_html"]
 
@@ -58,7 +62,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], table_id: str, 
         cells = []
         for index, cell in enumerate(row):
             text = str(cell)
-            cls = text.split(":")[0] if text.split(":")[0] in ("PASS", "WARN", "IMPROVED", "FAIL") else ""
+            zone = Zone.named(text.split(":")[0])
+            cls = zone.value if zone else ""
             if not cls and text[:1] in "-+0123456789[" and text not in ("-",):
                 cls = "num"
             if index < names:
@@ -74,43 +79,35 @@ class _Raw(str):
     """Already escaped HTML for a table cell."""
 
 
-def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: Sequence[Mapping],
-                plots: Sequence[str], captions: Mapping[str, str] | None = None) -> str:
-    from .run_files import PLOT_FILES
+#: The banner's class for each state of the gate (a colour of _CSS).
+_BANNER_CLASS = {GateState.INTERRUPTED: "fail", GateState.FAILED: "fail", GateState.PASSED: "pass",
+                 GateState.NOT_COMPARED: "warn", GateState.NO_COMPARISON: "info"}
 
-    captions = captions or PLOT_FILES
+
+def _banner(session: Mapping[str, Any]) -> str:
     gate = session.get("gate") or {}
-    if session.get("interrupted"):
-        banner = f'<div class="banner fail">{_e(gate.get("line"))}</div>'
-    elif gate.get("failed"):
-        banner = f'<div class="banner fail">Regression gate FAILED: {_e(", ".join(gate.get("failing", [])))}</div>'
-    elif gate.get("judged"):
-        banner = f'<div class="banner pass">{_e(gate.get("line") or "Regression gate passed")}</div>'
-    elif gate.get("not_compared"):
-        banner = f'<div class="banner warn">{_e(gate.get("line"))}</div>'
-    else:
-        banner = '<div class="banner info">No comparison with a baseline in this run.</div>'
-    parts = [
-        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>pytest-kvcache run {_e(run.name)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>pytest-kvcache run <code>{_e(run.name)}</code></h1>",
-        f"<div>finished {_e(session.get('finished'))}</div>",
-        banner,
-    ]
-    if session.get("header"):
-        parts.append('<ul class="header">' + "".join(f"<li>{_e(h)}</li>" for h in session["header"]) + "</ul>")
+    state = gate_state(session)
+    text = {GateState.FAILED: f"Regression gate FAILED: {', '.join(gate.get('failing', []))}",
+            GateState.PASSED: gate.get("line") or "Regression gate passed",
+            GateState.NO_COMPARISON: "No comparison with a baseline in this run."}.get(state, gate.get("line"))
+    return f'<div class="banner {_BANNER_CLASS[state]}">{_e(text)}</div>'
+
+
+def _verdicts(session: Mapping[str, Any]) -> list[str]:
     summary = session.get("summary") or {}
-    parts.append("<h2>Verdicts</h2>")
+    parts = ["<h2>Verdicts</h2>"]
     if summary.get("rows"):
         parts.append(_table(summary["header"], summary["rows"], "summary", names=1))
     else:
         parts.append("<p>No items ran.</p>")
     if summary.get("notes"):
         parts.append('<ul class="notes">' + "".join(f"<li>{_e(n)}</li>" for n in summary["notes"]) + "</ul>")
+    return parts
 
+
+def _items(run: Any) -> list[str]:
     from .rows import item_rows
 
-    parts.append("<h2>Items</h2>")
     rows = []
     for r in item_rows(run, per_trial=False):
         # the item names its file: the link's text need not repeat it (the table fits the page)
@@ -120,11 +117,13 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
         rows.append((r["item"], backend, r["input_len"], r["concurrency"], _num(r["mean_ttft_ms"]),
                      _num(r["median_ttft_ms"]), _num(r["p99_ttft_ms"]), _num(r["total_token_throughput"]),
                      f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"].upper(), link))
-    parts.append(_table(("item", "backend (medium)", "input len", "concurrency", "mean TTFT (ms)",
-                         "median TTFT (ms)", "p99 TTFT (ms)", "total throughput (tok/s)", "usable trials",
-                         "verdict", "file"), rows, "items", names=2))
+    return ["<h2>Items</h2>", _table(("item", "backend (medium)", "input len", "concurrency", "mean TTFT (ms)",
+                                      "median TTFT (ms)", "p99 TTFT (ms)", "total throughput (tok/s)",
+                                      "usable trials", "verdict", "file"), rows, "items", names=2)]
 
-    parts.append("<h2>Plots</h2><div class=\"plots\">")
+
+def _plots(plots: Sequence[str], captions: Mapping[str, str]) -> list[str]:
+    parts = ["<h2>Plots</h2><div class=\"plots\">"]
     for rel in plots:
         name = rel.split("/")[-1]
         # a panel per compared metric, an item per column: shown at the page's width, never as a thumbnail
@@ -132,24 +131,46 @@ def render_html(session: Mapping, run, trial_rows: Sequence[Mapping], frontier: 
         parts.append(f'<figure{wide}><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(name)}"></a>'
                      f"<figcaption>{_e(captions.get(name, name))}</figcaption></figure>")
     parts.append("</div>")
+    return parts
 
-    history = session.get("history")
-    if history:
-        parts.append(f"<h2>History</h2><p>Every run is recorded in <code>{_e(history['store'])}</code>; "
-                     "<code>python -m pytest_kvcache history</code> shows every series.</p>")
-        if history["lines"]:
-            parts.append('<ul class="notes">' + "".join(f'<li class="WARN">change point: {_e(line)}</li>'
-                                                        for line in history["lines"]) + "</ul>")
-        else:
-            parts.append(f"<p>No change point among the last runs of this session's "
-                         f"{len(history['series'])} series.</p>")
-        parts.append('<div class="plots">' + "".join(
-            f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(rel)}"></a>'
-            f"<figcaption>{_e(rel.split('/')[-1])}</figcaption></figure>" for rel in history["plots"]) + "</div>")
-        parts.append(_table(("item", "metric", "runs recorded", "latest"),
-                            [(s["item"], s["metric"], s["runs"], _num(s["latest"])) for s in history["series"]],
-                            "history"))
 
+def _history(history: Mapping[str, Any]) -> list[str]:
+    parts = [f"<h2>History</h2><p>Every run is recorded in <code>{_e(history['store'])}</code>; "
+             "<code>python -m pytest_kvcache history</code> shows every series.</p>"]
+    if history["lines"]:
+        parts.append('<ul class="notes">' + "".join(f'<li class="{Zone.WARN.value}">change point: {_e(line)}</li>'
+                                                    for line in history["lines"]) + "</ul>")
+    else:
+        parts.append(f"<p>No change point among the last runs of this session's "
+                     f"{len(history['series'])} series.</p>")
+    parts.append('<div class="plots">' + "".join(
+        f'<figure><a href="{_href(rel)}"><img src="{_href(rel)}" alt="{_e(rel)}"></a>'
+        f"<figcaption>{_e(rel.split('/')[-1])}</figcaption></figure>" for rel in history["plots"]) + "</div>")
+    parts.append(_table(("item", "metric", "runs recorded", "latest"),
+                        [(s["item"], s["metric"], s["runs"], _num(s["latest"])) for s in history["series"]],
+                        "history"))
+    return parts
+
+
+def render_html(session: Mapping[str, Any], run: Any, trial_rows: Sequence[Mapping[str, Any]],
+                frontier: Sequence[Mapping[str, Any]], plots: Sequence[str],
+                captions: Mapping[str, str] | None = None) -> str:
+    from .run_files import PLOT_FILES
+
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>pytest-kvcache run {_e(run.name)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>pytest-kvcache run <code>{_e(run.name)}</code></h1>",
+        f"<div>finished {_e(session.get('finished'))}</div>",
+        _banner(session),
+    ]
+    if session.get("header"):
+        parts.append('<ul class="header">' + "".join(f"<li>{_e(h)}</li>" for h in session["header"]) + "</ul>")
+    parts += _verdicts(session)
+    parts += _items(run)
+    parts += _plots(plots, captions or PLOT_FILES)
+    if session.get("history"):
+        parts += _history(session["history"])
     parts.append("<h2>Pareto frontier of each phase (mean TTFT vs total token throughput, per trial)</h2>")
     parts.append(_table(("item", "trial", "mean TTFT (ms)", "total throughput (tok/s)"),
                         [(r["item"], r["iteration"], _num(r["mean_ttft_ms"]), _num(r["total_token_throughput"]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from typing import Any
 from pathlib import Path
 
 from .._atomic import write_json_atomic
@@ -93,7 +94,7 @@ def _trials(result) -> list[dict]:
     ]
 
 
-def _answer_rounds(trials) -> list[tuple[int, str, object]]:
+def _answer_rounds(trials) -> list[tuple[int, str, Any]]:
     """(trial, round name, round) of every round whose answers are kept, the control's too."""
     out = []
     for t in trials:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .headline import GateState, gate_state
 
 __all__ = ["md_table", "render_markdown"]
 
@@ -27,22 +30,27 @@ def _fmt(value, digits: int = 4) -> str:
     return str(value)
 
 
+def _headline(session: Mapping[str, Any]) -> str:
+    gate = session.get("gate") or {}
+    match gate_state(session):
+        case GateState.INTERRUPTED:
+            failing = ": FAILED " + ", ".join(gate["failing"]) if gate.get("failed") else ""
+            return (f"⛔ **Run INTERRUPTED** ({session.get('interrupted_by')}): the regression gate did not judge "
+                    f"every item ({gate.get('unjudged', 0)} cut off or never started){failing}")
+        case GateState.FAILED:
+            return "❌ **Regression gate FAILED**: " + ", ".join(gate.get("failing", []))
+        case GateState.PASSED:
+            return f"✅ Regression gate passed ({gate['judged']} comparisons, Holm-corrected)"
+        case GateState.NOT_COMPARED:
+            return f"⚠️ Nothing judged: {len(gate['not_compared'])} item(s) NOT COMPARED"
+        case _:
+            return "ℹ️ No comparison with a baseline in this run"
+
+
 def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | None = None) -> str:
     """Headline (gate), set-up, the summary table, per-item figures and the file list."""
     gate = session.get("gate") or {}
-    if session.get("interrupted"):
-        headline = (f"⛔ **Run INTERRUPTED** ({session.get('interrupted_by')}): the regression gate did not judge "
-                    f"every item ({gate.get('unjudged', 0)} cut off or never started)"
-                    + (": FAILED " + ", ".join(gate["failing"]) if gate.get("failed") else ""))
-    elif gate.get("failed"):
-        headline = "❌ **Regression gate FAILED**: " + ", ".join(gate.get("failing", []))
-    elif gate.get("judged"):
-        headline = f"✅ Regression gate passed ({gate['judged']} comparisons, Holm-corrected)"
-    elif gate.get("not_compared"):
-        headline = f"⚠️ Nothing judged: {len(gate['not_compared'])} item(s) NOT COMPARED"
-    else:
-        headline = "ℹ️ No comparison with a baseline in this run"
-    out = ["## pytest-kvcache results", "", headline, ""]
+    out = ["## pytest-kvcache results", "", _headline(session), ""]
     if session.get("not_run"):
         out += [f"⚠️ {len(session['not_run'])} item(s) never started: " + "; ".join(session["not_run"][:5])
                 + (" ..." if len(session["not_run"]) > 5 else ""), ""]

@@ -16,6 +16,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from ..decision import Zone
 
 __all__ = [
     "LOG_SPAN",
@@ -43,7 +46,7 @@ _LABELS = {
     "request_throughput": "request throughput (requests/s)",
     "input_len": "input length (tokens)",
 }
-_ZONE_COLOURS = {"PASS": "#2ca02c", "WARN": "#ff7f0e", "IMPROVED": "#17becf", "FAIL": "#d62728"}
+_ZONE_COLOURS = {Zone.PASS: "#2ca02c", Zone.WARN: "#ff7f0e", Zone.IMPROVED: "#17becf", Zone.FAIL: "#d62728"}
 #: Columns that may tell one line from another; only those that vary within a panel are named.
 _SERIES_COLUMNS = ("folder", "scenario", "kvcache", "concurrency", "output_len", "bandwidth", "arcc", "direction")
 #: An axis is logarithmic when its largest value is this many times its smallest.
@@ -51,7 +54,8 @@ LOG_SPAN = 20.0
 #: matplotlib's default colour cycle (tab10), then markers and line styles for more series
 _COLOURS = tuple(f"C{i}" for i in range(10))
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
-_LINESTYLES = ("-", "--", ":", "-.")
+LineStyle = Literal["-", "--", ":", "-."]
+_LINESTYLES: tuple[LineStyle, ...] = ("-", "--", ":", "-.")
 _LEGEND_FONT = 8
 #: legend entries per column before another column is started
 _LEGEND_ROWS = 24
@@ -140,7 +144,7 @@ class Style:
 
     colour: str
     marker: str
-    linestyle: str
+    linestyle: LineStyle
 
 
 def _look(i: int) -> Style:
@@ -148,7 +152,7 @@ def _look(i: int) -> Style:
     return Style(_COLOURS[i % 10], _MARKERS[i // 10 % 10], _LINESTYLES[i // 100 % 4])
 
 
-def _run_look(r: int) -> tuple[str, str]:
+def _run_look(r: int) -> tuple[str, LineStyle]:
     """The r-th run's marker and line style: both change from one run to the next, and no
     two of the first 40 runs share the pair."""
     return _MARKERS[r % 10], _LINESTYLES[(r + r // 10) % 4]
@@ -187,8 +191,8 @@ class SeriesStyles:
 
         if not self.factored:
             return [(handle(style, line=lines), self.label(*key)) for key, style in self._flat.items()]
-        entries = [(handle(Style(_COLOURS[i], "o", "-"), marker=not lines, line=lines), g)
-                   for i, g in enumerate(self.groups)]
+        entries: list[tuple[object, str]] = [
+            (handle(Style(_COLOURS[i], "o", "-"), marker=not lines, line=lines), g) for i, g in enumerate(self.groups)]
         entries.append((Line2D([], [], linestyle="None", marker="None"), "runs:"))
         for r, run in enumerate(self.runs):
             entries.append((handle(Style("#444444", *_run_look(r)), line=lines), run))
@@ -377,8 +381,8 @@ def plot_pareto(rows: Sequence[Mapping], path: Path, x: str = "mean_ttft_ms", y:
         if not members:
             _no_data(ax, f"no rows with {x} and {y}")
         else:
-            shown = [float(r[x]) for r in members if xmax is None or float(r[x]) <= xmax] or [float(xmax)]
-            _scale(ax, "x", shown)
+            shown = [float(r[x]) for r in members if xmax is None or float(r[x]) <= xmax]
+            _scale(ax, "x", shown or [float(xmax or 0.0)])  # empty only below a given xmax
             _scale(ax, "y", [float(r[y]) for r in members])
         ax.set_title(_panel_title(name, members, len(panels) > 1), fontsize=10)
         ax.set_xlabel(axis_label(x))
@@ -400,7 +404,11 @@ class ComparisonPoints:
     current_value: float | None = None
     ci_low: float | None = None  # of the current level, in the metric's unit
     ci_high: float | None = None
-    zone: str | None = None
+    zone: Zone | None = None  # None: not compared
+
+
+def _zone_colour(zone: Zone | None) -> str:
+    return _ZONE_COLOURS[zone] if zone else "C0"
 
 
 def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> Path:
@@ -416,8 +424,8 @@ def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> 
     if any(p.baseline_value is not None for p in points):
         entries["baseline level"] = Line2D([], [], color="#444444", lw=2)
     for zone in dict.fromkeys(p.zone for p in points):
-        entries[f"this run's trials ({zone or 'not compared'})"] = Line2D(
-            [], [], color=_ZONE_COLOURS.get(zone or "", "C0"), marker="o", ls="None")
+        entries[f"this run's trials ({zone.value if zone else 'not compared'})"] = Line2D(
+            [], [], color=_zone_colour(zone), marker="o", ls="None")
     if any(p.ci_low is not None for p in points):
         entries["this run: 95% CI"] = Line2D([], [], color="#444444", marker="s", lw=1.5)
     items_per_panel = [list(dict.fromkeys(p.item for p in points if p.metric == m)) for m in metrics]
@@ -434,7 +442,7 @@ def plot_baseline_vs_current(points: Sequence[ComparisonPoints], path: Path) -> 
                 ax.scatter([i - 0.18] * len(p.baseline), p.baseline, s=18, color="#7f7f7f", alpha=0.7, zorder=3)
             if p.baseline_value is not None:
                 ax.hlines(p.baseline_value, i - 0.32, i - 0.04, color="#444444", lw=2, zorder=4)
-            colour = _ZONE_COLOURS.get(p.zone or "", "C0")
+            colour = _zone_colour(p.zone)
             ax.scatter([i + 0.18] * len(p.current), p.current, s=22, color=colour, zorder=5)
             if p.current_value is not None and p.ci_low is not None and p.ci_high is not None:
                 ax.errorbar([i + 0.3], [p.current_value], yerr=[[max(0.0, p.current_value - p.ci_low)],

@@ -21,6 +21,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeGuard, TypeVar
 
 from ..errors import KVCacheError
 from .json_report import RESULT_SCHEMA_VERSION
@@ -57,6 +58,7 @@ CSV_COLUMNS: tuple[str, ...] = SEED_COLUMNS + (
 )
 #: The session file of a run folder.
 RUN_FILE = "run.json"
+_Row = TypeVar("_Row", bound=Mapping[str, Any])
 
 #: Backend name -> storage medium, as the seed's script maps them (none -> HBM: no offload).
 _MODALITY = {
@@ -118,7 +120,7 @@ def _read_json(path: Path) -> object:
         raise ResultsError(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 
 
-def _is_item_doc(data: object) -> bool:
+def _is_item_doc(data: object) -> TypeGuard[dict[str, Any]]:
     return isinstance(data, dict) and "schema_version" in data and "scenario" in data and "item" in data
 
 
@@ -297,10 +299,7 @@ def filter_rows(rows: Iterable[dict], filters: Mapping[str, Sequence[str]]) -> l
     Matching ignores case; ``input_len`` accepts 1k/10k forms; ``backend`` matches the
     backend name or the ``kvcache`` column.
     """
-    wanted = {}
-    for column, values in filters.items():
-        if values:
-            wanted[column] = {_parse_filter_value(column, v) for v in values}
+    wanted = {column: {_parse_filter_value(column, v) for v in given} for column, given in filters.items() if given}
     out = []
     for row in rows:
         ok = True
@@ -316,8 +315,8 @@ def filter_rows(rows: Iterable[dict], filters: Mapping[str, Sequence[str]]) -> l
     return out
 
 
-def pareto_frontier(rows: Sequence[dict], x: str = "mean_ttft_ms", y: str = "total_token_throughput",
-                    x_lower_is_better: bool = True, y_higher_is_better: bool = True) -> list[dict]:
+def pareto_frontier(rows: Sequence[_Row], x: str = "mean_ttft_ms", y: str = "total_token_throughput",
+                    x_lower_is_better: bool = True, y_higher_is_better: bool = True) -> list[_Row]:
     """Rows not dominated by another: none has x at least as good and y at least as good,
     with one strictly better. Rows missing either figure are left out. Sorted by x."""
     sx = 1.0 if x_lower_is_better else -1.0

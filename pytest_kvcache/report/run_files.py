@@ -71,7 +71,7 @@ def comparison_points(outcomes: Sequence, results_dir: Path, store=None) -> list
                 p.baseline = [v for run in history for v in run.values(metric)]
             if metric in by_metric:
                 c, v = by_metric[metric]
-                p.baseline_value, p.current_value, p.zone = c.baseline_value, c.current_value, v.zone.value
+                p.baseline_value, p.current_value, p.zone = c.baseline_value, c.current_value, v.zone
                 if c.ci_low is not None and c.ci_high is not None:
                     p.ci_low, p.ci_high = c.baseline_value * c.ci_low, c.baseline_value * c.ci_high
             if p.current or p.baseline:

@@ -15,8 +15,7 @@ __all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "Term
            "unjudged_count"]
 
 #: Terminal colour of each zone (pytest's TerminalWriter markup names).
-ZONE_COLOURS: dict[str, str] = {Zone.FAIL.value: "red", Zone.WARN.value: "yellow", Zone.IMPROVED.value: "cyan",
-                                Zone.PASS.value: "green"}
+ZONE_COLOURS: dict[Zone, str] = {Zone.FAIL: "red", Zone.WARN: "yellow", Zone.IMPROVED: "cyan", Zone.PASS: "green"}
 
 
 def _status_cell(outcome) -> str:
@@ -41,7 +40,7 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
 
     Only comparisons made against a baseline or a reference are in the gate (an update
     of the baselines compares too, to refuse a sick run, but decides nothing else)."""
-    rows = []
+    rows: list[tuple[str, ...]] = []
     gated = [o for o in outcomes if o.status != "baseline-updated"]
     pairs = [c for o in gated for c in o.comparisons]
     holm_p = gate.holm if gate and len(gate.holm) == len(pairs) else [None] * len(pairs)
@@ -142,8 +141,21 @@ def header_lines(settings, gpu: str | None = None, versions: dict | None = None)
 #: Columns of the verdict table left out, in this order, when it is wider than the terminal;
 #: item, metric, change and verdict always stay (run.json, summary.md and report.html keep all).
 DROP_ORDER: tuple[str, ...] = ("q(BH)", "MDE", "p", "run noise", "95% CI of ratio", "p(Holm)", "baseline", "current")
-#: Colour of a note by the word before its first colon (a zone, or an item's status).
-_NOTE_COLOURS = {**ZONE_COLOURS, "FAILED": "red", "SKIPPED": "yellow"}
+#: Colour of an item's status where it has no verdict.
+_STATUS_COLOURS = {"FAILED": "red", "SKIPPED": "yellow"}
+
+
+def _zone_colour(word: str) -> str | None:
+    """The colour of a zone's word in a row of the table (None: the word names no zone)."""
+    zone = Zone.named(word)
+    return ZONE_COLOURS[zone] if zone else None
+
+
+def _note_colour(note: str) -> str | None:
+    """A note's colour, by the word before its first colon (a zone, or an item's status)."""
+    word = note.split(": ", 1)[0].rsplit(" ", 1)[-1]
+    colour = _zone_colour(word) or _STATUS_COLOURS.get(word)
+    return colour or ("yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)
 
 
 def terminal_width(config) -> int | None:
@@ -229,16 +241,15 @@ def render_summary(outcomes: Sequence, gate: Gate | None, settings,
     lines: list[tuple[str, str | None]] = [("", None), *((text, None) for text in fit_lines([top], width))]
     rows, notes = summary_rows(outcomes, gate)
     table, dropped = fit_table(SUMMARY_HEADER, rows, width)
-    lines += [(text, None if i is None else ZONE_COLOURS.get(rows[i][-1])) for text, i in table]
+    lines += [(text, None if i is None else _zone_colour(rows[i][-1])) for text, i in table]
     if dropped:
         notes.insert(0, f"(columns left out to fit {width} columns: {', '.join(dropped)}; report.html, summary.md "
                         "and run.json have them)")
     for note in notes:
-        zone = note.split(": ", 1)[0].rsplit(" ", 1)[-1]
-        colour = _NOTE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)
-        lines += [(text, colour) for text in fit_lines(note.splitlines(), width)]
+        lines += [(text, _note_colour(note)) for text in fit_lines(note.splitlines(), width)]
     for cp in change_points:
-        lines += [(text, "yellow") for text in fit_lines([f"WARN change point: {cp.describe()}"], width)]
+        lines += [(text, ZONE_COLOURS[Zone.WARN])
+                  for text in fit_lines([f"{Zone.WARN.value} change point: {cp.describe()}"], width)]
     if not_run:
         lines += [(text, "yellow") for text in fit_lines(
             [f"NOT RUN: {len(not_run)} item(s) never started: " + ", ".join(not_run[:5])
@@ -278,8 +289,8 @@ class ItemProgress:
     every ``line_every`` seconds, so an item of minutes shows it is alive and a short one
     adds nothing."""
 
-    def __init__(self, name: str, out: ProgressOutput | None, verbose: bool, *, clock: Callable[[], float] | None = None,
-                 status_every: float = 0.2, line_every: float = 30.0) -> None:
+    def __init__(self, name: str, out: ProgressOutput | None, verbose: bool, *,
+                 clock: Callable[[], float] | None = None, status_every: float = 0.2, line_every: float = 30.0) -> None:
         import time
 
         self.name = name
