@@ -27,7 +27,7 @@ from .models import BACKENDS, LMCACHE_MODES, Settings, format_tokens
 from .scenarios import MAX_TOKENS, MAX_TRIALS, TOKEN_COUNT_FORMS, parse_threshold_override, parse_token_count
 from .servers import SERVER_KINDS, ServerSettings
 
-__all__ = ["OPTIONS", "Option", "add_options", "gpus_per_worker", "raw_value", "read_settings"]
+__all__ = ["OPTIONS", "Number", "Option", "add_options", "gpus_per_worker", "number", "raw_value", "read_settings"]
 
 #: seconds one benchmark request may take (--kv-request-timeout); a 100k-token prefill under load fits
 DEFAULT_REQUEST_TIMEOUT = 600.0
@@ -101,10 +101,41 @@ def _client_processes(text: str) -> int:
 
 
 @dataclass(frozen=True)
+class Number:
+    """What a number option takes: from ``low`` to ``high``, each excluded unless ``low_ok`` /
+    ``high_ok``; ``form`` says it in the usage error. ``whole``: an integer. Where neither the
+    option nor its ini key gives a value: ``default``, else None if ``optional``, else the
+    usage error. ``names``: how the error names it, where not "--flag / ini"."""
+
+    low: float
+    high: float
+    form: str
+    low_ok: bool = False
+    high_ok: bool = False
+    whole: bool = False
+    default: float | None = None
+    optional: bool = False
+    names: str | None = None
+
+    def admits(self, value: float) -> bool:
+        return ((self.low <= value if self.low_ok else self.low < value)
+                and (value <= self.high if self.high_ok else value < self.high))
+
+
+def _positive(high: float = math.inf, form: str = "a positive integer", **kwargs: Any) -> Number:
+    return Number(1, high, form, low_ok=True, high_ok=True, whole=True, **kwargs)
+
+
+def _count(low: int, example: str) -> Number:
+    return Number(low, 1000, f"a whole number from {low}, e.g. {example}", low_ok=True, high_ok=True, whole=True)
+
+
+@dataclass(frozen=True)
 class Option:
     """One option (``flag``), its ini twin (``ini``), or both. ``action``, ``type``, ``default``,
     ``choices``, ``const`` and ``dest`` go to argparse as they are; an ini key's help is
-    "default of FLAG" unless ``ini_help`` says otherwise."""
+    "default of FLAG" unless ``ini_help`` says otherwise. ``number``: what a number option
+    takes (:func:`number`)."""
 
     flag: str | None
     ini: str | None = None
@@ -119,6 +150,7 @@ class Option:
     ini_help: str | None = None
     ini_type: str | None = None
     ini_default: Any = ""
+    number: Number | None = None
 
     @property
     def name(self) -> str:
@@ -186,6 +218,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--strict-baselines", "kvcache_strict_baselines", action="store_true", ini_type="bool", ini_default=False,
            help="fail, rather than skip, items without a matching baseline (ini: kvcache_strict_baselines)"),
     Option("--alpha", "kvcache_alpha", metavar="P", ini_default="0.05",
+           number=Number(0, 0.5, "a significance level such as 0.05"),
            help="significance level of the regression gate, 0 < P < 0.5 (ini: kvcache_alpha; default 0.05)"),
     Option("--threshold", "kvcache_thresholds", action="append", type=_threshold_override, default=[],
            metavar="METRIC=PCT", ini_type="linelist", ini_default=[],
@@ -197,6 +230,7 @@ OPTIONS: tuple[Option, ...] = (
                 "'python -m pytest_kvcache calibrate' (ini: kvcache_emulator_profile; default quick); "
                 "python -m pytest_kvcache.emulator --help lists the names"),
     Option("--emulator-slowdown", "kvcache_emulator_slowdown", metavar="FACTOR", ini_default="1.0",
+           number=Number(0, 1000, "a factor above 0, e.g. 1.3"),
            help="multiply every modeled time of the emulator by FACTOR > 0, to rehearse a regression "
                 "(ini: kvcache_emulator_slowdown; default 1.0)"),
     Option("--kv-python", "kvcache_python", metavar="PATH",
@@ -228,34 +262,46 @@ OPTIONS: tuple[Option, ...] = (
                 "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
                 "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)"),
     Option("--kv-min-hit-ratio", "kvcache_min_hit_ratio", metavar="F", ini_default="0.5",
+           number=Number(0, 1, "a fraction from 0 to 1, e.g. 0.5 (0 turns the check off)", low_ok=True, high_ok=True),
            help="a warm round of an offload backend fails unless it loads at least this fraction "
                 "of the whole 256-token chunks of its prompts from the tier; 0 turns the check off "
                 "(ini: kvcache_min_hit_ratio; default 0.5)"),
     Option("--kv-tensor-parallel-size", "kvcache_tensor_parallel_size", type=_positive_int, metavar="N",
+           number=_positive(optional=True, names="kvcache_tensor_parallel_size"),
            help="vllm serve --tensor-parallel-size (ini: kvcache_tensor_parallel_size)"),
     Option("--kv-max-model-len", "kvcache_max_model_len", type=_positive_int, metavar="N",
+           number=_positive(optional=True, names="kvcache_max_model_len"),
            help="vllm serve --max-model-len (ini: kvcache_max_model_len)"),
     Option("--kv-gpu-memory-utilization", "kvcache_gpu_memory_utilization", metavar="F",
+           number=Number(0, 1.000001, "a fraction of GPU memory above 0 and at most 1, e.g. 0.9", optional=True),
            help="vllm serve --gpu-memory-utilization, 0 < F <= 1 (ini: kvcache_gpu_memory_utilization)"),
     Option("--kv-ready-timeout", "kvcache_ready_timeout", metavar="SECONDS",
+           number=Number(0, 86400, "seconds above 0, e.g. 600", high_ok=True, optional=True),
            help="how long a started server may take to answer /health (ini: kvcache_ready_timeout; "
                 "default 60 for the emulator, 600 for vllm)"),
     Option("--kv-request-timeout", "kvcache_request_timeout", metavar="SECONDS",
+           number=Number(0, 86400, f"seconds above 0 and at most 86400 (a day), e.g. {DEFAULT_REQUEST_TIMEOUT:g}",
+                         high_ok=True, default=DEFAULT_REQUEST_TIMEOUT),
            help="how long one benchmark request may take to complete before it counts as failed "
                 f"(ini: kvcache_request_timeout; default {DEFAULT_REQUEST_TIMEOUT:g})"),
     Option("--kv-client-floor", "kvcache_client_floor", metavar="F",
+           number=Number(MIN_CLIENT_FLOOR, 1, f"a fraction from {MIN_CLIENT_FLOOR:g} to 1, e.g. "
+                         f"{DEFAULT_CLIENT_FLOOR:g} (below {MIN_CLIENT_FLOOR:g} a round would be another "
+                         "scenario's load)", low_ok=True, high_ok=True, default=DEFAULT_CLIENT_FLOOR),
            help="a round is invalid when the client kept fewer than F x the scenario's concurrency in "
                 "flight while requests waited, or issued fewer than F x its request rate; lower it "
                 f"knowingly on a shared runner with very short requests ({MIN_CLIENT_FLOOR:g} <= F <= 1; "
                 f"ini: kvcache_client_floor; default {DEFAULT_CLIENT_FLOOR:g})"),
     Option("--kv-gpus-per-worker", "kvcache_gpus_per_worker", metavar="N",
+           number=_positive(form="a positive integer (GPUs given to each pytest-xdist worker)", optional=True),
            help="under pytest-xdist, give each worker its own N GPUs (CUDA_VISIBLE_DEVICES: worker gwK "
                 "gets the K-th slice of the visible ones) (ini: kvcache_gpus_per_worker)"),
     Option("--percentiles", "kvcache_percentiles", metavar="Q[,Q]", ini_default="50,90,99",
            help="percentiles reported for TTFT, TPOT, ITL and E2E latency, e.g. 50,90,99 "
                 "(ini: kvcache_percentiles)"),
     Option("--kv-client-processes", "kvcache_client_processes", type=_client_processes, metavar="N",
-           ini_default="1",
+           ini_default="1", number=_positive(MAX_CLIENT_PROCESSES, f"a positive integer up to {MAX_CLIENT_PROCESSES}",
+                                              optional=True, names="kvcache_client_processes"),
            help="send each round from N client processes, the concurrency and the prompts split "
                 "between them, for servers that stream more than one process reads "
                 "(ini: kvcache_client_processes; default 1)"),
@@ -272,13 +318,13 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kv-run-noise", "kvcache_run_noise", metavar="PCT",
            help="the run-to-run noise of this testbed, e.g. 3%%, used where the baselines have too few "
                 "runs to estimate it (ini: kvcache_run_noise; default: none, such items are not judged)"),
-    Option("--kv-confirm-runs", "kvcache_confirm_runs", metavar="N", ini_default="1",
+    Option("--kv-confirm-runs", "kvcache_confirm_runs", metavar="N", ini_default="1", number=_count(0, "1"),
            help="runs on fresh servers that confirm a first run that looks worse before it is judged; "
                 "0 judges the first run alone (ini: kvcache_confirm_runs; default 1)"),
     Option("--kv-history", "kvcache_history", metavar="URL",
            help="where every run is recorded: a file, sqlite:///PATH or postgresql://...; none turns it "
                 "off (ini: kvcache_history; default .kvcache/history.sqlite in the rootdir)"),
-    Option("--kv-history-window", "kvcache_history_window", metavar="N", ini_default="20",
+    Option("--kv-history-window", "kvcache_history_window", metavar="N", ini_default="20", number=_count(2, "20"),
            help="the session summary lists change points of its items among their last N runs "
                 "(ini: kvcache_history_window; default 20)"),
     Option("--kv-external-backend", "kvcache_external_backend", metavar="NAME",
@@ -353,29 +399,22 @@ def read_settings(config: pytest.Config) -> Settings:
         update_baselines=update,
         reset_baselines=reset,
         strict_baselines=_strict_baselines(config),
-        alpha=_float_setting(config, "alpha", 0, 0.5, "a significance level such as 0.05"),
+        alpha=number(config, "alpha"),
         thresholds=_threshold_settings(config),
         trials=config.getoption("trials"),
         verbose=config.getoption("verbose"),
-        min_hit_ratio=_float_setting(config, "kv_min_hit_ratio", 0, 1,
-                                     "a fraction from 0 to 1, e.g. 0.5 (0 turns the check off)",
-                                     low_ok=True, high_ok=True),
+        min_hit_ratio=number(config, "kv_min_hit_ratio"),
         percentiles=_percentiles(config),
-        client_processes=_int_setting(config, "kv_client_processes", MAX_CLIENT_PROCESSES) or 1,
+        client_processes=int(number(config, "kv_client_processes") or 1),
         versions=_pairs(config, "kv_version", "commit=abc123"),
         key_moves=KeyMoves(to_testbed=_key_patterns(config, "kvcache_testbed_keys"),
                            to_software=_key_patterns(config, "kvcache_software_keys")),
         run_noise=_run_noise(config),
-        confirm_runs=_count_setting(config, "kv_confirm_runs", "1"),
+        confirm_runs=int(number(config, "kv_confirm_runs")),
         history_url=_history_url(config),
-        history_window=_count_setting(config, "kv_history_window", "20", low=2),
-        request_timeout=_float_setting(config, "kv_request_timeout", 0, 86400,
-                                       f"seconds above 0 and at most 86400 (a day), e.g. {DEFAULT_REQUEST_TIMEOUT:g}",
-                                       default=DEFAULT_REQUEST_TIMEOUT, high_ok=True),
-        client_floor=_float_setting(config, "kv_client_floor", MIN_CLIENT_FLOOR, 1,
-                                    f"a fraction from {MIN_CLIENT_FLOOR:g} to 1, e.g. {DEFAULT_CLIENT_FLOOR:g} (below "
-                                    f"{MIN_CLIENT_FLOOR:g} a round would be another scenario's load)",
-                                    default=DEFAULT_CLIENT_FLOOR, low_ok=True, high_ok=True),
+        history_window=int(number(config, "kv_history_window")),
+        request_timeout=number(config, "kv_request_timeout"),
+        client_floor=number(config, "kv_client_floor"),
         check_outputs=_check_outputs(config),
     )
 
@@ -414,14 +453,13 @@ def _server_settings(config: pytest.Config, kind: str, endpoint: str | None) -> 
     redis_url = raw_value(config, "kv_redis_url")
     if redis_url is not None and not _REDIS_URL.match(redis_url):
         raise _refuse("kv_redis_url", redis_url, "use redis://HOST:PORT")
-    gpu_memory = raw_value(config, "kv_gpu_memory_utilization")
     return ServerSettings(
         kind=kind,
         endpoint=endpoint,
         model=raw_value(config, "model"),
         extra_args=extra_args,
         emulator_profile=_emulator_profile(config),
-        emulator_slowdown=_float_setting(config, "emulator_slowdown", 0, 1000, "a factor above 0, e.g. 1.3"),
+        emulator_slowdown=number(config, "emulator_slowdown"),
         python=python,
         lmcache_mode=mode_default,
         lmcache_mode_override=mode_override,
@@ -430,24 +468,16 @@ def _server_settings(config: pytest.Config, kind: str, endpoint: str | None) -> 
         ready_timeout=_ready_timeout(config, kind),
         labels=_pairs(config, "kv_label", "bandwidth=400Gbps"),
         lmcache_overrides=_pairs(config, "kv_lmcache", "max_local_cpu_size=20"),
-        tensor_parallel_size=_int_setting(config, "kv_tensor_parallel_size"),
-        max_model_len=_int_setting(config, "kv_max_model_len"),
-        gpu_memory_utilization=None if gpu_memory is None else _float_setting(
-            config, "kv_gpu_memory_utilization", 0, 1.000001,
-            "a fraction of GPU memory above 0 and at most 1, e.g. 0.9"),
+        tensor_parallel_size=_whole(number(config, "kv_tensor_parallel_size")),
+        max_model_len=_whole(number(config, "kv_max_model_len")),
+        gpu_memory_utilization=number(config, "kv_gpu_memory_utilization"),
     )
 
 
 def _ready_timeout(config: pytest.Config, kind: str) -> float:
-    raw = raw_value(config, "kv_ready_timeout")
-    if raw is None:
+    timeout = number(config, "kv_ready_timeout")
+    if timeout is None:
         return 600.0 if kind == "vllm" else 60.0
-    try:
-        timeout = float(raw)
-    except ValueError:
-        timeout = math.nan
-    if not 0 < timeout <= 86400:
-        raise _refuse("kv_ready_timeout", raw, "use seconds above 0, e.g. 600")
     return timeout
 
 
@@ -487,56 +517,33 @@ def _emulator_profile(config: pytest.Config) -> str:
     return str(path.resolve())
 
 
-def _float_setting(config: pytest.Config, name: str, low: float, high: float, form: str, *,
-                   default: float | None = None, low_ok: bool = False, high_ok: bool = False) -> float:
-    """Option ``name`` (else its ini key, else ``default``) as a number between ``low`` and
-    ``high`` (each excluded unless ``low_ok`` / ``high_ok``); ``form`` says what to give."""
+def number(config: pytest.Config, name: str) -> Any:
+    """Number option ``name`` (else its ini key) as its row's :class:`Number` takes it; an
+    integer where the row says ``whole``."""
+    option = _BY_NAME[name]
+    rule = option.number
+    assert rule is not None, name
     raw = raw_value(config, name)
-    if raw is None and default is not None:
-        return default
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
-        raise _refuse(name, raw, f"use {form}")
-    return value
-
-
-def _int_setting(config: pytest.Config, name: str, high: int | None = None) -> int | None:
-    raw = raw_value(config, name)
-    if raw is None or isinstance(raw, int):  # the command line's value, already checked by argparse
+    if raw is None and (rule.default is not None or rule.optional):
+        return rule.default
+    if rule.whole and isinstance(raw, int):  # the command line's value, already checked by argparse
         return raw
     try:
-        return _positive_int(raw, high)
-    except argparse.ArgumentTypeError:
-        raise pytest.UsageError(f"{_BY_NAME[name].ini} = {raw!r}: use a positive integer"
-                                + (f" up to {high}" if high else "")) from None
-
-
-def _count_setting(config: pytest.Config, name: str, example: str, low: int = 0) -> int:
-    raw = raw_value(config, name)
-    try:
-        value = int(str(raw))
-    except ValueError:
-        value = -1
-    if value < low or value > 1000:
-        raise _refuse(name, raw, f"use a whole number from {low}, e.g. {example}")
+        value = int(str(raw)) if rule.whole else float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not rule.admits(value):
+        raise pytest.UsageError(f"{rule.names or option.names} = {raw!r}: use {rule.form}")
     return value
+
+
+def _whole(value: float | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def gpus_per_worker(config: pytest.Config) -> int | None:
     """--kv-gpus-per-worker: GPUs given to each pytest-xdist worker, None where not given."""
-    raw = raw_value(config, "kv_gpus_per_worker")
-    if raw is None:
-        return None
-    try:
-        value = int(str(raw))
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise _refuse("kv_gpus_per_worker", raw, "use a positive integer (GPUs given to each pytest-xdist worker)")
-    return value
+    return _whole(number(config, "kv_gpus_per_worker"))
 
 
 def _exists(path: Path) -> bool:
