@@ -39,35 +39,31 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
-from .backends import BackendConfig
-from .decision import Verdict, Zone, worst_zone
 from .errors import KVCacheError, ScenarioError
 from .models import (
     BACKENDS,
     LMCACHE_MODES,
     PHASES,
     CaseResult,
+    ItemOutcome,
+    Measurement,
     MetricThreshold,
     RoundResult,
     ScenarioCase,
     format_tokens,
 )
-from .runner import CaseRunner
-from .scenarios import (
-    MAX_TRIALS,
-    default_thresholds,
-    override_thresholds,
-    parse_scenario,
-    parse_threshold_override,
-    parse_token_count,
-)
-from .session import ItemOutcome, KVSession, Measurement
-from .stats import MetricComparison
-from .telemetry import TelemetrySource
+
+if TYPE_CHECKING:  # imported where used: pytest imports this module in every run (see plugin.py)
+    from .backends import BackendConfig
+    from .decision import Verdict, Zone
+    from .runner import CaseRunner
+    from .session import KVSession
+    from .stats import MetricComparison
+    from .telemetry import TelemetrySource
 
 __all__ = [
     "GateVerdict",
@@ -191,6 +187,8 @@ class GateVerdict:
 def parse_thresholds(spec: Thresholds) -> tuple[MetricThreshold, ...]:
     """Metric names (10% worse allowed, 5% for throughputs), ``{metric: "10%"}``, or
     ``{metric: {"direction": "lower", "threshold": "10%"}}``; ValueError names what is wrong."""
+    from .scenarios import parse_threshold_override
+
     if isinstance(spec, str) or not isinstance(spec, (Sequence, Mapping)) or not spec:
         raise ValueError(f"thresholds={spec!r}: give metric names, {{metric: '10%'}} or "
                          "{metric: {'direction': 'lower', 'threshold': '10%'}}")
@@ -238,6 +236,8 @@ def _positive(value: Any) -> int:
 
 def read_marker(node: pytest.Item | Any) -> KVMarker:
     """The test's ``@pytest.mark.kvcache`` settings; ValueError names a bad one."""
+    from .scenarios import parse_token_count
+
     given: dict[str, Any] = {}
     for mark in node.iter_markers("kvcache"):
         if mark.args:
@@ -273,7 +273,7 @@ def read_marker(node: pytest.Item | Any) -> KVMarker:
     return replace(out, phase=phase, thresholds=thresholds, lmcache_mode=mode, server_args=tuple(args))
 
 
-# -- collection (plugin.py's hooks call these) -------------------------------------------------
+# -- collection (the hooks of collection.py and plugin.py call these) ---------------------------
 
 
 def parametrize(metafunc: pytest.Metafunc) -> None:
@@ -308,6 +308,8 @@ def server_group(item: pytest.Item, params: KVParams) -> tuple:
 def planned_thresholds(item: pytest.Item, overrides: Sequence[tuple[str, float]]) -> tuple[MetricThreshold, ...]:
     """The comparisons a test that uses :func:`kv_gate` plans: its marker's thresholds, else
     the scenario defaults; none for a test without the gate."""
+    from .scenarios import default_thresholds, override_thresholds
+
     params = item_params(item)
     if params is None or "kv_gate" not in getattr(item, "fixturenames", ()):
         return ()
@@ -347,7 +349,7 @@ class _Test:
     measured, and whether it was judged."""
 
     def __init__(self, request: pytest.FixtureRequest, session: KVSession, params: KVParams) -> None:
-        from .plugin import _progress
+        from .plugin import item_progress
 
         self.request = request
         self.session = session
@@ -356,7 +358,7 @@ class _Test:
         self.marker = read_marker(self.node)
         self.key = baseline_key(self.node)
         self.planned = len(planned_thresholds(self.node, session.settings.thresholds))
-        self.progress = _progress(request, self.node.name)
+        self.progress = item_progress(request, self.node.name)
         self._outcome: ItemOutcome | None = None
         # id(result) -> (result, what measured it): results are not hashable, and kept alive here
         self._measured: dict[int, tuple[object, Any]] = {}
@@ -371,7 +373,7 @@ class _Test:
             self._outcome = self.session.open_item(self.node.nodeid, case, self.key)
         return self._outcome
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str) -> NoReturn:
         self.outcome.status, self.outcome.message = "failed", message
         pytest.fail(message, pytrace=False)
 
@@ -379,6 +381,8 @@ class _Test:
              placeholder: bool = False, caller: str = "kv_load.run") -> ScenarioCase:
         """The case of a load: the workload checked as a scenario file's (same limits and
         messages), the params' values where the call gives none."""
+        from .scenarios import override_thresholds, parse_scenario
+
         p = self.params
         data: dict[str, Any] = {"name": "benchmark", "phase": self.marker.phase, "matrix": {"backend": [backend]}}
         for key, value in (("input_len", p.input_len or (1 if placeholder else None)), ("concurrency", p.concurrency),
@@ -411,6 +415,8 @@ class _Test:
         return self.session.backend(self.outcome, name, self.marker.lmcache_mode, self.marker.server_args)
 
     def trials(self, trials: int | Sequence[int] | None, caller: str) -> list[int]:
+        from .scenarios import MAX_TRIALS
+
         if trials is None or isinstance(trials, int):
             n = self.session.settings.trials or (3 if trials is None else trials)
             indices = list(range(n)) if not isinstance(n, bool) and 0 < n <= MAX_TRIALS else []
@@ -460,6 +466,8 @@ class _Test:
     def thresholds(self, case: ScenarioCase, spec: Thresholds | None, caller: str) -> ScenarioCase:
         """The case with the gate's thresholds; comparisons beyond those planned at
         collection are added to the session's planned count."""
+        from .scenarios import override_thresholds
+
         if spec is not None:
             try:
                 case = override_thresholds(replace(case, thresholds=parse_thresholds(spec)),
@@ -472,6 +480,8 @@ class _Test:
         return case
 
     def verdict(self) -> GateVerdict:
+        from .decision import worst_zone
+
         o = self.outcome
         return GateVerdict(status=o.status, zone=worst_zone([v.zone for v in o.verdicts]),
                            comparisons=tuple(o.comparisons), verdicts=tuple(o.verdicts), message=o.message)
@@ -496,9 +506,9 @@ class _Test:
             return
         self.session.close_item(o)
         if in_body:
-            from .plugin import _record
+            from .plugin import record_item
 
-            _record(self.request, self.session)
+            record_item(self.request, self.session)
 
 
 def _normalized(prompts: Any) -> tuple[str | tuple[int, ...], ...] | None:
@@ -604,7 +614,8 @@ class KVLoad:
         if unknown:
             self._test.fail(f"{caller}: unknown keyword {unknown[0]!r}; use {', '.join(sorted(_WORKLOAD_KEYS))}, "
                             "trials, prompts or backend")
-        workload, given = {**workload, "trials": trials}, ()
+        workload = {**workload, "trials": trials}
+        given: tuple[str | tuple[int, ...], ...] = ()
         if prompts is not None:
             workload, given = self._test.given(config, prompts, workload, caller)
         case = self._test.case(name, workload, reference=reference, caller=caller)

@@ -9,6 +9,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the session's types, named only in annotations: those modules import this one
+    from .backends import BackendConfig
+    from .decision import Verdict
+    from .identity import Identity, KeyMoves
+    from .outputs import OutputCheck
+    from .servers import ServerSettings
+    from .stats import MetricComparison
 
 __all__ = [
     "BACKENDS",
@@ -16,11 +26,15 @@ __all__ = [
     "PHASES",
     "ROUNDS",
     "CaseResult",
+    "HistoryReport",
+    "ItemOutcome",
+    "Measurement",
     "MetricThreshold",
     "RequestRecord",
     "RoundResult",
     "Scenario",
     "ScenarioCase",
+    "Settings",
     "TrialResult",
     "format_tokens",
 ]
@@ -330,3 +344,94 @@ class CaseResult:
             if v is not None:
                 values.append(float(v))
         return values
+
+
+# -- a session's boundary types: the plugin and fixtures make them, the reports read them
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the options and ini keys say (options.read_settings), for every module of a session."""
+
+    server: ServerSettings
+    tokenizer: str | None
+    results_dir: Path
+    baseline_dir: Path
+    update_baselines: bool
+    reset_baselines: bool
+    strict_baselines: bool
+    alpha: float
+    trials: int | None
+    #: keys moved between testbed and software (kvcache_testbed_keys / kvcache_software_keys)
+    key_moves: KeyMoves
+    #: the client guard's floor for delivered vs configured load (--kv-client-floor; loadgen.py)
+    client_floor: float
+    thresholds: tuple[tuple[str, float], ...] = ()  # --threshold overrides: (metric, fraction)
+    verbose: int = 0
+    #: a warm round of an offload backend must load at least this fraction of the whole
+    #: chunks of its prompts from the tier (telemetry.check_hits); 0 turns the check off
+    min_hit_ratio: float = 0.5
+    #: percentiles reported for every latency (--percentiles)
+    percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
+    #: client processes each round is sent from (--kv-client-processes; spread.py)
+    client_processes: int = 1
+    #: the software under test the user names (--kv-version KEY=VALUE)
+    versions: tuple[tuple[str, str], ...] = ()
+    #: run-to-run noise (a fraction) assumed where no baseline can estimate it (--kv-run-noise)
+    run_noise: float | None = None
+    #: runs that confirm a suspicious first run before it is judged (--kv-confirm-runs)
+    confirm_runs: int = 1
+    #: where every run is recorded (--kv-history; None: off)
+    history_url: str | None = None
+    #: change points of the session's items are looked for among this many last runs
+    history_window: int = 20
+    #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
+    request_timeout: float = 600.0
+    #: --kv-check-outputs / --no-kv-check-outputs (None: each scenario's check_outputs)
+    check_outputs: bool | None = None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One measured load of an item: its trials, the offload backend they ran on, and the
+    identity (testbed and software) that says which baselines they may be compared with."""
+
+    result: CaseResult
+    backend: BackendConfig
+    identity: Identity
+
+
+@dataclass
+class ItemOutcome:
+    """What one item measured and decided; the summary table is made from these."""
+
+    nodeid: str
+    case: ScenarioCase
+    baseline_key: str = ""
+    result: CaseResult | None = None
+    #: runs that confirmed a suspicious first run (fresh servers), in order
+    confirmations: list[CaseResult] = field(default_factory=list)
+    comparisons: list[MetricComparison] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
+    status: str = "measured"  # measured | compared | baseline-updated | skipped | failed | interrupted
+    message: str = ""
+    json_path: Path | None = None
+    reference: CaseResult | None = None  # paired design: the reference configuration's trials
+    identity: Identity | None = None
+    testbed_differs: bool = False
+    baseline_updated: bool = False
+    software_change: str = ""
+    #: the check of the answers (outputs.py) of the latest run measured, None before one
+    output_check: OutputCheck | None = None
+    #: the answers of every round of that run, with the salt of its control round
+    answers: tuple[TrialResult, ...] = ()
+
+
+@dataclass(frozen=True)
+class HistoryReport:
+    """What the history store said at the session's end, for the reports."""
+
+    location: str  # the store (a path, or a URL without its password)
+    series: tuple[tuple[str, str, int, float], ...]  # (item, metric, runs, latest value) of the session's items
+    change_points: tuple = ()  # history.HistoryChange of the last runs
+    plots: tuple[str, ...] = ()  # plots of the series with change points, relative to the run folder

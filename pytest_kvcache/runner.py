@@ -30,7 +30,7 @@ from ._http import StreamPool
 from .loadgen import DEFAULT_CLIENT_FLOOR, LoadSpec, open_client, open_pool, run_round
 from .metrics import DEFAULT_PERCENTILES
 from .metrics import summarize as summarize_records
-from .models import RoundResult, ScenarioCase, TrialResult
+from .models import RequestRecord, RoundResult, ScenarioCase, TrialResult
 from .outputs import CONTROL_ROUND
 from .spread import ClientProcesses
 from .telemetry import Snapshot, TelemetrySource, summarize
@@ -109,14 +109,7 @@ class CaseRunner:
                     warmup = await self._warmup_for(codec, case, trial, model)
                     rounds = []
                     for round_name in case.rounds:
-                        done = 0
-
-                        def tick() -> None:
-                            nonlocal done
-                            done += 1
-                            if done == len(prompts) or done % max(1, len(prompts) // 4) == 0:
-                                progress(f"trial {trial + 1} {round_name}: {done}/{len(prompts)} requests")
-
+                        tick = _Ticks(progress, f"trial {trial + 1} {round_name}", len(prompts))
                         if warmup:
                             progress(f"trial {trial + 1} {round_name}: {len(warmup)} warm-up requests")
                             await _send(pool, spec, warmup, "warmup")
@@ -148,13 +141,7 @@ class CaseRunner:
         spec = LoadSpec(model=model, api=api, max_concurrency=concurrency, request_rate=request_rate,
                         burstiness=burstiness, seed=seed, timeout_s=self._request_timeout,
                         min_concurrency_ratio=self._client_floor, min_rate_ratio=self._client_floor)
-        done = 0
-
-        def tick() -> None:
-            nonlocal done
-            done += 1
-            if progress is not None and (done == len(prompts) or done % max(1, len(prompts) // 4) == 0):
-                progress(f"{round_name}: {done}/{len(prompts)} requests")
+        tick = _Ticks(progress or (lambda _: None), round_name, len(prompts))
 
         async def one_round() -> RoundResult:
             pool = (open_pool(base_url, concurrency) if self._client_processes <= 1
@@ -207,7 +194,8 @@ class CaseRunner:
         for turn in turns:
             group = [p for p in prompts if p.turn == turn]
             parts.append(await _send(pool, spec, group, round_name, tick))
-        records, offset = [], 0
+        records: list[RequestRecord] = []
+        offset = 0
         for part in parts:
             records.extend(replace(r, index=r.index + offset) for r in part.records)
             offset += len(part.records)
@@ -244,6 +232,7 @@ class CaseRunner:
         return self._prompts[key]
 
     async def _prompts_for(self, codec, case: ScenarioCase, trial: int, model: str) -> list[Prompt]:
+        key: tuple
         if case.prompts:  # the same in every trial
             key = (self._tokenizer_source or model, "prompts", case.prompts, case.output_len)
         else:
@@ -281,6 +270,18 @@ async def _given(codec, prompts: Sequence[str | Sequence[int]], output_len: int)
             ids = tuple(prompt)
             out.append(Prompt(text="", input_len=len(ids), output_len=output_len, token_ids=ids))
     return out
+
+
+class _Ticks:
+    """A round's progress: called once a request is done, it says so every quarter of them."""
+
+    def __init__(self, progress: Callable[[str], None], label: str, total: int) -> None:
+        self.progress, self.label, self.total, self.done = progress, label, total, 0
+
+    def __call__(self) -> None:
+        self.done += 1
+        if self.done == self.total or self.done % max(1, self.total // 4) == 0:
+            self.progress(f"{self.label}: {self.done}/{self.total} requests")
 
 
 async def _send(pool: StreamPool | ClientProcesses, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,

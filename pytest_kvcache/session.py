@@ -19,113 +19,29 @@ import secrets
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from .backends import BackendConfig
 from .baselines import Baseline, BaselineRun, BaselineStore, BaselineTrial, describe_runs
-from .decision import Verdict, judge_item, needs_confirmation, plan_baseline_update
+from .decision import judge_item, needs_confirmation, plan_baseline_update
 from .errors import BaselineError, KVCacheError
-from .identity import Identity, KeyMoves, diff_testbeds, item_identity, machine_part, software_change
-from .loadgen import DEFAULT_CLIENT_FLOOR
-from .models import CaseResult, ScenarioCase, TrialResult
+from .identity import Identity, diff_testbeds, item_identity, machine_part, software_change
+from .models import CaseResult, HistoryReport, ItemOutcome, Measurement, ScenarioCase, Settings, TrialResult
 from .outputs import OutputCheck, check_outputs, checks_outputs, control_salt, why_not_checked
 from .report.json_report import write_item_json
 from .report.redact import redact_url, scrub
 from .runner import CaseRunner
-from .servers import ServerHandle, ServerPool, ServerSettings
+from .servers import ServerHandle, ServerPool
 from .stats import MetricComparison, NoisePrior
 
-__all__ = ["HistoryReport", "ItemOutcome", "KVSession", "Measurement", "Settings", "history_runs", "new_session_id"]
+if TYPE_CHECKING:
+    from .decision import Gate
 
-
-@dataclass(frozen=True)
-class Settings:
-    server: ServerSettings
-    tokenizer: str | None
-    results_dir: Path
-    baseline_dir: Path
-    update_baselines: bool
-    reset_baselines: bool
-    strict_baselines: bool
-    alpha: float
-    trials: int | None
-    thresholds: tuple[tuple[str, float], ...] = ()  # --threshold overrides: (metric, fraction)
-    verbose: int = 0
-    #: a warm round of an offload backend must load at least this fraction of the whole
-    #: chunks of its prompts from the tier (telemetry.check_hits); 0 turns the check off
-    min_hit_ratio: float = 0.5
-    #: percentiles reported for every latency (--percentiles)
-    percentiles: tuple[float, ...] = (50.0, 90.0, 99.0)
-    #: client processes each round is sent from (--kv-client-processes; spread.py)
-    client_processes: int = 1
-    #: the software under test the user names (--kv-version KEY=VALUE)
-    versions: tuple[tuple[str, str], ...] = ()
-    #: keys moved between testbed and software (kvcache_testbed_keys / kvcache_software_keys)
-    key_moves: KeyMoves = KeyMoves()
-    #: run-to-run noise (a fraction) assumed where no baseline can estimate it (--kv-run-noise)
-    run_noise: float | None = None
-    #: runs that confirm a suspicious first run before it is judged (--kv-confirm-runs)
-    confirm_runs: int = 1
-    #: where every run is recorded (--kv-history; None: off)
-    history_url: str | None = None
-    #: change points of the session's items are looked for among this many last runs
-    history_window: int = 20
-    #: seconds one benchmark request may take before it counts as failed (--kv-request-timeout)
-    request_timeout: float = 600.0
-    #: the client guard's floor for delivered vs configured load (--kv-client-floor; loadgen.py)
-    client_floor: float = DEFAULT_CLIENT_FLOOR
-    #: --kv-check-outputs / --no-kv-check-outputs (None: each scenario's check_outputs)
-    check_outputs: bool | None = None
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """One measured load of an item: its trials, the offload backend they ran on, and the
-    identity (testbed and software) that says which baselines they may be compared with."""
-
-    result: CaseResult
-    backend: BackendConfig
-    identity: Identity
-
-
-@dataclass
-class ItemOutcome:
-    """What one item measured and decided; the summary table is made from these."""
-
-    nodeid: str
-    case: ScenarioCase
-    baseline_key: str = ""
-    result: CaseResult | None = None
-    #: runs that confirmed a suspicious first run (fresh servers), in order
-    confirmations: list[CaseResult] = field(default_factory=list)
-    comparisons: list[MetricComparison] = field(default_factory=list)
-    verdicts: list[Verdict] = field(default_factory=list)
-    status: str = "measured"  # measured | compared | baseline-updated | skipped | failed | interrupted
-    message: str = ""
-    json_path: Path | None = None
-    reference: CaseResult | None = None  # paired design: the reference configuration's trials
-    identity: Identity | None = None
-    testbed_differs: bool = False
-    baseline_updated: bool = False
-    software_change: str = ""
-    #: the check of the answers (outputs.py) of the latest run measured, None before one
-    output_check: OutputCheck | None = None
-    #: the answers of every round of that run, with the salt of its control round
-    answers: tuple[TrialResult, ...] = ()
-
-
-@dataclass(frozen=True)
-class HistoryReport:
-    """What the history store said at the session's end, for the reports."""
-
-    location: str  # the store (a path, or a URL without its password)
-    series: tuple[tuple[str, str, int, float], ...]  # (item, metric, runs, latest value) of the session's items
-    change_points: tuple = ()  # history.HistoryChange of the last runs
-    plots: tuple[str, ...] = ()  # plots of the series with change points, relative to the run folder
+__all__ = ["KVSession", "history_runs", "new_session_id"]
 
 
 def new_session_id(started: _dt.datetime) -> str:
@@ -149,9 +65,9 @@ class KVSession:
         self.started = _dt.datetime.now(_dt.timezone.utc)
         self.session_id = session_id or new_session_id(self.started)
         self.commit = _git_commit()
-        self.gate = None  # decision.Gate, set at session end
+        self.gate: Gate | None = None  # set at session end
         #: the pytest_kvcache_after_round hook (hooks.py), set by the plugin
-        self.after_round = None
+        self.after_round: Any = None
         self.history: HistoryReport | None = None  # what the history store said at session end
         #: what ended the run early (SIGINT, SIGTERM, KeyboardInterrupt); None when it ran to the end
         self.interrupted: str | None = None
@@ -187,7 +103,9 @@ class KVSession:
             return None
         items, testbeds = sorted({r.item for r in runs}), {r.testbed_id for r in runs}
         try:
-            with open_history(self.settings.history_url, rootdir=rootdir) as store:
+            store = open_history(self.settings.history_url, rootdir=rootdir)
+            assert store is not None  # None only for "none": history_url is None then
+            with store:
                 store.record(runs)
                 changes = recent_change_points(store, items, sorted(testbeds), last=self.settings.history_window)
                 series = [s for s in store.series(items=items) if s.testbed_id in testbeds]
@@ -263,6 +181,7 @@ class KVSession:
         return outcome
 
     def close_item(self, outcome: ItemOutcome) -> None:
+        assert outcome.json_path is not None, "an item not opened by open_item"
         write_item_json(outcome.json_path, outcome)
 
     @property
@@ -330,12 +249,15 @@ class KVSession:
                  progress: Callable[[str], None], fresh: bool = False) -> tuple[ServerHandle, tuple[TrialResult, ...]]:
         from .telemetry import check_hits
 
-        error, server, results, missed = None, None, (), None
+        error, missed = None, None
+        server: ServerHandle | None = None
+        results: tuple[TrialResult, ...] = ()
         indices = list(trial_indices)
         salt_run = secrets.token_hex(4)  # a fresh control salt for every run, a restarted tier's too
         control = (partial(control_salt, f"{self.session_id}-{salt_run}")
                    if checks_outputs(case, backend.name, self.settings.check_outputs) else None)
-        external = redact_url(self.settings.server.endpoint) if self.settings.server.kind == "external" else None
+        endpoint = self.settings.server.endpoint
+        external = redact_url(endpoint) if self.settings.server.kind == "external" and endpoint else None
         try:
             server = self.pool.restart(backend) if fresh else self.pool.acquire(backend)
             # the first trial alone first: a warm round that shows the tier missing fails the item
@@ -356,6 +278,7 @@ class KVSession:
                 error = f"the server died during the run: {died}\n  the request that failed: {error}"
         if error is not None:  # failed outside the except block: one message, no chained traceback
             self._fail(outcome, error)
+        assert server is not None  # acquired, or an error above
         if outcome.result is None and case.reference_backend is None:
             # what was measured stays in the item's JSON should a check below fail the item
             outcome.result = CaseResult(case=case, trials=results, server=_server_record(server, backend))
@@ -420,8 +343,7 @@ class KVSession:
         for position, trial in enumerate(trials):
             order = [("reference", reference), ("candidate", candidate)]
             for side, backend in order if position % 2 == 0 else order[::-1]:
-                server, results = self._measure(outcome, case, backend, [trial],
-                                                lambda text, side=side: progress(f"{side} {text}"))
+                server, results = self._measure(outcome, case, backend, [trial], partial(_said_of, side, progress))
                 by_side[side].extend(results)
                 servers[side] = server
         ref, cand = (Measurement(result=CaseResult(case=case, trials=tuple(by_side[side]),
@@ -448,9 +370,9 @@ class KVSession:
                        + "\n  ".join(problems))
         comparisons = []
         for threshold in case.thresholds:
-            values = [(r.measured.summary.get(threshold.metric), c.measured.summary.get(threshold.metric))
-                      for r, c in pairs]
-            values = [(a, b) for a, b in values if a is not None and b is not None]
+            given = [(r.measured.summary.get(threshold.metric), c.measured.summary.get(threshold.metric))
+                     for r, c in pairs]
+            values = [(float(a), float(b)) for a, b in given if a is not None and b is not None]
             if len(values) >= 2:
                 comparisons.append(compare_paired(threshold.metric, [a for a, _ in values], [b for _, b in values],
                                                   direction=Direction(threshold.direction),
@@ -525,6 +447,8 @@ class KVSession:
     def _compare(self, outcome: ItemOutcome, baseline: Baseline, runs: Sequence[CaseResult]) -> list[MetricComparison]:
         from .stats import Direction, compare_runs
 
+        assert outcome.identity is not None, "compared before it was measured"
+        testbed = outcome.identity.testbed
         planned = max(1, self.planned())
         comparisons = []
         for threshold in outcome.case.thresholds:
@@ -535,7 +459,7 @@ class KVSession:
             comparisons.append(compare_runs(
                 threshold.metric, stored, current, direction=Direction(threshold.direction),
                 threshold=threshold.threshold, alpha=self.settings.alpha / planned,
-                prior=self._prior(threshold.metric, outcome.identity.testbed),
+                prior=self._prior(threshold.metric, testbed),
                 shared_current=self.settings.server.kind == "external"))
         return comparisons
 
@@ -596,11 +520,12 @@ class KVSession:
         if problems:
             self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
                        + "\n  ".join(problems))
-        if differences and not s.reset_baselines:
+        if baseline is not None and differences and not s.reset_baselines:
             self._fail(outcome, f"baseline NOT updated: {baseline.path} was recorded on another testbed ("
                        + "; ".join(differences) + "); start a new one here with --reset-baselines")
+        assert outcome.result is not None and outcome.identity is not None, "an update before a measurement"
         stored = list(baseline.runs) if baseline and not differences else []
-        comparisons = self._compare(outcome, baseline, [outcome.result]) if stored else []
+        comparisons = self._compare(outcome, baseline, [outcome.result]) if baseline and stored else []
         plan = plan_baseline_update(comparisons, stored_runs=len(stored), reset=s.reset_baselines, alpha=s.alpha,
                                     planned=self.planned(),
                                     stored_summary=describe_runs(list(baseline.runs)) if baseline else "")
@@ -625,23 +550,29 @@ class KVSession:
             outcome.message += f"; the oldest {describe_runs(dropped)} left the baseline (it keeps {len(written.runs)})"
 
     def _baseline_run(self, outcome: ItemOutcome) -> BaselineRun:
+        assert outcome.result is not None and outcome.identity is not None, "stored before it was measured"
         return BaselineRun(
             run_id=self.session_id, created=self.started.isoformat(timespec="seconds"),
             software=dict(outcome.identity.software), commit=self.commit,
             trials=tuple(BaselineTrial(index=t.index, summary=dict(t.measured.summary), ttfts_ms=tuple(
                 round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success)) for t in outcome.result.trials))
 
-    def _fail(self, outcome: ItemOutcome, message: str) -> None:
+    def _fail(self, outcome: ItemOutcome, message: str) -> NoReturn:
         message = scrub(message, self.settings.server.endpoint)  # an error may quote the endpoint's URL
         outcome.status, outcome.message = "failed", message
         pytest.fail(message, pytrace=False)
 
-    def _skip_or_fail(self, outcome: ItemOutcome, message: str) -> None:
+    def _skip_or_fail(self, outcome: ItemOutcome, message: str) -> NoReturn:
         if self.settings.strict_baselines:
             self._fail(outcome, message + " (--strict-baselines)")
         message = scrub(message, self.settings.server.endpoint)
         outcome.status, outcome.message = "skipped", message
         pytest.skip(message)
+
+
+def _said_of(side: str, progress: Callable[[str], None], text: str) -> None:
+    """A paired item's progress line, saying which side it is of."""
+    progress(f"{side} {text}")
 
 
 def _night(tables: list[dict[str, float]], night_variance) -> float | None:

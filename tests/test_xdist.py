@@ -123,13 +123,13 @@ def test_junit_properties_reach_the_controller(runs):
     ("gw2", 1, ["4", "5", "6"], "6"),
 ])
 def test_each_worker_gets_its_own_gpus(worker, per_worker, visible, expected):
-    from pytest_kvcache.plugin import _worker_gpus
+    from pytest_kvcache._xdist import worker_gpus
 
-    assert _worker_gpus(worker, per_worker, visible) == expected
+    assert worker_gpus(worker, per_worker, visible) == expected
 
 
 def test_too_few_gpus_for_the_workers_is_a_clear_error():
-    from pytest_kvcache.plugin import _worker_gpus
+    from pytest_kvcache._xdist import worker_gpus
 
     with pytest.raises(pytest.UsageError, match=r"worker gw2 needs GPUs 4\.\.5 but 4 are visible"):
-        _worker_gpus("gw2", 2, ["0", "1", "2", "3"])
+        worker_gpus("gw2", 2, ["0", "1", "2", "3"])

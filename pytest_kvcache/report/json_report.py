@@ -17,6 +17,7 @@ from .._atomic import write_json_atomic
 from ..baselines import key_to_relpath
 from ..decision import worst_zone
 from ..metrics import request_details, summarize
+from ..models import ItemOutcome
 from ..outputs import output_digest
 
 __all__ = ["OUTPUTS_SCHEMA_VERSION", "RESULT_SCHEMA_VERSION", "answers_relpath", "item_document", "outputs_document",
@@ -38,7 +39,7 @@ def _clean(value):
     return value
 
 
-def item_document(outcome) -> dict:
+def item_document(outcome: ItemOutcome) -> dict:
     case = outcome.case
     doc: dict = {"schema_version": RESULT_SCHEMA_VERSION, "item": outcome.nodeid, "status": outcome.status,
                  "message": outcome.message}
@@ -119,7 +120,7 @@ def answers_relpath(baseline_key: str) -> str:
     return path.with_name(path.name.removesuffix(".json") + ".answers.json").as_posix()
 
 
-def outputs_document(outcome) -> dict:
+def outputs_document(outcome: ItemOutcome) -> dict:
     """Every answer of the item's latest run in full: what the digests in its JSON stand for."""
     return {"schema_version": OUTPUTS_SCHEMA_VERSION, "item": outcome.nodeid, "rounds": [
         {"trial": index, "round": name, "answers": [
@@ -128,7 +129,7 @@ def outputs_document(outcome) -> dict:
         for index, name, rnd in _answer_rounds(outcome.answers)]}
 
 
-def write_item_json(path: Path, outcome) -> None:
+def write_item_json(path: Path, outcome: ItemOutcome) -> None:
     """The item's JSON at ``path``; its answers, where it has some, under the run folder's
     ``answers/`` (``path`` is ``<run folder>/<baseline key>.json``)."""
     if getattr(outcome, "answers", ()):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import statistics
 
 from ..decision import worst_zone
+from ..models import ItemOutcome
 
 __all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "benchmark_extra_info", "benchmark_wanted", "fill_benchmark",
            "junit_properties"]
@@ -28,7 +29,7 @@ PROPERTY_METRICS = ("median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_m
                     "total_token_throughput", "output_throughput", "request_throughput")
 
 
-def _median_over_trials(outcome, metric: str) -> float | None:
+def _median_over_trials(outcome: ItemOutcome, metric: str) -> float | None:
     if outcome.result is None:
         return None
     values = outcome.result.metric_values(metric)
@@ -73,7 +74,7 @@ def junit_properties(outcome, results_dir=None) -> list[tuple[str, str]]:
     return props
 
 
-def benchmark_extra_info(outcome) -> dict:
+def benchmark_extra_info(outcome: ItemOutcome) -> dict:
     """pytest-benchmark ``extra_info``: the scenario point, figures and verdicts."""
     info: dict = {"kvcache_backend": outcome.case.backend, "kvcache_phase": outcome.case.phase,
                   "kvcache_input_len": outcome.case.input_len, "kvcache_concurrency": outcome.case.concurrency,
@@ -102,7 +103,7 @@ def benchmark_wanted(bench) -> bool:
     return any(getattr(bench, name, None) for name in ("json", "save", "autosave", "compare", "histogram"))
 
 
-def fill_benchmark(benchmark, outcome) -> bool:
+def fill_benchmark(benchmark, outcome: ItemOutcome) -> bool:
     """Turn the pytest-benchmark fixture's entry into our trials; False if its API is not
     the one we know (the entry is then left alone and only ``extra_info`` is set)."""
     benchmark.extra_info.update(benchmark_extra_info(outcome))

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .._atomic import write_json_atomic, write_text_atomic
+from ..models import ItemOutcome, Settings
 from . import rows as _rows
 from .redact import redact_url
 from .terminal import SUMMARY_HEADER, gate_line, summary_rows, unjudged_count
@@ -43,7 +44,7 @@ PLOT_FILES: dict[str, str] = {
 }
 
 
-def comparison_points(outcomes: Sequence, results_dir: Path, store=None) -> list:
+def comparison_points(outcomes: Sequence[ItemOutcome], results_dir: Path, store=None) -> list:
     """Per item and compared metric: this run's trial values, the baseline's (from the
     store) or the paired reference's, the levels and the CI of this run's level."""
     from .plots import ComparisonPoints
@@ -108,7 +109,7 @@ def _server_info(run: _rows.RunFolder) -> dict:
     return info
 
 
-def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store=None,
+def write_run_files(results_dir: Path, outcomes: Sequence[ItemOutcome], gate, settings: Settings, store=None,
                     header: Sequence[str] = (), started: _dt.datetime | None = None,
                     history=None, interrupted: str | None = None, not_run: Sequence[str] = ()) -> dict[str, Path]:
     """Write every run file (see the module docstring); returns name -> path.

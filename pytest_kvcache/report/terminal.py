@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from ..decision import Gate, Zone
+from ..models import ItemOutcome, Settings
 from .redact import redact_url
 
 __all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "TerminalProgress",
@@ -18,7 +19,7 @@ __all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "Term
 ZONE_COLOURS: dict[Zone, str] = {Zone.FAIL: "red", Zone.WARN: "yellow", Zone.IMPROVED: "cyan", Zone.PASS: "green"}
 
 
-def _status_cell(outcome) -> str:
+def _status_cell(outcome: ItemOutcome) -> str:
     """The status of an item without a verdict; a skip's or failure's reason is a note of
     its own under the table, whole (a cell cut it exactly where the fix was)."""
     return outcome.status.upper()
@@ -34,7 +35,7 @@ SUMMARY_HEADER: tuple[str, ...] = ("item", "metric", "baseline", "current", "cha
                                     "run noise", "p", "p(Holm)", "q(BH)", "MDE", "verdict")
 
 
-def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str, ...]], list[str]]:
+def summary_rows(outcomes: Sequence[ItemOutcome], gate: Gate | None) -> tuple[list[tuple[str, ...]], list[str]]:
     """The summary table's rows (cells as text, in :data:`SUMMARY_HEADER` order) and the
     notes under it; the terminal, the markdown summary and the HTML report share them.
 
@@ -104,12 +105,12 @@ def gate_line(gate: Gate | None, alpha: float, interrupted: str | None = None, u
     return f"regression gate: nothing judged{unseen}" if unseen else None
 
 
-def unjudged_count(outcomes: Sequence, not_run: Sequence[str]) -> int:
+def unjudged_count(outcomes: Sequence[ItemOutcome], not_run: Sequence[str]) -> int:
     """Items an interrupted run did not judge: those cut off and those never started."""
     return sum(1 for o in outcomes if o.status == "interrupted") + len(not_run)
 
 
-def header_lines(settings, gpu: str | None = None, versions: dict | None = None) -> list[str]:
+def header_lines(settings: Settings, gpu: str | None = None, versions: dict | None = None) -> list[str]:
     """The session header: server, versions, GPU and labels (``pytest_report_header``)."""
     server = settings.server
     from .. import __version__
@@ -228,7 +229,7 @@ def fit_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int |
     return out, dropped
 
 
-def render_summary(outcomes: Sequence, gate: Gate | None, settings,
+def render_summary(outcomes: Sequence[ItemOutcome], gate: Gate | None, settings: Settings,
                    change_points: Sequence[Any] = (), interrupted: str | None = None,
                    not_run: Sequence[str] = (), width: int | None = None) -> list[tuple[str, str | None]]:
     """The summary's lines with the colour of each (None: the terminal's own), each within
