@@ -22,7 +22,10 @@ from typing import Any
 
 from .resp import RespClient
 
-__all__ = ["ALIGN", "DiskTier", "HbmTier", "RamTier", "RedisTier", "Tier", "TierSpec", "open_tier"]
+__all__ = [
+    "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "HbmTier", "RamTier", "RedisTier",
+    "Tier", "TierSpec", "filesystem_of", "open_tier",
+]
 
 #: the alignment O_DIRECT needs of offsets, lengths and buffers (a page covers every disk here)
 ALIGN = 4096
@@ -134,6 +137,29 @@ def _gpu() -> tuple[Any, str] | str:
     return torch, torch.cuda.get_device_name(0)
 
 
+#: file systems whose files live in memory: a disk tier there measures RAM
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the file system holding ``path`` (the longest mount point above it)."""
+    target = str(Path(path).resolve())
+    best, kind = "", "unknown"
+    try:
+        lines = Path("/proc/self/mounts").read_text().splitlines()
+    except OSError:
+        return kind
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount = fields[1].replace("\\040", " ")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
 class DiskTier(Tier):
     """One file of ``slots`` aligned slots on a real file system, opened with O_DIRECT
     where the file system takes it; otherwise buffered, each write flushed and each
@@ -154,7 +180,9 @@ class DiskTier(Tier):
         self._free = list(range(self.slots - 1, -1, -1))
         self._buffers = threading.local()
         mode = "O_DIRECT" if self.direct else f"buffered + fadvise DONTNEED ({self.fallback_reason})"
-        self.description = f"file {self.path} ({mode})"
+        self.filesystem = filesystem_of(self.path)
+        memory = ", memory: no disk below" if self.filesystem in MEMORY_FILESYSTEMS else ""
+        self.description = f"file {self.path} on {self.filesystem}{memory} ({mode})"
 
     @property
     def direct(self) -> bool:
