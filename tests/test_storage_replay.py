@@ -1,0 +1,163 @@
+"""The storage phase end to end: trace replay over real tiers, the seed's ordering, the
+figures in the item JSON, incomplete trials, and a redis tier on a real redis-server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from pytest_kvcache.servers._process import free_port
+from pytest_kvcache.storage import RamTier, StorageConfig, TierSpec, TraceSpec, open_tier, run_storage
+from pytest_kvcache.storage import replay as replay_module
+from pytest_kvcache.storage.resp import RespClient, RespError
+
+MiB = 2**20
+TOKEN_BYTES = 4096  # 16-token blocks of 64 KiB: small, and several hundred of them
+TRACE = TraceSpec(conversations=8, turns=3, block_tokens=16, decode_reads=2, seed=1)
+
+
+def config(name: str, *tiers: TierSpec, **kw) -> StorageConfig:
+    kw = {"trace": TRACE, "token_bytes": TOKEN_BYTES, "users": 4, "trials": 2, **kw}
+    return StorageConfig(name, tuple(tiers), **kw)
+
+
+def test_ram_beats_ram_over_disk_beats_disk_in_storage_throughput(tmp_path):
+    # the working set (~13 MiB) overflows the 2 MiB RAM tier, so RAM+disk really reads the disk
+    ram = run_storage(config("ram", TierSpec("cpu", 64 * MiB), scratch_dir=str(tmp_path)))
+    mixed = run_storage(config("ram+disk", TierSpec("cpu", 2 * MiB), TierSpec("disk", 64 * MiB),
+                               scratch_dir=str(tmp_path)))
+    disk = run_storage(config("disk", TierSpec("disk", 64 * MiB), scratch_dir=str(tmp_path)))
+    for result in (ram, mixed, disk):
+        assert result.summary.trials_used == 2 and not result.summary.excluded
+    cpu, below = mixed.trials[0].tiers
+    assert cpu.evictions > 0 and cpu.demotions == cpu.evictions and below.reads > 0 and below.hits > 0
+    speed = [r.summary.storage_throughput_tokens_per_sec for r in (ram, mixed, disk)]
+    assert speed[0] > speed[1] > speed[2], speed
+    # the same trace moves the same bytes for the client whatever the tiers: the
+    # operation counts agree, and the ram item's volumes are exactly the trace's
+    ops = [{k: v.count for k, v in r.trials[0].operations.items()} for r in (ram, mixed, disk)]
+    assert ops[0] == ops[1] == ops[2]
+    assert ram.trials[0].read_bytes == sum(ops[0][k] for k in ("prefill_read", "decode_read")) * 16 * TOKEN_BYTES
+    assert ram.trials[0].read_bytes == disk.trials[0].read_bytes
+
+
+def test_the_item_json_carries_the_seeds_figures(tmp_path):
+    result = run_storage(config("ram+disk", TierSpec("cpu", 2 * MiB), TierSpec("disk", 64 * MiB), trials=1,
+                                scratch_dir=str(tmp_path)))
+    data = json.loads(result.to_json())
+    assert data["schema_version"] == 1 and data["config"]["block_bytes"] == 16 * TOKEN_BYTES
+    trial = data["trials"][0]
+    assert trial["complete"] and trial["requests_completed"] == trial["requests_expected"] == data["config"]["requests"]
+    for key in ("storage_throughput_tokens_per_sec", "bandwidth_bytes_per_sec", "wall_clock_throughput_tokens_per_sec",
+                "read_bytes", "write_bytes", "read_write_ratio", "storage_io_s", "tokens"):
+        assert trial[key] > 0, key
+    assert trial["tokens"] == (trial["read_bytes"] + trial["write_bytes"]) / TOKEN_BYTES
+    assert trial["storage_throughput_tokens_per_sec"] == pytest.approx(trial["tokens"] / trial["storage_io_s"])
+    cpu, disk = trial["tiers"]
+    assert (cpu["kind"], disk["kind"]) == ("cpu", "disk") and "O_DIRECT" in disk["description"]
+    for tier in (cpu, disk):
+        assert tier["read_latency"]["p50_ms"] <= tier["read_latency"]["p95_ms"] <= tier["read_latency"]["p99_ms"]
+        assert {"hits", "misses", "evictions", "demotions", "promotions", "write_latency"} <= set(tier)
+    assert set(trial["operations"]) == {"prefill_read", "prefill_write", "decode_read", "decode_write"}
+    summary = data["summary"]
+    assert set(summary["tier_read_p95_ms"]) == {"cpu", "disk"} and summary["tier_evictions"]["cpu"] > 0
+    assert summary["excluded"] == []
+
+
+def test_a_trial_out_of_time_is_incomplete_excluded_and_named(tmp_path):
+    result = run_storage(config("late", TierSpec("cpu", 64 * MiB), trial_timeout_s=0.0, trials=2))
+    assert [t.complete for t in result.trials] == [False, False]
+    assert result.summary.trials_used == 0 and result.summary.storage_throughput_tokens_per_sec is None
+    expected = result.trials[0].requests_expected
+    assert result.summary.excluded[1] == (f"trial 1: completed 0 of {expected} requests "
+                                          "(trial timeout before the request started)")
+
+
+class CorruptOnRead(RamTier):
+    def read(self, key: str) -> bytes:
+        data = super().read(key)
+        return data[:-1] + bytes([data[-1] ^ 1])
+
+
+def test_a_block_that_reads_back_wrong_fails_its_request(monkeypatch):
+    monkeypatch.setattr(replay_module, "open_tier", lambda spec, block_bytes, folder: CorruptOnRead(spec, block_bytes))
+    result = run_storage(config("corrupt", TierSpec("cpu", 64 * MiB), trials=1))
+    (trial,) = result.trials
+    assert not trial.complete and trial.requests_completed == 0
+    assert "read back differs from what was written" in trial.failures[0]
+    assert result.summary.excluded[0].startswith(f"trial 0: completed 0 of {trial.requests_expected} requests")
+
+
+# -- a real redis-server ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server not installed")
+    port = free_port()
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                RespClient(url, timeout_s=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    pytest.fail(f"redis-server on port {port} did not start")
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _dbsize(url: str) -> int:
+    client = RespClient(url)
+    try:
+        size = client.command(b"DBSIZE")
+        assert isinstance(size, int)
+        return size
+    finally:
+        client.close()
+
+
+def test_redis_tier_round_trips_bytes_and_cleans_up(redis_url, tmp_path):
+    tier = open_tier(TierSpec("redis", 10 * MiB, url=redis_url), 65536, tmp_path)
+    data = bytes(range(256)) * 256
+    tier.write("a", data)
+    tier.write("b", data[::-1])
+    assert tier.read("a") == data and tier.read("b") == data[::-1]
+    tier.delete("a")
+    with pytest.raises(KeyError, match="not in redis"):
+        tier.read("a")
+    assert _dbsize(redis_url) == 1
+    tier.close()
+    assert _dbsize(redis_url) == 0
+
+
+def test_ram_over_redis_replays_and_leaves_nothing_behind(redis_url):
+    result = run_storage(config("ram+redis", TierSpec("cpu", 2 * MiB), TierSpec("redis", 64 * MiB, url=redis_url)))
+    assert result.summary.trials_used == 2
+    cpu, remote = result.trials[0].tiers
+    assert remote.kind == "redis" and remote.description == f"redis server {redis_url}"
+    assert cpu.demotions > 0 and remote.writes >= cpu.demotions and remote.hits > 0
+    assert result.summary.tier_read_p95_ms["redis"] is not None
+    assert _dbsize(redis_url) == 0
+
+
+def test_resp_error_replies_are_raised(redis_url):
+    client = RespClient(redis_url)
+    try:
+        with pytest.raises(RespError, match="unknown command"):
+            client.command(b"NOSUCHCOMMAND")
+    finally:
+        client.close()
