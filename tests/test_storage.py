@@ -242,7 +242,8 @@ def _trial(n: int, completed: int, throughput: float) -> TrialResult:
         trial=n, requests_expected=549, requests_completed=completed, failures=("timeout",) if completed < 549 else (),
         tokens=1000.0, storage_io_s=1000 / throughput, storage_throughput_tokens_per_sec=throughput,
         bandwidth_bytes_per_sec=throughput * 131072, elapsed_s=1.0, wall_clock_throughput_tokens_per_sec=1000.0,
-        read_bytes=12, write_bytes=1, read_write_ratio=12.0, tiers=(), operations={})
+        read_bytes=12, write_bytes=1, read_write_ratio=12.0, tier_read_bytes=12, tier_write_bytes=1, tiers=(),
+        operations={})
 
 
 def test_an_incomplete_trial_is_excluded_from_the_summary_and_named():

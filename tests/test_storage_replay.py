@@ -3,10 +3,12 @@ figures in the item JSON, incomplete trials, and a redis tier on a real redis-se
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from pytest_kvcache.servers._process import free_port
 from pytest_kvcache.storage import RamTier, StorageConfig, TierSpec, TraceSpec, open_tier, run_storage
 from pytest_kvcache.storage import replay as replay_module
 from pytest_kvcache.storage.resp import RespClient, RespError
+from pytest_kvcache.storage.scenario import load_storage_scenario, parse_size, storage_configs
 
 MiB = 2**20
 TOKEN_BYTES = 4096  # 16-token blocks of 64 KiB: small, and several hundred of them
@@ -37,12 +40,14 @@ def test_ram_beats_ram_over_disk_beats_disk_in_storage_throughput(tmp_path):
     assert cpu.evictions > 0 and cpu.demotions == cpu.evictions and below.reads > 0 and below.hits > 0
     speed = [r.summary.storage_throughput_tokens_per_sec for r in (ram, mixed, disk)]
     assert speed[0] > speed[1] > speed[2], speed
-    # the same trace moves the same bytes for the client whatever the tiers: the
-    # operation counts agree, and the ram item's volumes are exactly the trace's
+    # the same trace: the same operations and the same users' volumes whatever the tiers,
+    # every read a hit (nothing dropped); the tiers of RAM+disk moved more among themselves
     ops = [{k: v.count for k, v in r.trials[0].operations.items()} for r in (ram, mixed, disk)]
     assert ops[0] == ops[1] == ops[2]
-    assert ram.trials[0].read_bytes == sum(ops[0][k] for k in ("prefill_read", "decode_read")) * 16 * TOKEN_BYTES
-    assert ram.trials[0].read_bytes == disk.trials[0].read_bytes
+    reads = sum(ops[0][k] for k in ("prefill_read", "decode_read")) * 16 * TOKEN_BYTES
+    assert [r.trials[0].read_bytes for r in (ram, mixed, disk)] == [reads] * 3
+    assert ram.trials[0].tier_read_bytes == reads and mixed.trials[0].tier_read_bytes > reads
+    assert len({r.trials[0].tokens for r in (ram, mixed, disk)}) == 1
 
 
 def test_the_item_json_carries_the_seeds_figures(tmp_path):
@@ -56,6 +61,9 @@ def test_the_item_json_carries_the_seeds_figures(tmp_path):
                 "read_bytes", "write_bytes", "read_write_ratio", "storage_io_s", "tokens"):
         assert trial[key] > 0, key
     assert trial["tokens"] == (trial["read_bytes"] + trial["write_bytes"]) / TOKEN_BYTES
+    assert trial["tier_write_bytes"] > trial["write_bytes"]  # demotions to the disk
+    assert trial["bandwidth_bytes_per_sec"] == pytest.approx(
+        (trial["tier_read_bytes"] + trial["tier_write_bytes"]) / trial["storage_io_s"])
     assert trial["storage_throughput_tokens_per_sec"] == pytest.approx(trial["tokens"] / trial["storage_io_s"])
     cpu, disk = trial["tiers"]
     assert (cpu["kind"], disk["kind"]) == ("cpu", "disk") and "O_DIRECT" in disk["description"]
@@ -161,3 +169,44 @@ def test_resp_error_replies_are_raised(redis_url):
             client.command(b"NOSUCHCOMMAND")
     finally:
         client.close()
+
+
+# -- the draft of the seed-002 scenario --------------------------------------------------------------------------
+
+DRAFT = Path(__file__).resolve().parents[1] / "scenarios" / "storage.yaml.draft"
+
+
+def test_the_seed_002_draft_runs_in_seconds_and_orders_the_hierarchies(tmp_path):
+    configs = load_storage_scenario(DRAFT)
+    assert [c.name for c in configs] == ["storage[hbm-u4]", "storage[hbm+cpu-u4]", "storage[hbm+cpu+disk-u4]",
+                                         "storage[disk-u4]"]
+    assert configs[0].token_bytes == 131_072 and [t.kind for t in configs[2].tiers] == ["hbm", "cpu", "disk"]
+    start = time.perf_counter()
+    results = [run_storage(dataclasses.replace(c, scratch_dir=str(tmp_path))) for c in configs]
+    assert time.perf_counter() - start < 30  # "well under a minute" in the main job, with room for a busy runner
+    assert all(r.summary.trials_used == 3 for r in results)
+    hbm, _, three, disk = (r.summary for r in results)
+    speed = [s.storage_throughput_tokens_per_sec or 0.0 for s in (hbm, three, disk)]
+    assert speed[0] > speed[1] > speed[2] > 0, speed
+    assert three.tier_evictions["hbm"] and three.tier_read_p95_ms["disk"] is not None
+    assert len({r.summary.read_bytes for r in results}) == 1 and (hbm.read_write_ratio or 0) > 4
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"matrix": {"tiers": ["hbm+tape"]}}, "capacities.hbm\\+tape: give the size of each of its tiers"),
+    ({"capacities": {"disk": {"disk": "lots"}}}, "capacities.disk.disk: 'lots' is no size"),
+    ({"trace": {"turns": 2, "blocks": 1}}, "trace.blocks: unknown key"),
+    ({"tiering": 1}, "tiering: unknown key"),
+    ({"matrix": {"users": [1]}}, "matrix: give tiers"),
+])
+def test_storage_scenario_errors_name_the_key(change, message):
+    data = {"name": "s", "matrix": {"tiers": ["disk"]}, "capacities": {"disk": {"disk": "1MiB"}}, **change}
+    with pytest.raises(ValueError, match=message):
+        storage_configs(data)
+
+
+def test_sizes():
+    assert [parse_size(v, "k") for v in (4096, "128KiB", "1.5MB", "2 GiB")] == [4096, 131072, 1_500_000, 2 * 2**30]
+    for bad in (0, -1, "1XB", True, "MiB"):
+        with pytest.raises(ValueError, match="no size"):
+            parse_size(bad, "k")

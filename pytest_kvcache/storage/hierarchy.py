@@ -3,8 +3,11 @@
 A block is written to the first tier that has room for blocks at all. When a tier is
 full its least recently used block moves down one tier (a demotion: read here, written
 there, the room made there first); the last tier drops it. A read looks in the tiers
-in order; under the ``top`` policy a block found lower is promoted to the first tier
-(which may demote others), under ``none`` it stays where it was found. Every tier
+in order; under ``none`` (the default) a block stays in the tier it was found in, its
+place in that tier's LRU order refreshed; under ``top`` a block found lower is promoted
+to the first tier, which may demote others. With upper tiers smaller than the trace's
+reuse distance, ``top`` thrashes: each lower hit costs a promotion and a cascade of
+demotions, and RAM over disk can do more disk I/O than the disk alone. Every tier
 read and write is timed and counted: the sum of these times is the trial's storage
 I/O time (docs/measuring.md). One lock serializes the hierarchy's operations, so a
 latency is the tier's own, never a wait for another user.
@@ -42,7 +45,7 @@ class TierCounters:
 
 
 class Hierarchy:
-    def __init__(self, tiers: list[Tier], promote: str = "top") -> None:
+    def __init__(self, tiers: list[Tier], promote: str = "none") -> None:
         if not tiers:
             raise ValueError("a hierarchy needs at least one tier")
         if promote not in PROMOTE_POLICIES:

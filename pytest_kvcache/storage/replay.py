@@ -41,7 +41,7 @@ class StorageConfig:
     token_bytes: int = MISTRAL_7B_TOKEN_BYTES
     users: int = 4
     trials: int = 3
-    promote: str = "top"
+    promote: str = "none"
     trial_timeout_s: float = 60.0
     scratch_dir: str | None = None
     seed: int = 0
@@ -54,6 +54,8 @@ class StorageConfig:
 @dataclass
 class _UserLog:
     completed: int = 0
+    read_bytes: int = 0
+    write_bytes: int = 0
     failures: list[str] = field(default_factory=list)
     operations: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
 
@@ -69,16 +71,19 @@ class _Blocks:
         return hashlib.blake2b(key.encode(), digest_size=16).digest() + self.body[16:]
 
 
-def _access(hierarchy: Hierarchy, blocks: _Blocks, operation: str, key: str) -> None:
+def _access(hierarchy: Hierarchy, blocks: _Blocks, operation: str, key: str) -> tuple[int, int]:
+    """Bytes (read, written) for the user: a read that misses is recomputed and written."""
     expected = blocks.of(key)
     if operation.endswith("_write"):
         hierarchy.write(key, expected)
-        return
+        return 0, len(expected)
     data = hierarchy.read(key)
     if data is None:
-        hierarchy.write(key, expected)  # recomputed after a miss
-    elif data != expected:
+        hierarchy.write(key, expected)
+        return 0, len(expected)
+    if data != expected:
         raise AssertionError(f"block {key} read back differs from what was written")
+    return len(data), 0
 
 
 def _replay_user(hierarchy: Hierarchy, blocks: _Blocks, requests: list[KVRequest], deadline: float) -> _UserLog:
@@ -90,8 +95,10 @@ def _replay_user(hierarchy: Hierarchy, blocks: _Blocks, requests: list[KVRequest
         try:
             for operation, key in request.accesses:
                 start = time.perf_counter()
-                _access(hierarchy, blocks, operation, key)
+                read, written = _access(hierarchy, blocks, operation, key)
                 log.operations[operation].append(time.perf_counter() - start)
+                log.read_bytes += read
+                log.write_bytes += written
         except (OSError, KeyError, AssertionError, RuntimeError) as exc:
             log.failures.append(f"conversation {request.conversation}: {exc}")
             continue
@@ -118,9 +125,10 @@ def _ratio(num: float, den: float) -> float | None:
 def _trial_result(trial: int, config: StorageConfig, hierarchy: Hierarchy, logs: list[_UserLog],
                   expected: int, elapsed: float) -> TrialResult:
     counters: list[TierCounters] = hierarchy.counters
-    read_bytes = sum(c.read_bytes for c in counters)
-    write_bytes = sum(c.write_bytes for c in counters)
+    tier_bytes = sum(c.read_bytes + c.write_bytes for c in counters)
     io_s = sum(sum(c.read_latencies) + sum(c.write_latencies) for c in counters)
+    read_bytes = sum(log.read_bytes for log in logs)
+    write_bytes = sum(log.write_bytes for log in logs)
     tokens = (read_bytes + write_bytes) / config.token_bytes
     operations: dict[str, list[float]] = defaultdict(list)
     for log in logs:
@@ -130,9 +138,10 @@ def _trial_result(trial: int, config: StorageConfig, hierarchy: Hierarchy, logs:
         trial=trial, requests_expected=expected, requests_completed=sum(log.completed for log in logs),
         failures=tuple(f for log in logs for f in log.failures), tokens=tokens, storage_io_s=io_s,
         storage_throughput_tokens_per_sec=_ratio(tokens, io_s),
-        bandwidth_bytes_per_sec=_ratio(read_bytes + write_bytes, io_s), elapsed_s=elapsed,
+        bandwidth_bytes_per_sec=_ratio(tier_bytes, io_s), elapsed_s=elapsed,
         wall_clock_throughput_tokens_per_sec=_ratio(tokens, elapsed), read_bytes=read_bytes,
         write_bytes=write_bytes, read_write_ratio=_ratio(read_bytes, write_bytes),
+        tier_read_bytes=sum(c.read_bytes for c in counters), tier_write_bytes=sum(c.write_bytes for c in counters),
         tiers=_tier_figures(hierarchy),
         operations={name: latency_figures(values) for name, values in sorted(operations.items())})
 

@@ -1,8 +1,11 @@
 """The figures of a storage run, with the seed's names (seed 002, MLPerf Storage kv-cache.py).
 
-``storage_throughput_tokens_per_sec`` = tokens of KV moved / total storage I/O time (the
-sum of every tier read and write); wall-clock throughput divides by the trial's elapsed
-time instead and is reported beside it, never instead. A trial that did not complete
+``storage_throughput_tokens_per_sec`` = tokens the users read and wrote / total storage
+I/O time (the sum of every tier read and write, demotions and promotions included);
+wall-clock throughput divides by the trial's elapsed time instead and is reported beside
+it, never instead. ``read_bytes``/``write_bytes`` are the users' volumes, the same for
+every hierarchy on one trace; ``tier_read_bytes``/``tier_write_bytes`` add what the
+tiers moved among themselves, and ``bandwidth_bytes_per_sec`` is those over the I/O time. A trial that did not complete
 every request is marked incomplete, named in ``excluded`` and left out of the summary.
 """
 
@@ -81,6 +84,8 @@ class TrialResult:
     read_bytes: int
     write_bytes: int
     read_write_ratio: float | None
+    tier_read_bytes: int
+    tier_write_bytes: int
     tiers: tuple[TierFigures, ...]
     operations: dict[str, LatencyFigures]
 

@@ -24,7 +24,7 @@ from .resp import RespClient
 
 __all__ = [
     "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "HbmTier", "RamTier", "RedisTier",
-    "Tier", "TierSpec", "filesystem_of", "open_tier",
+    "SlotTable", "Tier", "TierSpec", "filesystem_of", "open_tier",
 ]
 
 #: the alignment O_DIRECT needs of offsets, lengths and buffers (a page covers every disk here)
@@ -77,29 +77,72 @@ class Tier(ABC):
         """Frees what the tier holds (memory, files, remote keys)."""
 
 
+class SlotTable:
+    """Which slot of a tier's preallocated space holds which key, and the free slots."""
+
+    def __init__(self, slots: int) -> None:
+        self._lock = threading.Lock()
+        self._slot_of: dict[str, int] = {}
+        self._free = list(range(slots - 1, -1, -1))
+
+    def assign(self, key: str) -> int:
+        """The key's slot, a free one taken for a new key (IndexError when full)."""
+        with self._lock:
+            slot = self._slot_of.get(key)
+            if slot is None:
+                slot = self._slot_of[key] = self._free.pop()
+            return slot
+
+    def find(self, key: str) -> int:
+        with self._lock:
+            return self._slot_of[key]
+
+    def release(self, key: str) -> None:
+        with self._lock:
+            slot = self._slot_of.pop(key, None)
+            if slot is not None:
+                self._free.append(slot)
+
+
+def _checked(tier: Tier, data: bytes) -> bytes:
+    if len(data) != tier.block_bytes:
+        raise ValueError(f"tier {tier.kind}: blocks are {tier.block_bytes} bytes, got {len(data)}")
+    return data
+
+
 class RamTier(Tier):
+    """Its whole capacity allocated and touched up front (anonymous memory), so a write is
+    a copy into resident memory and never measures the allocator."""
+
     kind = "cpu"
 
-    def __init__(self, spec: TierSpec, block_bytes: int, description: str = "RAM (Python bytes)") -> None:
+    def __init__(self, spec: TierSpec, block_bytes: int, description: str = "RAM (preallocated)") -> None:
         super().__init__(spec, block_bytes)
         self.description = description
-        self._blocks: dict[str, bytearray] = {}
+        self._table = SlotTable(self.slots)
+        self._memory = mmap.mmap(-1, max(1, self.slots * block_bytes))
+        zeros = bytes(min(len(self._memory), 1 << 20))
+        for offset in range(0, len(self._memory), len(zeros)):  # fault every page in now
+            self._memory[offset:offset + len(zeros)] = zeros[:len(self._memory) - offset]
 
     def write(self, key: str, data: bytes) -> None:
-        self._blocks[key] = bytearray(data)  # a copy, as a real tier's store is
+        offset = self._table.assign(key) * self.block_bytes
+        self._memory[offset:offset + self.block_bytes] = _checked(self, data)
 
     def read(self, key: str) -> bytes:
-        return bytes(self._blocks[key])
+        offset = self._table.find(key) * self.block_bytes
+        return self._memory[offset:offset + self.block_bytes]
 
     def delete(self, key: str) -> None:
-        self._blocks.pop(key, None)
+        self._table.release(key)
 
     def close(self) -> None:
-        self._blocks.clear()
+        self._memory.close()
 
 
 class HbmTier(Tier):
-    """GPU memory through torch (or cupy); each copy is synchronized, as the seed's is."""
+    """GPU memory through torch: the capacity allocated on the device up front; each copy
+    is synchronized, as the seed's are."""
 
     kind = "hbm"
 
@@ -107,23 +150,27 @@ class HbmTier(Tier):
         super().__init__(spec, block_bytes)
         self._torch = backend
         self.description = f"GPU memory ({name}, torch)"
-        self._blocks: dict[str, Any] = {}
+        self._table = SlotTable(self.slots)
+        self._memory = backend.zeros(max(1, self.slots * block_bytes), dtype=backend.uint8, device="cuda")
 
     def write(self, key: str, data: bytes) -> None:
-        host = self._torch.frombuffer(bytearray(data), dtype=self._torch.uint8)
-        self._blocks[key] = host.to("cuda", non_blocking=False)
+        offset = self._table.assign(key) * self.block_bytes
+        host = self._torch.frombuffer(bytearray(_checked(self, data)), dtype=self._torch.uint8)
+        self._memory[offset:offset + self.block_bytes].copy_(host)
         self._torch.cuda.synchronize()
 
     def read(self, key: str) -> bytes:
-        data = self._blocks[key].cpu().numpy().tobytes()
+        offset = self._table.find(key) * self.block_bytes
+        data = self._memory[offset:offset + self.block_bytes].cpu().numpy().tobytes()
         self._torch.cuda.synchronize()
         return data
 
     def delete(self, key: str) -> None:
-        self._blocks.pop(key, None)
+        self._table.release(key)
 
     def close(self) -> None:
-        self._blocks.clear()
+        self._memory = None
+        self._torch.cuda.empty_cache()
 
 
 def _gpu() -> tuple[Any, str] | str:
@@ -175,9 +222,7 @@ class DiskTier(Tier):
         self.fallback_reason: str | None = None
         self._fd = self._open(spec.direct)
         os.ftruncate(self._fd, self.slots * self.slot_bytes)
-        self._lock = threading.Lock()
-        self._slot_of: dict[str, int] = {}
-        self._free = list(range(self.slots - 1, -1, -1))
+        self._table = SlotTable(self.slots)
         self._buffers = threading.local()
         mode = "O_DIRECT" if self.direct else f"buffered + fadvise DONTNEED ({self.fallback_reason})"
         self.filesystem = filesystem_of(self.path)
@@ -222,34 +267,25 @@ class DiskTier(Tier):
         return buf
 
     def write(self, key: str, data: bytes) -> None:
-        with self._lock:
-            slot = self._slot_of.get(key)
-            if slot is None:
-                slot = self._slot_of[key] = self._free.pop()
-        offset = slot * self.slot_bytes
+        offset = self._table.assign(key) * self.slot_bytes
         buf = self._buffer()
-        buf[:len(data)] = data
+        buf[:self.block_bytes] = _checked(self, data)
         os.pwrite(self._fd, buf, offset)
         if not self.direct:
             os.fdatasync(self._fd)  # DONTNEED leaves dirty pages in the cache
             os.posix_fadvise(self._fd, offset, self.slot_bytes, os.POSIX_FADV_DONTNEED)
 
     def read(self, key: str) -> bytes:
-        with self._lock:
-            slot = self._slot_of[key]
-        offset = slot * self.slot_bytes
+        offset = self._table.find(key) * self.slot_bytes
         buf = self._buffer()
         if os.preadv(self._fd, [buf], offset) != self.slot_bytes:
-            raise OSError(f"{self.path}: short read of slot {slot}")
+            raise OSError(f"{self.path}: short read at offset {offset}")
         if not self.direct:
             os.posix_fadvise(self._fd, offset, self.slot_bytes, os.POSIX_FADV_DONTNEED)
         return bytes(buf[:self.block_bytes])
 
     def delete(self, key: str) -> None:
-        with self._lock:
-            slot = self._slot_of.pop(key, None)
-            if slot is not None:
-                self._free.append(slot)
+        self._table.release(key)
 
     def close(self) -> None:
         os.close(self._fd)
