@@ -1,7 +1,9 @@
 """A minimal RESP2 client (SET, GET, DEL, FLUSHDB, PING) for the ``redis`` tier.
 
 One socket per client; the tier keeps one client per thread. Only the replies these
-commands give are parsed: simple strings, errors, integers and bulk strings.
+commands give are parsed: simple strings, errors, integers and bulk strings. (The
+emulator has its own client in emulator/prefix_cache.py; one of the two should serve
+both once the emulator's refactoring settles.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ class RespClient:
     def __init__(self, url: str, timeout_s: float = 10.0) -> None:
         address = parse_redis_url(url)
         self._sock = socket.create_connection((address.host, address.port), timeout=timeout_s)
-        self._file = self._sock.makefile("rb")
+        # a block's SET ends in a short segment that Nagle would hold back for the server's ACK
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._file = self._sock.makefile("rb", buffering=1 << 20)
         if address.password is not None:
             self.command(b"AUTH", address.password.encode())
         if address.db:

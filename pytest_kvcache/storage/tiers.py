@@ -24,7 +24,7 @@ from .resp import RespClient
 
 __all__ = [
     "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "HbmTier", "RamTier", "RedisTier",
-    "SlotTable", "Tier", "TierSpec", "filesystem_of", "open_tier",
+    "SlotTable", "Tier", "TierSpec", "open_tier",
 ]
 
 #: the alignment O_DIRECT needs of offsets, lengths and buffers (a page covers every disk here)
@@ -188,25 +188,6 @@ def _gpu() -> tuple[Any, str] | str:
 MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 
 
-def filesystem_of(path: Path) -> str:
-    """The type of the file system holding ``path`` (the longest mount point above it)."""
-    target = str(Path(path).resolve())
-    best, kind = "", "unknown"
-    try:
-        lines = Path("/proc/self/mounts").read_text().splitlines()
-    except OSError:
-        return kind
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        mount = fields[1].replace("\\040", " ")
-        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, kind = mount, fields[2]
-    return kind
-
-
 class DiskTier(Tier):
     """One file of ``slots`` aligned slots on a real file system, opened with O_DIRECT
     where the file system takes it; otherwise buffered, each write flushed and each
@@ -225,7 +206,9 @@ class DiskTier(Tier):
         self._table = SlotTable(self.slots)
         self._buffers = threading.local()
         mode = "O_DIRECT" if self.direct else f"buffered + fadvise DONTNEED ({self.fallback_reason})"
-        self.filesystem = filesystem_of(self.path)
+        from ..doctor import mount_fstype  # the doctor's /proc/mounts reading; imported only for a disk tier
+
+        self.filesystem = mount_fstype(self.path.parent) or "an unknown file system"
         memory = ", memory: no disk below" if self.filesystem in MEMORY_FILESYSTEMS else ""
         self.description = f"file {self.path} on {self.filesystem}{memory} ({mode})"
 
