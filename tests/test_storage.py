@@ -258,3 +258,48 @@ def test_an_incomplete_trial_is_excluded_from_the_summary_and_named():
 def test_trial_json_is_plain_json():
     trial = _trial(0, 549, 1.0)
     assert json.loads(json.dumps(__import__("dataclasses").asdict(trial)))["read_write_ratio"] == 12.0
+
+
+class _FakeTensor:
+    """Just enough of a torch tensor (numpy underneath) to drive HbmTier without a GPU."""
+
+    def __init__(self, array) -> None:
+        self.array = array
+
+    def __getitem__(self, index) -> _FakeTensor:
+        return _FakeTensor(self.array[index])
+
+    def copy_(self, other: _FakeTensor) -> None:
+        self.array[...] = other.array
+
+    def cpu(self) -> _FakeTensor:
+        return _FakeTensor(self.array.copy())
+
+    def numpy(self):
+        return self.array
+
+
+def test_hbm_tier_copies_through_torch_and_synchronizes(tmp_path, monkeypatch):
+    np = pytest.importorskip("numpy")
+    import types
+
+    synced: list[int] = []
+    cuda = types.SimpleNamespace(is_available=lambda: True, get_device_name=lambda index: "Fake GPU",
+                                 synchronize=lambda: synced.append(1), empty_cache=lambda: None)
+    fake = types.SimpleNamespace(
+        uint8=np.uint8, cuda=cuda,
+        zeros=lambda n, dtype, device: _FakeTensor(np.zeros(n, dtype)) if device == "cuda" else None,
+        frombuffer=lambda buf, dtype: _FakeTensor(np.frombuffer(buf, dtype)))
+    monkeypatch.setitem(__import__("sys").modules, "torch", fake)
+    tier = open_tier(TierSpec("hbm", 4 * BLOCK), BLOCK, tmp_path)
+    assert tier.kind == "hbm" and tier.description == "GPU memory (Fake GPU, torch)" and tier.slots == 4
+    payloads = {k: random.Random(k).randbytes(BLOCK) for k in "abcd"}
+    for key, data in payloads.items():
+        tier.write(key, data)
+    assert all(tier.read(k) == v for k, v in payloads.items()) and len(synced) == 8
+    tier.delete("a")
+    tier.write("e", payloads["b"][::-1])
+    assert tier.read("e") == payloads["b"][::-1] and tier.read("d") == payloads["d"]
+    with pytest.raises(ValueError, match="blocks are 8192 bytes, got 3"):
+        tier.write("f", b"abc")
+    tier.close()

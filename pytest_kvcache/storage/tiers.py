@@ -126,8 +126,9 @@ class RamTier(Tier):
             self._memory[offset:offset + len(zeros)] = zeros[:len(self._memory) - offset]
 
     def write(self, key: str, data: bytes) -> None:
+        data = _checked(self, data)
         offset = self._table.assign(key) * self.block_bytes
-        self._memory[offset:offset + self.block_bytes] = _checked(self, data)
+        self._memory[offset:offset + self.block_bytes] = data
 
     def read(self, key: str) -> bytes:
         offset = self._table.find(key) * self.block_bytes
@@ -154,8 +155,8 @@ class HbmTier(Tier):
         self._memory = backend.zeros(max(1, self.slots * block_bytes), dtype=backend.uint8, device="cuda")
 
     def write(self, key: str, data: bytes) -> None:
-        offset = self._table.assign(key) * self.block_bytes
         host = self._torch.frombuffer(bytearray(_checked(self, data)), dtype=self._torch.uint8)
+        offset = self._table.assign(key) * self.block_bytes
         self._memory[offset:offset + self.block_bytes].copy_(host)
         self._torch.cuda.synchronize()
 
@@ -250,9 +251,10 @@ class DiskTier(Tier):
         return buf
 
     def write(self, key: str, data: bytes) -> None:
+        data = _checked(self, data)
         offset = self._table.assign(key) * self.slot_bytes
         buf = self._buffer()
-        buf[:self.block_bytes] = _checked(self, data)
+        buf[:self.block_bytes] = data
         os.pwrite(self._fd, buf, offset)
         if not self.direct:
             os.fdatasync(self._fd)  # DONTNEED leaves dirty pages in the cache
@@ -305,7 +307,7 @@ class RedisTier(Tier):
 
     def write(self, key: str, data: bytes) -> None:
         name = self._key(key)
-        self._client().command(b"SET", name, data)
+        self._client().command(b"SET", name, _checked(self, data))
         with self._lock:
             self._keys.add(name)
 
