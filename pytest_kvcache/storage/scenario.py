@@ -4,8 +4,9 @@ into one :class:`~.replay.StorageConfig` per matrix point.
 Until scenarios.py knows the ``storage`` phase this module reads the file itself; the
 keys are those of the other scenario files where they mean the same (name, phase,
 description, matrix, trials, seed), plus ``capacities`` (per hierarchy, per tier),
-``token_bytes``, ``trace`` (:class:`~.trace.TraceSpec`'s fields), ``promote`` and
-``trial_timeout_s``. Sizes are bytes or strings such as ``64MiB``, ``1GB``.
+``token_bytes``, ``trace`` (:class:`~.trace.TraceSpec`'s fields), ``promote``,
+``trial_timeout_s``, ``think_time_s`` and ``redis_url`` (for a ``redis`` tier). Sizes
+are bytes or strings such as ``64MiB``, ``1GB``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ __all__ = ["load_storage_scenario", "parse_size", "storage_configs"]
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _TOP_KEYS = {"name", "phase", "description", "matrix", "capacities", "token_bytes", "trace", "promote", "trials",
-             "trial_timeout_s", "seed", "redis_url", "scratch_dir"}
+             "trial_timeout_s", "think_time_s", "seed", "redis_url", "scratch_dir"}
 _MATRIX_KEYS = ("tiers", "users")
 
 
@@ -73,7 +74,8 @@ def storage_configs(data: dict[str, Any]) -> tuple[StorageConfig, ...]:
     common: dict[str, Any] = {
         "trace": trace, "token_bytes": parse_size(data.get("token_bytes", 131_072), "token_bytes"),
         "trials": int(data.get("trials", 3)), "promote": str(data.get("promote", "none")),
-        "trial_timeout_s": float(data.get("trial_timeout_s", 60)), "seed": int(data.get("seed", 0)),
+        "trial_timeout_s": float(data.get("trial_timeout_s", 60)),
+        "think_time_s": float(data.get("think_time_s", 0)), "seed": int(data.get("seed", 0)),
         "scratch_dir": data.get("scratch_dir")}
     configs = []
     for hierarchy, users in itertools.product(matrix["tiers"], matrix.get("users", [4])):
