@@ -866,6 +866,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 class ScenarioFile(pytest.File):
     def collect(self):
         self._claim_name()
+        from .storage.item import is_storage_file, storage_items
+
+        if is_storage_file(self.path):  # phase: storage, no server (storage/item.py)
+            yield from storage_items(self)
+            return
         try:
             scenario = load_scenario(self.path)
         except ScenarioError as exc:

@@ -191,13 +191,13 @@ def test_resp_error_replies_are_raised(redis_url):
         client.close()
 
 
-# -- the draft of the seed-002 scenario --------------------------------------------------------------------------
+# -- the seed-002 scenario --------------------------------------------------------------------------------------
 
-DRAFT = Path(__file__).resolve().parents[1] / "scenarios" / "storage.yaml.draft"
+SEED_002 = Path(__file__).resolve().parents[1] / "scenarios" / "storage.yaml"
 
 
-def test_the_seed_002_draft_runs_in_seconds_and_orders_the_hierarchies(tmp_path):
-    configs = load_storage_scenario(DRAFT)
+def test_the_seed_002_scenario_runs_in_seconds_and_orders_the_hierarchies(tmp_path):
+    configs = load_storage_scenario(SEED_002)
     assert [c.name for c in configs] == ["storage[hbm-u4]", "storage[hbm+cpu-u4]", "storage[hbm+cpu+disk-u4]",
                                          "storage[disk-u4]"]
     assert configs[0].token_bytes == 131_072 and [t.kind for t in configs[2].tiers] == ["hbm", "cpu", "disk"]

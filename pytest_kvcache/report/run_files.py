@@ -24,6 +24,7 @@ from pathlib import Path
 from .._atomic import write_json_atomic, write_text_atomic
 from . import rows as _rows
 from .redact import redact_url
+from .storage import STORAGE_PLOT, plot_storage_tiers
 from .terminal import SUMMARY_HEADER, gate_line, summary_rows, unjudged_count
 
 __all__ = ["PLOT_FILES", "RUN_SCHEMA_VERSION", "comparison_points", "write_plots", "write_run_files"]
@@ -40,6 +41,7 @@ PLOT_FILES: dict[str, str] = {
                                "per compared metric",
     "pareto.png": "TTFT against total token throughput, with the Pareto frontier, a panel per phase",
     "network.png": "Network comparison: TTFT by bandwidth and direction (runs with those labels)",
+    STORAGE_PLOT[0]: STORAGE_PLOT[1],
 }
 
 
@@ -179,6 +181,9 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
     points = comparison_points(outcomes, results_dir, store)
     for p in write_plots(usable, results_dir / "plots", points):
         paths[f"plots/{p.name}"] = p
+    storage_plot = plot_storage_tiers(outcomes, results_dir / "plots")
+    if storage_plot is not None:
+        paths[f"plots/{storage_plot.name}"] = storage_plot
     plots = [name for name in paths if name.startswith("plots/")]
     md = render_markdown(session, run, plots, link_base=None)
     paths["summary.md"] = results_dir / "summary.md"

@@ -237,6 +237,9 @@ def render_summary(outcomes: Sequence, gate: Gate | None, settings,
         zone = note.split(": ", 1)[0].rsplit(" ", 1)[-1]
         colour = _NOTE_COLOURS.get(zone, "yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)
         lines += [(text, colour) for text in fit_lines(note.splitlines(), width)]
+    from .storage import storage_lines
+
+    lines += [(text, None) for text in storage_lines(outcomes, width)]
     for cp in change_points:
         lines += [(text, "yellow") for text in fit_lines([f"WARN change point: {cp.describe()}"], width)]
     if not_run:

@@ -1,11 +1,12 @@
-"""The draft schema of a storage scenario file (``scenarios/storage.yaml.draft``), read
-into one :class:`~.replay.StorageConfig` per matrix point.
+"""The schema of a storage scenario file (``phase: storage``, ``scenarios/storage.yaml``),
+read into one :class:`~.replay.StorageConfig` per matrix point.
 
-Until scenarios.py knows the ``storage`` phase this module reads the file itself; the
-keys are those of the other scenario files where they mean the same (name, phase,
-description, matrix, trials, seed), plus ``capacities`` (per hierarchy, per tier),
-``token_bytes``, ``trace`` (:class:`~.trace.TraceSpec`'s fields), ``promote``,
-``trial_timeout_s``, ``think_time_s`` and ``redis_url`` (for a ``redis`` tier). Sizes
+scenarios.py parses the inference phases; this module reads a storage file itself
+(the plugin hands it over, storage/item.py). The keys are those of the other scenario
+files where they mean the same (name, phase, description, matrix, trials, seed), plus
+``capacities`` (per hierarchy, per tier), ``token_bytes``, ``trace`` (:class:`~.trace.TraceSpec`'s fields), ``promote``,
+``trial_timeout_s``, ``think_time_s``, ``redis_url`` (for a ``redis`` tier) and
+``threshold`` (the gate's, on storage throughput). Sizes
 are bytes or strings such as ``64MiB``, ``1GB``.
 """
 
@@ -21,12 +22,12 @@ from .replay import StorageConfig
 from .tiers import TierSpec
 from .trace import TraceSpec
 
-__all__ = ["load_storage_scenario", "parse_size", "storage_configs"]
+__all__ = ["load_storage_scenario", "parse_size", "parse_threshold", "storage_configs"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _TOP_KEYS = {"name", "phase", "description", "matrix", "capacities", "token_bytes", "trace", "promote", "trials",
-             "trial_timeout_s", "think_time_s", "seed", "redis_url", "scratch_dir"}
+             "trial_timeout_s", "think_time_s", "seed", "redis_url", "scratch_dir", "threshold"}
 _MATRIX_KEYS = ("tiers", "users")
 
 
@@ -38,6 +39,18 @@ def parse_size(value: Any, key: str) -> int:
     if not match or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"{key}: {value!r} is no size; use bytes or e.g. 64MiB, 1GB")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_threshold(value: Any) -> float:
+    """The gate's practical threshold on storage throughput: ``25%`` or ``0.25``."""
+    text = str(value).strip()
+    try:
+        fraction = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        fraction = 0.0
+    if not 0 < fraction < 1:
+        raise ValueError(f"threshold: {value!r} is no fraction; use e.g. 25% or 0.25")
+    return fraction
 
 
 def _tiers(hierarchy: str, capacities: dict[str, Any], redis_url: str | None) -> tuple[TierSpec, ...]:
