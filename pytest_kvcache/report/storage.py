@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["STORAGE_HEADER", "STORAGE_PLOT", "plot_storage_tiers", "storage_lines", "storage_rows"]
+__all__ = ["STORAGE_HEADER", "STORAGE_PLOT", "plot_storage_tiers", "storage_comparison", "storage_lines",
+           "storage_rows"]
 
 STORAGE_HEADER: tuple[str, ...] = ("item", "tiers", "storage tok/s", "wall tok/s", "read p95 per tier",
                                    "evictions per tier", "trials used")
@@ -94,3 +95,38 @@ def plot_storage_tiers(outcomes: Sequence, plots_dir: Path) -> Path | None:
     _scale(bottom, "y", p95s)
     bottom.legend(title="tier", fontsize=8)
     return _save(fig, plots_dir / STORAGE_PLOT[0], "Storage phase: tier hierarchies (seed 002)")
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def storage_comparison(runs: Sequence) -> list[str]:
+    """The compare command's lines for storage items (report/rows.RunFolder's documents of
+    kind ``storage``): storage and wall-clock throughput and read p95 per tier per run, the
+    storage throughput's change against the first run that has the item. Empty without any."""
+    rows: list[tuple[str, ...]] = []
+    first: dict[str, float] = {}
+    for run in runs:
+        for item in run.items:
+            doc = item.doc
+            if doc.get("kind") != "storage":
+                continue
+            name, summary = str(doc.get("item", "")).split("::")[-1], doc.get("summary") or {}
+            value = _number(summary.get("storage_throughput_tokens_per_sec"))
+            wall = _number(summary.get("wall_clock_throughput_tokens_per_sec"))
+            reference = first.setdefault(name, value) if value else None
+            change = "reference" if reference == value else f"{(value / reference - 1) * 100:+.1f}%" \
+                if value and reference else "-"
+            rows.append((name, run.name, "-" if value is None else f"{value:.4g}",
+                         "-" if wall is None else f"{wall:.4g}", change,
+                         _per_tier(summary.get("tier_read_p95_ms") or {}, " ms", ".3g"),
+                         str(len(summary.get("excluded") or ()))))
+    if not rows:
+        return []
+    from .terminal import _table_lines
+
+    header = ("item", "run", "storage tok/s", "wall tok/s", "change", "read p95 per tier", "excluded trials")
+    return ["Storage items (tokens / storage I/O time, against the first run that has the item; not in the CSV "
+            "or plots, which hold the inference phases):",
+            *("  " + line for line in _table_lines(header, rows, range(len(header))))]
