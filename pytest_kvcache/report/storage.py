@@ -13,8 +13,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["STORAGE_HEADER", "STORAGE_PLOT", "plot_storage_tiers", "storage_comparison", "storage_lines",
-           "storage_rows"]
+__all__ = ["STORAGE_HEADER", "STORAGE_PLOT", "plot_storage_tiers", "storage_cells", "storage_comparison",
+           "storage_lines", "storage_rows"]
 
 STORAGE_HEADER: tuple[str, ...] = ("item", "tiers", "storage tok/s", "wall tok/s", "read p95 per tier",
                                    "evictions per tier", "trials used")
@@ -29,6 +29,14 @@ def _measured(outcomes: Sequence) -> list:
 
 def _per_tier(values: dict, unit: str, digits: str) -> str:
     return " ".join(f"{tier}={'-' if v is None else format(v, digits) + unit}" for tier, v in values.items()) or "-"
+
+
+def storage_cells(outcome) -> tuple[str, str]:
+    """The metric and current value of a storage item's row in the verdict table when it
+    has no verdict (stored as a baseline, skipped, failed)."""
+    storage = getattr(outcome, "storage", None)
+    value = storage.summary.storage_throughput_tokens_per_sec if storage is not None else None
+    return "storage_throughput_tokens_per_sec", "-" if value is None else f"{value:.4g}"
 
 
 def storage_rows(outcomes: Sequence) -> list[tuple[str, ...]]:

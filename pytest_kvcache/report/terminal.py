@@ -41,6 +41,8 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
 
     Only comparisons made against a baseline or a reference are in the gate (an update
     of the baselines compares too, to refuse a sick run, but decides nothing else)."""
+    from .storage import storage_cells
+
     rows = []
     gated = [o for o in outcomes if o.status != "baseline-updated"]
     pairs = [c for o in gated for c in o.comparisons]
@@ -53,7 +55,8 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
             measured = o.result.usable_trials if o.result is not None else ()
             ttft = sorted(v for v in (t.measured.summary.get("median_ttft_ms") for t in measured) if v is not None)
             current = f"{ttft[len(ttft) // 2]:.4g} ms" if ttft else "-"
-            rows.append((o.case.name, "median_ttft_ms", "-", current, "-", "-", "-", "-", "-", "-", "-",
+            metric, current = storage_cells(o) if o.case.phase == "storage" else ("median_ttft_ms", current)
+            rows.append((o.case.name, metric, "-", current, "-", "-", "-", "-", "-", "-", "-",
                          _status_cell(o)))
             if o.status in ("skipped", "failed") and o.message:
                 notes.append(f"{o.case.name} {_status_cell(o)}: {o.message.strip()}")
