@@ -181,9 +181,7 @@ def write_run_files(results_dir: Path, outcomes: Sequence, gate, settings, store
     points = comparison_points(outcomes, results_dir, store)
     for p in write_plots(usable, results_dir / "plots", points):
         paths[f"plots/{p.name}"] = p
-    storage_plot = plot_storage_tiers(outcomes, results_dir / "plots")
-    if storage_plot is not None:
-        paths[f"plots/{storage_plot.name}"] = storage_plot
+    paths.update((f"plots/{p.name}", p) for p in plot_storage_tiers(outcomes, results_dir / "plots"))
     plots = [name for name in paths if name.startswith("plots/")]
     md = render_markdown(session, run, plots, link_base=None)
     paths["summary.md"] = results_dir / "summary.md"

@@ -70,14 +70,14 @@ def storage_lines(outcomes: Sequence, width: int | None) -> list[str]:
     return lines
 
 
-def plot_storage_tiers(outcomes: Sequence, plots_dir: Path) -> Path | None:
+def plot_storage_tiers(outcomes: Sequence, plots_dir: Path) -> list[Path]:
     """Two panels: storage throughput per hierarchy, and read p95 per tier within each
-    hierarchy (logarithmic where they span :data:`~.plots.LOG_SPAN`). None without storage items."""
+    hierarchy (logarithmic where they span :data:`~.plots.LOG_SPAN`). No plot without storage items."""
     from .plots import _plt, _save, _scale, _tokens
 
     measured = _measured(outcomes)
     if not measured:
-        return None
+        return []
     names = [o.case.name for o in measured]
     fig, (top, bottom) = _plt().subplots(2, 1, figsize=(max(6.0, 1.6 * len(names) + 2), 8.0), layout="constrained")
     means = [o.storage.summary.storage_throughput_tokens_per_sec or 0.0 for o in measured]
@@ -102,7 +102,7 @@ def plot_storage_tiers(outcomes: Sequence, plots_dir: Path) -> Path | None:
     bottom.set_ylabel("read p95 latency (ms)")
     _scale(bottom, "y", p95s)
     bottom.legend(title="tier", fontsize=8)
-    return _save(fig, plots_dir / STORAGE_PLOT[0], "Storage phase: tier hierarchies (seed 002)")
+    return [_save(fig, plots_dir / STORAGE_PLOT[0], "Storage phase: tier hierarchies (seed 002)")]
 
 
 def _number(value) -> float | None:

@@ -55,7 +55,7 @@ def summary_rows(outcomes: Sequence, gate: Gate | None) -> tuple[list[tuple[str,
             measured = o.result.usable_trials if o.result is not None else ()
             ttft = sorted(v for v in (t.measured.summary.get("median_ttft_ms") for t in measured) if v is not None)
             current = f"{ttft[len(ttft) // 2]:.4g} ms" if ttft else "-"
-            metric, current = storage_cells(o) if o.case.phase == "storage" else ("median_ttft_ms", current)
+            metric, current = storage_cells(o) if hasattr(o, "storage") else ("median_ttft_ms", current)
             rows.append((o.case.name, metric, "-", current, "-", "-", "-", "-", "-", "-", "-",
                          _status_cell(o)))
             if o.status in ("skipped", "failed") and o.message:
