@@ -107,7 +107,6 @@ def test_sharegpt_output_len_without_effect_is_refused():
 
 def test_shipped_and_example_scenarios_still_load():
     from pytest_kvcache.scenarios import load_scenario
-
     from pytest_kvcache.storage import load_storage_scenario
     from pytest_kvcache.storage.item import is_storage_file
 

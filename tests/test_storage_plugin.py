@@ -149,3 +149,15 @@ def test_compare_prints_storage_items(project, capsys):
     assert "Storage items (tokens / storage I/O time" in out
     rows = [line.split() for line in out.splitlines() if "tiers[cpu+disk-u2]" in line]
     assert [row[1] for row in rows] == ["a", "b"] and rows[0][4] == "reference" and rows[1][4].endswith("%")
+
+
+def test_a_tier_that_cannot_open_fails_the_item_saying_why(pytester):
+    pytester.mkdir("scenarios")
+    pytester.path.joinpath("scenarios", "remote.yaml").write_text(
+        "name: remote\nphase: storage\nmatrix: {tiers: [redis]}\ncapacities: {redis: {redis: 8MiB}}\n"
+        "redis_url: redis://127.0.0.1:1\ntrace: {conversations: 2, turns: 1}\ntrials: 2\n")
+    result = pytester.runpytest_subprocess("--kv-results-dir=run")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*remote[[]redis-u4[]] FAILED: the storage replay could not run: *"])
+    doc = json.loads(pytester.path.joinpath("run", "remote", "remote[redis-u4].json").read_text())
+    assert doc["status"] == "failed" and doc["kind"] == "storage"

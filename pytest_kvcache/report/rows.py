@@ -230,7 +230,7 @@ def item_rows(run: RunFolder, per_trial: bool = True) -> list[dict]:
         doc = item.doc
         scenario = doc.get("scenario") or {}
         if doc.get("kind") == "storage":
-            continue  # no inference figures; storage items have their own table (storage/report.py)
+            continue  # no inference figures; storage items have their own table (report/storage.py)
         server = doc.get("server") or {}
         labels = item.labels
         backend = str(scenario.get("backend", ""))

@@ -126,7 +126,14 @@ def _measure(kv: KVSession, outcome: StorageOutcome, config: StorageConfig) -> N
     if config.scratch_dir is None:  # the session's scratch: removed at its end, on the results' disk
         kv.pool.workdir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(config, scratch_dir=str(kv.pool.workdir))
-    outcome.storage = result = run_storage(config)
+    problem: str | None = None
+    try:
+        result = run_storage(config)
+    except (OSError, ValueError) as exc:  # a tier that cannot open (no redis, no room): the item fails, says why
+        problem = f"the storage replay could not run: {type(exc).__name__}: {exc}"
+    if problem is not None:  # failed outside the except block: one message, no chained traceback
+        _fail(outcome, problem)
+    outcome.storage = result
     outcome.case = dataclasses.replace(outcome.case, trials=config.trials)
     outcome.identity = storage_identity(kv, outcome.case, result)
 
