@@ -32,7 +32,7 @@ from ..models import MetricThreshold, ScenarioCase
 from ..plugin import ScenarioItem
 from ..report.json_report import RESULT_SCHEMA_VERSION
 from ..session import ItemOutcome, KVSession
-from ..stats import Direction, MetricComparison, NoisePrior, compare_runs
+from ..stats import Direction, MetricComparison, compare_runs
 from .replay import StorageConfig, run_storage
 from .results import SCHEMA_VERSION, StorageResult
 from .scenario import parse_threshold, storage_configs
@@ -202,7 +202,8 @@ def _compare(kv: KVSession, outcome: StorageOutcome, baseline) -> list[MetricCom
     stored, current = baseline.metric_runs(threshold.metric), _current(outcome.storage)
     if not stored or not current:
         return []
-    prior = NoisePrior.configured(kv.settings.run_noise) if kv.settings.run_noise else None
+    # the run-to-run noise pooled over the session's items' baselines on this runner, as every item's
+    prior = kv._prior(threshold.metric, outcome.identity.testbed) if outcome.identity is not None else None
     return [compare_runs(threshold.metric, stored, [current], direction=Direction(threshold.direction),
                          threshold=threshold.threshold, alpha=kv.settings.alpha / max(1, kv.planned()), prior=prior)]
 
