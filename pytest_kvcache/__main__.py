@@ -329,6 +329,13 @@ def compare(args: argparse.Namespace) -> int:
     filters = {col: [v for group in getattr(args, name) for v in group] for name, col, _m, _t in _FILTERS}
     kept = R.filter_rows(rows, filters)
     print(f"pytest-kvcache compare: {len(runs)} run folder(s), {len(rows)} rows, {len(kept)} after filters")
+    from .report.storage import storage_comparison
+
+    storage = storage_comparison(runs)  # the storage phase's items: their own table, not rows
+    if storage:
+        print("\n".join(storage))
+    if storage and not kept:
+        return 0
     if not kept:
         active = " ".join(f"--{name.replace('_', '-')} {','.join(v for g in getattr(args, name) for v in g)}"
                           for name, _c, _m, _t in _FILTERS if getattr(args, name))

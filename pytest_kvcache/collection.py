@@ -86,9 +86,14 @@ class ScenarioFile(pytest.File):
     def collect(self) -> Iterator[ScenarioItem]:
         from .scenarios import load_scenario, override_thresholds
 
+        from .storage_items import is_storage_file, storage_items
+
         clash = _stem_clash(self.config, self.path)
         if clash:
             raise self.CollectError(clash)
+        if is_storage_file(self.path):  # phase: storage, no server (storage_items.py)
+            yield from storage_items(self)
+            return
         try:
             scenario = load_scenario(self.path)
             overrides = self.config.stash[SESSION_KEY].settings.thresholds

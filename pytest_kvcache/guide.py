@@ -180,7 +180,9 @@ def _is_scenario(item) -> bool:
 def _point(item):
     """What selects a benchmark item (backend, lengths, concurrency, phase): a scenario
     item's case, or the kvcache-marker combination of a test using the kv_* fixtures;
-    None for any other test."""
+    None for any other test, and for a storage item (storage_items.py: no server, no lengths)."""
+    if getattr(item, "storage", None) is not None:
+        return None
     if _is_scenario(item):
         return item.case
     from .fixtures import item_params

@@ -66,6 +66,7 @@ PHASES: tuple[str, ...] = (
     "chunk_size",
     "kv_size",
     "decode",
+    "storage",  # KV tiers measured as storage, no inference server (storage/)
 )
 
 #: Round names: ``cold`` fills the offload tier, ``warm`` should hit it.

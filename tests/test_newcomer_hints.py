@@ -107,9 +107,14 @@ def test_sharegpt_output_len_without_effect_is_refused():
 
 def test_shipped_and_example_scenarios_still_load():
     from pytest_kvcache.scenarios import load_scenario
+    from pytest_kvcache.storage import load_storage_scenario
+    from pytest_kvcache.storage_items import is_storage_file
 
     for path in [*(ROOT / "scenarios").glob("*.yaml"), *(ROOT / "examples" / "scenarios").glob("*.yaml")]:
-        load_scenario(path)
+        if is_storage_file(path):
+            load_storage_scenario(path)
+        else:
+            load_scenario(path)
     multiturn = load_scenario(ROOT / "scenarios" / "multiturn.yaml").cases[0]
     assert multiturn.name == "multiturn[cpu-128-c8]" and multiturn.output_len == 16  # its baseline still applies
 

@@ -231,6 +231,8 @@ def item_rows(run: RunFolder, per_trial: bool = True) -> list[dict]:
     for item in run.items:
         doc = item.doc
         scenario = doc.get("scenario") or {}
+        if doc.get("kind") == "storage":
+            continue  # no inference figures; storage items have their own table (report/storage.py)
         server = doc.get("server") or {}
         labels = item.labels
         backend = str(scenario.get("backend", ""))

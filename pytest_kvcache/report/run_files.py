@@ -25,6 +25,7 @@ from .._atomic import write_json_atomic, write_text_atomic
 from ..models import ItemOutcome, Settings
 from . import rows as _rows
 from .redact import redact_url
+from .storage import STORAGE_PLOT, plot_storage_tiers
 from .terminal import SUMMARY_HEADER, gate_line, summary_rows, unjudged_count
 
 __all__ = ["PLOT_FILES", "RUN_SCHEMA_VERSION", "comparison_points", "write_plots", "write_run_files"]
@@ -41,6 +42,7 @@ PLOT_FILES: dict[str, str] = {
                                "per compared metric",
     "pareto.png": "TTFT against total token throughput, with the Pareto frontier, a panel per phase",
     "network.png": "Network comparison: TTFT by bandwidth and direction (runs with those labels)",
+    STORAGE_PLOT[0]: STORAGE_PLOT[1],
 }
 
 
@@ -180,6 +182,7 @@ def write_run_files(results_dir: Path, outcomes: Sequence[ItemOutcome], gate, se
     points = comparison_points(outcomes, results_dir, store)
     for p in write_plots(usable, results_dir / "plots", points):
         paths[f"plots/{p.name}"] = p
+    paths.update((f"plots/{p.name}", p) for p in plot_storage_tiers(outcomes, results_dir / "plots"))
     plots = [name for name in paths if name.startswith("plots/")]
     md = render_markdown(session, run, plots, link_base=None)
     paths["summary.md"] = results_dir / "summary.md"

@@ -41,6 +41,8 @@ def summary_rows(outcomes: Sequence[ItemOutcome], gate: Gate | None) -> tuple[li
 
     Only comparisons made against a baseline or a reference are in the gate (an update
     of the baselines compares too, to refuse a sick run, but decides nothing else)."""
+    from .storage import storage_cells
+
     rows: list[tuple[str, ...]] = []
     gated = [o for o in outcomes if o.status != "baseline-updated"]
     pairs = [c for o in gated for c in o.comparisons]
@@ -53,7 +55,8 @@ def summary_rows(outcomes: Sequence[ItemOutcome], gate: Gate | None) -> tuple[li
             measured = o.result.usable_trials if o.result is not None else ()
             ttft = sorted(v for v in (t.measured.summary.get("median_ttft_ms") for t in measured) if v is not None)
             current = f"{ttft[len(ttft) // 2]:.4g} ms" if ttft else "-"
-            rows.append((o.case.name, "median_ttft_ms", "-", current, "-", "-", "-", "-", "-", "-", "-",
+            metric, current = storage_cells(o) if hasattr(o, "storage") else ("median_ttft_ms", current)
+            rows.append((o.case.name, metric, "-", current, "-", "-", "-", "-", "-", "-", "-",
                          _status_cell(o)))
             if o.status in ("skipped", "failed") and o.message:
                 notes.append(f"{o.case.name} {_status_cell(o)}: {o.message.strip()}")
@@ -248,6 +251,9 @@ def render_summary(outcomes: Sequence[ItemOutcome], gate: Gate | None, settings:
                         "and run.json have them)")
     for note in notes:
         lines += [(text, _note_colour(note)) for text in fit_lines(note.splitlines(), width)]
+    from .storage import storage_lines
+
+    lines += [(text, None) for text in storage_lines(outcomes, width)]
     for cp in change_points:
         lines += [(text, ZONE_COLOURS[Zone.WARN])
                   for text in fit_lines([f"{Zone.WARN.value} change point: {cp.describe()}"], width)]
