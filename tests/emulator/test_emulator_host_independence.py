@@ -21,7 +21,8 @@ import pytest
 from test_emulator_server import MODEL, random_ids, ttft_of, wait_for
 
 from pytest_kvcache.emulator.costmodel import PROFILES
-from pytest_kvcache.emulator.prefix_cache import CpuTier, PrefixCache
+from pytest_kvcache.emulator.prefix_cache import PrefixCache
+from pytest_kvcache.emulator.tiers import CpuTier
 from pytest_kvcache.telemetry import Snapshot, TelemetrySource, parse_metrics, summarize
 
 TEN_K = 10_000
