@@ -7,7 +7,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,6 +21,8 @@ from .request import Request
 from .scheduler import sleep_until
 
 if TYPE_CHECKING:
+    from aiohttp.typedefs import Middleware
+
     from .app import Emulator
 
 __all__ = ["OpenAIRoutes", "error_response", "limits_middleware"]
@@ -51,7 +53,7 @@ def error_response(message: str, code: int) -> web.Response:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def limits_middleware(max_header_bytes: int) -> Callable[[web.Request, _Handler], Awaitable[web.StreamResponse]]:
+def limits_middleware(max_header_bytes: int) -> Middleware:
     """Middleware: 431 for a request head over the limit, and aiohttp's own 4xx (no route, wrong
     method) in vLLM's JSON error shape."""
 
@@ -156,6 +158,7 @@ class OpenAIRoutes:
         prompts = self.emu.prompts
         try:
             body = await self._body(request)
+            ids: Sequence[int]
             if "messages" in body:
                 ids = prompts.chat_ids(body)
             elif isinstance(body.get("prompt"), str):

@@ -122,6 +122,13 @@ class Scheduler:
         self.load.context_tokens -= req.n
         self.slot_freed.set()
 
+    def _failed(self, req: Request, fut: asyncio.Future, step: str, exc: Exception) -> None:
+        """A worker's ``step`` of ``req`` raised ``exc``: its handler gets it, its slot is freed."""
+        log.exception("%s failed for %s", step, req.rid)
+        self.release(req)
+        if not fut.done():
+            fut.set_exception(exc)
+
     def after_response(self, req: Request) -> None:
         """``req``'s response has ended (or broken off)."""
 
@@ -181,6 +188,13 @@ class FixedScheduler(Scheduler):
             itl *= self.slow_decode
         return first + k * itl
 
+    def _failed(self, req: Request, fut: asyncio.Future, step: str, exc: Exception) -> None:
+        """A worker's ``step`` of ``req`` raised ``exc``: its handler gets it, its slot is freed."""
+        log.exception("%s failed for %s", step, req.rid)
+        self.release(req)
+        if not fut.done():
+            fut.set_exception(exc)
+
     def after_response(self, req: Request) -> None:
         self.offload.store_background(req, 0)  # no timing effect
 
@@ -211,10 +225,7 @@ class FifoScheduler(Scheduler):
                     fut.cancel()
                 raise
             except Exception as exc:  # never kill the worker
-                log.exception("prefill failed for %s", req.rid)
-                self.release(req)
-                if not fut.done():
-                    fut.set_exception(exc)
+                self._failed(req, fut, "prefill", exc)
                 continue
             free_at = deadline
             if fut.done():  # cancelled during the read: give its slot back
@@ -340,10 +351,7 @@ class BatchedScheduler(Scheduler):
                 load = asyncio.ensure_future(offload.load(req, hit))
                 stored = offload.store_background(req, hit)
             except Exception as exc:  # never kill the worker
-                log.exception("load failed for %s", req.rid)
-                self.release(req)
-                if not fut.done():
-                    fut.set_exception(exc)
+                self._failed(req, fut, "load", exc)
                 continue
             j = self.jitter(req)
             extra = self.slow_load * j * (self.load_ms(req, hit * cs) + prof.store_ms(self.tier_name, stored))
