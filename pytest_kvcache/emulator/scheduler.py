@@ -188,13 +188,6 @@ class FixedScheduler(Scheduler):
             itl *= self.slow_decode
         return first + k * itl
 
-    def _failed(self, req: Request, fut: asyncio.Future, step: str, exc: Exception) -> None:
-        """A worker's ``step`` of ``req`` raised ``exc``: its handler gets it, its slot is freed."""
-        log.exception("%s failed for %s", step, req.rid)
-        self.release(req)
-        if not fut.done():
-            fut.set_exception(exc)
-
     def after_response(self, req: Request) -> None:
         self.offload.store_background(req, 0)  # no timing effect
 
