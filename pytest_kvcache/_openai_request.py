@@ -3,16 +3,28 @@
 Both answer a request they will not serve with a 4xx in vLLM's error shape and one message
 naming the field or the limit; the checks here keep their answers the same: JSON bodies
 only, no JSON constants (NaN, Infinity), a nesting limit checked without recursion, typed
-boolean fields, and the argparse type of their limit options.
+boolean fields, the request limits (:class:`RequestLimits`) and the argparse type of their
+options, and the model, chat and prompt checks both make before tokenizing.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-__all__ = ["BadRequest", "add_limit_options", "chat_chars", "flag", "is_json_type", "json_body", "nonneg_float",
-           "positive_float", "positive_int", "too_long"]
+__all__ = ["BadRequest", "RequestLimits", "add_limit_options", "chat_chars", "chat_ids", "check_model",
+           "checked_argument", "encode_prompt", "flag", "is_json_type", "json_body", "nonneg_float", "positive_float",
+           "positive_int", "too_long"]
+
+#: what both servers take by default (the options' defaults too)
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 65536
+DEFAULT_MAX_JSON_DEPTH = 64
+#: --max-prompt-chars by default: this many characters per token of --max-model-len
+PROMPT_CHARS_PER_TOKEN = 16
 
 
 class BadRequest(Exception):
@@ -85,29 +97,32 @@ def json_body(raw: bytes, max_depth: int) -> dict:
     return body
 
 
-def _argument(text: str, convert, kind: str, ok, rule: str):
+def checked_argument(text: str, convert: Callable[[str], Any], kind: str, ok: Callable[[Any], bool],
+                     refusal: str) -> Any:
+    """An argparse type's value: ``convert(text)`` (else "not {kind}: 'text'"), refused with
+    ``refusal`` (formatted with ``text``) unless ``ok`` of it."""
     try:
         value = convert(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not {kind}: {text!r}") from None
     if not ok(value):
-        raise argparse.ArgumentTypeError(f"must be {rule}, got {text}")
+        raise argparse.ArgumentTypeError(refusal.format(text=text))
     return value
 
 
 def positive_int(text: str) -> int:
     """argparse type: an integer above 0."""
-    return _argument(text, int, "an integer", lambda v: v > 0, "> 0")
+    return checked_argument(text, int, "an integer", lambda v: v > 0, "must be > 0, got {text}")
 
 
 def positive_float(text: str) -> float:
     """argparse type: a number above 0."""
-    return _argument(text, float, "a number", lambda v: v > 0, "> 0")
+    return checked_argument(text, float, "a number", lambda v: v > 0, "must be > 0, got {text}")
 
 
 def nonneg_float(text: str) -> float:
     """argparse type: a number of 0 or more."""
-    return _argument(text, float, "a number", lambda v: v >= 0, ">= 0")
+    return checked_argument(text, float, "a number", lambda v: v >= 0, "must be >= 0, got {text}")
 
 
 def too_long(limit: int, n: int | str) -> str:
@@ -139,15 +154,71 @@ def chat_chars(messages: object, max_model_len: int) -> int:
     return chars
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may hold; what is over a limit gets a 4xx, checked before it costs much."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH
+    max_prompt_chars: int | None = None  # None: PROMPT_CHARS_PER_TOKEN x max_model_len
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RequestLimits:
+        """The limits given by the options of :func:`add_limit_options`."""
+        return cls(max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes,
+                   max_json_depth=args.max_json_depth, max_prompt_chars=args.max_prompt_chars)
+
+    def check_chars(self, chars: int, max_model_len: int) -> None:
+        """Refuse a prompt of ``chars`` characters over the limit, before it is tokenized."""
+        limit = self.max_prompt_chars or PROMPT_CHARS_PER_TOKEN * max_model_len
+        if chars > limit:
+            raise BadRequest(f"the prompt is {chars} characters long, over the limit of {limit} "
+                             "(--max-prompt-chars); it was not tokenized")
+
+
+def check_model(body: dict, served: str) -> None:
+    """Refuse a request for a model other than the one ``served`` (no ``model``: that one)."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {type(model).__name__}")
+    if model is not None and model != served:
+        raise BadRequest(f"The model `{model[:200]}` does not exist.", 404)
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str) -> Any: ...
+
+    def apply_chat_template(self, messages: Any, add_generation_prompt: bool = True) -> list[int]: ...
+
+
+def encode_prompt(tok: _Tokenizer, text: str) -> Any:
+    """``text``'s token ids (a 400 for text that is not valid Unicode)."""
+    try:
+        return tok.encode(text)
+    except UnicodeEncodeError:  # an unknown word is hashed as UTF-8, which a lone surrogate is not
+        raise BadRequest("the prompt is not valid Unicode: it holds a lone surrogate (\\ud800-\\udfff)") from None
+
+
+def chat_ids(tok: _Tokenizer, body: dict, limits: RequestLimits, max_model_len: int) -> list[int]:
+    """The token ids of a chat request's messages through the chat template, their size checked first."""
+    messages = body.get("messages")
+    limits.check_chars(chat_chars(messages, max_model_len), max_model_len)
+    try:
+        return tok.apply_chat_template(messages, flag(body, "add_generation_prompt", True))
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+
+
 def add_limit_options(parser: argparse.ArgumentParser, header_note: str = "") -> None:
     """The request limits both servers take (what is over them gets a 4xx)."""
     lim = parser.add_argument_group("request limits (what is over them gets a 4xx)")
-    lim.add_argument("--max-body-bytes", type=positive_int, default=16 * 1024 * 1024, metavar="N",
+    lim.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                      help="413 for a request body over N bytes (default 16 MiB; a 1M-token prompt as text or "
                           "token ids is ~7 MB)")
-    lim.add_argument("--max-header-bytes", type=positive_int, default=65536, metavar="N",
+    lim.add_argument("--max-header-bytes", type=positive_int, default=DEFAULT_MAX_HEADER_BYTES, metavar="N",
                      help=f"431 for a request line and headers over N bytes (default 64 KiB{header_note})")
-    lim.add_argument("--max-json-depth", type=positive_int, default=64, metavar="N",
+    lim.add_argument("--max-json-depth", type=positive_int, default=DEFAULT_MAX_JSON_DEPTH, metavar="N",
                      help="400 for a JSON body nesting containers more than N deep (default 64)")
     lim.add_argument("--max-prompt-chars", type=positive_int, default=None, metavar="N",
                      help="400, before tokenizing, for a prompt (or chat messages' text) over N characters "

@@ -19,9 +19,17 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from .._openai_request import add_limit_options, nonneg_float, positive_float, positive_int
+from .._openai_request import (
+    RequestLimits,
+    add_limit_options,
+    checked_argument,
+    nonneg_float,
+    positive_float,
+    positive_int,
+)
 from .costmodel import PROFILES, TIERS
 from .profile_file import ProfileFileError, is_profile_path, resolve_profile
+from .settings import EMULATOR_KEYS, Settings
 
 
 #: the interpreter's thread switch interval in the emulator process (seconds; see _serve)
@@ -43,23 +51,11 @@ def _profile_spec(text: str) -> str:
 
 
 def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"must be from 0 to 1, got {text}")
-    return v
+    return checked_argument(text, float, "a number", lambda v: 0 <= v <= 1, "must be from 0 to 1, got {text}")
 
 
 def _port(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port: {text!r}") from None
-    if not 0 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {text}")
-    return v
+    return checked_argument(text, int, "a port", lambda v: 0 <= v <= 65535, "port out of range: {text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,29 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_settings(argv: Sequence[str] | None = None):
-    """Parse ``argv`` into a :class:`~.app.Settings` (argparse errors exit with 2)."""
-    from .app import EMULATOR_KEYS, Settings
+#: flags that are also --config-json keys: given, they win over the JSON's value
+_FLAG_EXTRAS = ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode", "slowdown_load", "redis_url",
+                "served_version", "error_rate", "corrupt_rate", "crash_after", "stall_ms", "stall_every")
 
+
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Namespace]:
+    """Parse ``argv`` into a :class:`~.settings.Settings` (argparse errors exit with 2)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    overrides: dict = {}
-    extras: dict = {}
-    if args.config_json:
-        try:
-            cfg = json.loads(args.config_json)
-        except json.JSONDecodeError as exc:
-            parser.error(f"--config-json is not valid JSON: {exc}")
-        if not isinstance(cfg, dict):
-            parser.error("--config-json must be a JSON object")
-        for k, v in cfg.items():
-            if k in EMULATOR_KEYS:
-                try:
-                    extras[k] = EMULATOR_KEYS[k](v)
-                except (TypeError, ValueError):
-                    parser.error(f"--config-json: bad value for {k!r}: {v!r}")
-            else:
-                overrides[k] = v
+    overrides, extras = _config_json(parser, args.config_json)
     if args.fixed_ttft_ms is not None:
         overrides["fixed_ttft_ms"] = args.fixed_ttft_ms
     if args.fixed_itl_ms is not None:
@@ -173,26 +156,65 @@ def parse_settings(argv: Sequence[str] | None = None):
         parser.error(f"--profile: {exc}")
     except (ValueError, TypeError) as exc:
         parser.error(f"--config-json: {exc}")
-    for name in ("offload_disabled", "jitter", "slowdown_prefill", "slowdown_decode",
-                 "slowdown_load", "redis_url", "served_version", "error_rate", "corrupt_rate", "crash_after",
-                 "stall_ms", "stall_every"):
+    for name in _FLAG_EXTRAS:
         value = getattr(args, name)
         if value is not None:
             extras[name] = value
-    if args.backend in ("disk", "gds", "waterfall") and not args.disk_path:
-        parser.error(f"--backend {args.backend} requires --disk-path")
-    if args.backend == "redis" and not extras.get("redis_url"):
+    _check_backend(parser, args.backend, args.disk_path, extras.get("redis_url"))
+    _check_extras(parser, extras)
+    return Settings(
+        host=args.host, port=args.port, model=args.model, backend=args.backend,
+        profile=profile, slowdown=args.slowdown, seed=args.seed, chunk_size=args.chunk_size,
+        disk_path=args.disk_path, cpu_size_gb=args.cpu_size_gb, disk_size_gb=args.disk_size_gb,
+        payload_scale=args.payload_scale, max_model_len=args.max_model_len,
+        redis_size_gb=args.redis_size_gb, limits=RequestLimits.from_args(args), **extras,
+    ), args
+
+
+def _config_json(parser: argparse.ArgumentParser, text: str | None) -> tuple[dict, dict]:
+    """``--config-json`` as (profile field overrides, emulator settings)."""
+    overrides: dict = {}
+    extras: dict = {}
+    if not text:
+        return overrides, extras
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as exc:
+        parser.error(f"--config-json is not valid JSON: {exc}")
+    if not isinstance(cfg, dict):
+        parser.error("--config-json must be a JSON object")
+    for k, v in cfg.items():
+        if k in EMULATOR_KEYS:
+            try:
+                extras[k] = EMULATOR_KEYS[k](v)
+            except (TypeError, ValueError):
+                parser.error(f"--config-json: bad value for {k!r}: {v!r}")
+        else:
+            overrides[k] = v
+    return overrides, extras
+
+
+def _check_backend(parser: argparse.ArgumentParser, backend: str, disk_path: str | None,
+                   redis_url: str | None) -> None:
+    """The tier's own settings: a disk path, a Redis URL that parses."""
+    if backend in ("disk", "gds", "waterfall") and not disk_path:
+        parser.error(f"--backend {backend} requires --disk-path")
+    if backend == "redis" and not redis_url:
         parser.error("--backend redis requires --redis-url")
-    if extras.get("redis_url"):
-        if "{" in extras["redis_url"]:
-            parser.error(f"--redis-url {extras['redis_url']!r} is an unrendered template "
+    if redis_url:
+        if "{" in redis_url:
+            parser.error(f"--redis-url {redis_url!r} is an unrendered template "
                          "(the caller must start the Redis service and fill in its port)")
         from .._redis_url import parse_redis_url
 
         try:
-            parse_redis_url(extras["redis_url"])
+            parse_redis_url(redis_url)
         except ValueError as exc:
             parser.error(f"--redis-url: {exc}")
+
+
+def _check_extras(parser: argparse.ArgumentParser, extras: dict) -> None:
+    """The knobs' ranges, whether a flag or --config-json gave them."""
     if bool(extras.get("stall_ms")) != bool(extras.get("stall_every")):
         parser.error("--stall-ms and --stall-every go together: every N-th request (--stall-every N) is late by "
                      "MS milliseconds (--stall-ms MS)")
@@ -207,15 +229,6 @@ def parse_settings(argv: Sequence[str] | None = None):
         parser.error("--config-json: read_delay_ms must be >= 0")
     if extras.get("vocab_size", 32000) <= 16:
         parser.error("--config-json: vocab_size too small")
-    return Settings(
-        host=args.host, port=args.port, model=args.model, backend=args.backend,
-        profile=profile, slowdown=args.slowdown, seed=args.seed, chunk_size=args.chunk_size,
-        disk_path=args.disk_path, cpu_size_gb=args.cpu_size_gb, disk_size_gb=args.disk_size_gb,
-        payload_scale=args.payload_scale, max_model_len=args.max_model_len,
-        redis_size_gb=args.redis_size_gb, max_body_bytes=args.max_body_bytes,
-        max_header_bytes=args.max_header_bytes, max_json_depth=args.max_json_depth,
-        max_prompt_chars=args.max_prompt_chars, **extras,
-    ), args
 
 
 def _setup_logging(level: str) -> None:
@@ -253,14 +266,14 @@ def _client_error_line(record: logging.LogRecord) -> bool:
     return True
 
 
-async def _serve(settings) -> None:
+async def _serve(settings: Settings) -> None:
     from aiohttp import web
 
     from .app import create_app
 
     log = logging.getLogger("pytest_kvcache.emulator")
     app = create_app(settings)
-    line = min(settings.max_header_bytes, AIOHTTP_MAX_LINE)
+    line = min(settings.limits.max_header_bytes, AIOHTTP_MAX_LINE)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0, max_line_size=line, max_field_size=line,
                            max_headers=AIOHTTP_MAX_HEADERS)
     await runner.setup()

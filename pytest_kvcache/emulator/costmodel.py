@@ -262,11 +262,18 @@ def mla_kv_bytes_per_token(layers: int, kv_lora_rank: int, qk_rope_head_dim: int
     return layers * (kv_lora_rank + qk_rope_head_dim) * dtype_bytes
 
 
-def _seed_profile(name: str, **kw: Any) -> Profile:
+#: the offload tiers' bandwidth (GB/s) on the H100 seeds' hosts
+_H100_HOST_GBPS = {"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}
+
+
+def _seed_profile(name: str, description: str, kv_bytes: int, base_ms: float, **kw: Any) -> Profile:
+    """A seed's set-up: a batched engine whose steps and prefills cost ``base_ms`` on top of
+    their tokens, 256 sequences and 8192 tokens a step unless ``kw`` says otherwise."""
     base: dict[str, Any] = {"time_scale": 1.0, "scheduler": "batched", "lookup_ms": 0.2, "store_base_ms": 0.2,
-                            "store_fraction": 0.1, "gpu_kv_capacity_tokens": 400_000}
+                            "store_fraction": 0.1, "gpu_kv_capacity_tokens": 400_000, "max_num_seqs": 256,
+                            "max_num_batched_tokens": 8192, "prefill_base_ms": base_ms, "step_base_ms": base_ms}
     base.update(kw)
-    return Profile(name=name, **base)
+    return Profile(name=name, description=description, kv_bytes_per_token=kv_bytes, **base)
 
 
 PROFILES: dict[str, Profile] = {
@@ -274,36 +281,25 @@ PROFILES: dict[str, Profile] = {
     "fixed": Profile(name="fixed", kind="fixed"),
     # Qwen2.5-7B-Instruct (7.6B params) on A100-80GB: ~150 TFLOP/s effective bf16
     "a100-qwen2.5-7b": _seed_profile(
-        "a100-qwen2.5-7b", description="Qwen2.5-7B-Instruct on NVIDIA A100-SXM4-80GB (seed 001)",
-        kv_bytes_per_token=kv_bytes_per_token(28, 4, 128),
-        prefill_base_ms=12.0, prefill_ms_per_token=0.1, prefill_ms_per_token_sq=2.21e-3,
-        step_base_ms=12.0, decode_base_ms=13.0, decode_ms_per_running_seq=0.4,
-        max_num_seqs=256, max_num_batched_tokens=8192,
-        bandwidth_gbps={"cpu": 20.0, "disk": 3.0, "gds": 6.0, "redis": 1.5}),
+        "a100-qwen2.5-7b", "Qwen2.5-7B-Instruct on NVIDIA A100-SXM4-80GB (seed 001)", kv_bytes_per_token(28, 4, 128),
+        12.0, prefill_ms_per_token=0.1, prefill_ms_per_token_sq=2.21e-3, decode_base_ms=13.0,
+        decode_ms_per_running_seq=0.4, bandwidth_gbps={"cpu": 20.0, "disk": 3.0, "gds": 6.0, "redis": 1.5}),
     # Qwen3-8B on RTX 4090 24GB, matched to seed 004 (20k tokens cold: 0.75 s)
     "rtx4090-qwen3-8b": _seed_profile(
-        "rtx4090-qwen3-8b", description="Qwen3-8B on NVIDIA RTX 4090 24GB (seed 004)",
-        kv_bytes_per_token=kv_bytes_per_token(36, 8, 128),
-        prefill_base_ms=20.0, prefill_ms_per_token=0.025, prefill_ms_per_token_sq=5.5e-4,
-        step_base_ms=20.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.8,
-        max_num_seqs=128, max_num_batched_tokens=2048, gpu_kv_capacity_tokens=100_000,
-        bandwidth_gbps={"cpu": 24.0, "disk": 7.0, "gds": 7.0, "redis": 6.0}),
+        "rtx4090-qwen3-8b", "Qwen3-8B on NVIDIA RTX 4090 24GB (seed 004)", kv_bytes_per_token(36, 8, 128),
+        20.0, prefill_ms_per_token=0.025, prefill_ms_per_token_sq=5.5e-4, decode_base_ms=25.0,
+        decode_ms_per_running_seq=0.8, max_num_seqs=128, max_num_batched_tokens=2048,
+        gpu_kv_capacity_tokens=100_000, bandwidth_gbps={"cpu": 24.0, "disk": 7.0, "gds": 7.0, "redis": 6.0}),
     # Mistral-7B-v0.1 on H100-80GB: ~450 TFLOP/s effective bf16
     "h100-mistral-7b": _seed_profile(
-        "h100-mistral-7b", description="Mistral-7B-v0.1 on NVIDIA H100-80GB",
-        kv_bytes_per_token=kv_bytes_per_token(32, 8, 128),
-        prefill_base_ms=8.0, prefill_ms_per_token=0.032, prefill_ms_per_token_sq=9.9e-4,
-        step_base_ms=8.0, decode_base_ms=7.0, decode_ms_per_running_seq=0.15,
-        max_num_seqs=256, max_num_batched_tokens=8192,
-        bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
+        "h100-mistral-7b", "Mistral-7B-v0.1 on NVIDIA H100-80GB", kv_bytes_per_token(32, 8, 128),
+        8.0, prefill_ms_per_token=0.032, prefill_ms_per_token_sq=9.9e-4, decode_base_ms=7.0,
+        decode_ms_per_running_seq=0.15, bandwidth_gbps=_H100_HOST_GBPS),
     # DeepSeek-V3 (671B, 37B active, MLA) on 8 x H100 with tensor parallelism 8
     "h100x8-deepseek-v3": _seed_profile(
-        "h100x8-deepseek-v3", description="DeepSeek-V3 (MLA) on 8 x NVIDIA H100, TP=8",
-        kv_bytes_per_token=mla_kv_bytes_per_token(61, 512, 64),
-        prefill_base_ms=30.0, prefill_ms_per_token=0.04, prefill_ms_per_token_sq=2.72e-3,
-        step_base_ms=30.0, decode_base_ms=25.0, decode_ms_per_running_seq=0.3,
-        max_num_seqs=256, max_num_batched_tokens=8192, gpu_kv_capacity_tokens=600_000,
-        bandwidth_gbps={"cpu": 50.0, "disk": 6.0, "gds": 12.0, "redis": 2.0}),
+        "h100x8-deepseek-v3", "DeepSeek-V3 (MLA) on 8 x NVIDIA H100, TP=8", mla_kv_bytes_per_token(61, 512, 64),
+        30.0, prefill_ms_per_token=0.04, prefill_ms_per_token_sq=2.72e-3, decode_base_ms=25.0,
+        decode_ms_per_running_seq=0.3, gpu_kv_capacity_tokens=600_000, bandwidth_gbps=_H100_HOST_GBPS),
 }
 
 

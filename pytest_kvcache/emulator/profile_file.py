@@ -73,8 +73,8 @@ def read_profile_file(path: str | Path) -> tuple[Profile, dict[str, Any]]:
     if negative:
         raise ProfileFileError(f"profile file {path}: negative times or factors: {', '.join(negative)}")
     profile = _renamed(profile, fields["name"], str(fields.get("description", "")))
-    calibration = data.get("calibration") if isinstance(data.get("calibration"), dict) else {}
-    return profile, calibration
+    calibration = data.get("calibration")
+    return profile, calibration if isinstance(calibration, dict) else {}
 
 
 def write_profile_file(path: str | Path, profile: Profile, calibration: Mapping[str, Any]) -> Path:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 __all__ = ["SPECIAL_TOKENS", "WordTokenizer", "get_tokenizer"]
 
@@ -76,8 +76,8 @@ class WordTokenizer:
         self._words = words
         self._ids = {w: i for i, w in enumerate(words)}
         self.num_special = nspecial
-        self._np = None
-        self._tables = None
+        self._np: Any = None  # numpy, once enable_fast imported it
+        self._tables: tuple[Any, Any, Any] | None = None  # whitespace, consonant and vowel lookup tables
 
     # -- plain text -----------------------------------------------------------------
     def _unknown(self, word: str) -> int:
@@ -92,11 +92,11 @@ class WordTokenizer:
         """
         if self._np is not None and len(text) >= 2048 and text.isascii():
             return self._encode_np(text)
-        out = list(map(self._ids.get, text.split()))
-        if None in out:
+        found = list(map(self._ids.get, text.split()))
+        if None in found:
             words = text.split()
-            out = [i if i is not None else self._unknown(w) for i, w in zip(out, words)]
-        return out
+            return [i if i is not None else self._unknown(w) for i, w in zip(found, words)]
+        return cast("list[int]", found)  # no None in it
 
     def enable_fast(self) -> bool:
         """Import numpy (if installed) for the vectorized path; return whether it is on."""
@@ -121,6 +121,7 @@ class WordTokenizer:
 
     def _encode_np(self, text: str) -> list[int]:
         np = self._np
+        assert self._tables is not None
         ws_t, cons_t, vow_t = self._tables
         b = np.frombuffer(text.encode("ascii"), dtype=np.uint8)
         if b.size == 0:

@@ -22,18 +22,18 @@ Run it with::
         [--stall-every N --stall-s S] [--early-headers] [--workers N] \\
         [--max-body-bytes N] [--max-header-bytes N] [--max-json-depth N] [--max-prompt-chars N]
 
-How deadlines are kept with little CPU: it is one asyncio process with raw
-non-blocking sockets served by the loop's reader callbacks (no web framework), and all chunk deadlines sit in one
-heap served by a Linux ``timerfd`` armed at the earliest deadline with an absolute
-``CLOCK_MONOTONIC`` time (``epoll``'s own timeout is rounded up to whole milliseconds).
-The timer fires ``EARLY_S`` before the deadline (and the timer slack is set to 1 ns), and a wake-up serves every deadline due within ``EARLY_S`` (spinning the few microseconds to
-each), so requests that arrived together are written together. Without ``timerfd``
-(not Linux) it falls back to ``loop.call_later`` a little early plus a spin. Request
-parsing happens after every connection that became readable in the same event-loop
-pass was stamped, so a burst of requests gets arrival stamps that do not wait for each
-other's JSON decoding. Where one core cannot write the chunks on time (tens of thousands
-a second), ``--workers N`` serves the port from N processes (``SO_REUSEPORT``: the kernel
-spreads the connections); the stamps still compare, being one system-wide clock.
+How deadlines are kept with little CPU: it is one asyncio process with raw non-blocking sockets
+served by the loop's reader callbacks (no web framework), and all chunk deadlines sit in one heap
+served by a Linux ``timerfd`` armed at the earliest deadline with an absolute ``CLOCK_MONOTONIC``
+time (``epoll``'s own timeout is rounded up to whole milliseconds). The timer fires ``EARLY_S``
+before the deadline (and the timer slack is set to 1 ns), and a wake-up serves every deadline due
+within ``EARLY_S`` (spinning the few microseconds to each), so requests that arrived together are
+written together. Without ``timerfd`` (not Linux) it falls back to ``loop.call_later`` a little
+early plus a spin. Request parsing happens after every connection that became readable in the same
+event-loop pass was stamped, so a burst of requests gets arrival stamps that do not wait for each
+other's JSON decoding. Where one core cannot write the chunks on time (tens of thousands a second),
+``--workers N`` serves the port from N processes (``SO_REUSEPORT``: the kernel spreads the
+connections); the stamps still compare, being one system-wide clock.
 
 Endpoints, in vLLM's shapes: ``GET /health``, ``GET /version`` (``--served-version``),
 ``GET /v1/models``, ``POST /tokenize``,
@@ -86,15 +86,18 @@ from dataclasses import dataclass
 
 from .._openai_request import (
     BadRequest,
+    RequestLimits,
     add_limit_options,
-    chat_chars,
+    chat_ids,
+    check_model,
+    encode_prompt,
     flag,
     is_json_type,
     json_body,
     too_long,
 )
 from .._sockio import SO_TIMESTAMPNS, StampedSocket, kernel_stamps_available
-from ..emulator.tokenizer import get_tokenizer
+from ..emulator.tokenizer import WordTokenizer, get_tokenizer
 
 __all__ = ["ReferenceServer", "ReferenceSettings", "main", "serve"]
 
@@ -122,10 +125,7 @@ class ReferenceSettings:
     early_headers: bool = False
     workers: int = 1
     served_version: str = "0.0.0-reference"
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_header_bytes: int = 65536
-    max_json_depth: int = 64
-    max_prompt_chars: int | None = None  # None: 16 x max_model_len
+    limits: RequestLimits = RequestLimits()
 
 
 # -- precise timers -------------------------------------------------------------------------
@@ -348,16 +348,16 @@ class _Connection:
 
     def _parse(self, stamp: float) -> None:
         self._scheduled = False
-        s = self.server.s
+        lim = self.server.s.limits
         while self._buf and not self.closed and not self._rejected:
-            end = self._buf.find(b"\r\n\r\n", 0, s.max_header_bytes + 4)
+            end = self._buf.find(b"\r\n\r\n", 0, lim.max_header_bytes + 4)
             if end < 0:
-                if len(self._buf) > s.max_header_bytes:
-                    self._reject(BadRequest(f"request line and headers are over the limit of {s.max_header_bytes} "
-                                             "bytes (--max-header-bytes)", 431))
+                if len(self._buf) > lim.max_header_bytes:
+                    self._reject(BadRequest(f"request line and headers are over the limit of {lim.max_header_bytes} "
+                                            "bytes (--max-header-bytes)", 431))
                 break
             try:
-                method, path, headers, length = _parse_head(self._buf[:end].decode("latin-1"), s.max_body_bytes)
+                method, path, headers, length = _parse_head(self._buf[:end].decode("latin-1"), lim.max_body_bytes)
             except BadRequest as exc:
                 self._reject(exc)
                 break
@@ -428,7 +428,6 @@ class _Stream:
         "nchunks",
         "prefix",
         "server",
-        "stall_done",
         "stall_s",
         "stamps",
         "suffix",
@@ -438,6 +437,31 @@ class _Stream:
         "word_base",
         "word_span",
     )
+
+    arrival: float  # perf_counter seconds
+    conn: _Connection
+    continuous: bool  # usage in every chunk
+    cut_after: int  # close after this many chunks (0: never)
+    first: float  # the first chunk's deadline
+    head: bytes  # written before the first chunk: the response head and a chat's role event
+    include_usage: bool  # a final usage event
+    itl: float
+    k: int  # the next chunk
+    malformed: bool  # the second event is not JSON
+    max_tokens: int
+    middle: bytes  # closes a chunk's choice
+    n_prompt: int
+    nchunks: int
+    prefix: bytes  # opens a chunk's event up to its text
+    server: ReferenceServer
+    stall_s: float
+    stamps: list[float]
+    suffix: bytes  # closes the last chunk's choice
+    tok: WordTokenizer
+    tpc: int  # tokens per chunk
+    usage_head: bytes  # opens the final usage event
+    word_base: int
+    word_span: int
 
     def fire(self) -> None:
         conn = self.conn
@@ -508,7 +532,6 @@ class ReferenceServer:
         self.seq = 0
         self.finished = 0
         self.created = int(time.time())
-        self.max_prompt_chars = settings.max_prompt_chars or 16 * settings.max_model_len
         self._listener: socket.socket | None = None
 
     async def start(self) -> None:
@@ -596,40 +619,22 @@ class ReferenceServer:
         content_type = req.headers.get("content-type")
         if content_type is not None and not is_json_type(content_type):
             raise BadRequest(f"Content-Type {content_type[:100]!r} is not supported: send application/json", 415)
-        body = json_body(req.body, s.max_json_depth)
-        model = body.get("model")
-        if model is not None and not isinstance(model, str):
-            raise BadRequest(f"'model' must be a string, got {type(model).__name__}")
-        if model is not None and model != s.model:
-            raise BadRequest(f"The model `{model[:200]}` does not exist.", 404)
+        body = json_body(req.body, s.limits.max_json_depth)
+        check_model(body, s.model)
         return body
 
     def _check_chars(self, chars: int) -> None:
-        if chars > self.max_prompt_chars:
-            raise BadRequest(f"the prompt is {chars} characters long, over the limit of {self.max_prompt_chars} "
-                              "(--max-prompt-chars); it was not tokenized")
-
-    def _check_chat(self, messages: object) -> None:
-        self._check_chars(chat_chars(messages, self.s.max_model_len))
+        self.s.limits.check_chars(chars, self.s.max_model_len)
 
     def _chat_ids(self, body: dict) -> list[int]:
-        messages = body.get("messages")
-        self._check_chat(messages)
-        try:
-            return self.tok.apply_chat_template(messages, flag(body, "add_generation_prompt", True))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
+        return chat_ids(self.tok, body, self.s.limits, self.s.max_model_len)
 
     def _tokenize(self, body: dict) -> bytes:
         if "messages" in body:
             ids = self._chat_ids(body)
         elif isinstance(body.get("prompt"), str):
             self._check_chars(len(body["prompt"]))
-            try:
-                ids = self.tok.encode(body["prompt"])
-            except UnicodeEncodeError:  # an unknown word is hashed as UTF-8, which a lone surrogate is not
-                raise BadRequest("the prompt is not valid Unicode: it holds a lone surrogate "
-                                  "(\\ud800-\\udfff)") from None
+            ids = encode_prompt(self.tok, body["prompt"])
         else:
             raise BadRequest("'prompt' (a string) or 'messages' is required")
         return _json_response(200, {"count": len(ids), "max_model_len": self.s.max_model_len, "tokens": ids,
@@ -788,7 +793,8 @@ async def serve(settings: ReferenceSettings, ready=None) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pytest_kvcache.testing.reference_server", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m pytest_kvcache.testing.reference_server",
+                                description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", default="reference-model")
@@ -820,8 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens_per_chunk=a.tokens_per_chunk, max_model_len=a.max_model_len, error_every=a.error_every,
         cut_after_chunks=a.cut_after_chunks, cut_every=a.cut_every, malformed_every=a.malformed_every,
         stall_every=a.stall_every, stall_s=a.stall_s, early_headers=a.early_headers, workers=a.workers,
-        served_version=a.served_version, max_body_bytes=a.max_body_bytes, max_header_bytes=a.max_header_bytes,
-        max_json_depth=a.max_json_depth, max_prompt_chars=a.max_prompt_chars)
+        served_version=a.served_version, limits=RequestLimits.from_args(a))
     if settings.workers > 1 and settings.port == 0:
         _parser().error("--workers needs a fixed --port: the processes must bind the same one")
     children = [_fork_worker(settings) for _ in range(settings.workers - 1)]

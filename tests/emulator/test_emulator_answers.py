@@ -13,12 +13,8 @@ import pytest
 from test_emulator_server import MODEL, random_ids, stream, wait_for
 
 from pytest_kvcache.emulator.__main__ import parse_settings
-from pytest_kvcache.emulator.prefix_cache import (
-    CpuTier,
-    DiskTier,
-    PrefixCache,
-    _unframe,
-)
+from pytest_kvcache.emulator.prefix_cache import PrefixCache
+from pytest_kvcache.emulator.tiers import CpuTier, DiskTier, unframe
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
 
 ONE_K = 1000
@@ -123,7 +119,7 @@ def test_corrupt_rate_one_on_disk_passes_the_crc_and_changes_the_answer(emu_fact
     assert warm != cold
     cache = PrefixCache(CpuTier(1), namespace=MODEL)
     for key in cache.keys(ids):
-        payload = _unframe((disk / (key.hex() + ".kvchunk")).read_bytes())
+        payload = unframe((disk / (key.hex() + ".kvchunk")).read_bytes())
         assert payload is not None and len(payload) == cache.payload_len and payload != cache.payload(key)
     assert emu.metric("emulator:corrupted_chunks_total") == CHUNKS_1K
     # right after the cold request the chunks may still be in the write buffer: also corrupt

@@ -21,7 +21,8 @@ import pytest
 from test_emulator_server import MODEL, random_ids, ttft_of, wait_for
 
 from pytest_kvcache.emulator.costmodel import PROFILES
-from pytest_kvcache.emulator.prefix_cache import CpuTier, PrefixCache
+from pytest_kvcache.emulator.prefix_cache import PrefixCache
+from pytest_kvcache.emulator.tiers import CpuTier
 from pytest_kvcache.telemetry import Snapshot, TelemetrySource, parse_metrics, summarize
 
 TEN_K = 10_000
@@ -183,7 +184,7 @@ def test_chunk_failing_verification_is_recomputed_and_charged(emu_factory, tmp_p
         recompute = 2 * (q.prefill_ms(TEN_K - bad * 256, TEN_K) - q.prefill_ms(TEN_K - CHUNKS_10K * 256, TEN_K))
         restore = 2 * q.store_ms("disk", 256)
         assert hurt["modeled_ms"] - warm["modeled_ms"] == pytest.approx(recompute + restore, abs=4e-4)
-        wait_for(lambda: emu.metric("emulator:tier_chunks") == (attempt + 1) * CHUNKS_10K)
+        wait_for(lambda held=(attempt + 1) * CHUNKS_10K: emu.metric("emulator:tier_chunks") == held)
         again = ttft_of(emu.url, ids)  # the chunk was offloaded again
         assert again["cached_tokens"] == CHUNKS_10K * 256
         if hurt["ttft_ms"] - warm["ttft_ms"] > 0.8 * recompute and lateness_ms(hurt) < 1.0:

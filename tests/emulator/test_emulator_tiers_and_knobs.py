@@ -36,13 +36,9 @@ from pytest_kvcache.emulator.costmodel import (
     make_profile,
     mla_kv_bytes_per_token,
 )
-from pytest_kvcache.emulator.prefix_cache import (
-    PrefixCache,
-    RedisTier,
-    RespClient,
-    RespError,
-    make_tier,
-)
+from pytest_kvcache.emulator.prefix_cache import PrefixCache
+from pytest_kvcache.emulator.resp import RespClient, RespError
+from pytest_kvcache.emulator.tiers import RedisTier, make_tier
 from pytest_kvcache._redis_url import parse_redis_url
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
@@ -160,7 +156,7 @@ def test_redis_tier_moves_a_request_in_one_round_trip_per_batch(redis_server, mo
     """Issue #6: a request's chunks are read with one MGET and written with one MSET per
     batch of ``REDIS_BATCH`` (as LMCache's connector fetches a lookup's chunks at once),
     with LMCache's semantics kept: a corrupt chunk still ends the hit and is evicted."""
-    from pytest_kvcache.emulator import prefix_cache
+    from pytest_kvcache.emulator import tiers
 
     tier = RedisTier(redis_server.url, capacity_bytes=10**6, prefix=f"kvem@batch-{time.monotonic_ns()}@")
     cache = PrefixCache(tier, chunk_size=4, kv_bytes_per_token=25, payload_scale=1.0)
@@ -173,7 +169,7 @@ def test_redis_tier_moves_a_request_in_one_round_trip_per_batch(redis_server, mo
     assert calls.get("mset") == 1 and calls.get("mget") == 1, calls
     assert "get" not in calls and "set" not in calls, calls
 
-    monkeypatch.setattr(prefix_cache, "REDIS_BATCH", 4)
+    monkeypatch.setattr(tiers, "REDIS_BATCH", 4)
     c.call("SET", tier._rkey(keys[5]), b"garbage-garbage-garbage")
     c.call("CONFIG", "RESETSTAT")
     assert cache.load(keys) == (5, [])  # chunks 0-4 read, chunk 5's frame corrupt

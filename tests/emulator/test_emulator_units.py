@@ -8,13 +8,8 @@ import random
 import pytest
 
 from pytest_kvcache.emulator.costmodel import PROFILES, make_profile
-from pytest_kvcache.emulator.prefix_cache import (
-    CpuTier,
-    DiskTier,
-    NoneTier,
-    PrefixCache,
-    chunk_keys,
-)
+from pytest_kvcache.emulator.prefix_cache import PrefixCache, chunk_keys
+from pytest_kvcache.emulator.tiers import CpuTier, DiskTier, NoneTier
 from pytest_kvcache.emulator.tokenizer import (
     SPECIAL_TOKENS,
     WordTokenizer,
