@@ -1,0 +1,14 @@
+"""The reference server (known timings): endpoint shapes and per-request timing truth."""
+
+from __future__ import annotations
+
+
+import pytest
+
+
+def test_workers_need_a_fixed_port() -> None:
+    from pytest_kvcache.testing.reference_server import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--port", "0", "--workers", "2"])
+    assert exc.value.code == 2
