@@ -1,4 +1,4 @@
-"""Unit tests of pytest_kvcache.baselines (files, locking, testbeds, runs)."""
+"""pytest_kvcache.baselines under writers in several processes at once."""
 
 from __future__ import annotations
 

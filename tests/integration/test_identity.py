@@ -1,4 +1,4 @@
-"""Unit tests of pytest_kvcache.identity: what a run is compared on, and what across."""
+"""pytest_kvcache.identity in a plugin run: what a run is compared on, and what across."""
 
 from __future__ import annotations
 

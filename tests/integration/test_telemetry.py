@@ -1,7 +1,6 @@
-"""Telemetry: metrics and log parsing per round, and the proof of hits (unit tests)."""
+"""Telemetry: metrics and log parsing per round, and the proof of hits (in plugin runs)."""
 
 from __future__ import annotations
-
 
 import pytest
 

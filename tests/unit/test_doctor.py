@@ -6,7 +6,6 @@ import json
 import shutil
 from dataclasses import replace
 
-
 from pytest_kvcache import doctor as D
 from pytest_kvcache.kvsize import kv_bytes_per_token
 from pytest_kvcache.models import BACKENDS

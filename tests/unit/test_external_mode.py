@@ -1,9 +1,7 @@
-"""``--kv-server external`` as the README shows it: a server somebody else runs has one
-configuration, so only its backend's items run; a tier that is not there fails after
-the first trial with a message about that server, not about flags the plugin never set."""
+"""``--kv-server external``: a tier that is not there is reported with a message about that
+server, not about flags the plugin never set."""
 
 from __future__ import annotations
-
 
 def test_the_hit_check_speaks_of_the_external_server_not_of_flags_we_never_set():
     from pytest_kvcache.telemetry import check_round

@@ -1,7 +1,8 @@
 """The run history on SQLite: the store, its concurrency, history.json, and the ``history`` command.
 
-Everything real: SQLite files in tmp_path, writer processes, the command in a subprocess.
-tests/test_history_postgres.py runs the same store checks on a private PostgreSQL server.
+In-process: SQLite files in tmp_path; tests/integration/test_history.py has the writer
+processes and the command in a subprocess.
+tests/integration/test_history_postgres.py runs the same store checks on a private PostgreSQL server.
 """
 
 from __future__ import annotations

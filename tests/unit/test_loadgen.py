@@ -1,4 +1,5 @@
-"""The load generator against the reference server (a real subprocess with known timings)."""
+"""The load generator's pure parts: seeded arrivals, the delivered-concurrency math, and a long
+response decoded in slices."""
 
 from __future__ import annotations
 

@@ -1,7 +1,6 @@
-"""The reference server (known timings): endpoint shapes and per-request timing truth."""
+"""The reference server (known timings): its options, without starting it."""
 
 from __future__ import annotations
-
 
 import pytest
 

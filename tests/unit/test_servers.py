@@ -1,9 +1,8 @@
-"""The vLLM command line and the process machinery: readiness, clear errors, teardown."""
+"""The vLLM command line for CPU and GPU builds, and flags the installed vLLM lacks."""
 
 from __future__ import annotations
 
 import os
-
 
 from pytest_kvcache.backends import BackendConfig
 from pytest_kvcache.backends.probe import StackProbe

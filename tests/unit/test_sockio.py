@@ -1,7 +1,6 @@
-"""Sockets whose reads carry the kernel's receive time (_sockio), and the client's use of them."""
+"""When the client's pool asks for the kernel's receive times (_sockio), without opening a socket."""
 
 from __future__ import annotations
-
 
 from pytest_kvcache._http import StreamPool
 from pytest_kvcache._sockio import kernel_stamps_available

@@ -1,8 +1,7 @@
-"""One round's load spread over client processes (spread.py), against the reference server
-and through the plugin (--kv-client-processes)."""
+"""One round's load spread over client processes (spread.py): the slots each process gets,
+the process counts refused, and a round's kernel stamps, without starting a process."""
 
 from __future__ import annotations
-
 
 import pytest
 

@@ -1,8 +1,6 @@
-"""pytest-xdist: ``pytest -n 2`` gives the same items, results and verdicts as a serial run,
-with one gate, one summary table and one set of run files (gathered by the controller)."""
+"""pytest-xdist: each worker gets its own GPUs, and too few GPUs for the workers is a clear error."""
 
 from __future__ import annotations
-
 
 import pytest
 

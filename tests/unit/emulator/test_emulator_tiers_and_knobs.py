@@ -8,7 +8,6 @@ possible, and on served TTFTs only with wide margins, measured in one run.
 
 from __future__ import annotations
 
-
 import pytest
 
 from pytest_kvcache.emulator.costmodel import (
