@@ -2,6 +2,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def postgres():
 
 
 @pytest.fixture
-def pg_url(postgres) -> str:
+def pg_url(postgres) -> Iterator[str]:
     """A fresh database on the server for one test."""
     import psycopg
 

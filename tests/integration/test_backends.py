@@ -1,9 +1,5 @@
-"""Command lines and configurations of every backend under --kv-server vllm, GPU-only ones included.
-
-Each is compared with the names vLLM and LMCache document and, where the real stack
-(scripts/setup-real-stack.sh) is installed, with the flags and settings the installed
-versions accept.
-"""
+"""Backends that start or probe something for real: the GDS configuration and its skip reason,
+probing an interpreter without vLLM, and the Redis server the redis backend starts."""
 
 from __future__ import annotations
 

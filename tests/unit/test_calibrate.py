@@ -18,7 +18,7 @@ from pytest_kvcache.calibrate import (
     predict_ttft_ms,
 )
 from pytest_kvcache.emulator.__main__ import parse_settings
-from pytest_kvcache.emulator.costmodel import PROFILES, attended_pairs
+from pytest_kvcache.emulator.costmodel import attended_pairs
 from pytest_kvcache.emulator.profile_file import (
     ProfileFileError,
     profile_label,
@@ -27,13 +27,8 @@ from pytest_kvcache.emulator.profile_file import (
 )
 from pytest_kvcache.models import RequestRecord, RoundResult
 from pytest_kvcache.workloads import Prompt
+from helpers.calibrate import TRUTH
 
-#: A profile with large, distinct coefficients: its TTFTs dwarf the emulator's own overhead.
-TRUTH = dataclasses.replace(
-    PROFILES["quick"], name="truth", time_scale=1.0, kv_bytes_per_token=4096, prefill_base_ms=10.0,
-    prefill_ms_per_token=0.01, prefill_ms_per_token_sq=0.012, lookup_ms=2.0, store_base_ms=0.0,
-    store_fraction=0.0, decode_base_ms=3.0, decode_ms_per_running_seq=0.25,
-    bandwidth_gbps={**PROFILES["quick"].bandwidth_gbps, "cpu": 0.5})
 PLAN = CalibrationPlan(input_lens=(300, 700, 1300, 2600), holdout_lens=(1800,), backend="cpu", prompts=4)
 
 

@@ -15,7 +15,7 @@ def long_functions(package: Path, max_lines: int) -> list[str]:
     for path in sorted(package.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                length = node.end_lineno - node.lineno + 1
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
                 if length > max_lines:
                     found.append(f"{path.relative_to(package.parent)}:{node.lineno}: {node.name} is {length} lines")
     return found

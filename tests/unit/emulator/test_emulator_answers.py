@@ -1,10 +1,6 @@
-"""The emulator's answers follow the KV it loads (issue 16, offload correctness).
-
-Answers are greedy: a function of the prompt's token ids, so a warm request that loads
-honest KV answers as its cold recomputation did, whatever the backend or profile; a
-chunk loaded with other bytes than its true KV (``--corrupt-rate``, corruption under a
-valid CRC) changes the answer.  ``cache_salt`` separates cached chunks, not answers.
-"""
+"""The emulator's corruption knob in-process (issue 16, offload correctness): which chunks a
+load reports altered, and the ``--corrupt-rate`` settings; tests/integration/emulator has
+the answers of a running emulator."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Redis tier, knobs for testing the plugin, seed profiles, vLLM-like scheduling, and the
-seeds' qualitative results (001: warm < cold for cpu, disk, redis in that order, no gain
-for none; 004: a small overhead on pure misses; TTFT rising with length and concurrency).
-
-Orderings are checked on the model's own figures (``emulator_timing.modeled_ms``) where
-possible, and on served TTFTs only with wide margins, measured in one run.
-"""
+"""The emulator's tiers and seed profiles in-process: Redis URLs, KV bytes from a model's
+config, the quick profile's numbers, and the waterfall tier; tests/integration/emulator runs
+the emulator."""
 
 from __future__ import annotations
 
