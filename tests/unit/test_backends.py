@@ -8,8 +8,6 @@ versions accept.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -22,66 +20,11 @@ from pytest_kvcache.backends import (
 from pytest_kvcache.backends.probe import (
     StackProbe,
     parse_help_flags,
-    probe_stack,
-    vllm_flags,
 )
-from pytest_kvcache.backends.vllm import (
-    DOCUMENTED_LMCACHE_FLAGS,
-    DOCUMENTED_LMCACHE_SETTINGS,
-)
-from pytest_kvcache.servers.vllm import DOCUMENTED_VLLM_FLAGS
 from helpers.backends import CONNECTORS, CPU, GPU, render, yaml_of
-
-ROOT = Path(__file__).resolve().parents[2]
-REAL_PYTHON = Path(os.environ.get("KVCACHE_VLLM_PYTHON") or ROOT / ".real-stack" / "venv" / "bin" / "python")
-
-
-@pytest.fixture(scope="module")
-def installed() -> StackProbe | None:
-    """The real stack's probe where it is installed (vLLM flags from its --help=all, cached)."""
-    if not REAL_PYTHON.is_file():
-        return None
-    probe = probe_stack(str(REAL_PYTHON))
-    return probe if probe.vllm_version and probe.lmcache_version else None
-
-
-def accepted_vllm_flags(installed: StackProbe | None) -> frozenset[str]:
-    if installed is None:
-        return DOCUMENTED_VLLM_FLAGS
-    flags = vllm_flags(installed.python, installed.vllm_version)
-    assert flags, "the installed vLLM's --help=all gave no flags"
-    return flags
-
-
-def flags_in(argv) -> set[str]:
-    return {a.split("=")[0] for a in argv if a.startswith("--")}
 
 
 # -- in-process LMCache (LMCacheConnectorV1 + LMCACHE_CONFIG_FILE) -------------------------------------
-
-
-@pytest.mark.parametrize("name", ["cpu", "disk", "redis", "lmcache_server"])
-def test_inprocess_configuration(tmp_path, name, installed):
-    config = provision(name, "vllm", tmp_path, BackendOptions(lmcache_mode="inprocess"), GPU)
-    assert config.mode == "inprocess"
-    rendered = render(config, tmp_path)
-    assert rendered.vllm_args[0] == "--kv-transfer-config"
-    assert json.loads(rendered.vllm_args[1]) == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
-    assert rendered.env["LMCACHE_CONFIG_FILE"] == str(tmp_path / name / "lmcache.yaml")
-    settings = yaml_of(rendered)
-    assert Path(rendered.env["LMCACHE_CONFIG_FILE"]).read_text() == next(iter(rendered.files.values()))
-    assert settings["chunk_size"] == 256 and settings["max_local_cpu_size"] > 0
-    known = installed.lmcache_settings if installed else DOCUMENTED_LMCACHE_SETTINGS
-    assert set(settings) <= known, set(settings) - known
-    expected = {
-        "cpu": {"local_cpu": True},
-        "disk": {"local_cpu": False, "local_disk": f"file://{tmp_path / 'disk'}/disk-tier/",
-                 "max_local_disk_size": 50.0},
-        "redis": {"remote_url": "redis://127.0.0.1:6400", "remote_serde": "naive"},
-        "lmcache_server": {"remote_url": "lm://127.0.0.1:6500", "remote_serde": "naive"},
-    }[name]
-    assert {k: settings[k] for k in expected} == expected
-    assert set(flags_in(rendered.vllm_args)) <= accepted_vllm_flags(installed)
 
 
 def test_disk_tier_folder_is_created_and_cleaned(tmp_path):
@@ -105,30 +48,6 @@ def test_odirect_and_sizes_through_lmcache_overrides(tmp_path):
     argv = mp.services[-1].argv
     adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
     assert adapter == {"type": "fs", "base_path": f"{tmp_path / 'disk'}/disk-tier", "use_odirect": True}
-
-
-@pytest.mark.parametrize("name,inner", [
-    ("disk", None),
-    ("redis", {"type": "resp", "host": "127.0.0.1", "port": 6400}),
-])
-def test_fault_inject_wraps_the_tier_and_stores_past_l1(tmp_path, name, inner, installed):
-    """A partial-loss tier: LMCache's fault_inject adapter around the tier's own, KV out of L1."""
-    options = BackendOptions(lmcache_mode="mp", lmcache_overrides=(("fault_inject", '{"rate": 0.3, "seed": 7}'),))
-    provisioned = provision(name, "vllm", tmp_path, options, CPU)
-    argv = render(provisioned, tmp_path).services[-1].argv
-    adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
-    inner = inner or {"type": "fs", "base_path": f"{tmp_path / 'disk'}/disk-tier", "use_odirect": False}
-    assert adapter == {"type": "fault_inject", "rate": 0.3, "seed": 7, "inner": inner}
-    assert argv[argv.index("--l2-store-policy") + 1] == "skip_l1"
-    known = installed.lmcache_flags if installed else DOCUMENTED_LMCACHE_FLAGS
-    assert flags_in(argv[2:]) <= known
-    if installed:
-        assert "fault_inject" in installed.lmcache_l2_adapters
-    # the settings are the backend's: a fault-injected tier never shares a key with a healthy one
-    assert dict(provisioned.lmcache)["fault_inject"] == '{"rate": 0.3, "seed": 7}'
-    assert dict(provisioned.lmcache)["l2_store_policy"] == '"skip_l1"'
-    healthy = provision(name, "vllm", tmp_path, BackendOptions(lmcache_mode="mp"), CPU)
-    assert healthy.lmcache != provisioned.lmcache
 
 
 def test_fault_inject_rate_alone_and_store_policy_given(tmp_path):
@@ -213,34 +132,6 @@ def test_mooncake_master_and_metadata_server(tmp_path):
 
 
 # -- multi-process LMCache (LMCacheMPConnector + lmcache server) ----------------------------------------
-
-
-@pytest.mark.parametrize("name", ["cpu", "disk", "redis"])
-def test_multiprocess_configuration(tmp_path, name, installed):
-    config = provision(name, "vllm", tmp_path, BackendOptions(), CPU)  # auto on a CPU machine: mp
-    assert config.mode == "mp"
-    rendered = render(config, tmp_path)
-    transfer = json.loads(rendered.vllm_args[1])
-    assert transfer == {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both",
-                        "kv_connector_extra_config": {"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": 5600}}
-    server = rendered.services[-1]
-    argv = server.argv
-    assert argv[:2] == ("/venv/bin/lmcache", "server")
-    assert argv[argv.index("--port") + 1] == "5600" and argv[argv.index("--http-port") + 1] == "8100"
-    assert argv[argv.index("--supported-transfer-mode") + 1] == "auto"
-    l1 = json.loads(argv[argv.index("--l1-manager") + 1])
-    assert l1["type"] == "DRAM" and l1["size_gb"] == 1.0 and l1["eviction"]["eviction_policy"] == "LRU"
-    assert server.ready == "http:/healthcheck"
-    assert rendered.metrics_urls == ("http://127.0.0.1:8100/metrics",)
-    known = installed.lmcache_flags if installed else DOCUMENTED_LMCACHE_FLAGS
-    assert flags_in(argv[2:]) <= known, flags_in(argv[2:]) - known
-    assert set(flags_in(rendered.vllm_args)) <= accepted_vllm_flags(installed)
-    if name == "redis":
-        assert rendered.services[0].argv[0] == "redis-server"
-        adapter = json.loads(argv[argv.index("--l2-adapter") + 1])
-        assert adapter == {"type": "resp", "host": "127.0.0.1", "port": 6400}
-    elif name == "cpu":
-        assert "--l2-adapter" not in argv
 
 
 def test_mooncake_behind_the_multiprocess_server_where_lmcache_has_its_extension(tmp_path):
@@ -355,19 +246,6 @@ def test_the_pool_gives_each_item_its_mode(tmp_path):
     assert mode(ServerSettings(kind="vllm", lmcache_mode="inprocess"), "mp") == ("mp", "scenario")
     assert mode(ServerSettings(kind="vllm", lmcache_mode_override="mp"), "inprocess") == ("mp", "--kv-lmcache-mode")
     assert mode(ServerSettings(kind="vllm"), None) == ("mp", "default")  # auto on a CPU machine
-
-
-def test_none_and_native(tmp_path, installed):
-    assert provision("none", "vllm", tmp_path, BackendOptions(), CPU).vllm_args == ()
-    native = provision("native", "vllm", tmp_path, BackendOptions(), CPU)
-    assert native.vllm_args == ("--kv-offloading-size", "4", "--kv-offloading-backend", "native")
-    assert set(flags_in(native.vllm_args)) <= accepted_vllm_flags(installed)
-    old = StackProbe(vllm_version="0.11.0", connectors=CONNECTORS, vllm_flag_set=frozenset({"--model"}))
-    legacy = provision("native", "vllm", tmp_path, BackendOptions(), old)
-    assert json.loads(legacy.vllm_args[1])["kv_connector"] == "OffloadingConnector"
-    with pytest.raises(BackendUnavailable, match="no native KV offloading"):
-        provision("native", "vllm", tmp_path, BackendOptions(),
-                  StackProbe(vllm_version="0.9.0", vllm_flag_set=frozenset({"--model"})))
 
 
 def test_keys_do_not_depend_on_ports_and_fingerprints_hide_the_workdir(tmp_path):
