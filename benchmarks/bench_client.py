@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import inspect
+import itertools
 import json
 import os
 import random
@@ -36,8 +37,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path and not os.environ.get("BENCH_NO_ROOT"):
     sys.path.insert(0, str(ROOT))
-
-import itertools
 
 from pytest_kvcache import loadgen
 from pytest_kvcache.emulator.tokenizer import get_tokenizer
@@ -217,7 +216,8 @@ def main() -> int:
                       f"median ITL error {r['itl_med']:.3f} ms")
             if valid:
                 best = max(valid, key=lambda r: r["chunks_per_s"])
-                print(f"highest sustained streamed-chunk rate (valid round, |median ITL error| < 0.25 ms): {best['chunks_per_s']:,.0f} "
+                print("highest sustained streamed-chunk rate (valid round, |median ITL error| < 0.25 ms): "
+                      f"{best['chunks_per_s']:,.0f} "
                       f"chunks/s (c={best['concurrency']})")
             else:
                 print("no valid round in the chunk-rate sweep")

@@ -213,7 +213,8 @@ def test_html_report_in_headless_chromium(run, tmp_path):
         top = rgb.crop((0, 0, width, 500)).convert("L")
         dark = sum(count for value, count in enumerate(top.histogram()) if value < 90)
         colours = ((31, 119, 180), (255, 127, 14))  # matplotlib's C0 and C1: the backends' points and lines
-        plotted = sum(1 for px in getattr(rgb, "get_flattened_data", rgb.getdata)() if any(all(abs(a - b) < 30 for a, b in zip(px, c))
+        pixels = getattr(rgb, "get_flattened_data", rgb.getdata)()
+        plotted = sum(1 for px in pixels if any(all(abs(a - b) < 30 for a, b in zip(px, c))
                                                                   for c in colours))
         assert dark > 3000, "no table text in the top of the page"
         assert plotted > 100, "no plotted point or line visible: the plots were not drawn"

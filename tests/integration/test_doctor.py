@@ -184,7 +184,8 @@ def test_redis_wrong_answer_and_unreachable():
 _FACT_KEYS = {
     "gpu": {"count", "model", "memory_mib", "driver_version", "cuda_version", "error"},
     "python": {"python", "error", "python_version", "vllm_version", "vllm_dist", "vllm_cpu_build",
-               "lmcache_version", "torch_version", "lmcache_mp", "l2_adapters", "lmcache_extensions", "inprocess_connector",
+               "lmcache_version", "torch_version", "lmcache_mp", "l2_adapters", "lmcache_extensions",
+               "inprocess_connector",
                "mp_connector", "mooncake_version", "tools"},
     "gds": {"path", "cufile", "gdscheck", "fstype", "odirect", "error"},
     "redis": {"url", "reachable", "error", "server"},

@@ -112,7 +112,8 @@ def test_a_server_that_does_not_say_runs_every_item_and_says_how_to_choose(pytes
 
 
 @pytest.mark.parametrize("args,ini,message", [
-    (["--kv-external-backend", "floppy"], "", "--kv-external-backend / kvcache_external_backend = 'floppy': use one of"),
+    (["--kv-external-backend", "floppy"], "",
+     "--kv-external-backend / kvcache_external_backend = 'floppy': use one of"),
     ([], "kvcache_external_backend = tape\n", "kvcache_external_backend = 'tape': use one of"),
     (["--kv-server", "emulator", "--kv-external-backend", "cpu"], "",
      "--kv-external-backend cpu names the backend of a server somebody else runs"),

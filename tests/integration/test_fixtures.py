@@ -325,7 +325,8 @@ def test_one_baseline_run_and_the_run_noise(pytester):
     judged = run(pytester, *args, "--emulator-slowdown=1.3", "--kv-run-noise=2%")
     assert judged.ret == pytest.ExitCode.TESTS_FAILED
     judged.stdout.fnmatch_lines(["*performance regression:*",
-                                 "*median_ttft_ms: baseline * ms (1 runs), current * ms*change +*% (threshold 10%), p=*"])
+                                 "*median_ttft_ms: baseline * ms (1 runs), current * ms*"
+                                 "change +*% (threshold 10%), p=*"])
 
 
 MIXED_PY = """

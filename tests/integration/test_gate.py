@@ -131,7 +131,8 @@ def test_a_rehearsal_or_a_sick_run_never_becomes_the_baseline(project):
 
 def test_incomplete_run_is_never_stored_as_baseline(project):
     # every 5th request fails: trials are incomplete, so nothing may be stored
-    result = run(project, "--update-baselines", "--kv-server-args=--fixed-ttft-ms 40 --config-json '{\"error_rate\": 0.2}'")
+    result = run(project, "--update-baselines",
+                 "--kv-server-args=--fixed-ttft-ms 40 --config-json '{\"error_rate\": 0.2}'")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*only 0 of 3 trials are usable*"])
     assert not (project.path / "baselines").exists() or not list((project.path / "baselines").rglob("*.json"))

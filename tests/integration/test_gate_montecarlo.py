@@ -81,7 +81,8 @@ def test_simulation_decides_as_the_session_does() -> None:
         for item in range(setup.items):
             cols = (2 * item, 2 * item + 1)
 
-            def compare(k: int) -> list[stats.MetricComparison]:
+            def compare(k: int, s: int = s, cols: tuple[int, int] = cols,
+                        priors: list[stats.NoisePrior] = priors) -> list[stats.MetricComparison]:
                 return [stats.compare_runs(f"m{j}", base[s, j].tolist(), cur[s, j, :k].tolist(),
                                            direction=directions[j], threshold=thresholds[j], prior=priors[j % 2])
                         for j in cols]

@@ -38,8 +38,9 @@ def test_help_lists_every_option_and_ini_key(project):
                    "--kv-redis-url", "--kv-gds-path", "--kv-label", "--kv-min-hit-ratio", "--kv-ready-timeout",
                    "--kv-request-timeout"):
         assert option in text, option
-    for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer", "kvcache_results_dir",
-                "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha", "kvcache_thresholds", "kvcache_emulator_profile",
+    for ini in ("kvcache_server", "kvcache_endpoint", "kvcache_server_args", "kvcache_model", "kvcache_tokenizer",
+                "kvcache_results_dir", "kvcache_baseline_dir", "kvcache_strict_baselines", "kvcache_alpha",
+                "kvcache_thresholds", "kvcache_emulator_profile",
                 "kvcache_emulator_slowdown", "kvcache_python", "kvcache_lmcache_mode", "kvcache_lmcache",
                 "kvcache_redis_url", "kvcache_gds_path", "kvcache_labels", "kvcache_min_hit_ratio",
                 "kvcache_ready_timeout", "kvcache_request_timeout"):
@@ -102,7 +103,8 @@ def test_filters_select_items(project, args, expected):
     (["--emulator-profile", "warp"], "*--emulator-profile / kvcache_emulator_profile = 'warp': use one of*quick*"),
     (["--emulator-slowdown", "-1"], "*--emulator-slowdown / kvcache_emulator_slowdown = '-1': use a factor above 0*"),
     (["--kv-python", "/no/python"], "*--kv-python / kvcache_python = '/no/python': no such file*"),
-    (["--kv-lmcache-mode", "gpu"], "*--kv-lmcache-mode / kvcache_lmcache_mode = 'gpu': use one of auto, inprocess, mp*"),
+    (["--kv-lmcache-mode", "gpu"],
+     "*--kv-lmcache-mode / kvcache_lmcache_mode = 'gpu': use one of auto, inprocess, mp*"),
     (["--kv-lmcache", "chunk_size"], "*--kv-lmcache / kvcache_lmcache = 'chunk_size': use KEY=VALUE*"),
     (["--kv-redis-url", "localhost:6379"], "*--kv-redis-url / kvcache_redis_url = 'localhost:6379': use redis://*"),
     (["--kv-label", "bandwidth"], "*--kv-label / kvcache_labels = 'bandwidth': use KEY=VALUE, e.g. bandwidth=400Gbps*"),
@@ -142,7 +144,9 @@ def test_bad_ini_values_are_usage_errors(project, ini, value, message):
 @pytest.mark.parametrize("args", [
     ["--kv-server", "emulator"], ["--kv-server", "vllm", "--model", "m"],
     ["--kv-server", "external", "--kv-endpoint", "http://127.0.0.1:9"],
-    ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"], ["--threshold", "median_ttft_ms=15%", "--threshold", "p99_ttft_ms=0.3"], ["--emulator-slowdown", "1.3"], ["--emulator-profile", "fixed"], ["--trials", "5"],
+    ["--tokenizer", "."], ["--kv-server-args=--max-model-len 4096"], ["--alpha", "0.01"],
+    ["--threshold", "median_ttft_ms=15%", "--threshold", "p99_ttft_ms=0.3"], ["--emulator-slowdown", "1.3"],
+    ["--emulator-profile", "fixed"], ["--trials", "5"],
     ["--kv-results-dir", "out"], ["--baseline-dir", "bl"], ["--update-baselines"], ["--reset-baselines"],
     ["--strict-baselines"], ["--model", "Qwen/Qwen2.5-7B-Instruct"],
     ["--kv-python", "/usr/bin/env"], ["--kv-lmcache-mode", "mp"], ["--kv-lmcache-mode", "inprocess"],
@@ -159,7 +163,8 @@ def test_good_values_are_accepted(project, args):
 
 def test_good_ini_values_are_accepted(project):
     project.makeini("[pytest]\nkvcache_server = external\nkvcache_endpoint = http://127.0.0.1:9\n"
-                    "kvcache_alpha = 0.01\nkvcache_emulator_slowdown = 2\nkvcache_emulator_profile = fixed\nkvcache_strict_baselines = true\n"
+                    "kvcache_alpha = 0.01\nkvcache_emulator_slowdown = 2\nkvcache_emulator_profile = fixed\n"
+                    "kvcache_strict_baselines = true\n"
                     "kvcache_baseline_dir = bl\nkvcache_results_dir = out\nkvcache_model = m\n")
     result = project.runpytest("--collect-only", "-q")
     assert result.ret == 0, result.stderr.str()

@@ -45,7 +45,8 @@ def run_plugin(pytester: pytest.Pytester, stack, backends: list[str], *args: str
         SCENARIO.format(backends=", ".join(backends), trials=trials, keys=scenario_keys))
     # --rootdir: the option values that are paths (model, interpreter) would move it to the repository
     return pytester.runpytest_subprocess(
-        "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm", "--model", stack.model, "--tokenizer", stack.model,
+        "scenarios", f"--rootdir={pytester.path}", "-p", "no:cacheprovider", "-v", "--kv-server", "vllm",
+        "--model", stack.model, "--tokenizer", stack.model,
         "--kv-python", stack.python, "--kv-server-args=--enforce-eager --max-model-len 4096",
         "--update-baselines", "--baseline-dir", "bl", "--kv-results-dir", "out", *args, timeout=timeout)
 

@@ -33,7 +33,8 @@ PLAN = CalibrationPlan(input_lens=(300, 700, 1300, 2600), holdout_lens=(1800,), 
 
 
 def synthetic(profile, plan: CalibrationPlan) -> Measurements:
-    points = [LengthPoint(n, r, predict_ttft_ms(profile, plan.backend, n, r, plan.chunk_size), (), n in plan.holdout_lens)
+    points = [LengthPoint(n, r, predict_ttft_ms(profile, plan.backend, n, r, plan.chunk_size), (),
+                          n in plan.holdout_lens)
               for n in (*plan.input_lens, *plan.holdout_lens) for r in plan.rounds]
     decode = [DecodePoint(c, profile.itl_ms(c)) for c in (1, plan.decode_concurrency)]
     return Measurements(tuple(points), tuple(decode))

@@ -91,7 +91,8 @@ _GPU = D.GpuFacts(count=2, model="NVIDIA H100", memory_mib=(81559, 81559), drive
 _NO_GPU = D.GpuFacts(error="nvidia-smi not found")
 _GPU_STACK = D.StackFacts(python="/v/bin/python", vllm_version="0.32.0", vllm_cpu_build=False, lmcache_version="0.5.6",
                           lmcache_mp=True, l2_adapters=("fault_inject", "fs", "mooncake_store", "resp"),
-                          lmcache_extensions=("lmcache_fs", "lmcache_native", "lmcache_redis"), inprocess_connector=True,
+                          lmcache_extensions=("lmcache_fs", "lmcache_native", "lmcache_redis"),
+                          inprocess_connector=True,
                           mooncake_version="0.3.5", tools=(("mooncake_master", "/v/bin/mooncake_master"),))
 _CPU_STACK = replace(_GPU_STACK, vllm_cpu_build=True, mooncake_version=None, tools=())
 _NO_STACK = D.StackFacts(python="/usr/bin/python3")

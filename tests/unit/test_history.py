@@ -234,7 +234,9 @@ def test_bad_run_file_is_named(tmp_path, content, problem):
 
 def test_recent_change_points(seeded):
     with open_history(None, rootdir=seeded, create=False) as store:
-        def recent(last: int, testbeds=(series_testbed(TESTBED),), items=(PREFILL, DECODE)):
+        own = (series_testbed(TESTBED),)
+
+        def recent(last: int, testbeds=own, items=(PREFILL, DECODE)):
             return recent_change_points(store, items, testbeds, last=last, max_p=0.001)
 
         assert recent(SESSIONS - CHANGE_AT - 1) == []  # the change is older than the window
