@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._stash import ORDER_KEY, SESSION_KEY
+from ._stash import ORDER_KEY, SESSION_KEY, kv_session
 
 if TYPE_CHECKING:
     from .session import KVSession
 
-__all__ = ["finish_worker", "setup_worker", "worker_gpus", "worker_id"]
+__all__ = ["finish_worker", "setup_worker_gpus", "worker_gpus", "worker_id"]
 
 
 def worker_id(config: pytest.Config) -> str | None:
@@ -50,14 +50,11 @@ def _visible_gpus() -> list[str]:
     return [str(i) for i in range(len(detect_gpus()))]
 
 
-def setup_worker(config: pytest.Config, kv: KVSession, per_worker: int | None) -> None:
-    """An xdist worker: its own server log folder (ports and scratch folders are already
-    per process) and, with ``per_worker`` GPUs (--kv-gpus-per-worker), its own GPUs."""
+def setup_worker_gpus(config: pytest.Config, per_worker: int | None) -> None:
+    """An xdist worker with ``per_worker`` GPUs (--kv-gpus-per-worker): its own GPUs. (Its own
+    server log folder comes with its session, _stash.kv_session.)"""
     worker = worker_id(config)
-    if worker is None:
-        return
-    kv.pool.log_dir = kv.pool.log_dir / worker
-    if per_worker is not None:
+    if worker is not None and per_worker is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = worker_gpus(worker, per_worker, _visible_gpus())
 
 
@@ -73,10 +70,9 @@ def finish_worker(config: pytest.Config, kv: KVSession) -> None:
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller -> worker: one results folder and one run id for the whole run."""
-    kv = node.config.stash.get(SESSION_KEY, None)
-    if kv is not None:
-        node.workerinput["kvcache_results_dir"] = str(kv.settings.results_dir)
-        node.workerinput["kvcache_session_id"] = kv.session_id
+    kv = kv_session(node.config)  # the run id is the controller's session's
+    node.workerinput["kvcache_results_dir"] = str(kv.settings.results_dir)
+    node.workerinput["kvcache_session_id"] = kv.session_id
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._stash import SESSION_KEY, STEMS_KEY
+from ._stash import SETTINGS_KEY, STEMS_KEY
 from .errors import KVCacheError
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def _stem_clash(config: pytest.Config, path: Path) -> str | None:
             return str(p)
 
     files = "scenario files" if {path.suffix, other.suffix} <= {".yaml", ".yml"} else "files"
-    baselines = config.stash[SESSION_KEY].settings.baseline_dir.name
+    baselines = config.stash[SETTINGS_KEY].baseline_dir.name
     return (f"{shown(path)}: {files} {shown(other)} and {shown(path)} share the name '{stem}', so their items "
             f"would share baseline files ({baselines}/{stem}/) and result files; rename one of them")
 
@@ -96,7 +96,7 @@ class ScenarioFile(pytest.File):
             return
         try:
             scenario = load_scenario(self.path)
-            overrides = self.config.stash[SESSION_KEY].settings.thresholds
+            overrides = self.config.stash[SETTINGS_KEY].thresholds
             cases = [override_thresholds(case, overrides) for case in scenario.cases]
         except KVCacheError as exc:
             raise self.CollectError(str(exc)) from None

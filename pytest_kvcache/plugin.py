@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ._stash import COLLECTED_KEY, GUIDE_KEY, ORDER_KEY, PLANNED_KEY, SCENARIO_ITEMS_KEY, SESSION_KEY
+from ._stash import (
+    COLLECTED_KEY,
+    GUIDE_KEY,
+    ORDER_KEY,
+    PLANNED_KEY,
+    SCENARIO_ITEMS_KEY,
+    SESSION_KEY,
+    SETTINGS_KEY,
+    STARTED_KEY,
+    kv_session,
+)
 from ._xdist import worker_id
 
 if TYPE_CHECKING:
     from .session import KVSession
 
-__all__ = ["SESSION_KEY", "item_progress", "record_item"]
+__all__ = ["SETTINGS_KEY", "item_progress", "kv_session", "record_item"]
 
 # kv_backend, kv_server, kv_load, kv_gate; scenario files and the items' filters
 pytest_plugins = ("pytest_kvcache.fixtures", "pytest_kvcache.collection")
@@ -45,7 +56,6 @@ def pytest_configure(config: pytest.Config) -> None:
     from .guide import SessionGuide
     from .models import BACKENDS, PHASES
     from .options import gpus_per_worker, read_settings
-    from .session import KVSession
 
     config.addinivalue_line("markers", "kvcache(backend=[...], input_len=[...], concurrency=[...], output_len=[...], "
                             "phase=..., thresholds=..., lmcache_mode=..., server_args=...): a pytest-kvcache "
@@ -56,30 +66,18 @@ def pytest_configure(config: pytest.Config) -> None:
     for phase in PHASES:
         if phase not in BACKENDS:
             config.addinivalue_line("markers", f"{phase}: items of the '{phase}' phase")
-    settings = read_settings(config)
+    settings = config.stash[SETTINGS_KEY] = read_settings(config)
+    config.stash[STARTED_KEY] = datetime.now(timezone.utc)
     # an external server's backend and the items it deselects, hints for an empty selection, progress
     config.stash[GUIDE_KEY] = SessionGuide(config)
-    # Scratch space of the disk-backed tiers, made on first use and removed at the end;
-    # beside the results rather than in /tmp, which is much slower to create files in
-    # on some hosts (0.9 ms a file here against 30 us on the project's disk).
-    workdir = settings.results_dir / f".scratch-{os.getpid()}"
     _sweep_scratch(settings.results_dir)
-    session_id = getattr(config, "workerinput", {}).get("kvcache_session_id")  # an xdist worker: the controller's
-    kv = config.stash[SESSION_KEY] = KVSession(settings, workdir, planned_comparisons=lambda: _planned(config),
-                                               collected_keys=lambda: config.stash.get(COLLECTED_KEY, ()),
-                                               session_id=session_id)
     per_worker = gpus_per_worker(config)  # a bad value is a usage error in every process
     if config.pluginmanager.hasplugin("xdist"):
         from . import _xdist
 
         config.pluginmanager.register(_xdist, "kvcache-xdist")
-        _xdist.setup_worker(config, kv, per_worker)
+        _xdist.setup_worker_gpus(config, per_worker)
     config.pluginmanager.register(config.stash[GUIDE_KEY], "kvcache-guide")
-    kv.after_round = config.hook.pytest_kvcache_after_round
-
-
-def _planned(config: pytest.Config) -> int:
-    return config.stash.get(PLANNED_KEY, 1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -195,7 +193,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
     # Counted after -m/-k deselection: the comparisons this session may make, scenario
     # items' and fixture tests' (those that use kv_gate) alike.
-    overrides = session.config.stash[SESSION_KEY].settings.thresholds
+    overrides = session.config.stash[SETTINGS_KEY].thresholds
     gated = [(item.baseline_key, item.case.thresholds, item.case.reference_backend is None)
              for item in session.items if isinstance(item, ScenarioItem)]
     gated += [(baseline_key(item), planned_thresholds(item, overrides), True)
@@ -217,7 +215,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def kvcache_session(pytestconfig: pytest.Config) -> KVSession:
     """The session object of pytest-kvcache: settings, server pool, results."""
-    return pytestconfig.stash[SESSION_KEY]
+    return kv_session(pytestconfig)
 
 
 def item_progress(request: pytest.FixtureRequest, name: str) -> Callable[[str], None]:
@@ -225,7 +223,7 @@ def item_progress(request: pytest.FixtureRequest, name: str) -> Callable[[str], 
     round under -v, else a status that never floods (see report.terminal.ItemProgress)."""
     from .report.terminal import ItemProgress
 
-    verbose = request.config.stash[SESSION_KEY].settings.verbose
+    verbose = request.config.stash[SETTINGS_KEY].verbose
     return ItemProgress(name, request.config.stash[GUIDE_KEY].progress_output(), verbose=verbose > 0)
 
 
@@ -306,13 +304,13 @@ _RUN_FILES_KEY: pytest.StashKey[dict[str, Path] | Exception] = pytest.StashKey()
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
-    kv = config.stash.get(SESSION_KEY, None)
-    if kv is None:
+    settings = config.stash.get(SETTINGS_KEY, None)
+    if settings is None:
         return []
     from .backends.probe import detect_gpus
     from .report.terminal import header_lines
 
-    server = kv.settings.server
+    server = settings.server
     versions = None
     if server.kind == "emulator":
         gpu = f"emulated (cost-model profile {server.emulator_profile})"
@@ -321,10 +319,10 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
         gpu = f"{len(names)} x {names[0]}" if names and len(set(names)) == 1 else (", ".join(names) or "none")
         if server.kind == "vllm":
             try:
-                versions = kv.pool.probe.info()
+                versions = kv_session(config).pool.probe.info()
             except Exception as exc:  # the header must not stop the run; the server start will say more
                 versions = {"probe": f"failed: {exc}"}
-    return header_lines(kv.settings, gpu=gpu, versions=versions)
+    return header_lines(settings, gpu=gpu, versions=versions)
 
 
 _HISTORY_KEY = pytest.StashKey[str]()

@@ -1,10 +1,10 @@
 """The session object: settings, the server pool, results and verdicts of one pytest run.
 
-One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``. An item goes through the
-same steps whether it comes from a scenario file (:meth:`KVSession.run_item`) or is a
-test written with the fixtures (fixtures.py): :meth:`~KVSession.open_item`,
-:meth:`~KVSession.backend`, :meth:`~KVSession.server`, :meth:`~KVSession.measure` (or
-:meth:`~KVSession.measure_paired`), :meth:`~KVSession.judge` (or
+One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``, set up on first use
+(``_stash.kv_session``). An item goes through the same steps whether it comes from a
+scenario file (:meth:`KVSession.run_item`) or is a test written with the fixtures
+(fixtures.py): :meth:`~KVSession.open_item`, :meth:`~KVSession.backend`,
+:meth:`~KVSession.server`, :meth:`~KVSession.measure` (or :meth:`~KVSession.measure_paired`), :meth:`~KVSession.judge` (or
 :meth:`~KVSession.judge_paired`), which asks :mod:`.decision` what the numbers mean and
 turns that answer into a pytest outcome, and :meth:`~KVSession.close_item`. The plugin's
 hooks read the collected outcomes at the end for the session gate, the history and the
@@ -52,7 +52,7 @@ def new_session_id(started: _dt.datetime) -> str:
 class KVSession:
     def __init__(self, settings: Settings, workdir: Path, planned_comparisons: Callable[[], int],
                  collected_keys: Callable[[], Sequence[tuple[str, tuple[str, ...]]]] = tuple,
-                 session_id: str | None = None) -> None:
+                 session_id: str | None = None, started: _dt.datetime | None = None) -> None:
         self.settings = settings
         self.pool = ServerPool(settings.server, workdir=workdir, log_dir=settings.results_dir / "logs")
         self.runner: CaseRunner | None = None
@@ -62,7 +62,7 @@ class KVSession:
         self._planned_late = 0
         self._collected = collected_keys
         self._priors: dict[tuple[str, str], NoisePrior | None] = {}
-        self.started = _dt.datetime.now(_dt.timezone.utc)
+        self.started = started or _dt.datetime.now(_dt.timezone.utc)
         self.session_id = session_id or new_session_id(self.started)
         self.commit = _git_commit()
         self.gate: Gate | None = None  # set at session end

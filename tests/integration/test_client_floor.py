@@ -20,10 +20,10 @@ trials: 2
 """
 
 PRINT_FLOOR = """
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    print("FLOOR", session.config.stash[SESSION_KEY].settings.client_floor)
+    print("FLOOR", kv_session(session.config).settings.client_floor)
 """
 
 

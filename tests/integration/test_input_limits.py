@@ -127,10 +127,10 @@ def test_same_stem_yaml_and_yml_in_one_folder_are_refused(pytester):
 
 
 PRINT_DIRS = """
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    s = session.config.stash[SESSION_KEY].settings
+    s = kv_session(session.config).settings
     print("DIRS", s.results_dir, s.baseline_dir, s.request_timeout)
 """
 

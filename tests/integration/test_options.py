@@ -277,10 +277,10 @@ def test_vllm_engine_options(project, option, good, bad):
 def test_vllm_engine_options_reach_the_server_settings(project):
     project.makeini("[pytest]\nkvcache_max_model_len = 4096\n")
     project.makeconftest("""
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    s = session.config.stash[SESSION_KEY].settings.server
+    s = kv_session(session.config).settings.server
     print("ENGINE", s.tensor_parallel_size, s.max_model_len, s.gpu_memory_utilization)
 """)
     result = project.runpytest("--collect-only", "-q", "-s", "--kv-tensor-parallel-size", "8",
@@ -296,10 +296,10 @@ def test_percentiles_option_good_bad_help_and_reach_the_settings(project):
     text = project.runpytest("--help").stdout.str()
     assert "--percentiles" in text and "kvcache_percentiles" in text
     project.makeconftest("""
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    print("PCT", session.config.stash[SESSION_KEY].settings.percentiles)
+    print("PCT", kv_session(session.config).settings.percentiles)
 """)
     result = project.runpytest("--collect-only", "-q", "-s", "--percentiles", "50,90,99.9")
     assert result.ret == 0, result.stderr.str()
@@ -315,10 +315,10 @@ def pytest_collection_finish(session):
 def test_percentiles_ini_good_and_bad(project):
     project.makeini("[pytest]\nkvcache_percentiles = 95, 99\n")
     project.makeconftest("""
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    print("PCT", session.config.stash[SESSION_KEY].settings.percentiles)
+    print("PCT", kv_session(session.config).settings.percentiles)
 """)
     result = project.runpytest("--collect-only", "-q", "-s")
     assert result.ret == 0, result.stderr.str()
@@ -332,10 +332,10 @@ def pytest_collection_finish(session):
 # -- the LMCache mode: --kv-lmcache-mode > scenario lmcache_mode > ini kvcache_lmcache_mode > auto ----
 
 PRINT_MODES = """
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    pool = session.config.stash[SESSION_KEY].pool
+    pool = kv_session(session.config).pool
     for item in session.items:
         print("MODE", item.name, dict(pool.backend(item.case.backend, item.case.lmcache_mode).recorded))
 """
@@ -418,10 +418,10 @@ def test_lmcache_mode_is_recorded_on_each_result_and_not_in_the_emulator_testbed
 # -- --kv-client-processes (spread.py) --------------------------------------------------------
 
 PRINT_PROCESSES = """
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    print("PROCS", session.config.stash[SESSION_KEY].settings.client_processes)
+    print("PROCS", kv_session(session.config).settings.client_processes)
 """
 
 
@@ -455,10 +455,10 @@ def test_client_processes_ini_good_and_bad(project):
 # -- the nightly gate's options: versions, key moves, run noise, confirmation runs, history ------
 
 PRINT_GATE_SETTINGS = """
-from pytest_kvcache.plugin import SESSION_KEY
+from pytest_kvcache.plugin import kv_session
 
 def pytest_collection_finish(session):
-    s = session.config.stash[SESSION_KEY].settings
+    s = kv_session(session.config).settings
     print("GATE", s.versions, s.key_moves.to_testbed, s.key_moves.to_software, s.run_noise, s.confirm_runs,
           s.history_url, s.history_window)
 """
