@@ -4,8 +4,8 @@ One :class:`KVSession` lives in ``config.stash[SESSION_KEY]``, set up on first u
 (``_stash.kv_session``). An item goes through the same steps whether it comes from a
 scenario file (:meth:`KVSession.run_item`) or is a test written with the fixtures
 (fixtures.py): :meth:`~KVSession.open_item`, :meth:`~KVSession.backend`,
-:meth:`~KVSession.server`, :meth:`~KVSession.measure` (or :meth:`~KVSession.measure_paired`), :meth:`~KVSession.judge` (or
-:meth:`~KVSession.judge_paired`), which asks :mod:`.decision` what the numbers mean and
+:meth:`~KVSession.server`, :meth:`~KVSession.measure` (or :meth:`~KVSession.measure_paired`),
+:meth:`~KVSession.judge` (or :meth:`~KVSession.judge_paired`), which asks :mod:`.decision` what the numbers mean and
 turns that answer into a pytest outcome, and :meth:`~KVSession.close_item`. The plugin's
 hooks read the collected outcomes at the end for the session gate, the history and the
 summary.
