@@ -19,7 +19,7 @@ thread-safe (the emulator writes in a thread while it reads on its event loop):
           the fastest tier holding the chunk, and a disk hit is promoted back to RAM.
           :meth:`WaterfallTier.where` says which tier holds a key (for the cost model).
 ``redis`` real reads and writes against a Redis server (``--redis-url redis://host:port[/db]``)
-          through a small built-in RESP client (:mod:`.resp`, no extra package), one connection per
+          through a small built-in RESP client (:mod:`pytest_kvcache._resp`, no extra package), one connection per
           thread.  A request's chunks travel in batches, one round trip each (``MGET``
           to read, ``MSET`` to write, up to ``REDIS_BATCH`` chunks), as LMCache's
           Redis connector fetches and stores a lookup's chunks concurrently
@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
-from .resp import RespClient, RespError
+from .._resp import RespClient, RespError
 
 __all__ = ["CpuTier", "DiskTier", "NoneTier", "REDIS_BATCH", "RedisTier", "Tier", "WaterfallTier", "make_tier",
            "frame", "unframe"]
