@@ -153,17 +153,17 @@ class Option:
     number: Number | None = None
 
     @property
+    def ini_key(self) -> str:
+        assert self.ini is not None, self.flag
+        return self.ini
+
+    @property
     def name(self) -> str:
         """The attribute ``config.getoption`` reads."""
         if self.dest:
             return self.dest
         assert self.flag is not None, self.ini
         return self.flag.removeprefix("--").replace("-", "_")
-
-    @property
-    def ini_key(self) -> str:
-        assert self.ini is not None, self.flag
-        return self.ini
 
     @property
     def names(self) -> str:
@@ -174,6 +174,13 @@ class Option:
         given = {"action": self.action, "type": self.type, "choices": self.choices, "const": self.const,
                  "dest": self.dest, "metavar": self.metavar}
         return {"default": self.default, **{k: v for k, v in given.items() if v is not None}, "help": self.help}
+
+
+def _list_option(flag: str, ini: str, metavar: str, *, ini_help: str, help: str,
+                 type: Callable[[str], Any] | None = None) -> Option:
+    """A repeatable option whose ini twin is a list, one value per line."""
+    return Option(flag, ini, action="append", type=type, default=[], metavar=metavar, ini_type="linelist",
+                  ini_default=[], ini_help=ini_help, help=help)
 
 
 def _ini(key: str, help: str, ini_type: str | None = None, default: Any = "") -> Option:
@@ -220,11 +227,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--alpha", "kvcache_alpha", metavar="P", ini_default="0.05",
            number=Number(0, 0.5, "a significance level such as 0.05"),
            help="significance level of the regression gate, 0 < P < 0.5 (ini: kvcache_alpha; default 0.05)"),
-    Option("--threshold", "kvcache_thresholds", action="append", type=_threshold_override, default=[],
-           metavar="METRIC=PCT", ini_type="linelist", ini_default=[],
-           ini_help="threshold overrides METRIC=PCT, one per line (see --threshold)",
-           help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
-                "repeatable (ini: kvcache_thresholds, one per line)"),
+    _list_option("--threshold", "kvcache_thresholds", "METRIC=PCT", type=_threshold_override,
+                 ini_help="threshold overrides METRIC=PCT, one per line (see --threshold)",
+                 help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
+                      "repeatable (ini: kvcache_thresholds, one per line)"),
     Option("--emulator-profile", "kvcache_emulator_profile", metavar="NAME|FILE", ini_default="quick",
            help="cost-model profile of the emulator, by name or a profile file written by "
                 "'python -m pytest_kvcache calibrate' (ini: kvcache_emulator_profile; default quick); "
@@ -242,25 +248,23 @@ OPTIONS: tuple[Option, ...] = (
                 "multi-process server where there is no GPU. Given here it overrides the scenarios' "
                 "lmcache_mode (and keeps only this mode's items where lmcache_mode is a matrix axis); "
                 "the ini kvcache_lmcache_mode is only a default under them (default auto)"),
-    Option("--kv-lmcache", "kvcache_lmcache", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
-           help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
-                "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; in multi-process "
-                "mode also l2_store_policy=skip_l1 and fault_inject=RATE (a tier losing that share of "
-                "keys, a rehearsal never stored as a baseline); repeatable (ini: kvcache_lmcache, one per "
-                "line)"),
+    _list_option("--kv-lmcache", "kvcache_lmcache", "KEY=VALUE",
+                 ini_help="LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
+                 help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
+                      "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; in multi-process "
+                      "mode also l2_store_policy=skip_l1 and fault_inject=RATE (a tier losing that share of "
+                      "keys, a rehearsal never stored as a baseline); repeatable (ini: kvcache_lmcache, one per "
+                      "line)"),
     Option("--kv-redis-url", "kvcache_redis_url", metavar="URL",
            help="Redis of the redis backend, redis://HOST:PORT; default: a redis-server started on "
                 "127.0.0.1 for the session (ini: kvcache_redis_url)"),
     Option("--kv-gds-path", "kvcache_gds_path", metavar="DIR",
            help="folder on a GDS mount for the gds backend (ini: kvcache_gds_path)"),
-    Option("--kv-label", "kvcache_labels", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="runner labels KEY=VALUE, one per line (see --kv-label)",
-           help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
-                "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
-                "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)"),
+    _list_option("--kv-label", "kvcache_labels", "KEY=VALUE",
+                 ini_help="runner labels KEY=VALUE, one per line (see --kv-label)",
+                 help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
+                      "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
+                      "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)"),
     Option("--kv-min-hit-ratio", "kvcache_min_hit_ratio", metavar="F", ini_default="0.5",
            number=Number(0, 1, "a fraction from 0 to 1, e.g. 0.5 (0 turns the check off)", low_ok=True, high_ok=True),
            help="a warm round of an offload backend fails unless it loads at least this fraction "
@@ -305,12 +309,11 @@ OPTIONS: tuple[Option, ...] = (
            help="send each round from N client processes, the concurrency and the prompts split "
                 "between them, for servers that stream more than one process reads "
                 "(ini: kvcache_client_processes; default 1)"),
-    Option("--kv-version", "kvcache_versions", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="software versions KEY=VALUE, one per line (see --kv-version)",
-           help="a version of the software under test the plugin cannot see, e.g. commit=abc123 or "
-                "build=nightly-42: recorded on every run and compared across, never a reason to skip; "
-                "repeatable (ini: kvcache_versions, one per line)"),
+    _list_option("--kv-version", "kvcache_versions", "KEY=VALUE",
+                 ini_help="software versions KEY=VALUE, one per line (see --kv-version)",
+                 help="a version of the software under test the plugin cannot see, e.g. commit=abc123 or "
+                      "build=nightly-42: recorded on every run and compared across, never a reason to skip; "
+                      "repeatable (ini: kvcache_versions, one per line)"),
     _ini("kvcache_testbed_keys", "identity keys (glob patterns) that must match for runs to be compared, "
          "e.g. torch_version; one per line", "linelist", []),
     _ini("kvcache_software_keys", "identity keys (glob patterns) compared across runs instead, e.g. "
