@@ -149,8 +149,8 @@ class Option:
     dest: str | None = None
     ini_help: str | None = None
     ini_type: str | None = None
-    ini_default: Any = ""
     number: Number | None = None
+    ini_default: Any = ""
 
     @property
     def ini_key(self) -> str:
