@@ -41,7 +41,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 __all__ = ["main"]
@@ -82,15 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                                                  "emulator, find change points in the run history, check "
                                                  "what this machine can run")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    cmp_ = sub.add_parser(
-        "compare", help="combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
-        description="Read many run folders (what --kv-results-dir wrote, or folders of them), keep the rows "
-                    "that pass the filters, and write the combined CSV (the seed's columns first), the "
-                    "plots, the Pareto frontier of each phase and, with two runs or more, each item's change "
-                    "against the first run (changes.csv, changes.png); the frontier and the changes are also "
-                    "printed. A run made with --emulator-slowdown is marked so in the CSV "
-                    "(emulator_slowdown) and in the plots' labels. Filters take comma lists and may be "
-                    "repeated; matching ignores case.")
+    for name, help, description, add_arguments in _COMMANDS:
+        add_arguments(sub.add_parser(name, help=help, description=description))
+    return parser
+
+
+def _compare_arguments(cmp_: argparse.ArgumentParser) -> None:
     cmp_.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder, or a folder of run folders")
     cmp_.add_argument("-o", "--out", type=Path, default=Path("kvcache-compare"), metavar="OUT",
                       help="output folder (default: kvcache-compare)")
@@ -109,20 +106,11 @@ def _parser() -> argparse.ArgumentParser:
                            "(default total_token_throughput)")
     cmp_.add_argument("--xmax", type=float, default=None, metavar="X", help="right end of the Pareto plot's x axis")
     cmp_.add_argument("--no-plots", action="store_true", help="write the CSV files only")
-    _calibrate_parser(sub)
-    _history_parser(sub)
-    _doctor_parser(sub)
-    return parser
 
 
-def _doctor_parser(sub) -> None:
+def _doctor_arguments(doc: argparse.ArgumentParser) -> None:
     from .doctor import add_arguments
 
-    doc = sub.add_parser(
-        "doctor", help="what this machine can run: GPUs, vLLM/LMCache, GDS, Redis, Mooncake, disk and RAM",
-        description="Probe this machine (nvidia-smi, the vLLM and LMCache of --kv-python, a GDS mount, Redis, "
-                    "Mooncake, free disk and RAM) and print, for every backend marker, 'runnable' or "
-                    "'not runnable: REASON; fix: WHAT TO DO'. Exit status 0 whatever it finds.")
     add_arguments(doc)
 
 
@@ -145,14 +133,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _calibrate_parser(sub) -> None:
-    cal = sub.add_parser(
-        "calibrate", help="fit an emulator profile to a real server's TTFT and check it on held-out lengths",
-        description="Measure a real server's median TTFT over input lengths at concurrency 1 (a cold round; "
-                    "with --backend, a warm round that loads from the tier), and its ITL; fit the emulator's "
-                    "cost model; check the fit and an emulator running it on held-out lengths. A profile "
-                    "within --tolerance is written to --out (use it with --emulator-profile FILE); one beyond "
-                    "it to OUT.rejected.json, with exit status 1.")
+def _calibrate_arguments(cal: argparse.ArgumentParser) -> None:
     where = cal.add_argument_group("the server")
     where.add_argument("--kv-server", choices=("external", "vllm"), default=None,
                        help="start a real vLLM (vllm) or measure a running one (external, with --kv-endpoint); "
@@ -421,14 +402,7 @@ def _percent(text: str) -> float:
     return value
 
 
-def _history_parser(sub) -> None:
-    his = sub.add_parser(
-        "history", help="change points of the run history: which run changed which metric, with what software",
-        description="Read the run history (every item of every pytest session, see docs/history.md), build one "
-                    "series per item, metric and testbed (a point per session: the geometric mean of its usable "
-                    "trials), find the change points of each and print them with the first run after the change, "
-                    "the means before and after, p, and the software and commits either side. "
-                    "'history import RUN_DIR... [--to URL]' adds run folders' history.json to a store.")
+def _history_arguments(his: argparse.ArgumentParser) -> None:
     his.add_argument("url", nargs="?", default=None, metavar="URL", help=_HISTORY_URL_HELP)
     his.add_argument("--item", default=None, metavar="GLOB",
                      help="items whose name matches: * any text, ? one character, all else literal")
@@ -551,6 +525,35 @@ def history_import(args: argparse.Namespace) -> int:
     print(f"pytest-kvcache history import: {new} new item run(s) of {total} from {len(loaded)} run folder(s) "
           f"into {location}")
     return 0
+
+
+#: the sub-commands in --help order: name, one-line help, description, what adds the arguments
+_COMMANDS: tuple[tuple[str, str, str, Callable[[argparse.ArgumentParser], None]], ...] = (
+    ("compare", "combine run folders: one CSV, plots, the TTFT/throughput Pareto frontier",
+     "Read many run folders (what --kv-results-dir wrote, or folders of them), keep the rows "
+     "that pass the filters, and write the combined CSV (the seed's columns first), the "
+     "plots, the Pareto frontier of each phase and, with two runs or more, each item's change "
+     "against the first run (changes.csv, changes.png); the frontier and the changes are also "
+     "printed. A run made with --emulator-slowdown is marked so in the CSV "
+     "(emulator_slowdown) and in the plots' labels. Filters take comma lists and may be "
+     "repeated; matching ignores case.", _compare_arguments),
+    ("calibrate", "fit an emulator profile to a real server's TTFT and check it on held-out lengths",
+     "Measure a real server's median TTFT over input lengths at concurrency 1 (a cold round; "
+     "with --backend, a warm round that loads from the tier), and its ITL; fit the emulator's "
+     "cost model; check the fit and an emulator running it on held-out lengths. A profile "
+     "within --tolerance is written to --out (use it with --emulator-profile FILE); one beyond "
+     "it to OUT.rejected.json, with exit status 1.", _calibrate_arguments),
+    ("history", "change points of the run history: which run changed which metric, with what software",
+     "Read the run history (every item of every pytest session, see docs/history.md), build one "
+     "series per item, metric and testbed (a point per session: the geometric mean of its usable "
+     "trials), find the change points of each and print them with the first run after the change, "
+     "the means before and after, p, and the software and commits either side. "
+     "'history import RUN_DIR... [--to URL]' adds run folders' history.json to a store.", _history_arguments),
+    ("doctor", "what this machine can run: GPUs, vLLM/LMCache, GDS, Redis, Mooncake, disk and RAM",
+     "Probe this machine (nvidia-smi, the vLLM and LMCache of --kv-python, a GDS mount, Redis, "
+     "Mooncake, free disk and RAM) and print, for every backend marker, 'runnable' or "
+     "'not runnable: REASON; fix: WHAT TO DO'. Exit status 0 whatever it finds.", _doctor_arguments),
+)
 
 
 def main(argv: list[str] | None = None) -> int:

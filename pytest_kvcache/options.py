@@ -149,8 +149,13 @@ class Option:
     dest: str | None = None
     ini_help: str | None = None
     ini_type: str | None = None
-    ini_default: Any = ""
     number: Number | None = None
+    ini_default: Any = ""
+
+    @property
+    def ini_key(self) -> str:
+        assert self.ini is not None, self.flag
+        return self.ini
 
     @property
     def name(self) -> str:
@@ -161,11 +166,6 @@ class Option:
         return self.flag.removeprefix("--").replace("-", "_")
 
     @property
-    def ini_key(self) -> str:
-        assert self.ini is not None, self.flag
-        return self.ini
-
-    @property
     def names(self) -> str:
         """How an error names it: "--alpha / kvcache_alpha"."""
         return " / ".join(n for n in (self.flag, self.ini) if n)
@@ -174,6 +174,21 @@ class Option:
         given = {"action": self.action, "type": self.type, "choices": self.choices, "const": self.const,
                  "dest": self.dest, "metavar": self.metavar}
         return {"default": self.default, **{k: v for k, v in given.items() if v is not None}, "help": self.help}
+
+
+def _twin(flag: str, ini: str, *, help: str, **kwargs: Any) -> Option:
+    """An option and its ini twin, the help ending in the ini key and, where it has one, the
+    ini key's default: "(ini: kvcache_alpha; default 0.05)"."""
+    default = kwargs.get("ini_default", "")
+    note = f"ini: {ini}; default {default}" if default != "" else f"ini: {ini}"
+    return Option(flag, ini, help=f"{help} ({note})", **kwargs)
+
+
+def _list_option(flag: str, ini: str, metavar: str, *, ini_help: str, help: str,
+                 type: Callable[[str], Any] | None = None) -> Option:
+    """A repeatable option whose ini twin is a list, one value per line."""
+    return Option(flag, ini, action="append", type=type, default=[], metavar=metavar, ini_type="linelist",
+                  ini_default=[], ini_help=ini_help, help=help)
 
 
 def _ini(key: str, help: str, ini_type: str | None = None, default: Any = "") -> Option:
@@ -195,44 +210,41 @@ OPTIONS: tuple[Option, ...] = (
            ini_help=f"default of --kv-server: {', '.join(SERVER_KINDS)}",
            help="server to benchmark: the built-in emulator (default), a real vllm serve process, "
                 "or an external endpoint (ini: kvcache_server)"),
-    Option("--kv-endpoint", "kvcache_endpoint", metavar="URL",
-           help="base URL of the server for --kv-server external, e.g. http://127.0.0.1:8000 "
-                "(ini: kvcache_endpoint)"),
-    Option("--kv-server-args", "kvcache_server_args", metavar="ARGS",
+    _twin("--kv-endpoint", "kvcache_endpoint", metavar="URL",
+           help="base URL of the server for --kv-server external, e.g. http://127.0.0.1:8000"),
+    _twin("--kv-server-args", "kvcache_server_args", metavar="ARGS",
            help="extra arguments for the started server (vllm serve or the emulator), one quoted "
-                "string, e.g. --kv-server-args='--max-model-len 16384' (ini: kvcache_server_args)"),
-    Option("--model", "kvcache_model", metavar="NAME",
-           help="model name or folder to serve / request (ini: kvcache_model)"),
-    Option("--tokenizer", "kvcache_tokenizer", metavar="PATH",
+                "string, e.g. --kv-server-args='--max-model-len 16384'"),
+    _twin("--model", "kvcache_model", metavar="NAME",
+           help="model name or folder to serve / request"),
+    _twin("--tokenizer", "kvcache_tokenizer", metavar="PATH",
            help="local tokenizer (folder with tokenizer.json) for exact prompt lengths; default: the "
-                "server's /tokenize (ini: kvcache_tokenizer)"),
+                "server's /tokenize"),
     Option("--kv-results-dir", "kvcache_results_dir", metavar="DIR",
            help="folder for per-item JSON results and server logs (ini: kvcache_results_dir; "
                 "default kvcache-results/run-<timestamp>)"),
-    Option("--baseline-dir", "kvcache_baseline_dir", metavar="DIR", ini_default="baselines",
-           help="folder of stored baselines (ini: kvcache_baseline_dir; default baselines)"),
+    _twin("--baseline-dir", "kvcache_baseline_dir", metavar="DIR", ini_default="baselines",
+           help="folder of stored baselines"),
     Option("--update-baselines", action="store_true", default=False,
            help="append this run to the stored baselines instead of comparing"),
     Option("--reset-baselines", action="store_true", default=False,
            help="replace the stored baselines' history with this run (after an intended change)"),
     Option("--strict-baselines", "kvcache_strict_baselines", action="store_true", ini_type="bool", ini_default=False,
            help="fail, rather than skip, items without a matching baseline (ini: kvcache_strict_baselines)"),
-    Option("--alpha", "kvcache_alpha", metavar="P", ini_default="0.05",
+    _twin("--alpha", "kvcache_alpha", metavar="P", ini_default="0.05",
            number=Number(0, 0.5, "a significance level such as 0.05"),
-           help="significance level of the regression gate, 0 < P < 0.5 (ini: kvcache_alpha; default 0.05)"),
-    Option("--threshold", "kvcache_thresholds", action="append", type=_threshold_override, default=[],
-           metavar="METRIC=PCT", ini_type="linelist", ini_default=[],
-           ini_help="threshold overrides METRIC=PCT, one per line (see --threshold)",
-           help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
-                "repeatable (ini: kvcache_thresholds, one per line)"),
+           help="significance level of the regression gate, 0 < P < 0.5"),
+    _list_option("--threshold", "kvcache_thresholds", "METRIC=PCT", type=_threshold_override,
+                 ini_help="threshold overrides METRIC=PCT, one per line (see --threshold)",
+                 help="override a metric's practical threshold in every scenario, e.g. median_ttft_ms=15%%; "
+                      "repeatable (ini: kvcache_thresholds, one per line)"),
     Option("--emulator-profile", "kvcache_emulator_profile", metavar="NAME|FILE", ini_default="quick",
            help="cost-model profile of the emulator, by name or a profile file written by "
                 "'python -m pytest_kvcache calibrate' (ini: kvcache_emulator_profile; default quick); "
                 "python -m pytest_kvcache.emulator --help lists the names"),
-    Option("--emulator-slowdown", "kvcache_emulator_slowdown", metavar="FACTOR", ini_default="1.0",
+    _twin("--emulator-slowdown", "kvcache_emulator_slowdown", metavar="FACTOR", ini_default="1.0",
            number=Number(0, 1000, "a factor above 0, e.g. 1.3"),
-           help="multiply every modeled time of the emulator by FACTOR > 0, to rehearse a regression "
-                "(ini: kvcache_emulator_slowdown; default 1.0)"),
+           help="multiply every modeled time of the emulator by FACTOR > 0, to rehearse a regression"),
     Option("--kv-python", "kvcache_python", metavar="PATH",
            help="Python interpreter that runs vLLM and LMCache for --kv-server vllm, e.g. "
                 ".real-stack/venv/bin/python (ini: kvcache_python; default: this one)"),
@@ -242,39 +254,36 @@ OPTIONS: tuple[Option, ...] = (
                 "multi-process server where there is no GPU. Given here it overrides the scenarios' "
                 "lmcache_mode (and keeps only this mode's items where lmcache_mode is a matrix axis); "
                 "the ini kvcache_lmcache_mode is only a default under them (default auto)"),
-    Option("--kv-lmcache", "kvcache_lmcache", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
-           help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
-                "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; in multi-process "
-                "mode also l2_store_policy=skip_l1 and fault_inject=RATE (a tier losing that share of "
-                "keys, a rehearsal never stored as a baseline); repeatable (ini: kvcache_lmcache, one per "
-                "line)"),
-    Option("--kv-redis-url", "kvcache_redis_url", metavar="URL",
+    _list_option("--kv-lmcache", "kvcache_lmcache", "KEY=VALUE",
+                 ini_help="LMCache settings KEY=VALUE, one per line (see --kv-lmcache)",
+                 help="LMCache setting overriding the backend's default, VALUE as JSON or text, e.g. "
+                      "max_local_disk_size=100 or extra_config='{\"use_odirect\": true}'; in multi-process "
+                      "mode also l2_store_policy=skip_l1 and fault_inject=RATE (a tier losing that share of "
+                      "keys, a rehearsal never stored as a baseline); repeatable (ini: kvcache_lmcache, one per "
+                      "line)"),
+    _twin("--kv-redis-url", "kvcache_redis_url", metavar="URL",
            help="Redis of the redis backend, redis://HOST:PORT; default: a redis-server started on "
-                "127.0.0.1 for the session (ini: kvcache_redis_url)"),
-    Option("--kv-gds-path", "kvcache_gds_path", metavar="DIR",
-           help="folder on a GDS mount for the gds backend (ini: kvcache_gds_path)"),
-    Option("--kv-label", "kvcache_labels", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="runner labels KEY=VALUE, one per line (see --kv-label)",
-           help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
-                "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
-                "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)"),
-    Option("--kv-min-hit-ratio", "kvcache_min_hit_ratio", metavar="F", ini_default="0.5",
+                "127.0.0.1 for the session"),
+    _twin("--kv-gds-path", "kvcache_gds_path", metavar="DIR",
+           help="folder on a GDS mount for the gds backend"),
+    _list_option("--kv-label", "kvcache_labels", "KEY=VALUE",
+                 ini_help="runner labels KEY=VALUE, one per line (see --kv-label)",
+                 help="a fact of this runner the fixtures cannot set, recorded on every result and in the "
+                      "baseline testbed, e.g. bandwidth=400Gbps, arcc=on, direction=east-west, "
+                      "mount=/mnt/nvme; repeatable (ini: kvcache_labels, one per line)"),
+    _twin("--kv-min-hit-ratio", "kvcache_min_hit_ratio", metavar="F", ini_default="0.5",
            number=Number(0, 1, "a fraction from 0 to 1, e.g. 0.5 (0 turns the check off)", low_ok=True, high_ok=True),
            help="a warm round of an offload backend fails unless it loads at least this fraction "
-                "of the whole 256-token chunks of its prompts from the tier; 0 turns the check off "
-                "(ini: kvcache_min_hit_ratio; default 0.5)"),
-    Option("--kv-tensor-parallel-size", "kvcache_tensor_parallel_size", type=_positive_int, metavar="N",
+                "of the whole 256-token chunks of its prompts from the tier; 0 turns the check off"),
+    _twin("--kv-tensor-parallel-size", "kvcache_tensor_parallel_size", type=_positive_int, metavar="N",
            number=_positive(optional=True, names="kvcache_tensor_parallel_size"),
-           help="vllm serve --tensor-parallel-size (ini: kvcache_tensor_parallel_size)"),
-    Option("--kv-max-model-len", "kvcache_max_model_len", type=_positive_int, metavar="N",
+           help="vllm serve --tensor-parallel-size"),
+    _twin("--kv-max-model-len", "kvcache_max_model_len", type=_positive_int, metavar="N",
            number=_positive(optional=True, names="kvcache_max_model_len"),
-           help="vllm serve --max-model-len (ini: kvcache_max_model_len)"),
-    Option("--kv-gpu-memory-utilization", "kvcache_gpu_memory_utilization", metavar="F",
+           help="vllm serve --max-model-len"),
+    _twin("--kv-gpu-memory-utilization", "kvcache_gpu_memory_utilization", metavar="F",
            number=Number(0, 1.000001, "a fraction of GPU memory above 0 and at most 1, e.g. 0.9", optional=True),
-           help="vllm serve --gpu-memory-utilization, 0 < F <= 1 (ini: kvcache_gpu_memory_utilization)"),
+           help="vllm serve --gpu-memory-utilization, 0 < F <= 1"),
     Option("--kv-ready-timeout", "kvcache_ready_timeout", metavar="SECONDS",
            number=Number(0, 86400, "seconds above 0, e.g. 600", high_ok=True, optional=True),
            help="how long a started server may take to answer /health (ini: kvcache_ready_timeout; "
@@ -292,25 +301,23 @@ OPTIONS: tuple[Option, ...] = (
                 "flight while requests waited, or issued fewer than F x its request rate; lower it "
                 f"knowingly on a shared runner with very short requests ({MIN_CLIENT_FLOOR:g} <= F <= 1; "
                 f"ini: kvcache_client_floor; default {DEFAULT_CLIENT_FLOOR:g})"),
-    Option("--kv-gpus-per-worker", "kvcache_gpus_per_worker", metavar="N",
+    _twin("--kv-gpus-per-worker", "kvcache_gpus_per_worker", metavar="N",
            number=_positive(form="a positive integer (GPUs given to each pytest-xdist worker)", optional=True),
            help="under pytest-xdist, give each worker its own N GPUs (CUDA_VISIBLE_DEVICES: worker gwK "
-                "gets the K-th slice of the visible ones) (ini: kvcache_gpus_per_worker)"),
+                "gets the K-th slice of the visible ones)"),
     Option("--percentiles", "kvcache_percentiles", metavar="Q[,Q]", ini_default="50,90,99",
            help="percentiles reported for TTFT, TPOT, ITL and E2E latency, e.g. 50,90,99 "
                 "(ini: kvcache_percentiles)"),
-    Option("--kv-client-processes", "kvcache_client_processes", type=_client_processes, metavar="N",
+    _twin("--kv-client-processes", "kvcache_client_processes", type=_client_processes, metavar="N",
            ini_default="1", number=_positive(MAX_CLIENT_PROCESSES, f"a positive integer up to {MAX_CLIENT_PROCESSES}",
                                               optional=True, names="kvcache_client_processes"),
            help="send each round from N client processes, the concurrency and the prompts split "
-                "between them, for servers that stream more than one process reads "
-                "(ini: kvcache_client_processes; default 1)"),
-    Option("--kv-version", "kvcache_versions", action="append", default=[], metavar="KEY=VALUE",
-           ini_type="linelist", ini_default=[],
-           ini_help="software versions KEY=VALUE, one per line (see --kv-version)",
-           help="a version of the software under test the plugin cannot see, e.g. commit=abc123 or "
-                "build=nightly-42: recorded on every run and compared across, never a reason to skip; "
-                "repeatable (ini: kvcache_versions, one per line)"),
+                "between them, for servers that stream more than one process reads"),
+    _list_option("--kv-version", "kvcache_versions", "KEY=VALUE",
+                 ini_help="software versions KEY=VALUE, one per line (see --kv-version)",
+                 help="a version of the software under test the plugin cannot see, e.g. commit=abc123 or "
+                      "build=nightly-42: recorded on every run and compared across, never a reason to skip; "
+                      "repeatable (ini: kvcache_versions, one per line)"),
     _ini("kvcache_testbed_keys", "identity keys (glob patterns) that must match for runs to be compared, "
          "e.g. torch_version; one per line", "linelist", []),
     _ini("kvcache_software_keys", "identity keys (glob patterns) compared across runs instead, e.g. "
@@ -318,20 +325,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("--kv-run-noise", "kvcache_run_noise", metavar="PCT",
            help="the run-to-run noise of this testbed, e.g. 3%%, used where the baselines have too few "
                 "runs to estimate it (ini: kvcache_run_noise; default: none, such items are not judged)"),
-    Option("--kv-confirm-runs", "kvcache_confirm_runs", metavar="N", ini_default="1", number=_count(0, "1"),
+    _twin("--kv-confirm-runs", "kvcache_confirm_runs", metavar="N", ini_default="1", number=_count(0, "1"),
            help="runs on fresh servers that confirm a first run that looks worse before it is judged; "
-                "0 judges the first run alone (ini: kvcache_confirm_runs; default 1)"),
+                "0 judges the first run alone"),
     Option("--kv-history", "kvcache_history", metavar="URL",
            help="where every run is recorded: a file, sqlite:///PATH or postgresql://...; none turns it "
                 "off (ini: kvcache_history; default .kvcache/history.sqlite in the rootdir)"),
-    Option("--kv-history-window", "kvcache_history_window", metavar="N", ini_default="20", number=_count(2, "20"),
-           help="the session summary lists change points of its items among their last N runs "
-                "(ini: kvcache_history_window; default 20)"),
-    Option("--kv-external-backend", "kvcache_external_backend", metavar="NAME",
+    _twin("--kv-history-window", "kvcache_history_window", metavar="N", ini_default="20", number=_count(2, "20"),
+           help="the session summary lists change points of its items among their last N runs"),
+    _twin("--kv-external-backend", "kvcache_external_backend", metavar="NAME",
            help=f"the offload backend the --kv-server external server runs ({', '.join(BACKENDS)}; none "
                 "for a server without a tier): only its items run, the others are deselected. Default: "
                 "what the server's GET /version says (the built-in emulator says it), else every item "
-                "runs (ini: kvcache_external_backend)"),
+                "runs"),
     Option("--kv-check-outputs", "kvcache_check_outputs", dest="kv_check_outputs", action="store_const", const=True,
            ini_default="auto", ini_help="default of --kv-check-outputs: auto, true or false",
            help="check every offload item's answers: each warm round's against the cold round's "

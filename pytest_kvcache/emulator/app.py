@@ -115,7 +115,8 @@ token stream), :mod:`.prompts` (a request's prompt and options, checked), :mod:`
 (fixed, FIFO and batched scheduling on the virtual clock), :mod:`.offload` (the tier's real
 I/O around the prefix cache), :mod:`.answer` (the answer's words and JSON shapes),
 :mod:`.faults` (the request faults), :mod:`.metrics` (the counters and ``GET /metrics``),
-and below them :mod:`.prefix_cache`, :mod:`.tiers`, :mod:`.resp`, :mod:`.costmodel`,
+and below them :mod:`.prefix_cache`, :mod:`.tiers` (its Redis client in
+:mod:`pytest_kvcache._resp`), :mod:`.costmodel`,
 :mod:`.tokenizer`.
 """
 

@@ -19,7 +19,7 @@ thread-safe (the emulator writes in a thread while it reads on its event loop):
           the fastest tier holding the chunk, and a disk hit is promoted back to RAM.
           :meth:`WaterfallTier.where` says which tier holds a key (for the cost model).
 ``redis`` real reads and writes against a Redis server (``--redis-url redis://host:port[/db]``)
-          through a small built-in RESP client (:mod:`.resp`, no extra package), one connection per
+          through a small built-in RESP client (:mod:`pytest_kvcache._resp`, no extra package), one connection per
           thread.  A request's chunks travel in batches, one round trip each (``MGET``
           to read, ``MSET`` to write, up to ``REDIS_BATCH`` chunks), as LMCache's
           Redis connector fetches and stores a lookup's chunks concurrently
@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
-from .resp import RespClient, RespError
+from .._resp import RespClient, RespError
 
 __all__ = ["CpuTier", "DiskTier", "NoneTier", "REDIS_BATCH", "RedisTier", "Tier", "WaterfallTier", "make_tier",
            "frame", "unframe"]
@@ -80,6 +80,7 @@ class Tier:
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = int(capacity_bytes)
         self._lock = threading.Lock()
+        self._used = 0  # payload bytes held (a tier that holds none keeps it 0)
 
     def contains(self, key: bytes) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
@@ -106,8 +107,9 @@ class Tier:
     def evict(self, key: bytes) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def usage(self) -> int:  # pragma: no cover - interface
-        raise NotImplementedError
+    def usage(self) -> int:
+        """Payload bytes held."""
+        return self._used
 
     def __len__(self) -> int:  # pragma: no cover - interface
         raise NotImplementedError
@@ -134,9 +136,6 @@ class NoneTier(Tier):
     def evict(self, key: bytes) -> bool:
         return False
 
-    def usage(self) -> int:
-        return 0
-
     def __len__(self) -> int:
         return 0
 
@@ -150,7 +149,6 @@ class CpuTier(Tier):
     def __init__(self, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)
         self._data: OrderedDict[bytes, bytes] = OrderedDict()
-        self._used = 0
 
     def contains(self, key: bytes) -> bool:
         return key in self._data
@@ -191,9 +189,6 @@ class CpuTier(Tier):
             self._used -= len(v)
             return True
 
-    def usage(self) -> int:
-        return self._used
-
     def __len__(self) -> int:
         return len(self._data)
 
@@ -211,7 +206,6 @@ class _IndexedTier(Tier):
     def __init__(self, capacity_bytes: int) -> None:
         super().__init__(capacity_bytes)
         self._index: OrderedDict[bytes, int] = OrderedDict()
-        self._used = 0
 
     def _drop(self, keys: list[bytes], quiet: bool = False) -> None:  # pragma: no cover - interface
         """Delete the chunks ``keys`` from storage (already out of the index); ``quiet``:
@@ -260,9 +254,6 @@ class _IndexedTier(Tier):
             self._used -= v
         self._drop([key], quiet=True)
         return True
-
-    def usage(self) -> int:
-        return self._used
 
     def __len__(self) -> int:
         return len(self._index)

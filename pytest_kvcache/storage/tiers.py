@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .resp import RespClient
+from .._resp import RespClient, RespError
 
 __all__ = [
     "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "HbmTier", "RamTier", "RedisTier",
@@ -287,55 +287,43 @@ class RedisTier(Tier):
         super().__init__(spec, block_bytes)
         self.url = str(spec.url)
         self._prefix = f"kvstorage:{uuid.uuid4().hex[:12]}:"
-        self._local = threading.local()
-        self._clients: list[RespClient] = []
+        self._client = RespClient(self.url)  # one connection per thread
         self._keys: set[bytes] = set()
         self._lock = threading.Lock()
-        self._client().command(b"PING")
+        try:
+            self._client.call(b"PING")
+        except RespError as exc:  # no server: its OSError, which the storage item reports as it is
+            raise (exc.__cause__ if isinstance(exc.__cause__, OSError) else exc) from None
         self.description = f"redis server {self.url}"
-
-    def _client(self) -> RespClient:
-        client = getattr(self._local, "client", None)
-        if client is None:
-            client = self._local.client = RespClient(self.url)
-            with self._lock:
-                self._clients.append(client)
-        return client
 
     def _key(self, key: str) -> bytes:
         return (self._prefix + key).encode()
 
     def write(self, key: str, data: bytes) -> None:
         name = self._key(key)
-        self._client().command(b"SET", name, _checked(self, data))
+        self._client.call(b"SET", name, _checked(self, data))
         with self._lock:
             self._keys.add(name)
 
     def read(self, key: str) -> bytes:
-        data = self._client().command(b"GET", self._key(key))
+        data = self._client.call(b"GET", self._key(key))
         if not isinstance(data, bytes):
             raise KeyError(f"{key}: not in redis at {self.url}")
         return data
 
     def delete(self, key: str) -> None:
         name = self._key(key)
-        self._client().command(b"DEL", name)
+        self._client.call(b"DEL", name)
         with self._lock:
             self._keys.discard(name)
 
     def close(self) -> None:
         """Deletes this tier's keys from the server and closes every connection."""
         with self._lock:
-            clients, self._clients = self._clients, []
             names, self._keys = sorted(self._keys), set()
-        if names:
-            cleaner = RespClient(self.url)
-            for start in range(0, len(names), 512):
-                cleaner.command(b"DEL", *names[start:start + 512])
-            clients.append(cleaner)
-        self._local = threading.local()
-        for client in clients:
-            client.close()
+        for start in range(0, len(names), 512):
+            self._client.call(b"DEL", *names[start:start + 512])
+        self._client.close()
 
 
 def open_tier(spec: TierSpec, block_bytes: int, folder: Path) -> Tier:

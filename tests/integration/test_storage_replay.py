@@ -15,7 +15,7 @@ import pytest
 from pytest_kvcache.servers._process import free_port
 from pytest_kvcache.storage import RamTier, StorageConfig, TierSpec, TraceSpec, open_tier, run_storage
 from pytest_kvcache.storage import replay as replay_module
-from pytest_kvcache.storage.resp import RespClient, RespError
+from pytest_kvcache._resp import RespClient, RespError
 from pytest_kvcache.storage.scenario import load_storage_scenario, parse_size, storage_configs
 
 MiB = 2**20
@@ -136,9 +136,9 @@ def redis_url(tmp_path):
         deadline = time.monotonic() + 10
         while True:
             try:
-                RespClient(url, timeout_s=1).close()
+                RespClient(url, timeout=1).call("PING")
                 break
-            except OSError:
+            except RespError:
                 if time.monotonic() > deadline or proc.poll() is not None:
                     pytest.fail(f"redis-server on port {port} did not start")
                 time.sleep(0.05)
@@ -151,7 +151,7 @@ def redis_url(tmp_path):
 def _dbsize(url: str) -> int:
     client = RespClient(url)
     try:
-        size = client.command(b"DBSIZE")
+        size = client.call("DBSIZE")
         assert isinstance(size, int)
         return size
     finally:
@@ -186,7 +186,7 @@ def test_resp_error_replies_are_raised(redis_url):
     client = RespClient(redis_url)
     try:
         with pytest.raises(RespError, match="unknown command"):
-            client.command(b"NOSUCHCOMMAND")
+            client.call("NOSUCHCOMMAND")
     finally:
         client.close()
 

@@ -34,7 +34,7 @@ from pytest_kvcache.emulator.costmodel import (
     PROFILES,
 )
 from pytest_kvcache.emulator.prefix_cache import PrefixCache
-from pytest_kvcache.emulator.resp import RespClient, RespError
+from pytest_kvcache._resp import RespClient, RespError
 from pytest_kvcache.emulator.tiers import RedisTier, make_tier
 
 needs_redis = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
