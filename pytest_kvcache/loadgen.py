@@ -46,15 +46,10 @@ from typing_extensions import Self
 
 from ._http import HTTPStreamError, StreamConnection, StreamPool, split_events
 from .metrics import percentile, summarize
-from .models import RequestRecord, RoundResult
+from .models import DEFAULT_CLIENT_FLOOR, RequestRecord, RoundResult
 from .workloads import Prompt
 
-__all__ = ["DEFAULT_CLIENT_FLOOR", "LoadSpec", "open_client", "open_pool", "run_round"]
-
-#: the client guard's floor: delivered concurrency and request rate as a fraction of the
-#: configured ones (--kv-client-floor lowers it)
-DEFAULT_CLIENT_FLOOR = 0.95
-
+__all__ = ["LoadSpec", "open_client", "open_pool", "run_round"]
 
 @dataclass(frozen=True)
 class LoadSpec:

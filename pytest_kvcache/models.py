@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # the session's types, named only in annotations: those modul
     from .decision import Verdict
     from .identity import Identity, KeyMoves
     from .outputs import OutputCheck
-    from .servers import ServerSettings
     from .stats import MetricComparison
 
 __all__ = [
@@ -25,6 +24,8 @@ __all__ = [
     "LMCACHE_MODES",
     "PHASES",
     "ROUNDS",
+    "DEFAULT_CLIENT_FLOOR",
+    "SERVER_KINDS",
     "CaseResult",
     "HistoryReport",
     "ItemOutcome",
@@ -34,10 +35,15 @@ __all__ = [
     "RoundResult",
     "Scenario",
     "ScenarioCase",
+    "ServerSettings",
     "Settings",
     "TrialResult",
     "format_tokens",
 ]
+
+#: The client guard's default floor: delivered concurrency and arrival rate below this share
+#: of the configured ones make a round invalid (--kv-client-floor; docs/measuring.md).
+DEFAULT_CLIENT_FLOOR = 0.95
 
 #: Offload backends a scenario may name; each is also a pytest marker.
 BACKENDS: tuple[str, ...] = (
@@ -348,6 +354,39 @@ class CaseResult:
 
 
 # -- a session's boundary types: the plugin and fixtures make them, the reports read them
+
+
+#: ``--kv-server`` choices.
+SERVER_KINDS: tuple[str, ...] = ("emulator", "vllm", "external")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What the options say about servers (one per session)."""
+
+    kind: str = "emulator"
+    endpoint: str | None = None
+    model: str | None = None
+    emulator_profile: str = "quick"
+    emulator_slowdown: float = 1.0
+    ready_timeout: float = 60.0
+    extra_args: tuple[str, ...] = ()
+    #: the interpreter that runs vLLM and LMCache (None: this one)
+    python: str | None = None
+    #: labels the fixture cannot set (bandwidth, arcc, direction, storage mount), recorded on every result
+    labels: tuple[tuple[str, str], ...] = ()
+    #: LMCache mode (backends.choose_lmcache_mode): ``lmcache_mode_override`` (--kv-lmcache-mode)
+    #: beats a scenario's lmcache_mode, which beats ``lmcache_mode`` (ini); None: not given
+    lmcache_mode: str | None = None
+    lmcache_mode_override: str | None = None
+    #: backend settings (see backends.BackendOptions)
+    redis_url: str | None = None
+    gds_path: str | None = None
+    lmcache_overrides: tuple[tuple[str, str], ...] = ()
+    #: vllm serve's engine settings (None: vLLM's default)
+    tensor_parallel_size: int | None = None
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
 
 
 @dataclass(frozen=True)

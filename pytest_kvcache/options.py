@@ -22,10 +22,8 @@ from typing import Any
 import pytest
 
 from .identity import KeyMoves
-from .loadgen import DEFAULT_CLIENT_FLOOR
-from .models import BACKENDS, LMCACHE_MODES, Settings, format_tokens
+from .models import BACKENDS, DEFAULT_CLIENT_FLOOR, LMCACHE_MODES, SERVER_KINDS, ServerSettings, Settings, format_tokens
 from .scenarios import MAX_TOKENS, MAX_TRIALS, TOKEN_COUNT_FORMS, parse_threshold_override, parse_token_count
-from .servers import SERVER_KINDS, ServerSettings
 
 __all__ = ["OPTIONS", "Number", "Option", "add_options", "gpus_per_worker", "number", "raw_value", "read_settings"]
 

@@ -27,10 +27,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from ._http import StreamPool
-from .loadgen import DEFAULT_CLIENT_FLOOR, LoadSpec, open_client, open_pool, run_round
+from .loadgen import LoadSpec, open_client, open_pool, run_round
 from .metrics import DEFAULT_PERCENTILES
 from .metrics import summarize as summarize_records
-from .models import RequestRecord, RoundResult, ScenarioCase, TrialResult
+from .models import DEFAULT_CLIENT_FLOOR, RequestRecord, RoundResult, ScenarioCase, TrialResult
 from .outputs import CONTROL_ROUND
 from .spread import ClientProcesses
 from .telemetry import Snapshot, TelemetrySource, summarize

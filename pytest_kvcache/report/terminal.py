@@ -117,7 +117,7 @@ def header_lines(settings: Settings, gpu: str | None = None, versions: dict | No
     """The session header: server, versions, GPU and labels (``pytest_report_header``)."""
     server = settings.server
     from .. import __version__
-    from ..loadgen import DEFAULT_CLIENT_FLOOR
+    from ..models import DEFAULT_CLIENT_FLOOR
 
     first = f"kvcache: pytest-kvcache {__version__}, server={server.kind}"
     if server.kind == "emulator":

@@ -6,7 +6,8 @@ items need the same configuration.
 
 from __future__ import annotations
 
-from ._base import SERVER_KINDS, ServerHandle, ServerSettings
+from ..models import SERVER_KINDS, ServerSettings
+from ._base import ServerHandle
 from ._pool import ServerPool
 
 __all__ = ["SERVER_KINDS", "ServerHandle", "ServerPool", "ServerSettings"]

@@ -6,40 +6,7 @@ from pathlib import Path
 
 from ..telemetry import TelemetrySource
 
-__all__ = ["SERVER_KINDS", "ServerHandle", "ServerSettings"]
-
-#: ``--kv-server`` choices.
-SERVER_KINDS: tuple[str, ...] = ("emulator", "vllm", "external")
-
-
-@dataclass(frozen=True)
-class ServerSettings:
-    """What the options say about servers (one per session)."""
-
-    kind: str = "emulator"
-    endpoint: str | None = None
-    model: str | None = None
-    emulator_profile: str = "quick"
-    emulator_slowdown: float = 1.0
-    ready_timeout: float = 60.0
-    extra_args: tuple[str, ...] = ()
-    #: the interpreter that runs vLLM and LMCache (None: this one)
-    python: str | None = None
-    #: labels the fixture cannot set (bandwidth, arcc, direction, storage mount), recorded on every result
-    labels: tuple[tuple[str, str], ...] = ()
-    #: LMCache mode (backends.choose_lmcache_mode): ``lmcache_mode_override`` (--kv-lmcache-mode)
-    #: beats a scenario's lmcache_mode, which beats ``lmcache_mode`` (ini); None: not given
-    lmcache_mode: str | None = None
-    lmcache_mode_override: str | None = None
-    #: backend settings (see backends.BackendOptions)
-    redis_url: str | None = None
-    gds_path: str | None = None
-    lmcache_overrides: tuple[tuple[str, str], ...] = ()
-    #: vllm serve's engine settings (None: vLLM's default)
-    tensor_parallel_size: int | None = None
-    max_model_len: int | None = None
-    gpu_memory_utilization: float | None = None
-
+__all__ = ["ServerHandle"]
 
 @dataclass
 class ServerHandle:

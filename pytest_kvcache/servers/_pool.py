@@ -15,7 +15,8 @@ from ..backends.probe import StackProbe, probe_stack
 from ..emulator.profile_file import profile_label
 from ..errors import ServerError
 from ..telemetry import TelemetrySource
-from ._base import ServerHandle, ServerSettings
+from ..models import ServerSettings
+from ._base import ServerHandle
 from ._process import ManagedProcess, free_port, http_ready, redis_ready, tcp_ready
 from .external import connect_external
 from .vllm import vllm_command

@@ -10,7 +10,6 @@ between the items of one server).
 
 from __future__ import annotations
 
-import asyncio
 import random as _random
 
 from ..errors import WorkloadError
@@ -27,6 +26,8 @@ _MAX_FIT_ROUNDS = 12
 
 async def build_random_prompts(codec: TokenCodec, *, input_len: int, output_len: int, num_prompts: int,
                                seed: int, trial: int, parallel: int = 4) -> list[Prompt]:
+    import asyncio  # here, not at the top: scenarios.py (read at every pytest start) imports this module
+
     limit = asyncio.Semaphore(parallel)
 
     async def one(index: int) -> Prompt:
