@@ -26,7 +26,7 @@ import pytest
 from ._atomic import write_json_atomic
 from .baselines import BaselineRun, BaselineTrial, describe_runs, key_to_relpath
 from .decision import judge_item, plan_baseline_update
-from .errors import BaselineError
+from .errors import BaselineError, ScenarioError
 from .identity import Identity, diff_testbeds, host_facts, item_identity, software_change, stable_hash
 from .collection import ScenarioItem
 from .models import ItemOutcome, MetricThreshold, ScenarioCase
@@ -82,10 +82,10 @@ def storage_items(parent: pytest.File) -> Iterator[StorageItem]:
 
     data = yaml.safe_load(parent.path.read_text(encoding="utf-8"))
     try:
-        threshold = parse_threshold(data.get("threshold", DEFAULT_THRESHOLD))
-        configs = storage_configs(data)
-    except (ValueError, TypeError) as exc:
-        raise parent.CollectError(f"{parent.path}: {exc}") from None
+        configs = storage_configs(data, parent.path)  # checks every key, the threshold too
+    except ScenarioError as exc:
+        raise parent.CollectError(str(exc)) from None
+    threshold = parse_threshold(data.get("threshold", DEFAULT_THRESHOLD))
     for config in configs:
         case = storage_case(config, parent.path, threshold)
         yield StorageItem.from_parent(parent, name=case.name, callobj=_storage_test, case=case, storage=config)

@@ -126,7 +126,8 @@ def test_an_incomplete_trial_is_excluded_and_named_in_the_json(project):
 
 
 def test_a_storage_item_with_every_trial_incomplete_fails_and_is_never_stored(project):
-    project.path.joinpath("scenarios", "tiers.yaml").write_text(STORAGE.format(timeout=0))
+    # a microsecond per trial: every trial runs out of time
+    project.path.joinpath("scenarios", "tiers.yaml").write_text(STORAGE.format(timeout="0.000001"))
     result = project.runpytest_subprocess("-m", "storage", "--update-baselines", "--kv-results-dir=run")
     result.assert_outcomes(failed=2, deselected=1)
     result.stdout.fnmatch_lines(["*only 0 of 3 trials completed, too few to compare*"])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pytest_kvcache.errors import ScenarioError
 from pytest_kvcache.servers._process import free_port
 from pytest_kvcache.storage import RamTier, StorageConfig, TierSpec, TraceSpec, open_tier, run_storage
 from pytest_kvcache.storage import replay as replay_module
@@ -213,20 +214,33 @@ def test_the_seed_002_scenario_runs_in_seconds_and_orders_the_hierarchies(tmp_pa
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"matrix": {"tiers": ["hbm+tape"]}}, "capacities.hbm\\+tape: give the size of each of its tiers"),
-    ({"capacities": {"disk": {"disk": "lots"}}}, "capacities.disk.disk: 'lots' is no size"),
-    ({"trace": {"turns": 2, "blocks": 1}}, "trace.blocks: unknown key"),
-    ({"tiering": 1}, "tiering: unknown key"),
-    ({"matrix": {"users": [1]}}, "matrix: give tiers"),
+    ({"matrix": {"tiers": ["hbm+tape"]}}, "key 'matrix.tiers': 'hbm\\+tape' is no hierarchy"),
+    ({"matrix": {"tiers": ["cpu+disk"]}}, "key 'capacities.cpu\\+disk': give the size of each of its tiers"),
+    ({"capacities": {"disk": {"disk": "lots"}}}, "key 'capacities.disk.disk': 'lots' is no size"),
+    ({"trace": {"turns": 2, "blocks": 1}}, "key 'trace.blocks': unknown key"),
+    ({"trace": {"turns": 0}}, "key 'trace.turns': 0 is not a whole number of at least 1"),
+    ({"trace": "x"}, "key 'trace': 'x' is not a mapping"),
+    ({"tiering": 1}, "key 'tiering': unknown key"),
+    ({"matrix": {"users": [1]}}, "key 'matrix': give tiers"),
+    ({"matrix": {"tiers": ["disk"], "users": [0]}}, "key 'matrix.users'"),
+    ({"capacities": "x"}, "key 'capacities': 'x' is not a mapping"),
+    ({"trials": -1}, "key 'trials': -1 is not a whole number from 1 to 100"),
+    ({"trial_timeout_s": "x"}, "key 'trial_timeout_s'"),
+    ({"seed": None}, "key 'seed'"),
+    ({"promote": "bottom"}, "key 'promote': 'bottom': use one of"),
+    ({"threshold": "200%"}, "key 'threshold': '200%' is no fraction"),
+    ({"matrix": {"tiers": ["redis"]}, "capacities": {"redis": {"redis": "1MiB"}}}, "key 'redis_url'"),
+    ({"matrix": {"tiers": ["cpu"]}, "capacities": {"cpu": {"cpu": "100TiB"}}},
+     "key 'capacities.cpu': its memory tiers hold .* more than half of this machine's memory"),
 ])
-def test_storage_scenario_errors_name_the_key(change, message):
+def test_storage_scenario_errors_name_the_file_and_key(change, message):
     data = {"name": "s", "matrix": {"tiers": ["disk"]}, "capacities": {"disk": {"disk": "1MiB"}}, **change}
-    with pytest.raises(ValueError, match=message):
-        storage_configs(data)
+    with pytest.raises(ScenarioError, match=f"^tiers.yaml: {message}"):
+        storage_configs(data, "tiers.yaml")
 
 
 def test_sizes():
-    assert [parse_size(v, "k") for v in (4096, "128KiB", "1.5MB", "2 GiB")] == [4096, 131072, 1_500_000, 2 * 2**30]
+    assert [parse_size(v) for v in (4096, "128KiB", "1.5MB", "2 GiB")] == [4096, 131072, 1_500_000, 2 * 2**30]
     for bad in (0, -1, "1XB", True, "MiB"):
         with pytest.raises(ValueError, match="no size"):
-            parse_size(bad, "k")
+            parse_size(bad)
