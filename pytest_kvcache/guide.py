@@ -14,7 +14,8 @@ import pytest
 
 from .models import BACKENDS, PHASES, format_tokens
 from .report.redact import redact_url
-from .report.terminal import TerminalProgress, fit_lines, terminal_width
+from .report.progress import TerminalProgress
+from .report.text import fit_lines, terminal_width
 
 __all__ = ["SessionGuide"]
 

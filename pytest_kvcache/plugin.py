@@ -220,8 +220,8 @@ def kvcache_session(pytestconfig: pytest.Config) -> KVSession:
 
 def item_progress(request: pytest.FixtureRequest, name: str) -> Callable[[str], None]:
     """Where an item's progress goes (scenario items and fixture tests alike): a line per
-    round under -v, else a status that never floods (see report.terminal.ItemProgress)."""
-    from .report.terminal import ItemProgress
+    round under -v, else a status that never floods (see report.progress.ItemProgress)."""
+    from .report.progress import ItemProgress
 
     verbose = request.config.stash[SETTINGS_KEY].verbose
     return ItemProgress(name, request.config.stash[GUIDE_KEY].progress_output(), verbose=verbose > 0)
@@ -276,7 +276,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     kv = config.stash.get(SESSION_KEY, None)
     if kv is None or not kv.outcomes:
         return
-    from .report.terminal import fit_lines, render_summary, terminal_width
+    from .report.terminal import render_summary
+    from .report.text import fit_lines, terminal_width
 
     width = terminal_width(config)  # every line fits the terminal (where there is one), nothing is cut
 

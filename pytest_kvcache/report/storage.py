@@ -56,7 +56,8 @@ def storage_rows(outcomes: Sequence) -> list[tuple[str, ...]]:
 
 def storage_lines(outcomes: Sequence, width: int | None) -> list[str]:
     """The storage table and its excluded trials, within ``width`` columns; none without storage items."""
-    from .terminal import fit_lines, fit_table
+    from .terminal import fit_table
+    from .text import fit_lines
 
     rows = storage_rows(outcomes)
     if not rows:

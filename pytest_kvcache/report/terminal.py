@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Sequence
+from typing import Any
 
 from ..decision import Gate, Zone
 from ..models import ItemOutcome, Settings
 from .redact import redact_url
+from .text import fit_lines
 
-__all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "ItemProgress", "TerminalProgress",
-           "fit_lines", "fit_table", "gate_line", "header_lines", "render_summary", "summary_rows", "terminal_width",
-           "unjudged_count"]
+__all__ = ["DROP_ORDER", "SUMMARY_HEADER", "ZONE_COLOURS", "fit_table", "gate_line", "header_lines", "render_summary",
+           "summary_rows", "unjudged_count"]
 
 #: Terminal colour of each zone (pytest's TerminalWriter markup names).
 ZONE_COLOURS: dict[Zone, str] = {Zone.FAIL: "red", Zone.WARN: "yellow", Zone.IMPROVED: "cyan", Zone.PASS: "green"}
@@ -162,40 +160,6 @@ def _note_colour(note: str) -> str | None:
     return colour or ("yellow" if note.startswith(("NOT COMPARED", "SESSION")) else None)
 
 
-def terminal_width(config) -> int | None:
-    """The width every line of the session fits: the terminal's (COLUMNS, else the tty's
-    own), where the output is a terminal; None for a log (CI, a pipe, a file), which has no
-    width to fit and keeps its lines whole to be searched, as pytest keeps its summary lines
-    whole on CI. (COLUMNS alone tells no terminal: GNU readline exports it in any process
-    that loads it, and children inherit it.)"""
-    reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is None:  # an xdist worker
-        return None
-    isatty = reporter.isatty  # a method since pytest 8.1, a bool before
-    return config.get_terminal_writer().fullwidth if (isatty() if callable(isatty) else isatty) else None
-
-
-def fit_lines(lines: Sequence[str], width: int | None, indent: str = "    ") -> list[str]:
-    """Each line wrapped to ``width`` columns (None: as they are), its continuation lines
-    indented under it. A long word (a path) starts a line of its own, and only one longer
-    than a whole line is broken: nothing is ever cut off."""
-    import textwrap
-
-    if not width:
-        return list(lines)
-    out = []
-    for line in lines:
-        lead = line[:len(line) - len(line.lstrip())]
-        more = (lead + indent)[:max(0, width // 2)]
-        for part in textwrap.wrap(line, width=width, subsequent_indent=more, break_long_words=False,
-                                  break_on_hyphens=False) or [""]:
-            while len(part) > width:
-                out.append(part[:width])
-                part = more + part[width:]
-            out.append(part)
-    return out
-
-
 def _table_lines(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Sequence[int]) -> list[str]:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in keep]
     lines = ["  ".join(str(header[i]).ljust(w) for i, w in zip(keep, widths)).rstrip(),
@@ -266,111 +230,3 @@ def render_summary(outcomes: Sequence[ItemOutcome], gate: Gate | None, settings:
         colour = "red" if interrupted or (gate is not None and gate.failed) else "green"
         lines += [(text, colour) for text in fit_lines([last], width)]
     return lines
-
-
-class ProgressOutput(Protocol):
-    """Where :class:`ItemProgress` writes: whole lines, and (on a terminal) a status that
-    the next status or :meth:`clear` replaces."""
-
-    tty: bool
-
-    def line(self, text: str) -> None: ...
-
-    def status(self, text: str) -> None: ...
-
-    def clear(self) -> None: ...
-
-
-#: the runner's progress texts (runner.CaseRunner): a round's requests done, its warm-up requests
-_ROUND_PROGRESS = re.compile(r"^(?P<round>.*): (?P<done>\d+)/(?P<total>\d+) requests$")
-_WARMUP = re.compile(r"^(?P<round>.*): (?P<n>\d+) warm-up requests$")
-
-
-class ItemProgress:
-    """What a running item shows of its progress, fed the runner's texts (``__call__``).
-
-    ``-v``: one line per round, when it ends (with its time and warm-up requests), and
-    every other message (a confirmation run). Otherwise: on a terminal one status after
-    the item's dots, rewritten in place at most every ``status_every`` seconds (its output
-    clears it before pytest reports the item); in a log (no terminal), one line at most
-    every ``line_every`` seconds, so an item of minutes shows it is alive and a short one
-    adds nothing."""
-
-    def __init__(self, name: str, out: ProgressOutput | None, verbose: bool, *,
-                 clock: Callable[[], float] | None = None, status_every: float = 0.2, line_every: float = 30.0) -> None:
-        import time
-
-        self.name = name
-        self.out = out
-        self.verbose = verbose
-        self._clock = clock or time.monotonic
-        self._status_every = status_every
-        self._line_every = line_every
-        self._started = self._mark = self._clock()
-        self._last_status = -math.inf
-        self._last_line = self._started  # the first line only once an item has run line_every seconds
-        self._warmups: str | None = None
-
-    def __call__(self, text: str) -> None:
-        if self.out is None:
-            return
-        now = self._clock()
-        done = _ROUND_PROGRESS.match(text)
-        if self.verbose:
-            warmup = _WARMUP.match(text)
-            if warmup:
-                self._warmups = warmup["n"]
-            elif done is None:
-                self.out.line(f"  kvcache {self.name}: {text}")
-            elif done["done"] == done["total"]:
-                extra = f", after {self._warmups} warm-up requests" if self._warmups else ""
-                self.out.line(f"  kvcache {self.name}: {text} in {now - self._mark:.1f} s{extra}")
-                self._mark, self._warmups = now, None
-            return
-        if self.out.tty:
-            if now - self._last_status >= self._status_every:
-                self.out.status(f"{self.name}: {text}")
-                self._last_status = now
-        elif now - self._last_line >= self._line_every:
-            self.out.line(f"  kvcache {self.name}: {text} ({now - self._started:.0f} s into the item)")
-            self._last_line = now
-
-
-class TerminalProgress:
-    """:class:`ProgressOutput` on pytest's terminal. Writes bypass pytest's capture; the
-    status is written raw after the item's dots (pytest does not count it in its line, so
-    its own layout is unchanged) and erased with backspaces."""
-
-    def __init__(self, reporter, capture) -> None:
-        self._reporter = reporter
-        self._capture = capture
-        self._tw = reporter.config.get_terminal_writer()
-        isatty = reporter.isatty  # a method since pytest 8.1, a bool before
-        self.tty = bool(isatty() if callable(isatty) else isatty)
-        self._width = terminal_width(reporter.config)
-        self._shown = 0
-
-    def line(self, text: str) -> None:
-        with self._capture.global_and_fixture_disabled():
-            self._erase()
-            for part in fit_lines([text], self._width):
-                self._reporter.write_line(part)
-
-    def status(self, text: str) -> None:
-        room = self._tw.fullwidth - self._tw.width_of_current_line - len(" [100%]") - 2
-        with self._capture.global_and_fixture_disabled():
-            self._erase()
-            if room >= 12:
-                text = " " + (text if len(text) <= room else text[:room - 1] + "…")
-                self._tw.write_raw(text, flush=True)
-                self._shown = len(text)
-
-    def clear(self) -> None:
-        if self._shown:
-            with self._capture.global_and_fixture_disabled():
-                self._erase()
-
-    def _erase(self) -> None:
-        if self._shown:
-            n, self._shown = self._shown, 0
-            self._tw.write_raw("\b" * n + " " * n + "\b" * n, flush=True)

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_kvcache.decision import Zone
-from pytest_kvcache.report.terminal import DROP_ORDER, SUMMARY_HEADER, ItemProgress, fit_table, render_summary
+from pytest_kvcache.report.progress import ItemProgress
+from pytest_kvcache.report.terminal import DROP_ORDER, SUMMARY_HEADER, fit_table, render_summary
 
 LONG_REASON = ("no baseline for seed_prefill/prefill[cpu-100k-c16] in /home/someone/projects/llm-serving/"
                "baselines; run with --update-baselines to create one")
