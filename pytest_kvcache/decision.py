@@ -26,8 +26,11 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .stats import MetricComparison, benjamini_hochberg, holm, threshold_log
+if TYPE_CHECKING:  # stats is imported where a comparison is judged: the history and the
+    # reports read zones (this module) in runs that compare nothing
+    from .stats import MetricComparison
 
 __all__ = [
     "SCREEN_P",
@@ -165,6 +168,8 @@ def needs_confirmation(comparisons: Sequence[MetricComparison]) -> bool:
     the item; it is what lets the gate hold its false failures on runners whose runs
     are noisy and heavy-tailed (docs/statistics.md).
     """
+    from .stats import threshold_log
+
     for c in comparisons:
         if not c.judged or c.runs_current > 1 or c.p_worse > SCREEN_P:
             continue
@@ -331,6 +336,8 @@ class Gate:
 def session_gate(entries: Sequence[GateEntry], alpha: float) -> Gate:
     """Holm over every comparison of the session (BH for the report), in entry order;
     the items not compared as docs/statistics.md (What counts as unjudged) defines them."""
+    from .stats import benjamini_hochberg, holm
+
     pairs = [(e.item, c) for e in entries for c in e.comparisons]
     worse = [c.p_worse for _, c in pairs]
     holm_worse, holm_better = holm(worse), holm([c.p_better for _, c in pairs])
