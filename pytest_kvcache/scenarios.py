@@ -100,6 +100,7 @@ __all__ = [
     "parse_scenario",
     "parse_threshold_override",
     "parse_token_count",
+    "read_scenario_data",
 ]
 
 #: Keys that may vary in ``matrix`` (or stand at top level as one value).
@@ -199,6 +200,12 @@ def default_thresholds(output_len: int) -> tuple[MetricThreshold, ...]:
 
 def load_scenario(path: Path) -> Scenario:
     """Read and validate one scenario file."""
+    return parse_scenario(read_scenario_data(path), path)
+
+
+def read_scenario_data(path: Path | str) -> Any:
+    """A scenario file's YAML, read within the limits of a scenario file (size, UTF-8,
+    depth, expanded size); any problem is a ScenarioError naming the file."""
     try:
         with open(path, "rb") as file:
             raw = file.read(MAX_FILE_BYTES + 1)
@@ -212,7 +219,7 @@ def load_scenario(path: Path) -> Scenario:
     except UnicodeDecodeError as exc:
         raise ScenarioError(path, "<file>", f"is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
                             "save it as UTF-8 YAML") from None
-    return parse_scenario(_load_yaml(text, path), path)
+    return _load_yaml(text, path)
 
 
 def _load_yaml(text: str, path: Path | str) -> Any:

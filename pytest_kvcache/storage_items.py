@@ -31,6 +31,7 @@ from .identity import Identity, diff_testbeds, host_facts, item_identity, softwa
 from .collection import ScenarioItem
 from .models import ItemOutcome, MetricThreshold, ScenarioCase
 from .report.json_report import RESULT_SCHEMA_VERSION
+from .scenarios import read_scenario_data
 from .session import KVSession
 from .stats import Direction, MetricComparison, compare_runs
 from .storage.replay import StorageConfig, run_storage
@@ -57,11 +58,9 @@ class StorageOutcome(ItemOutcome):
 
 def is_storage_file(path: Path) -> bool:
     """Whether a scenario file declares ``phase: storage`` (read before scenarios.py parses it)."""
-    import yaml
-
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        data = read_scenario_data(path)
+    except ScenarioError:
         return False  # scenarios.py reports it
     return isinstance(data, dict) and data.get("phase") == "storage"
 
@@ -78,9 +77,7 @@ def storage_case(config: StorageConfig, path: Path, threshold: float) -> Scenari
 
 
 def storage_items(parent: pytest.File) -> Iterator[StorageItem]:
-    import yaml
-
-    data = yaml.safe_load(parent.path.read_text(encoding="utf-8"))
+    data = read_scenario_data(parent.path)  # read once already, by is_storage_file
     try:
         configs = storage_configs(data, parent.path)  # checks every key, the threshold too
     except ScenarioError as exc:

@@ -199,13 +199,9 @@ def storage_configs(data: dict[str, Any], path: str | Path = "<storage scenario>
 
 def load_storage_scenario(path: str | Path) -> tuple[StorageConfig, ...]:
     """The configs of a storage file; a bad file raises ScenarioError naming it and the key."""
-    import yaml
+    from ..scenarios import read_scenario_data
 
-    try:
-        with open(path, encoding="utf-8") as file:
-            data = yaml.safe_load(file)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ScenarioError(path, "(file)", f"cannot be read as YAML: {exc}") from None
+    data = read_scenario_data(path)  # within the limits of every scenario file
     if not isinstance(data, dict):
-        raise ScenarioError(path, "(file)", "a storage scenario is a mapping of keys")
+        raise ScenarioError(path, "<file>", "a storage scenario is a mapping of keys")
     return storage_configs(data, path)
