@@ -84,18 +84,22 @@ class ScenarioFile(pytest.File):
     (pytest's own: the message alone, the traceback under --fulltrace)."""
 
     def collect(self) -> Iterator[ScenarioItem]:
-        from .scenarios import load_scenario, override_thresholds
+        from .scenarios import override_thresholds, parse_scenario, read_scenario_data
 
-        from .storage_items import is_storage_file, storage_items
+        from .storage_items import is_storage_data, storage_items
 
         clash = _stem_clash(self.config, self.path)
         if clash:
             raise self.CollectError(clash)
-        if is_storage_file(self.path):  # phase: storage, no server (storage_items.py)
-            yield from storage_items(self)
+        try:
+            data = read_scenario_data(self.path)
+        except KVCacheError as exc:
+            raise self.CollectError(str(exc)) from None
+        if is_storage_data(data):  # phase: storage, no server (storage_items.py)
+            yield from storage_items(self, data)
             return
         try:
-            scenario = load_scenario(self.path)
+            scenario = parse_scenario(data, self.path)
             overrides = self.config.stash[SETTINGS_KEY].thresholds
             cases = [override_thresholds(case, overrides) for case in scenario.cases]
         except KVCacheError as exc:

@@ -437,7 +437,7 @@ class Measurement:
     identity (testbed and software) that says which baselines they may be compared with."""
 
     result: CaseResult
-    backend: BackendConfig
+    backend: BackendConfig | None  # None: an item that runs no server (the storage phase)
     identity: Identity
 
 

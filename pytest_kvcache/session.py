@@ -229,7 +229,7 @@ class KVSession:
             return self.pool.acquire(backend)
         except KVCacheError as exc:
             error = str(exc)
-        self._fail(outcome, error)  # outside the except block: one message, no chained traceback
+        self.fail(outcome, error)  # outside the except block: one message, no chained traceback
 
     def measure(self, outcome: ItemOutcome, case: ScenarioCase, backend: BackendConfig, trials: Iterable[int],
                 progress: Callable[[str], None]) -> Measurement:
@@ -277,7 +277,7 @@ class KVSession:
             if died:
                 error = f"the server died during the run: {died}\n  the request that failed: {error}"
         if error is not None:  # failed outside the except block: one message, no chained traceback
-            self._fail(outcome, error)
+            self.fail(outcome, error)
         assert server is not None  # acquired, or an error above
         if outcome.result is None and case.reference_backend is None:
             # what was measured stays in the item's JSON should a check below fail the item
@@ -286,10 +286,10 @@ class KVSession:
         if any(not t.usable for t in results):
             died = server.exit_report(grace=1.0)
             if died:
-                self._fail(outcome, f"the server died during the run: {died}\n  "
+                self.fail(outcome, f"the server died during the run: {died}\n  "
                            + "\n  ".join(f"trial {t.index + 1}: {t.problem}" for t in results if not t.usable))
         if missed:  # an external server has no log of ours to point at
-            self._fail(outcome, missed + (f"\n  server log: {server.log_path}" if server.log_path else ""))
+            self.fail(outcome, missed + (f"\n  server log: {server.log_path}" if server.log_path else ""))
         self._check_answers(outcome, case, backend.name, results, control is not None, server)
         return server, results
 
@@ -323,14 +323,14 @@ class KVSession:
         if outcome.output_check is None or outcome.output_check.status in ("not_applicable", "off") or on:
             outcome.output_check, outcome.answers = check, tuple(results)
         if check.failed:
-            self._fail(outcome, check.reason + (f"\n  server log: {server.log_path}" if server.log_path else ""))
+            self.fail(outcome, check.reason + (f"\n  server log: {server.log_path}" if server.log_path else ""))
 
     # -- paired design ------------------------------------------------------------------
 
     def require_pairs(self, outcome: ItemOutcome, case: ScenarioCase, trials: int, source: str) -> None:
         """Checked before anything is measured: one pair cannot show a difference."""
         if trials < 2:
-            self._fail(outcome, f"a paired comparison ({case.backend} against {case.reference_backend}) needs at "
+            self.fail(outcome, f"a paired comparison ({case.backend} against {case.reference_backend}) needs at "
                        f"least 2 trials, one pair of reference and candidate runs each, and {source} is {trials}; "
                        "use --trials 2 or more")
 
@@ -366,7 +366,7 @@ class KVSession:
         if len(pairs) < 2:
             problems = [f"trial {t.index + 1} ({side}): {t.problem}" for side, res in (("reference", ref),
                         ("candidate", cand)) for t in res.trials if not t.usable]
-            self._fail(outcome, f"only {len(pairs)} complete pairs of trials, too few to compare:\n  "
+            self.fail(outcome, f"only {len(pairs)} complete pairs of trials, too few to compare:\n  "
                        + "\n  ".join(problems))
         comparisons = []
         for threshold in case.thresholds:
@@ -382,18 +382,23 @@ class KVSession:
 
     # -- against the stored baseline ----------------------------------------------------------
 
-    def judge(self, outcome: ItemOutcome, measured: Measurement, progress: Callable[[str], None]) -> None:
+    def judge(self, outcome: ItemOutcome, measured: Measurement, progress: Callable[[str], None],
+              remeasure: Callable[[int], CaseResult] | None = None) -> None:
         """Compare ``measured`` with the item's stored baseline (confirming a first run that
-        looks worse on a fresh server), or store it under --update-baselines /
-        --reset-baselines; fail or skip the item as the gate says."""
+        looks worse with ``remeasure(run)``: by default the trials again on a fresh server),
+        or store it under --update-baselines / --reset-baselines; fail or skip the item as
+        the gate says."""
         s = self.settings
         result, identity, backend = measured.result, measured.identity, measured.backend
+        if remeasure is None:
+            assert backend is not None, "an item without a server brings its own remeasure"
+            remeasure = partial(self._remeasure, outcome, backend, result, progress)
         outcome.case, outcome.result, outcome.identity = result.case, result, identity
         usable, total = len(result.usable_trials), len(result.trials)
         problems = [f"trial {t.index + 1}: {t.problem}" for t in result.trials if not t.usable]
         # An incomplete or invalid trial never enters a comparison or a baseline.
         if usable < total and usable < max(2, (total + 1) // 2):
-            self._fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
+            self.fail(outcome, f"only {usable} of {total} trials are usable, too few to compare:\n  "
                        + "\n  ".join(problems))
         try:
             baseline, unreadable = self.store.load(outcome.baseline_key), None
@@ -404,7 +409,7 @@ class KVSession:
                 flag = "--reset-baselines" if s.reset_baselines else "--update-baselines"
                 unreadable = (f"baseline NOT updated: {flag} never overwrites a baseline file it cannot read "
                               f"(it may hold runs worth keeping); {unreadable}")
-            self._fail(outcome, unreadable)
+            self.fail(outcome, unreadable)
         differences = diff_testbeds(self._stored_testbed(baseline), identity.testbed) if baseline else []
         if s.update_baselines or s.reset_baselines:
             self._update_baseline(outcome, baseline, differences, problems, backend)
@@ -422,10 +427,7 @@ class KVSession:
         for attempt in range(1, s.confirm_runs + 1):
             if not needs_confirmation(comparisons):
                 break
-            progress(f"the first run looks worse: confirming with run {attempt + 1} on a fresh server")
-            _server, results = self._measure(outcome, outcome.case, backend, [t.index for t in result.trials],
-                                             progress, fresh=True)
-            outcome.confirmations.append(CaseResult(case=outcome.case, trials=results, server=result.server))
+            outcome.confirmations.append(remeasure(attempt + 1))
             comparisons = self._compare(outcome, baseline, [result, *outcome.confirmations])
         judgement = judge_item(comparisons, alpha=s.alpha, planned=self.planned(),
                                software_change=outcome.software_change)
@@ -433,7 +435,15 @@ class KVSession:
         unjudged = [c for c in comparisons if not c.judged]
         if s.strict_baselines and (unjudged or not comparisons):
             why = unjudged[0].note if unjudged else "the baseline has no value of the item's metrics"
-            self._fail(outcome, f"{outcome.case.name} could not be judged: {why} (--strict-baselines)")
+            self.fail(outcome, f"{outcome.case.name} could not be judged: {why} (--strict-baselines)")
+
+    def _remeasure(self, outcome: ItemOutcome, backend: BackendConfig, first: CaseResult,
+                   progress: Callable[[str], None], run: int) -> CaseResult:
+        """The first run's trials again on a fresh server: a confirmation run."""
+        progress(f"the first run looks worse: confirming with run {run} on a fresh server")
+        _server, results = self._measure(outcome, outcome.case, backend, [t.index for t in first.trials],
+                                         progress, fresh=True)
+        return CaseResult(case=outcome.case, trials=results, server=first.server)
 
     def _stored_testbed(self, baseline: Baseline) -> dict[str, str]:
         return self._stored_testbed_of(baseline.testbed)
@@ -460,14 +470,15 @@ class KVSession:
                 threshold.metric, stored, current, direction=Direction(threshold.direction),
                 threshold=threshold.threshold, alpha=self.settings.alpha / planned,
                 prior=self._prior(threshold.metric, testbed),
-                shared_current=self.settings.server.kind == "external"))
+                # an external server's runs share it; a storage item runs no server
+                shared_current=self.settings.server.kind == "external" and outcome.case.phase != "storage"))
         return comparisons
 
     def _conclude(self, outcome: ItemOutcome, comparisons: list[MetricComparison], judgement, headline: str) -> None:
         outcome.comparisons, outcome.verdicts = list(comparisons), list(judgement.verdicts)
         outcome.status = "compared"
         if judgement.failed:
-            self._fail(outcome, f"{headline}:\n  " + "\n  ".join(judgement.failures))
+            self.fail(outcome, f"{headline}:\n  " + "\n  ".join(judgement.failures))
 
     def _prior(self, metric: str, testbed) -> NoisePrior | None:
         """The run-to-run noise of ``metric`` pooled over the session's items stored on the
@@ -509,19 +520,19 @@ class KVSession:
                           night_var=_night(tables, night_variance))
 
     def _update_baseline(self, outcome: ItemOutcome, baseline: Baseline | None, differences: list[str],
-                         problems: list[str], backend: BackendConfig) -> None:
+                         problems: list[str], backend: BackendConfig | None) -> None:
         s = self.settings
-        if s.server.emulator_slowdown != 1.0:
-            self._fail(outcome, f"baseline NOT updated: --emulator-slowdown {s.server.emulator_slowdown:g} rehearses "
+        if backend is not None and s.server.emulator_slowdown != 1.0:
+            self.fail(outcome, f"baseline NOT updated: --emulator-slowdown {s.server.emulator_slowdown:g} rehearses "
                        "a regression; a run made with it is never stored as a baseline")
-        if backend.rehearsal:
-            self._fail(outcome, f"baseline NOT updated: {backend.rehearsal}, a rehearsal of a failing tier; a run "
+        if backend is not None and backend.rehearsal:
+            self.fail(outcome, f"baseline NOT updated: {backend.rehearsal}, a rehearsal of a failing tier; a run "
                        "made with it is never stored as a baseline")
         if problems:
-            self._fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
+            self.fail(outcome, "baseline NOT updated: every trial must be complete and valid;\n  "
                        + "\n  ".join(problems))
         if baseline is not None and differences and not s.reset_baselines:
-            self._fail(outcome, f"baseline NOT updated: {baseline.path} was recorded on another testbed ("
+            self.fail(outcome, f"baseline NOT updated: {baseline.path} was recorded on another testbed ("
                        + "; ".join(differences) + "); start a new one here with --reset-baselines")
         assert outcome.result is not None and outcome.identity is not None, "an update before a measurement"
         stored = list(baseline.runs) if baseline and not differences else []
@@ -531,7 +542,7 @@ class KVSession:
                                     stored_summary=describe_runs(list(baseline.runs)) if baseline else "")
         outcome.comparisons = comparisons
         if plan.action == "refuse":
-            self._fail(outcome, plan.message)
+            self.fail(outcome, plan.message)
         problem = None
         try:
             written, dropped = self.store.write(
@@ -543,7 +554,7 @@ class KVSession:
         except ValueError as exc:  # the run holds a value a baseline cannot (BaselineStore.write)
             problem = f"baseline NOT updated: {exc}"
         if problem is not None:  # failed outside the except block: one message, no chained traceback
-            self._fail(outcome, problem)
+            self.fail(outcome, problem)
         outcome.status, outcome.baseline_updated = "baseline-updated", True
         outcome.message = f"{plan.message} ({written.path}, {len(written.runs)} runs)"
         if dropped and plan.action == "append":
@@ -557,14 +568,15 @@ class KVSession:
             trials=tuple(BaselineTrial(index=t.index, summary=dict(t.measured.summary), ttfts_ms=tuple(
                 round(r.ttft * 1000.0, 4) for r in t.measured.records if r.success)) for t in outcome.result.trials))
 
-    def _fail(self, outcome: ItemOutcome, message: str) -> NoReturn:
+    def fail(self, outcome: ItemOutcome, message: str) -> NoReturn:
+        """Fail the item with ``message`` (its status and message set, the endpoint scrubbed)."""
         message = scrub(message, self.settings.server.endpoint)  # an error may quote the endpoint's URL
         outcome.status, outcome.message = "failed", message
         pytest.fail(message, pytrace=False)
 
     def _skip_or_fail(self, outcome: ItemOutcome, message: str) -> NoReturn:
         if self.settings.strict_baselines:
-            self._fail(outcome, message + " (--strict-baselines)")
+            self.fail(outcome, message + " (--strict-baselines)")
         message = scrub(message, self.settings.server.endpoint)
         outcome.status, outcome.message = "skipped", message
         pytest.skip(message)

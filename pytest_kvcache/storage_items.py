@@ -2,13 +2,13 @@
 
 A scenario file with ``phase: storage`` (``scenarios/storage.yaml``) gives one
 :class:`StorageItem` per matrix point. It starts no inference server: its body replays
-the trace (:func:`~.storage.replay.run_storage`) in the session's scratch folder, writes the
-item's JSON (the seed's figures, the excluded trials named) where the other items'
-go, and compares the storage throughput of its complete trials with the stored
-baseline with the statistics and zones of every other item (stats.compare_runs,
-decision.judge_item), or stores it under ``--update-baselines``. A trial that did not
-complete every request never enters a comparison or a baseline; an item none of whose
-trials completed fails.
+the trace (:func:`~.storage.replay.run_storage`) in the session's scratch folder and hands
+the trials to the session as every item's (:func:`storage_case_result`: one ``storage``
+round per trial whose summary holds the seed's figures, an incomplete trial marked
+unusable with what it lacked), so the comparison with the baseline, the confirmation
+run, ``--update-baselines``, the history store, JUnit properties and pytest-benchmark
+entries are those of every item (KVSession.judge). The item's JSON carries the seed's
+figures and names the excluded trials.
 """
 
 from __future__ import annotations
@@ -16,34 +16,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ._atomic import write_json_atomic
-from .baselines import BaselineRun, BaselineTrial, describe_runs, key_to_relpath
-from .decision import judge_item, plan_baseline_update
-from .errors import BaselineError, ScenarioError
-from .identity import Identity, diff_testbeds, host_facts, item_identity, software_change, stable_hash
+from .baselines import key_to_relpath
 from .collection import ScenarioItem
-from .models import ItemOutcome, MetricThreshold, ScenarioCase
+from .errors import ScenarioError
+from .identity import Identity, host_facts, item_identity, stable_hash
+from .models import CaseResult, ItemOutcome, Measurement, MetricThreshold, RoundResult, ScenarioCase, TrialResult
 from .report.json_report import RESULT_SCHEMA_VERSION
-from .scenarios import read_scenario_data
 from .session import KVSession
-from .stats import Direction, MetricComparison, compare_runs
 from .storage.replay import StorageConfig, run_storage
-from .storage.results import SCHEMA_VERSION, StorageResult
+from .storage.results import SCHEMA_VERSION, StorageResult, tier_names
+from .storage.results import TrialResult as StorageTrial
 from .storage.scenario import parse_threshold, storage_configs
 
-__all__ = ["STORAGE_METRIC", "StorageItem", "StorageOutcome", "is_storage_file", "storage_document", "storage_items"]
+__all__ = ["STORAGE_METRIC", "StorageItem", "StorageOutcome", "is_storage_data", "storage_case_result",
+           "storage_document", "storage_items"]
 
 #: What a storage item is judged on (higher is better): tokens / total storage I/O time.
 STORAGE_METRIC = "storage_throughput_tokens_per_sec"
-#: Stored beside it in a baseline, never judged: the wall clock includes think time.
-_WALL_METRIC = "wall_clock_throughput_tokens_per_sec"
+#: the round every storage trial is made of (no cold and warm rounds: one replay of the trace)
+STORAGE_ROUND = "storage"
 DEFAULT_THRESHOLD = 0.25
 #: a disk tier's file in its description: where it ran this time, not the testbed
 _FILE = re.compile(r"file \S+ ")
@@ -51,17 +50,15 @@ _FILE = re.compile(r"file \S+ ")
 
 @dataclass
 class StorageOutcome(ItemOutcome):
-    """An item outcome whose measurement is a :class:`StorageResult` (``result`` stays None)."""
+    """An item outcome whose runs are also kept as :class:`StorageResult` (the seed's
+    figures, per tier): ``storage`` the first run, ``storage_confirmations`` the rest."""
 
     storage: StorageResult | None = None
+    storage_confirmations: list[StorageResult] = field(default_factory=list)
 
 
-def is_storage_file(path: Path) -> bool:
-    """Whether a scenario file declares ``phase: storage`` (read before scenarios.py parses it)."""
-    try:
-        data = read_scenario_data(path)
-    except ScenarioError:
-        return False  # scenarios.py reports it
+def is_storage_data(data: Any) -> bool:
+    """Whether a scenario file's data declares ``phase: storage``."""
     return isinstance(data, dict) and data.get("phase") == "storage"
 
 
@@ -72,12 +69,12 @@ def storage_case(config: StorageConfig, path: Path, threshold: float) -> Scenari
     return ScenarioCase(
         scenario=scenario, path=str(path), phase="storage", case_id=case_id.rstrip("]"), backend="storage",
         input_len=0, concurrency=config.users, output_len=0, num_prompts=0, dataset=config.trace.source,
-        rounds=(), measure_round="", trials=config.trials, seed=config.seed, api="", request_rate=math.inf,
-        thresholds=(MetricThreshold(STORAGE_METRIC, "higher", threshold),))
+        rounds=(STORAGE_ROUND,), measure_round=STORAGE_ROUND, trials=config.trials, seed=config.seed, api="",
+        request_rate=math.inf, thresholds=(MetricThreshold(STORAGE_METRIC, "higher", threshold),))
 
 
-def storage_items(parent: pytest.File) -> Iterator[StorageItem]:
-    data = read_scenario_data(parent.path)  # read once already, by is_storage_file
+def storage_items(parent: pytest.File, data: Any) -> Iterator[StorageItem]:
+    """The items of a storage scenario file whose YAML ``data`` the collector read."""
     try:
         configs = storage_configs(data, parent.path)  # checks every key, the threshold too
     except ScenarioError as exc:
@@ -97,18 +94,29 @@ class StorageItem(ScenarioItem):
 
 
 def _storage_test(request: pytest.FixtureRequest, kvcache_session: KVSession) -> None:
+    from .plugin import item_progress, record_item
+
     item = request.node
-    run_storage_item(kvcache_session, item.nodeid, item.case, item.storage, item.baseline_key)
+    try:
+        run_storage_item(kvcache_session, item.nodeid, item.case, item.storage, item.baseline_key,
+                         item_progress(request, item.case.name))
+    finally:
+        record_item(request, kvcache_session)
 
 
-def run_storage_item(kv: KVSession, nodeid: str, case: ScenarioCase, config: StorageConfig,
-                     baseline_key: str) -> StorageOutcome:
+def run_storage_item(kv: KVSession, nodeid: str, case: ScenarioCase, config: StorageConfig, baseline_key: str,
+                     progress: Callable[[str], None] = lambda text: None) -> StorageOutcome:
     outcome = StorageOutcome(nodeid=nodeid, case=case, baseline_key=baseline_key,
                              json_path=kv.settings.results_dir / key_to_relpath(baseline_key))
     kv.outcomes.append(outcome)
     try:
-        _measure(kv, outcome, config)
-        _judge(kv, outcome)
+        config = _session_config(kv, config)
+        outcome.case = case = dataclasses.replace(case, trials=config.trials)
+        progress(f"replaying the trace: {config.trials} trials of {config.users} users")
+        outcome.storage = _replay(kv, outcome, config)
+        measured = Measurement(result=storage_case_result(case, outcome.storage), backend=None,
+                               identity=storage_identity(kv, case, outcome.storage))
+        kv.judge(outcome, measured, progress, remeasure=lambda run: _confirm(kv, outcome, config, progress, run))
     except KeyboardInterrupt:
         kv.cut_off(outcome)
         raise
@@ -117,22 +125,69 @@ def run_storage_item(kv: KVSession, nodeid: str, case: ScenarioCase, config: Sto
     return outcome
 
 
-def _measure(kv: KVSession, outcome: StorageOutcome, config: StorageConfig) -> None:
+def _session_config(kv: KVSession, config: StorageConfig) -> StorageConfig:
+    """The item's configuration with the session's --trials and scratch folder (removed at
+    the session's end, on the results' disk) where the scenario names none."""
     if kv.settings.trials:
         config = dataclasses.replace(config, trials=kv.settings.trials)
-    if config.scratch_dir is None:  # the session's scratch: removed at its end, on the results' disk
+    if config.scratch_dir is None:
         kv.pool.workdir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(config, scratch_dir=str(kv.pool.workdir))
+    return config
+
+
+def _replay(kv: KVSession, outcome: StorageOutcome, config: StorageConfig) -> StorageResult:
     problem: str | None = None
     try:
-        result = run_storage(config)
+        return run_storage(config)
     except (OSError, ValueError) as exc:  # a tier that cannot open (no redis, no room): the item fails, says why
         problem = f"the storage replay could not run: {type(exc).__name__}: {exc}"
-    if problem is not None:  # failed outside the except block: one message, no chained traceback
-        _fail(outcome, problem)
-    outcome.storage = result
-    outcome.case = dataclasses.replace(outcome.case, trials=config.trials)
-    outcome.identity = storage_identity(kv, outcome.case, result)
+    kv.fail(outcome, problem)  # outside the except block: one message, no chained traceback
+
+
+def _confirm(kv: KVSession, outcome: StorageOutcome, config: StorageConfig, progress: Callable[[str], None],
+             run: int) -> CaseResult:
+    """A confirmation run: the trace replayed again on fresh tiers."""
+    progress(f"the first run looks worse: confirming with run {run} on fresh tiers")
+    result = _replay(kv, outcome, config)
+    outcome.storage_confirmations.append(result)
+    return storage_case_result(outcome.case, result)
+
+
+def storage_case_result(case: ScenarioCase, result: StorageResult) -> CaseResult:
+    """A storage run as every item's trials: one ``storage`` round per trial, its summary
+    the trial's figures (:func:`trial_figures`), an incomplete trial marked with what it
+    lacked so that it never enters a comparison or a baseline."""
+    trials = tuple(TrialResult(index=t.trial, measure_round=STORAGE_ROUND, rounds=(RoundResult(
+        round=STORAGE_ROUND, records=(), duration=t.elapsed_s, summary=trial_figures(t), max_loop_lag_ms=0.0,
+        invalid_reason=None if t.complete else f"incomplete, {t.shortfall}"),)) for t in result.trials)
+    return CaseResult(case=case, trials=trials, server={"server": "storage", "tiers": _tiers_text(result)})
+
+
+def trial_figures(trial: StorageTrial) -> dict[str, float]:
+    """A trial's figures by the seed's names, and each tier's as ``<figure>:<tier>``
+    (``read_p95_ms:cpu``, ``evictions:disk``); figures a trial lacks are left out."""
+    figures: dict[str, float | None] = {
+        STORAGE_METRIC: trial.storage_throughput_tokens_per_sec,
+        "wall_clock_throughput_tokens_per_sec": trial.wall_clock_throughput_tokens_per_sec,
+        "bandwidth_bytes_per_sec": trial.bandwidth_bytes_per_sec, "storage_io_s": trial.storage_io_s,
+        "elapsed_s": trial.elapsed_s, "tokens": trial.tokens, "read_bytes": trial.read_bytes,
+        "write_bytes": trial.write_bytes, "read_write_ratio": trial.read_write_ratio,
+        "tier_read_bytes": trial.tier_read_bytes, "tier_write_bytes": trial.tier_write_bytes}
+    for name, tier in zip(tier_names(trial), trial.tiers):
+        read = tier.read_latency
+        figures.update({f"read_p50_ms:{name}": read.p50_ms, f"read_p95_ms:{name}": read.p95_ms,
+                        f"read_p99_ms:{name}": read.p99_ms,
+                        f"write_p95_ms:{name}": tier.write_latency.p95_ms, f"hits:{name}": tier.hits,
+                        f"misses:{name}": tier.misses, f"evictions:{name}": tier.evictions,
+                        f"demotions:{name}": tier.demotions})
+    return {k: float(v) for k, v in figures.items() if v is not None}
+
+
+def _tiers_text(result: StorageResult) -> str:
+    """The hierarchy's tiers as they ran (GPU or RAM, O_DIRECT or not), without the scratch file."""
+    tiers = result.trials[0].tiers if result.trials else ()
+    return " / ".join(f"{t.kind}: {_FILE.sub('', t.description)}" for t in tiers)
 
 
 def storage_identity(kv: KVSession, case: ScenarioCase, result: StorageResult) -> Identity:
@@ -140,115 +195,10 @@ def storage_identity(kv: KVSession, case: ScenarioCase, result: StorageResult) -
     configuration as the testbed; neither the scratch folder nor the trial count is part
     of it (trials are compared one by one, as every item's are)."""
     shape = {k: v for k, v in result.config.items() if k not in ("name", "scratch_dir", "trials")}
-    tiers = result.trials[0].tiers if result.trials else ()
-    fingerprint = {"storage_config": stable_hash(shape),
-                   "storage_tiers": " / ".join(f"{t.kind}: {_FILE.sub('', t.description)}" for t in tiers)}
+    fingerprint = {"storage_config": stable_hash(shape), "storage_tiers": _tiers_text(result)}
     labels = {f"label.{k}": v for k, v in (getattr(kv.settings.server, "labels", ()) or ())}
     return item_identity(case, "-", {"server": "storage", **labels}, fingerprint, host=host_facts(),
                          versions=kv.settings.versions, moves=kv.settings.key_moves)
-
-
-def _current(result: StorageResult) -> list[float]:
-    return [t.storage_throughput_tokens_per_sec for t in result.trials
-            if t.complete and t.storage_throughput_tokens_per_sec]
-
-
-def _judge(kv: KVSession, outcome: StorageOutcome) -> None:
-    s, result = kv.settings, outcome.storage
-    assert result is not None and outcome.identity is not None
-    used, total = result.summary.trials_used, len(result.trials)
-    if used == 0 or (used < total and used < max(2, (total + 1) // 2)):
-        _fail(outcome, f"only {used} of {total} trials completed, too few to compare:\n  "
-              + "\n  ".join(result.summary.excluded))
-    unreadable: str | None = None
-    try:
-        baseline = kv.store.load(outcome.baseline_key)
-    except BaselineError as exc:
-        baseline, unreadable = None, str(exc)
-    if unreadable is not None:  # failed outside the except block: one message, no chained traceback
-        _fail(outcome, unreadable)
-    differences = diff_testbeds(baseline.testbed, outcome.identity.testbed) if baseline else []
-    if s.update_baselines or s.reset_baselines:
-        _update_baseline(kv, outcome, baseline, differences)
-        return
-    if baseline is None or not baseline.runs:
-        _skip_or_fail(kv, outcome, f"no baseline for {outcome.baseline_key} in {s.baseline_dir}; "
-                      "run with --update-baselines to create one")
-        return
-    if differences:
-        outcome.testbed_differs = True
-        _skip_or_fail(kv, outcome, f"baseline {baseline.path} was recorded on another testbed ("
-                      + "; ".join(differences) + "); compare like with like, or start a new baseline here "
-                      "with --reset-baselines")
-        return
-    outcome.software_change = software_change([r.software for r in baseline.runs], outcome.identity.software)
-    comparisons = _compare(kv, outcome, baseline)
-    judgement = judge_item(comparisons, alpha=s.alpha, planned=kv.planned(), software_change=outcome.software_change)
-    outcome.comparisons, outcome.verdicts, outcome.status = comparisons, list(judgement.verdicts), "compared"
-    if judgement.failed:
-        _fail(outcome, "storage throughput regression:\n  " + "\n  ".join(judgement.failures))
-    if s.strict_baselines and not all(c.judged for c in comparisons):
-        why = next((c.note for c in comparisons if not c.judged), "no stored storage throughput")
-        _fail(outcome, f"{outcome.case.name} could not be judged: {why} (--strict-baselines)")
-
-
-def _compare(kv: KVSession, outcome: StorageOutcome, baseline) -> list[MetricComparison]:
-    if baseline is None or outcome.storage is None:
-        return []
-    threshold = outcome.case.thresholds[0]
-    stored, current = baseline.metric_runs(threshold.metric), _current(outcome.storage)
-    if not stored or not current:
-        return []
-    # the run-to-run noise pooled over the session's items' baselines on this runner, as every item's
-    prior = kv._prior(threshold.metric, outcome.identity.testbed) if outcome.identity is not None else None
-    return [compare_runs(threshold.metric, stored, [current], direction=Direction(threshold.direction),
-                         threshold=threshold.threshold, alpha=kv.settings.alpha / max(1, kv.planned()), prior=prior)]
-
-
-def _update_baseline(kv: KVSession, outcome: StorageOutcome, baseline, differences: list[str]) -> None:
-    s, result = kv.settings, outcome.storage
-    assert result is not None and outcome.identity is not None
-    if result.summary.excluded:
-        _fail(outcome, "baseline NOT updated: every trial must be complete;\n  "
-              + "\n  ".join(result.summary.excluded))
-    if differences and not s.reset_baselines:
-        _fail(outcome, f"baseline NOT updated: {baseline.path} was recorded on another testbed ("
-              + "; ".join(differences) + "); start a new one here with --reset-baselines")
-    stored = list(baseline.runs) if baseline and not differences else []
-    comparisons = _compare(kv, outcome, baseline) if stored else []
-    plan = plan_baseline_update(comparisons, stored_runs=len(stored), reset=s.reset_baselines, alpha=s.alpha,
-                                planned=kv.planned(), stored_summary=describe_runs(stored))
-    outcome.comparisons = comparisons
-    if plan.action == "refuse":
-        _fail(outcome, plan.message)
-    run = BaselineRun(run_id=kv.session_id, created=kv.started.isoformat(timespec="seconds"),
-                      software=dict(outcome.identity.software), commit=kv.commit,
-                      trials=tuple(BaselineTrial(index=t.trial, summary={
-                          STORAGE_METRIC: t.storage_throughput_tokens_per_sec,
-                          _WALL_METRIC: t.wall_clock_throughput_tokens_per_sec}) for t in result.trials))
-    try:
-        written, _dropped = kv.store.write(outcome.baseline_key, outcome.identity.testbed, run,
-                                           replace=plan.action == "replace")
-    except (BaselineError, ValueError) as exc:
-        problem: str | None = f"baseline NOT updated: {exc}"
-    else:
-        problem = None
-    if problem is not None:
-        _fail(outcome, problem)
-    outcome.status, outcome.baseline_updated = "baseline-updated", True
-    outcome.message = f"{plan.message} ({written.path}, {len(written.runs)} runs)"
-
-
-def _fail(outcome: StorageOutcome, message: str) -> None:
-    outcome.status, outcome.message = "failed", message
-    pytest.fail(message, pytrace=False)
-
-
-def _skip_or_fail(kv: KVSession, outcome: StorageOutcome, message: str) -> None:
-    if kv.settings.strict_baselines:
-        _fail(outcome, message + " (--strict-baselines)")
-    outcome.status, outcome.message = "skipped", message
-    pytest.skip(message)
 
 
 def storage_document(outcome: StorageOutcome) -> dict[str, Any]:
@@ -257,11 +207,15 @@ def storage_document(outcome: StorageOutcome) -> dict[str, Any]:
     scenario, testbed and the verdict in the shape of the other items' files."""
     from .report.json_report import item_document
 
-    doc = item_document(outcome)  # status, scenario, testbed, software, verdict as every item has them
+    # status, scenario, testbed, software, verdict as every item has them; the trials are the seed's figures
+    doc = item_document(dataclasses.replace(outcome, result=None, confirmations=[]))
     doc["kind"] = "storage"
     if outcome.storage is not None:
         figures = outcome.storage.to_dict()
         doc.update(storage_schema_version=SCHEMA_VERSION, config=figures["config"], trials=figures["trials"],
                    summary=figures["summary"], excluded=list(outcome.storage.summary.excluded))
+    if outcome.storage_confirmations:
+        doc["confirmation_runs"] = [{"trials": run.to_dict()["trials"], "summary": run.to_dict()["summary"]}
+                                    for run in outcome.storage_confirmations]
     doc["schema_version"] = RESULT_SCHEMA_VERSION
     return doc

@@ -4,8 +4,8 @@
   ``--junitxml`` writes them as ``<property>`` elements of each test case, which CI
   systems show next to the test).
 * :func:`fill_benchmark` makes the item's pytest-benchmark entry from the trials
-  already measured: each usable trial's median TTFT (seconds) is one "round", and our
-  metrics go into ``extra_info``. pytest-benchmark's timer never runs, so it adds no
+  already measured: each usable trial's median TTFT (a storage item's: its storage I/O
+  time) is one "round", and our metrics go into ``extra_info``. pytest-benchmark's timer never runs, so it adds no
   load and changes no measurement (its ``pedantic`` mode would call the load again).
   Only when the user asks pytest-benchmark for output (:func:`benchmark_wanted`): its
   table would otherwise repeat the summary's figures in 190 columns, with OPS and
@@ -19,14 +19,24 @@ import statistics
 from ..decision import worst_zone
 from ..models import ItemOutcome
 
-__all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "benchmark_extra_info", "benchmark_wanted", "fill_benchmark",
-           "junit_properties"]
+__all__ = ["BENCHMARK_METRIC", "PROPERTY_METRICS", "STORAGE_BENCHMARK_METRIC", "benchmark_extra_info",
+           "benchmark_wanted", "fill_benchmark", "junit_properties"]
 
 #: What pytest-benchmark's table shows as the time of one round: a trial's median TTFT.
 BENCHMARK_METRIC = "median_ttft_ms"
-#: Per-trial figures given as properties (the median over usable trials).
+#: A storage item's round: the trial's total storage I/O time (seconds).
+STORAGE_BENCHMARK_METRIC = "storage_io_s"
+#: Per-trial figures given as properties (the median over usable trials), an inference
+#: item's and a storage item's; those an item lacks are left out.
 PROPERTY_METRICS = ("median_ttft_ms", "mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "mean_tpot_ms",
-                    "total_token_throughput", "output_throughput", "request_throughput")
+                    "total_token_throughput", "output_throughput", "request_throughput",
+                    "storage_throughput_tokens_per_sec", "wall_clock_throughput_tokens_per_sec",
+                    "bandwidth_bytes_per_sec", "read_write_ratio")
+
+
+def _round_metric(outcome: ItemOutcome) -> tuple[str, float]:
+    """The figure a pytest-benchmark round is made of, and its factor to seconds."""
+    return (STORAGE_BENCHMARK_METRIC, 1.0) if outcome.case.phase == "storage" else (BENCHMARK_METRIC, 1e-3)
 
 
 def _median_over_trials(outcome: ItemOutcome, metric: str) -> float | None:
@@ -78,13 +88,15 @@ def benchmark_extra_info(outcome: ItemOutcome) -> dict:
     """pytest-benchmark ``extra_info``: the scenario point, figures and verdicts."""
     info: dict = {"kvcache_backend": outcome.case.backend, "kvcache_phase": outcome.case.phase,
                   "kvcache_input_len": outcome.case.input_len, "kvcache_concurrency": outcome.case.concurrency,
-                  "kvcache_status": outcome.status, "kvcache_round_metric": BENCHMARK_METRIC}
+                  "kvcache_status": outcome.status, "kvcache_round_metric": _round_metric(outcome)[0]}
     for metric in PROPERTY_METRICS:
         value = _median_over_trials(outcome, metric)
         if value is not None:
             info[metric] = value
     if outcome.result is not None:
-        info["trials"] = {m: outcome.result.metric_values(m) for m in ("median_ttft_ms", "total_token_throughput")}
+        figures = (STORAGE_BENCHMARK_METRIC, "storage_throughput_tokens_per_sec") \
+            if outcome.case.phase == "storage" else ("median_ttft_ms", "total_token_throughput")
+        info["trials"] = {m: outcome.result.metric_values(m) for m in figures}
         info["server"] = dict(outcome.result.server)
     info["verdicts"] = {c.metric: {"zone": v.zone.value, "change_pct": c.change_pct, "p_worse": c.p_worse,
                                    "baseline": c.baseline_value, "current": c.current_value}
@@ -108,12 +120,13 @@ def fill_benchmark(benchmark, outcome: ItemOutcome) -> bool:
     the one we know (the entry is then left alone and only ``extra_info`` is set)."""
     benchmark.extra_info.update(benchmark_extra_info(outcome))
     make_stats = getattr(benchmark, "_make_stats", None)
-    values = outcome.result.metric_values(BENCHMARK_METRIC) if outcome.result is not None else []
+    metric, to_seconds = _round_metric(outcome)
+    values = outcome.result.metric_values(metric) if outcome.result is not None else []
     if make_stats is None or not values:
         return False
     benchmark.group = f"kvcache {outcome.case.scenario}"
     benchmark._mode = "pytest-kvcache trials"  # marks the fixture as used (no "not used" warning)
     stats = make_stats(1)
     for value in values:
-        stats.update(value / 1000.0)
+        stats.update(value * to_seconds)
     return True

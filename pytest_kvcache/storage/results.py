@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["SCHEMA_VERSION", "LatencyFigures", "StorageResult", "StorageSummary", "TierFigures", "TrialResult",
-           "latency_figures", "summarize"]
+           "latency_figures", "summarize", "tier_names"]
 
 SCHEMA_VERSION = 1
 
@@ -94,9 +94,14 @@ class TrialResult:
         return self.requests_completed == self.requests_expected
 
     @property
-    def incomplete_reason(self) -> str:
+    def shortfall(self) -> str:
+        """What an incomplete trial lacks: the requests it completed, and the first failure."""
         why = f" ({self.failures[0]})" if self.failures else ""
-        return f"trial {self.trial}: completed {self.requests_completed} of {self.requests_expected} requests{why}"
+        return f"completed {self.requests_completed} of {self.requests_expected} requests{why}"
+
+    @property
+    def incomplete_reason(self) -> str:
+        return f"trial {self.trial + 1}: {self.shortfall}"  # counted from 1, as every item's trials are named
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,7 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return statistics.fmean(kept) if kept else None
 
 
-def _tier_names(trial: TrialResult) -> list[str]:
+def tier_names(trial: TrialResult) -> list[str]:
     """Tier labels unique within a hierarchy: ``cpu``, or ``cpu.1`` for a second cpu tier."""
     names: list[str] = []
     for tier in trial.tiers:
@@ -134,7 +139,7 @@ def summarize(trials: Sequence[TrialResult]) -> StorageSummary:
     used = [t for t in trials if t.complete]
     excluded = tuple(t.incomplete_reason for t in trials if not t.complete)
     throughputs = [t.storage_throughput_tokens_per_sec for t in used if t.storage_throughput_tokens_per_sec]
-    names = _tier_names(trials[0]) if trials else []
+    names = tier_names(trials[0]) if trials else []
     per_tier = {name: [t.tiers[i] for t in used] for i, name in enumerate(names)}
     return StorageSummary(
         trials_used=len(used), excluded=excluded,

@@ -113,11 +113,11 @@ def test_an_incomplete_trial_is_excluded_and_named_in_the_json(project):
     project.makeconftest(SHORT_TRIAL)
     result = project.runpytest_subprocess("-m", "storage", "--kv-results-dir=run")
     result.assert_outcomes(passed=2, deselected=1)
-    result.stdout.fnmatch_lines(["*tiers[[]cpu-u2[]] EXCLUDED trial 1: completed * of * requests (injected: a "
+    result.stdout.fnmatch_lines(["*tiers[[]cpu-u2[]] EXCLUDED trial 2: completed * of * requests (injected: a "
                                  "request lost)*"])
     doc = _doc(project, "run", "tiers[cpu-u2]")
     assert doc["summary"]["trials_used"] == 2
-    assert len(doc["excluded"]) == 1 and doc["excluded"][0].startswith("trial 1: completed ")
+    assert len(doc["excluded"]) == 1 and doc["excluded"][0].startswith("trial 2: completed ")
     assert [t["complete"] for t in doc["trials"]] == [True, False, True]
     # a run with an incomplete trial is compared, never stored
     refused = project.runpytest_subprocess("-m", "storage", "--update-baselines", "--kv-results-dir=u2")
@@ -130,7 +130,7 @@ def test_a_storage_item_with_every_trial_incomplete_fails_and_is_never_stored(pr
     project.path.joinpath("scenarios", "tiers.yaml").write_text(STORAGE.format(timeout="0.000001"))
     result = project.runpytest_subprocess("-m", "storage", "--update-baselines", "--kv-results-dir=run")
     result.assert_outcomes(failed=2, deselected=1)
-    result.stdout.fnmatch_lines(["*only 0 of 3 trials completed, too few to compare*"])
+    result.stdout.fnmatch_lines(["*only 0 of 3 trials are usable, too few to compare*", "*trial 1: storage round invalid: incomplete, completed 0 of *"])
     assert not project.path.joinpath("baselines", "tiers").exists()
     doc = _doc(project, "run", "tiers[cpu-u2]")
     assert doc["status"] == "failed" and len(doc["excluded"]) == 3 and doc["summary"]["trials_used"] == 0
@@ -162,3 +162,72 @@ def test_a_tier_that_cannot_open_fails_the_item_saying_why(pytester):
     result.stdout.fnmatch_lines(["*remote[[]redis-u4[]] FAILED: the storage replay could not run: *"])
     doc = json.loads(pytester.path.joinpath("run", "remote", "remote[redis-u4].json").read_text())
     assert doc["status"] == "failed" and doc["kind"] == "storage"
+
+
+#: a conftest that makes the first run of tiers[cpu-u2] (its first 3 trials) 3 times slower
+SLOW_FIRST_RUN = """\
+import dataclasses
+
+from pytest_kvcache.storage import replay
+
+_REAL = replay.run_trial
+_CALLS = []
+
+
+def _slow_first_run(config, requests, trial, folder):
+    result = _REAL(config, requests, trial, folder)
+    if config.name != "tiers[cpu-u2]":
+        return result
+    _CALLS.append(trial)
+    if len(_CALLS) > 3:
+        return result
+    return dataclasses.replace(result, storage_io_s=result.storage_io_s * 3,
+                               storage_throughput_tokens_per_sec=result.storage_throughput_tokens_per_sec / 3)
+
+
+def pytest_configure(config):
+    replay.run_trial = _slow_first_run
+
+
+def pytest_unconfigure(config):
+    replay.run_trial = _REAL
+"""
+
+
+def test_a_storage_item_is_confirmed_recorded_in_history_junit_and_pytest_benchmark(project):
+    import xml.etree.ElementTree as ET
+
+    for run in ("u1", "u2"):
+        project.runpytest_subprocess("-m", "storage", "--update-baselines", f"--kv-results-dir={run}",
+                                     "--kv-history=none").assert_outcomes(passed=2, deselected=1)
+    project.makeconftest(SLOW_FIRST_RUN)
+    result = project.runpytest_subprocess("-m", "storage", "-v", "--kv-results-dir=run", "--kv-run-noise=5%",
+                                          "--junitxml=junit.xml", "--benchmark-json=bench.json")
+    assert result.ret in (0, 1), result.stdout.str()  # the verdict on one slow run of two is the gate's
+    result.stdout.fnmatch_lines(["*tiers[[]cpu-u2[]]*the first run looks worse: confirming with run 2 on fresh tiers*"])
+    doc = _doc(project, "run", "tiers[cpu-u2]")
+    (comparison,) = doc["verdict"]["comparisons"]
+    assert comparison["runs_current"] == 2 and len(doc["confirmation_runs"]) == 1
+    assert len(doc["confirmation_runs"][0]["trials"]) == 3 and "confirmation_runs" not in _doc(
+        project, "run", "tiers[cpu+disk-u2]")
+    # the history: both runs of the confirmed item, every figure of its trials, per tier too
+    history = json.loads(project.path.joinpath("run", "history.json").read_text())["runs"]
+    attempts = sorted(r["attempt"] for r in history if r["item"] == "tiers/tiers[cpu-u2]")
+    assert attempts == [0, 1]
+    trial = next(r for r in history if r["item"] == "tiers/tiers[cpu+disk-u2]")["trials"][0]["summary"]
+    assert trial["storage_throughput_tokens_per_sec"] > 0 and trial["read_p95_ms:disk"] > 0
+    assert trial["evictions:cpu"] > 0 and trial["read_bytes"] > trial["write_bytes"] > 0
+    from pytest_kvcache.history import open_history
+
+    with open_history(str(project.path / ".kvcache" / "history.sqlite"), rootdir=project.path) as store:
+        stored = {(r.item, r.attempt) for r in store.runs()}
+    assert stored == {("tiers/tiers[cpu-u2]", 0), ("tiers/tiers[cpu-u2]", 1), ("tiers/tiers[cpu+disk-u2]", 0)}
+    # JUnit properties and the pytest-benchmark entry: a round is a trial's storage I/O time
+    case = next(c for c in ET.parse(project.path / "junit.xml").iter("testcase") if "cpu+disk" in c.get("name"))
+    props = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert float(props["kvcache.storage_throughput_tokens_per_sec"]) > 0 and props["kvcache.phase"] == "storage"
+    assert props["kvcache.usable_trials"] == "3/3" and props["kvcache.storage_throughput_tokens_per_sec.verdict"]
+    bench = {b["name"]: b for b in json.loads(project.path.joinpath("bench.json").read_text())["benchmarks"]}
+    entry = bench["tiers[cpu+disk-u2]"]
+    assert entry["stats"]["rounds"] == 3 and entry["extra_info"]["kvcache_round_metric"] == "storage_io_s"
+    assert 0 < entry["stats"]["mean"] < 60

@@ -249,7 +249,7 @@ def _trial(n: int, completed: int, throughput: float) -> TrialResult:
 def test_an_incomplete_trial_is_excluded_from_the_summary_and_named():
     summary = summarize([_trial(0, 438, 1426.0), _trial(1, 549, 1004.0), _trial(2, 549, 1096.0)])
     assert summary.trials_used == 2
-    assert summary.excluded == ("trial 0: completed 438 of 549 requests (timeout)",)
+    assert summary.excluded == ("trial 1: completed 438 of 549 requests (timeout)",)
     assert summary.storage_throughput_tokens_per_sec == pytest.approx(1050.0)
     none = summarize([_trial(0, 1, 5.0)])
     assert none.trials_used == 0 and none.storage_throughput_tokens_per_sec is None

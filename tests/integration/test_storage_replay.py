@@ -82,7 +82,7 @@ def test_a_trial_out_of_time_is_incomplete_excluded_and_named(tmp_path):
     assert [t.complete for t in result.trials] == [False, False]
     assert result.summary.trials_used == 0 and result.summary.storage_throughput_tokens_per_sec is None
     expected = result.trials[0].requests_expected
-    assert result.summary.excluded[1] == (f"trial 1: completed 0 of {expected} requests "
+    assert result.summary.excluded[1] == (f"trial 2: completed 0 of {expected} requests "
                                           "(trial timeout before the request started)")
 
 
@@ -118,7 +118,7 @@ def test_a_block_that_reads_back_wrong_fails_its_request(monkeypatch):
     (trial,) = result.trials
     assert not trial.complete and trial.requests_completed == 0
     assert "read back differs from what was written" in trial.failures[0]
-    assert result.summary.excluded[0].startswith(f"trial 0: completed 0 of {trial.requests_expected} requests")
+    assert result.summary.excluded[0].startswith(f"trial 1: completed 0 of {trial.requests_expected} requests")
 
 
 # -- a real redis-server ---------------------------------------------------------------------------------------

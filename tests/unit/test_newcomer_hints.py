@@ -68,12 +68,12 @@ def test_sharegpt_output_len_without_effect_is_refused():
 
 
 def test_shipped_and_example_scenarios_still_load():
-    from pytest_kvcache.scenarios import load_scenario
+    from pytest_kvcache.scenarios import load_scenario, read_scenario_data
     from pytest_kvcache.storage import load_storage_scenario
-    from pytest_kvcache.storage_items import is_storage_file
+    from pytest_kvcache.storage_items import is_storage_data
 
     for path in [*(ROOT / "scenarios").glob("*.yaml"), *(ROOT / "examples" / "scenarios").glob("*.yaml")]:
-        if is_storage_file(path):
+        if is_storage_data(read_scenario_data(path)):
             load_storage_scenario(path)
         else:
             load_scenario(path)
