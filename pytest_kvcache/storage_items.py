@@ -64,12 +64,13 @@ def is_storage_data(data: Any) -> bool:
 
 def storage_case(config: StorageConfig, path: Path, threshold: float) -> ScenarioCase:
     """The scenario case a storage item shows the reports and the gate: phase and backend
-    ``storage``, its hierarchy and users in the id, storage throughput as the metric."""
+    ``storage``, its hierarchy and users in the id, storage throughput as the metric (no
+    rounds: the case is part of the baselines' key, and each trial names its round)."""
     scenario, _, case_id = config.name.partition("[")
     return ScenarioCase(
         scenario=scenario, path=str(path), phase="storage", case_id=case_id.rstrip("]"), backend="storage",
         input_len=0, concurrency=config.users, output_len=0, num_prompts=0, dataset=config.trace.source,
-        rounds=(STORAGE_ROUND,), measure_round=STORAGE_ROUND, trials=config.trials, seed=config.seed, api="",
+        rounds=(), measure_round="", trials=config.trials, seed=config.seed, api="",
         request_rate=math.inf, thresholds=(MetricThreshold(STORAGE_METRIC, "higher", threshold),))
 
 
