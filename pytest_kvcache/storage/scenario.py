@@ -5,7 +5,8 @@ scenarios.py parses the inference phases; this module reads a storage file itsel
 (the plugin hands it over, storage_items.py). The keys are those of the other scenario
 files where they mean the same (name, phase, description, matrix, trials, seed), plus
 ``capacities`` (per hierarchy, per tier), ``token_bytes``, ``trace`` (:class:`~.trace.TraceSpec`'s fields), ``promote``,
-``trial_timeout_s``, ``think_time_s``, ``redis_url`` (for a ``redis`` tier) and
+``trial_timeout_s``, ``think_time_s``, ``redis_url`` (for a ``redis`` tier), ``gds_path``
+(a folder on a GDS mount, for a ``gds`` tier; ``--kv-gds-path`` gives it too) and
 ``threshold`` (the gate's, on storage throughput). Sizes
 are bytes or strings such as ``64MiB``, ``1GB``.
 """
@@ -30,7 +31,7 @@ __all__ = ["load_storage_scenario", "parse_size", "parse_threshold", "storage_co
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 _TOP_KEYS = {"name", "phase", "description", "matrix", "capacities", "token_bytes", "trace", "promote", "trials",
-             "trial_timeout_s", "think_time_s", "seed", "redis_url", "scratch_dir", "threshold"}
+             "trial_timeout_s", "think_time_s", "seed", "redis_url", "gds_path", "scratch_dir", "threshold"}
 _MATRIX_KEYS = ("tiers", "users")
 
 
@@ -191,7 +192,7 @@ def storage_configs(data: dict[str, Any], path: str | Path = "<storage scenario>
         "trials": read.integer("trials", 3, 1, _MAX_TRIALS), "promote": promote,
         "trial_timeout_s": read.seconds("trial_timeout_s", 60, positive=True),
         "think_time_s": read.seconds("think_time_s", 0, positive=False), "seed": read.integer("seed", 0, 0),
-        "scratch_dir": read.text("scratch_dir", None)}
+        "scratch_dir": read.text("scratch_dir", None), "gds_path": read.text("gds_path", None)}
     return tuple(StorageConfig(f"{name}[{hierarchy}-u{users}]", _tiers(read, hierarchy, redis_url),
                                users=users, **common)
                  for hierarchy, users in itertools.product(hierarchies, users_axis))

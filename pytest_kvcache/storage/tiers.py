@@ -1,12 +1,15 @@
-"""Storage tiers holding real bytes: GPU memory (``hbm``), RAM (``cpu``), a file (``disk``)
-and a redis server (``redis``).
+"""Storage tiers holding real bytes: GPU memory (``hbm``), RAM (``cpu``), a file (``disk``),
+a file on a GPUDirect Storage mount read and written from GPU memory (``gds``) and a redis
+server (``redis``).
 
 Every tier stores fixed-size blocks (one KV block: ``block_tokens`` x bytes per token)
 in ``slots`` places; the hierarchy (hierarchy.py) decides which block lives where and
 evicts, a tier only moves bytes. Each tier says in ``description`` what it really is:
 an ``hbm`` tier without a GPU is RAM and says so, a ``disk`` tier that could not use
 O_DIRECT names the reason and uses posix_fadvise(DONTNEED) instead, so that its reads
-still come from the disk and not from the page cache (docs/measuring.md).
+still come from the disk and not from the page cache (docs/measuring.md), a ``gds`` tier
+whose I/O kvikio does through host memory (its compat mode) says so. A ``gds`` tier that
+cannot run here (no mount given, no GPU, no kvikio) raises :class:`TierUnavailable`.
 """
 
 from __future__ import annotations
@@ -21,22 +24,29 @@ from pathlib import Path
 from typing import Any
 
 from .._resp import RespClient, RespError
+from ..errors import KVCacheError
 
 __all__ = [
-    "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "HbmTier", "RamTier", "RedisTier",
-    "SlotTable", "Tier", "TierSpec", "open_tier",
+    "ALIGN", "MEMORY_FILESYSTEMS", "DiskTier", "GdsTier", "HbmTier", "RamTier", "RedisTier",
+    "SlotTable", "Tier", "TierSpec", "TierUnavailable", "open_tier",
 ]
 
 #: the alignment O_DIRECT needs of offsets, lengths and buffers (a page covers every disk here)
 ALIGN = 4096
 
-TIER_KINDS = ("hbm", "cpu", "disk", "redis")
+TIER_KINDS = ("hbm", "cpu", "disk", "gds", "redis")
+
+
+class TierUnavailable(KVCacheError, OSError):
+    """A tier that cannot open on this machine; the message names what is missing and the
+    fix. An OSError, so that code handling a tier that cannot open handles this one too."""
 
 
 @dataclass(frozen=True)
 class TierSpec:
     """One tier of a hierarchy: its kind and capacity in bytes (``disk``: ``direct``
-    asks for O_DIRECT; ``redis``: ``url`` of the server)."""
+    asks for O_DIRECT; ``redis``: ``url`` of the server; ``gds``: its folder is the
+    config's ``gds_path``, given to :func:`open_tier`)."""
 
     kind: str
     capacity_bytes: int
@@ -277,6 +287,119 @@ class DiskTier(Tier):
         self.path.unlink(missing_ok=True)
 
 
+#: the fix for a gds tier without its folder
+GDS_PATH_FIX = "set --kv-gds-path DIR or gds_path: DIR in the scenario file"
+#: kvikio's compat mode in a gds tier's description, as ``hbm`` says RAM without a GPU
+GDS_COMPAT = "kvikio compat mode: POSIX through host memory, not GPUDirect"
+
+
+def _cuda_device_seen() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except (ImportError, RuntimeError):  # no cupy, or no CUDA driver (CUDARuntimeError)
+        return not isinstance(_gpu(), str)
+
+
+def _gds_missing(folder: Path | None) -> list[str]:
+    """What a gds tier lacks here, each with its fix; empty where it can open."""
+    missing = []
+    if folder is None:
+        missing.append(f"no folder on a GDS mount given ({GDS_PATH_FIX})")
+    elif not folder.is_dir():
+        missing.append(f"the GDS folder {folder} does not exist or is not a folder (create it on the GDS mount, "
+                       f"or {GDS_PATH_FIX})")
+    if not _cuda_device_seen():
+        missing.append("no GPU: neither cupy nor torch sees a CUDA device")
+    try:
+        import kvikio.defaults  # a submodule ``import kvikio`` leaves out
+    except ImportError:
+        missing.append("kvikio is not installed (pip install kvikio-cu12)")
+    else:
+        if not hasattr(kvikio.defaults, "is_compat_mode_preferred"):  # and defaults.set: kvikio 25.04
+            missing.append(f"kvikio {kvikio.__version__} is older than 25.04 (pip install -U kvikio-cu12)")
+    return missing
+
+
+def _open_cufile(kvikio: Any, path: Path) -> tuple[Any, str | None]:
+    """``path`` opened through kvikio, and why its I/O is POSIX through host memory where
+    it is (kvikio's compat mode; None: cuFile moves the bytes)."""
+    if kvikio.defaults.is_compat_mode_preferred():
+        return kvikio.CuFile(path, "r+"), "KVIKIO_COMPAT_MODE=ON, or no usable libcufile under AUTO"
+    try:
+        # under AUTO kvikio would fall back to POSIX for this one file without a word
+        with kvikio.defaults.set("compat_mode", kvikio.CompatMode.OFF):
+            return kvikio.CuFile(path, "r+"), None
+    except (RuntimeError, OSError) as exc:  # cuFile refused it: no O_DIRECT there, not a GDS file system
+        with kvikio.defaults.set("compat_mode", kvikio.CompatMode.ON):
+            return kvikio.CuFile(path, "r+"), f"cuFile refused the file: {exc}"
+
+
+class GdsTier(Tier):
+    """One file of ``slots`` aligned slots in a folder on a GDS mount, read and written by
+    cuFile (kvikio) between the file and GPU memory: a block is copied into a GPU buffer
+    (cupy, one per thread) and written from it, read into it and copied out, as the hbm
+    tier copies its blocks; the file I/O itself never passes through host memory, except
+    in kvikio's compat mode, which the description names."""
+
+    kind = "gds"
+
+    def __init__(self, spec: TierSpec, block_bytes: int, folder: Path) -> None:
+        import cupy
+        import kvikio.defaults
+        import numpy
+
+        super().__init__(spec, block_bytes)
+        self._cupy, self._numpy = cupy, numpy
+        self.slot_bytes = -(-block_bytes // ALIGN) * ALIGN  # cuFile moves whole pages straight to the GPU
+        self.slots = spec.capacity_bytes // self.slot_bytes
+        self.path = folder / f"kv-tier-{uuid.uuid4().hex[:12]}.bin"
+        self.path.write_bytes(b"")
+        os.truncate(self.path, self.slots * self.slot_bytes)
+        try:
+            self._file, compat = _open_cufile(kvikio, self.path)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        self._table = SlotTable(self.slots)
+        self._buffers = threading.local()
+        from ..doctor import mount_fstype
+
+        filesystem = mount_fstype(folder) or "an unknown file system"
+        mode = f"{GDS_COMPAT}: {compat}" if compat else "GPUDirect Storage through kvikio's cuFile"
+        self.description = f"file {self.path} on {filesystem} ({mode})"
+
+    def _buffer(self) -> Any:
+        buf = getattr(self._buffers, "buf", None)
+        if buf is None:
+            buf = self._buffers.buf = self._cupy.empty(self.slot_bytes, dtype=self._cupy.uint8)
+        return buf
+
+    def write(self, key: str, data: bytes) -> None:
+        data = _checked(self, data)
+        offset = self._table.assign(key) * self.slot_bytes
+        buf = self._buffer()
+        buf[:self.block_bytes].set(self._numpy.frombuffer(data, dtype=self._numpy.uint8))
+        self._cupy.cuda.get_current_stream().synchronize()  # the copy has landed before cuFile reads the buffer
+        self._file.raw_write(buf, self.slot_bytes, offset)
+
+    def read(self, key: str) -> bytes:
+        offset = self._table.find(key) * self.slot_bytes
+        buf = self._buffer()
+        if self._file.raw_read(buf, self.slot_bytes, offset) != self.slot_bytes:
+            raise OSError(f"{self.path}: short read at offset {offset}")
+        return buf[:self.block_bytes].get().tobytes()
+
+    def delete(self, key: str) -> None:
+        self._table.release(key)
+
+    def close(self) -> None:
+        self._file.close()
+        self._buffers = threading.local()  # the GPU buffers go with it
+        self.path.unlink(missing_ok=True)
+
+
 class RedisTier(Tier):
     """A remote tier: blocks as redis strings under a prefix of this tier's own, one
     connection per thread."""
@@ -326,10 +449,17 @@ class RedisTier(Tier):
         self._client.close()
 
 
-def open_tier(spec: TierSpec, block_bytes: int, folder: Path) -> Tier:
-    """The tier a spec names; ``folder`` holds a disk tier's file."""
+def open_tier(spec: TierSpec, block_bytes: int, folder: Path, gds_path: str | Path | None = None) -> Tier:
+    """The tier a spec names; ``folder`` holds a disk tier's file, ``gds_path`` (a folder
+    on a GDS mount) a gds tier's. A gds tier that cannot run here raises TierUnavailable."""
     if spec.kind == "disk":
         return DiskTier(spec, block_bytes, folder)
+    if spec.kind == "gds":
+        gds_folder = Path(gds_path).expanduser() if gds_path else None
+        missing = _gds_missing(gds_folder)
+        if missing or gds_folder is None:
+            raise TierUnavailable(f"tier gds cannot open: {'; '.join(missing)}")
+        return GdsTier(spec, block_bytes, gds_folder)
     if spec.kind == "redis":
         return RedisTier(spec, block_bytes)
     if spec.kind == "cpu":

@@ -56,6 +56,7 @@ def test_the_item_json_carries_the_seeds_figures(tmp_path):
                                 scratch_dir=str(tmp_path)))
     data = json.loads(result.to_json())
     assert data["schema_version"] == 1 and data["config"]["block_bytes"] == 16 * TOKEN_BYTES
+    assert "gds_path" not in data["config"]  # a folder, not the testbed: stored baselines still apply
     trial = data["trials"][0]
     assert trial["complete"] and trial["requests_completed"] == trial["requests_expected"] == data["config"]["requests"]
     for key in ("storage_throughput_tokens_per_sec", "bandwidth_bytes_per_sec", "wall_clock_throughput_tokens_per_sec",
@@ -113,7 +114,7 @@ class CorruptOnRead(RamTier):
 
 
 def test_a_block_that_reads_back_wrong_fails_its_request(monkeypatch):
-    monkeypatch.setattr(replay_module, "open_tier", lambda spec, block_bytes, folder: CorruptOnRead(spec, block_bytes))
+    monkeypatch.setattr(replay_module, "open_tier", lambda spec, block_bytes, *_: CorruptOnRead(spec, block_bytes))
     result = run_storage(config("corrupt", TierSpec("cpu", 64 * MiB), trials=1))
     (trial,) = result.trials
     assert not trial.complete and trial.requests_completed == 0
@@ -198,10 +199,12 @@ SEED_002 = Path(__file__).resolve().parents[2] / "scenarios" / "storage.yaml"
 
 
 def test_the_seed_002_scenario_runs_in_seconds_and_orders_the_hierarchies(tmp_path):
-    configs = load_storage_scenario(SEED_002)
+    *configs, gds = load_storage_scenario(SEED_002)
     assert [c.name for c in configs] == ["storage[hbm-u4]", "storage[hbm+cpu-u4]", "storage[hbm+cpu+disk-u4]",
                                          "storage[disk-u4]"]
     assert configs[0].token_bytes == 131_072 and [t.kind for t in configs[2].tiers] == ["hbm", "cpu", "disk"]
+    # the gds hierarchy needs a GDS mount (test_storage_gds.py)
+    assert gds.name == "storage[gds-u4]" and gds.tiers == (TierSpec("gds", 128 * MiB),) and gds.gds_path is None
     start = time.perf_counter()
     results = [run_storage(dataclasses.replace(c, scratch_dir=str(tmp_path))) for c in configs]
     assert time.perf_counter() - start < 30  # "well under a minute" in the main job, with room for a busy runner
@@ -232,11 +235,25 @@ def test_the_seed_002_scenario_runs_in_seconds_and_orders_the_hierarchies(tmp_pa
     ({"matrix": {"tiers": ["redis"]}, "capacities": {"redis": {"redis": "1MiB"}}}, "key 'redis_url'"),
     ({"matrix": {"tiers": ["cpu"]}, "capacities": {"cpu": {"cpu": "100TiB"}}},
      "key 'capacities.cpu': its memory tiers hold .* more than half of this machine's memory"),
+    ({"gds_path": 3}, "key 'gds_path': 3 is not a text"),
+    ({"gds_path": " "}, "key 'gds_path': ' ' is not a text"),
+    ({"matrix": {"tiers": ["gds+gds"]}}, "key 'matrix.tiers': 'gds\\+gds' is no hierarchy"),
+    ({"matrix": {"tiers": ["cpu+gds"]}, "capacities": {"cpu+gds": {"cpu": "1MiB"}}},
+     "key 'capacities.cpu\\+gds': give the size of each of its tiers \\(cpu, gds\\)"),
 ])
 def test_storage_scenario_errors_name_the_file_and_key(change, message):
     data = {"name": "s", "matrix": {"tiers": ["disk"]}, "capacities": {"disk": {"disk": "1MiB"}}, **change}
     with pytest.raises(ScenarioError, match=f"^tiers.yaml: {message}"):
         storage_configs(data, "tiers.yaml")
+
+
+def test_a_gds_hierarchy_takes_its_folder_from_gds_path():
+    data = {"name": "s", "matrix": {"tiers": ["hbm+gds", "gds"]},
+            "capacities": {"hbm+gds": {"hbm": "1MiB", "gds": "64MiB"}, "gds": {"gds": "8MiB"}}}
+    first, second = storage_configs(data, "tiers.yaml")
+    assert first.name == "s[hbm+gds-u4]" and [t.kind for t in first.tiers] == ["hbm", "gds"]
+    assert second.tiers == (TierSpec("gds", 8 * MiB),) and first.gds_path is second.gds_path is None
+    assert {c.gds_path for c in storage_configs({**data, "gds_path": "/mnt/gds/kv"}, "tiers.yaml")} == {"/mnt/gds/kv"}
 
 
 def test_sizes():
