@@ -9,6 +9,8 @@ at fault and the fix::
     ├── WorkloadError          prompts could not be built (tokenizer, dataset)
     ├── ServerError            a server process failed to start, died or is unreachable
     ├── BackendUnavailable     (backends) a backend cannot run here; the item is skipped with the reason
+    ├── TierUnavailable        (storage.tiers) a storage tier cannot run here (gds without a mount); also an
+    │                          OSError; the storage item is skipped with the reason
     ├── HTTPStreamError        (_http) a benchmark request's connection broke or its response was not HTTP/1.1
     ├── ClientProcessError     (spread) a client process of --kv-client-processes failed or died
     ├── CalibrationError       (calibrate) a server could not be calibrated

@@ -263,7 +263,7 @@ OPTIONS: tuple[Option, ...] = (
            help="Redis of the redis backend, redis://HOST:PORT; default: a redis-server started on "
                 "127.0.0.1 for the session"),
     _twin("--kv-gds-path", "kvcache_gds_path", metavar="DIR",
-           help="folder on a GDS mount for the gds backend"),
+           help="folder on a GDS mount for the gds backend and the storage phase's gds tier"),
     _list_option("--kv-label", "kvcache_labels", "KEY=VALUE",
                  ini_help="runner labels KEY=VALUE, one per line (see --kv-label)",
                  help="a fact of this runner the fixtures cannot set, recorded on every result and in the "

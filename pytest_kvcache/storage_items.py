@@ -35,6 +35,7 @@ from .storage.replay import StorageConfig, run_storage
 from .storage.results import SCHEMA_VERSION, StorageResult, tier_names
 from .storage.results import TrialResult as StorageTrial
 from .storage.scenario import parse_threshold, storage_configs
+from .storage.tiers import TierUnavailable
 
 __all__ = ["STORAGE_METRIC", "StorageItem", "StorageOutcome", "is_storage_data", "storage_case_result",
            "storage_document", "storage_items"]
@@ -127,10 +128,13 @@ def run_storage_item(kv: KVSession, nodeid: str, case: ScenarioCase, config: Sto
 
 
 def _session_config(kv: KVSession, config: StorageConfig) -> StorageConfig:
-    """The item's configuration with the session's --trials and scratch folder (removed at
-    the session's end, on the results' disk) where the scenario names none."""
+    """The item's configuration with the session's --trials, its --kv-gds-path where the
+    scenario names no gds_path, and its scratch folder (removed at the session's end, on
+    the results' disk) where the scenario names none."""
     if kv.settings.trials:
         config = dataclasses.replace(config, trials=kv.settings.trials)
+    if config.gds_path is None and kv.settings.server.gds_path:
+        config = dataclasses.replace(config, gds_path=kv.settings.server.gds_path)
     if config.scratch_dir is None:
         kv.pool.workdir.mkdir(parents=True, exist_ok=True)
         config = dataclasses.replace(config, scratch_dir=str(kv.pool.workdir))
@@ -139,11 +143,18 @@ def _session_config(kv: KVSession, config: StorageConfig) -> StorageConfig:
 
 def _replay(kv: KVSession, outcome: StorageOutcome, config: StorageConfig) -> StorageResult:
     problem: str | None = None
+    unavailable: str | None = None
     try:
         return run_storage(config)
+    except TierUnavailable as exc:  # a tier this machine lacks (gds without a mount): skipped, as a backend is
+        unavailable = str(exc)
     except (OSError, ValueError) as exc:  # a tier that cannot open (no redis, no room): the item fails, says why
         problem = f"the storage replay could not run: {type(exc).__name__}: {exc}"
-    kv.fail(outcome, problem)  # outside the except block: one message, no chained traceback
+    # outside the except blocks: one message, no chained traceback
+    if unavailable is not None:
+        outcome.status, outcome.message = "skipped", unavailable
+        pytest.skip(unavailable)
+    kv.fail(outcome, problem or "the storage replay could not run")
 
 
 def _confirm(kv: KVSession, outcome: StorageOutcome, config: StorageConfig, progress: Callable[[str], None],
@@ -191,12 +202,19 @@ def _tiers_text(result: StorageResult) -> str:
     return " / ".join(f"{t.kind}: {_FILE.sub('', t.description)}" for t in tiers)
 
 
+def storage_fingerprint(config: dict[str, Any], tiers: str) -> dict[str, str]:
+    """The storage configuration's part of the testbed: its recorded ``config``
+    (storage.replay.config_record) hashed without its name, scratch folder and trial
+    count, and the ``tiers`` as they ran."""
+    shape = {k: v for k, v in config.items() if k not in ("name", "scratch_dir", "trials")}
+    return {"storage_config": stable_hash(shape), "storage_tiers": tiers}
+
+
 def storage_identity(kv: KVSession, case: ScenarioCase, result: StorageResult) -> Identity:
     """The machine (a storage item runs here, whatever the server) and the storage
     configuration as the testbed; neither the scratch folder nor the trial count is part
     of it (trials are compared one by one, as every item's are)."""
-    shape = {k: v for k, v in result.config.items() if k not in ("name", "scratch_dir", "trials")}
-    fingerprint = {"storage_config": stable_hash(shape), "storage_tiers": _tiers_text(result)}
+    fingerprint = storage_fingerprint(result.config, _tiers_text(result))
     labels = {f"label.{k}": v for k, v in (getattr(kv.settings.server, "labels", ()) or ())}
     return item_identity(case, "-", {"server": "storage", **labels}, fingerprint, host=host_facts(),
                          versions=kv.settings.versions, moves=kv.settings.key_moves)

@@ -20,13 +20,14 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .hierarchy import Hierarchy, TierCounters
 from .results import StorageResult, TierFigures, TrialResult, latency_figures, summarize
 from .tiers import TierSpec, open_tier
 from .trace import KVRequest, TraceSpec, build_trace
 
-__all__ = ["MISTRAL_7B_TOKEN_BYTES", "StorageConfig", "run_storage", "run_trial"]
+__all__ = ["MISTRAL_7B_TOKEN_BYTES", "StorageConfig", "config_record", "run_storage", "run_trial"]
 
 #: Mistral-7B: 32 layers x 8 KV heads x 128 head_dim x 2 (K, V) x 2 bytes (fp16)
 MISTRAL_7B_TOKEN_BYTES = 131_072
@@ -191,12 +192,17 @@ def run_storage(config: StorageConfig) -> StorageResult:
     with tempfile.TemporaryDirectory(prefix="kv-storage-", dir=config.scratch_dir) as scratch:
         for trial in range(config.trials):
             results.append(run_trial(config, requests, trial, Path(scratch)))
-    config_json = dataclasses.asdict(config)
-    # where a gds tier's file was is not the testbed (the config is hashed into it); its
-    # description names the file, its file system and how kvikio moved the bytes
-    del config_json["gds_path"]
-    config_json["block_bytes"] = config.block_bytes
-    config_json["requests"] = len(requests)
-    return StorageResult(config.name, config_json, tuple(results), summarize(results))
+    return StorageResult(config.name, config_record(config, len(requests)), tuple(results), summarize(results))
+
+
+def config_record(config: StorageConfig, requests: int) -> dict[str, Any]:
+    """The configuration as a result records it (and the testbed hashes it): the trace's
+    request count and the block size added, without where a gds tier's file was (its
+    description names the file, its file system and how kvikio moved the bytes)."""
+    record = dataclasses.asdict(config)
+    del record["gds_path"]
+    record["block_bytes"] = config.block_bytes
+    record["requests"] = requests
+    return record
 
 

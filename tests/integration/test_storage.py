@@ -303,3 +303,29 @@ def test_hbm_tier_copies_through_torch_and_synchronizes(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="blocks are 8192 bytes, got 3"):
         tier.write("f", b"abc")
     tier.close()
+
+
+def test_the_shipped_storage_baselines_still_key_the_shipped_items():
+    """A change to how a storage item is keyed (its case, its recorded configuration) would
+    turn every shipped storage baseline into "another testbed" and skip its item."""
+    from pytest_kvcache.identity import item_identity
+    from pytest_kvcache.scenarios import read_scenario_data
+    from pytest_kvcache.storage.replay import config_record
+    from pytest_kvcache.storage.scenario import storage_configs
+    from pytest_kvcache.storage.trace import build_trace
+    from pytest_kvcache.storage_items import storage_case, storage_fingerprint
+
+    root = Path(__file__).resolve().parents[2]
+    path = root / "scenarios" / "storage.yaml"
+    checked = 0
+    for config in storage_configs(read_scenario_data(path), path):
+        stored = root / "baselines" / "storage" / f"{config.name}.json"
+        if not stored.exists():  # the gds item: none can be recorded without a GDS mount
+            continue
+        testbed = json.loads(stored.read_text())["testbed"]
+        fingerprint = storage_fingerprint(config_record(config, len(build_trace(config.trace))), "")
+        identity = item_identity(storage_case(config, path, 0.25), "-", {"server": "storage"}, fingerprint)
+        assert identity.testbed["workload_hash"] == testbed["workload_hash"], config.name
+        assert identity.testbed["storage_config"] == testbed["storage_config"], config.name
+        checked += 1
+    assert checked == 4
