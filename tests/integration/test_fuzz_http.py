@@ -505,7 +505,9 @@ def test_huge_prompt_is_refused_fast_while_a_stream_keeps_time(kind: str, words:
         gaps = (truth["itl_ms"] if kind == "emulator" else
                 [(b - a) * 1000 for a, b in zip(truth["chunk_perf_s"], truth["chunk_perf_s"][1:])])
         assert len(gaps) == tokens - 1
-        assert max(gaps) < itl_ms + 20, gaps  # tokenizing it would have stalled the stream for seconds
+        # tokenizing it would have stalled the stream for 0.4 s (800k words) to 20 s; a busy
+        # runner's scheduler alone delays a token by tens of milliseconds
+        assert max(gaps) < itl_ms + 200, gaps
         assert "Traceback" not in proc.log_path.read_text(errors="replace")
     finally:
         proc.stop()
