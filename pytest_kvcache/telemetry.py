@@ -18,9 +18,12 @@ Sources, scraped before and after every round (differences are per round):
   with the optional "size: X gb, cost Y ms, throughput: Z GB/s").
 
 Per round, :func:`summarize` gives prompt tokens, computed tokens, tokens loaded from the
-external tier, the hit ratio, bytes and load bandwidth where a source has them, and the
-emulator's hit tokens per tier that served them (``tier_hit_tokens:cpu``,
-``tier_hit_tokens:disk`` of the ``waterfall`` tier).
+external tier, the hit ratio, bytes and load bandwidth where a source has them, and figures
+per tier named as the storage phase names its own (``tier_<figure>:<tier>``, see
+:data:`TIER_FIGURES`): the emulator's hit tokens per tier that served them
+(``tier_hit_tokens:cpu``, ``tier_hit_tokens:disk`` of the ``waterfall`` tier), and LMCache's
+multi-process server's reads, writes, evictions, hits and transfer throughput of its L1
+(``cpu``) and of each L2 adapter (``disk``, ``redis``, ...).
 :func:`check_hits` turns a warm round that missed the tier into a message naming the
 likely cause. No pytest import here.
 """
@@ -36,6 +39,7 @@ from pathlib import Path
 
 __all__ = [
     "CHUNK_SIZE",
+    "TIER_FIGURES",
     "LogCounts",
     "Snapshot",
     "TelemetrySource",
@@ -44,6 +48,7 @@ __all__ = [
     "parse_log",
     "parse_metrics",
     "summarize",
+    "tier_figures",
 ]
 
 #: LMCache's default chunk size; only whole chunks are stored (save_unfull_chunk false).
@@ -383,6 +388,94 @@ def _add_tier_figures(out: dict[str, float], b: Samples, a: Samples) -> None:
         tier = dict(labels).get("tier") if name == "emulator:tier_hit_tokens_total" else None
         if tier:
             out[f"tier_hit_tokens:{tier}"] = value - b.get((name, labels), 0.0)
+    _add_lmcache_tiers(out, b, a)
+
+
+#: Figures per tier in a round's telemetry, as ``tier_<figure>:<tier>``: the storage phase's
+#: names (storage/results.py TierFigures: reads, writes, hits, evictions), in LMCache's unit
+#: (chunks), plus the tokens of the hits and the mean throughput of the tier's transfers.
+TIER_FIGURES: tuple[str, ...] = ("reads", "writes", "hits", "hit_tokens", "evictions", "read_gbps", "write_gbps")
+
+#: LMCache multi-process counters per tier (0.5.6, checked on its /metrics: OpenTelemetry
+#: instruments as its Prometheus exporter writes them, the unit before ``_total``):
+#: (figure, level, instrument, unit). L1 reads count the chunks L1 hands out (to vLLM and to
+#: the L2 store), L2 reads the chunks prefetched back into L1; hits are lookup keys (chunks).
+_MP_TIER_COUNTERS: tuple[tuple[str, str, str, str], ...] = (
+    ("reads", "l1", "l1_read", "chunks"),
+    ("writes", "l1", "l1_write", "chunks"),
+    ("evictions", "l1", "l1_evicted", "chunks"),
+    ("hits", "l1", "lookup_hit_l1_keys", ""),
+    ("hit_tokens", "l1", "lookup_hit_l1_tokens", ""),
+    ("reads", "l2", "l2_prefetch_load_completed", "chunks"),
+    ("writes", "l2", "l2_store_completed_objects", "chunks"),
+    ("evictions", "l2", "l2_evicted_objects", "chunks"),
+    ("hits", "l2", "lookup_hit_l2_keys", ""),
+    ("hit_tokens", "l2", "lookup_hit_l2_tokens", ""),
+)
+#: LMCache's throughput histograms (GB/s per transfer): (figure, level, instrument). The L0-L1
+#: pair is timed on the GPU's stream (absent on a CPU build); the L2 pair carries ``l2_name``.
+_MP_TIER_THROUGHPUTS: tuple[tuple[str, str, str], ...] = (
+    ("read_gbps", "l1", "l0_l1_load_throughput"),
+    ("write_gbps", "l1", "l0_l1_store_throughput"),
+    ("read_gbps", "l2", "l2_load_throughput"),
+    ("write_gbps", "l2", "l2_store_throughput"),
+)
+#: LMCache's names of its tiers -> the tier kinds of the storage phase and the backends
+_MP_TIER_NAMES = {"dram": "cpu", "fs": "disk", "resp": "redis", "mooncake_store": "mooncake"}
+
+
+def _mp_total(samples: Samples, pattern: str, **labels: str) -> float | None:
+    """The sum of the samples whose name matches ``pattern`` (labels filtered), else None."""
+    regex = re.compile(pattern)
+    found = [v for (n, ls), v in samples.items()
+             if regex.match(n) and all(dict(ls).get(k) == want for k, want in labels.items())]
+    return float(sum(found)) if found else None
+
+
+def _mp_round(b: Samples, a: Samples, pattern: str, **labels: str) -> float | None:
+    after = _mp_total(a, pattern, **labels)
+    return None if after is None else after - (_mp_total(b, pattern, **labels) or 0.0)
+
+
+def _mp_tiers(a: Samples) -> tuple[str | None, dict[str, str]]:
+    """LMCache's L1 tier at the end of the round (None: no multi-process LMCache) and its L2
+    adapters (``l2_name`` -> tier)."""
+    l1 = [dict(ls).get("backend", "dram") for (n, ls) in a if n == "lmcache_mp_l1_memory_usage_bytes"]
+    if not l1 and _mp_total(a, r"^lmcache_mp_lookup_hit_l1_tokens(?:_total)?$") is None:
+        return None, {}
+    names = sorted({dict(ls)["l2_name"] for (n, ls) in a if n.startswith("lmcache_mp_") and "l2_name" in dict(ls)})
+    return _MP_TIER_NAMES.get(l1[0], l1[0]) if l1 else "cpu", {n: _MP_TIER_NAMES.get(n, n) for n in names}
+
+
+def _add_lmcache_tiers(out: dict[str, float], b: Samples, a: Samples) -> None:
+    """LMCache's multi-process figures per tier (see :data:`TIER_FIGURES`)."""
+    l1, l2 = _mp_tiers(a)
+    # the L2 counters without an adapter's label belong to every L2 tier together
+    tiers = {"l1": l1, "l2": "+".join(sorted(set(l2.values()))) or None}
+    for figure, level, instrument, unit in _MP_TIER_COUNTERS:
+        tier = tiers[level]
+        if tier is not None:
+            pattern = rf"^lmcache_mp_{instrument}" + (rf"(?:_{unit})?" if unit else "") + r"(?:_total)?$"
+            # OpenTelemetry exports a counter from its first increment on: absent is none yet
+            out[f"tier_{figure}:{tier}"] = _mp_round(b, a, pattern) or 0.0
+    for figure, level, instrument in _MP_TIER_THROUGHPUTS:
+        by_tier: list[tuple[str | None, dict[str, str]]] = \
+            [(l1, {})] if level == "l1" else [(tier, {"l2_name": name}) for name, tier in l2.items()]
+        for tier, labels in by_tier:
+            pattern = rf"^lmcache_mp_{instrument}(?:_GB_per_second)?_"
+            total, count = (_mp_round(b, a, pattern + part + "$", **labels) for part in ("sum", "count"))
+            if tier is not None and total is not None and count:
+                out[f"tier_{figure}:{tier}"] = total / count
+
+
+def tier_figures(telemetry: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """A round's figures per tier: tier -> figure -> value (keys ``tier_<figure>:<tier>``)."""
+    tiers: dict[str, dict[str, float]] = {}
+    for key, value in telemetry.items():
+        figure, _, tier = key.partition(":")
+        if tier and figure.startswith("tier_") and figure[5:] in TIER_FIGURES:
+            tiers.setdefault(tier, {})[figure[5:]] = value
+    return tiers
 
 
 def causes_of(telemetry: Mapping[str, float]) -> list[str]:

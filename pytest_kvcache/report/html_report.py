@@ -105,6 +105,15 @@ def _verdicts(session: Mapping[str, Any]) -> list[str]:
     return parts
 
 
+def _tiers(session: Mapping[str, Any]) -> list[str]:
+    """The tier table: the storage phase's tiers and the servers' side by side (none without)."""
+    tiers = session.get("tiers") or {}
+    if not tiers.get("rows"):
+        return []
+    return ["<h2>Tiers: the storage phase and the servers side by side</h2>",
+            _table(tiers["header"], tiers["rows"], "tiers", names=1), f'<p class="notes">{_e(tiers.get("note"))}</p>']
+
+
 def _items(run: Any) -> list[str]:
     from .rows import item_rows
 
@@ -168,6 +177,7 @@ def render_html(session: Mapping[str, Any], run: Any, trial_rows: Sequence[Mappi
         parts.append('<ul class="header">' + "".join(f"<li>{_e(h)}</li>" for h in session["header"]) + "</ul>")
     parts += _verdicts(session)
     parts += _items(run)
+    parts += _tiers(session)
     parts += _plots(plots, captions or PLOT_FILES)
     if session.get("history"):
         parts += _history(session["history"])

@@ -48,7 +48,7 @@ def _headline(session: Mapping[str, Any]) -> str:
 
 
 def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | None = None) -> str:
-    """Headline (gate), set-up, the summary table, per-item figures and the file list."""
+    """Headline (gate), set-up, the summary table, per-item figures, the tier table and the file list."""
     gate = session.get("gate") or {}
     out = ["## pytest-kvcache results", "", _headline(session), ""]
     if session.get("not_run"):
@@ -78,6 +78,10 @@ def render_markdown(session: dict, run, plots: Sequence[str], link_base: str | N
                           _fmt(r["std_ttft_ms"]), _fmt(r["median_ttft_ms"]), _fmt(r["total_token_throughput"]),
                           f"{r['usable']}/{r['trials']}", r["verdict"] or r["status"]) for r in rows])
         out.append("")
+    tiers = session.get("tiers") or {}
+    if tiers.get("rows"):
+        out += ["### Tiers: the storage phase and the servers side by side", ""]
+        out += md_table(tiers["header"], tiers["rows"]) + ["", f"_{tiers.get('note')}_", ""]
     history = session.get("history") or {}
     if history.get("lines"):
         out += ["### Change points in the history", ""] + [f"- ⚠️ {line}" for line in history["lines"]] + [""]

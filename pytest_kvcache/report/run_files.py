@@ -3,7 +3,8 @@
 Besides the per-item JSON files (written as each item ends, :mod:`.json_report`):
 
 ``run.json``            the session: plugin version, times, server and labels, the summary
-                        table, the regression gate and the item files of this session
+                        table, the tier table, the regression gate and the item files of
+                        this session
 ``results.csv``         one row per item and trial (the seed's columns first, :mod:`.rows`)
 ``pareto_frontier.csv`` the rows on the TTFT / throughput Pareto frontier of their phase
 ``summary.md``          markdown for ``$GITHUB_STEP_SUMMARY``
@@ -27,6 +28,7 @@ from . import rows as _rows
 from .redact import redact_url
 from .storage import STORAGE_PLOT, plot_storage_tiers
 from .terminal import SUMMARY_HEADER, gate_line, summary_rows, unjudged_count
+from .tiers import TIER_HEADER, TIER_NOTE, tier_rows
 
 __all__ = ["PLOT_FILES", "RUN_SCHEMA_VERSION", "comparison_points", "write_plots", "write_run_files"]
 
@@ -156,6 +158,7 @@ def write_run_files(results_dir: Path, outcomes: Sequence[ItemOutcome], gate, se
                  "not_compared": list(gate.not_compared) if gate else [],
                  "night_shift": gate.night.message if gate and gate.night else None},
         "summary": {"header": list(SUMMARY_HEADER), "rows": [list(r) for r in table], "notes": notes},
+        "tiers": {"header": list(TIER_HEADER), "rows": [list(r) for r in tier_rows(outcomes)], "note": TIER_NOTE},
         "history": None if history is None else {
             "store": history.location,
             "series": [{"item": i, "metric": m, "runs": n, "latest": v} for i, m, n, v in history.series],

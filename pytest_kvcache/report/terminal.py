@@ -168,16 +168,17 @@ def _table_lines(header: Sequence[str], rows: Sequence[Sequence[str]], keep: Seq
     return lines
 
 
-def fit_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None
-              ) -> tuple[list[tuple[str, int | None]], list[str]]:
-    """The verdict table as lines within ``width`` columns, each with the index of its row
-    (None for the header lines), and the columns it left out (see :data:`DROP_ORDER`).
+def fit_table(header: Sequence[str], rows: Sequence[Sequence[str]], width: int | None,
+              drop: Sequence[str] = DROP_ORDER) -> tuple[list[tuple[str, int | None]], list[str]]:
+    """A table as lines within ``width`` columns, each with the index of its row (None for
+    the header lines), and the columns it left out, in the order of ``drop`` (the verdict
+    table's :data:`DROP_ORDER` unless given).
 
     When even the narrowest table is too wide (long item names), each item's name stands
     on a line of its own above its rows."""
     keep = list(range(len(header)))
     dropped: list[str] = []
-    for name in (None, *DROP_ORDER):
+    for name in (None, *drop):
         if name is not None and name in header:
             keep.remove(header.index(name))
             dropped.append(name)
@@ -216,8 +217,10 @@ def render_summary(outcomes: Sequence[ItemOutcome], gate: Gate | None, settings:
     for note in notes:
         lines += [(text, _note_colour(note)) for text in fit_lines(note.splitlines(), width)]
     from .storage import storage_lines
+    from .tiers import tier_lines
 
     lines += [(text, None) for text in storage_lines(outcomes, width)]
+    lines += [(text, None) for text in tier_lines(outcomes, width)]
     for cp in change_points:
         lines += [(text, ZONE_COLOURS[Zone.WARN])
                   for text in fit_lines([f"{Zone.WARN.value} change point: {cp.describe()}"], width)]

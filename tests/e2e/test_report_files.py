@@ -106,6 +106,8 @@ def test_markdown_summary(run):
     assert "| item | metric | baseline | current |" in md
     assert "| prefill[cpu-1k-c8] | median_ttft_ms |" in md
     assert "`plots/pareto.png`" in md
+    # the emulator's hit tokens per tier, in the tier table
+    assert "| prefill[cpu-1k-c8] | emulator (warm) | cpu | - | - | - |" in md
 
 
 def _png_checks(path: Path) -> None:

@@ -105,6 +105,16 @@ def test_storage_marker_runs_only_storage_items_and_passes_against_its_baseline(
     assert project.path.joinpath("run", "plots", "storage_tiers.png").is_file()
     run = json.loads(project.path.joinpath("run", "run.json").read_text())
     assert run["gate"]["comparisons"] == 2 and not run["gate"]["failed"]
+    # the tier table: a row per tier of each hierarchy, in the terminal and the run's files
+    result.stdout.fnmatch_lines(["tiers, the storage phase and the servers side by side:",
+                                 "tiers[[]cpu+disk-u2[]]*storage*disk*3/3"])
+    assert [row[:3] for row in run["tiers"]["rows"]] == [
+        ["tiers[cpu-u2]", "storage", "cpu"], ["tiers[cpu+disk-u2]", "storage", "cpu"],
+        ["tiers[cpu+disk-u2]", "storage", "disk"]]
+    md = project.path.joinpath("run", "summary.md").read_text()
+    assert "| tiers[cpu+disk-u2] | storage | disk |" in md and "`plots/storage_tiers.png`" in md
+    page = project.path.joinpath("run", "report.html").read_text()
+    assert '<table id="tiers">' in page and '<img src="plots/storage_tiers.png"' in page
 
 
 def test_an_incomplete_trial_is_excluded_and_named_in_the_json(project):

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from pytest_kvcache.telemetry import tier_figures
+
 pytest_plugins = ("pytester",)
 
 SCENARIO = """
@@ -81,6 +83,16 @@ def test_none_and_lmcache_mp_cpu_offload_and_redis_tier(pytester, real_stack, no
     assert warm_ttft < cold_ttft, (cold_ttft, warm_ttft)
     print(f"LMCache MP CPU offload: cold TTFT {cold_ttft:.1f} ms, warm {warm_ttft:.1f} ms, warm hit tokens "
           f"{[r['telemetry']['external_hit_tokens'] for r in warm]}")
+    # LMCache's figures per tier: an L1 alone, which the cold round wrote and the warm round read
+    assert all(set(tier_figures(r["telemetry"])) == {"cpu"} for r in cpu), cpu
+    # (a store the round did not wait for counts in the next round)
+    assert sum(r["telemetry"]["tier_writes:cpu"] for r in cpu) >= len(cold) * 4 * 7 and \
+        all(r["telemetry"]["tier_writes:cpu"] > 0 for r in cold)
+    assert all(r["telemetry"]["tier_hit_tokens:cpu"] >= 4 * 1792 * 0.5 for r in warm), warm
+    tier_table = {tuple(row[:3]) for row in json.loads(pytester.path.joinpath("out", "run.json").read_text())
+                  ["tiers"]["rows"]}
+    assert ("real[cpu-2k-c1]", "LMCache (warm)", "cpu") in tier_table and not any(r[0].startswith("real[none")
+                                                                                 for r in tier_table)
 
     if "redis" in backends:
         redis, server = rounds(pytester, "redis")
@@ -88,6 +100,14 @@ def test_none_and_lmcache_mp_cpu_offload_and_redis_tier(pytester, real_stack, no
         assert all(r["telemetry"]["external_hit_tokens"] > 0 for r in redis if r["round"] == "warm")
         # LMCache's own gauge: bytes its Redis L2 adapter holds
         assert max(r["telemetry"].get("l2_usage_bytes", 0) for r in redis) > 0, redis
+        # its figures per tier: the cold rounds stored every whole chunk in Redis, timed per store
+        redis_cold = [r["telemetry"] for r in redis if r["round"] == "cold"]
+        assert all(set(tier_figures(t)) == {"cpu", "redis"} for t in redis_cold), redis_cold
+        assert all(t["tier_writes:redis"] > 0 and t["tier_write_gbps:redis"] > 0 for t in redis_cold), redis_cold
+        assert sum(r["telemetry"]["tier_writes:redis"] for r in redis) >= len(redis_cold) * 4 * 7
+        assert ("real[redis-2k-c1]", "LMCache (warm)", "redis") in tier_table
+        result.stdout.fnmatch_lines(["tiers, the storage phase and the servers side by side:",
+                                     "real[[]redis-2k-c1[]]*LMCache (warm)*redis*"])
         logs = list(pytester.path.joinpath("out", "logs").glob("redis-server-redis-*.log"))
         assert logs and "Ready to accept connections" in logs[0].read_text()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,10 @@ from pytest_kvcache.telemetry import (
     parse_log,
     parse_metrics,
     summarize,
+    tier_figures,
 )
+
+LMCACHE_PAGES = Path(__file__).resolve().parent / "data" / "lmcache_mp_0.5.6"
 
 pytest_plugins = ("pytester",)
 
@@ -147,6 +151,60 @@ def test_lmcache_mp_hits_split_by_tier_are_parts_not_more_hits():
     t = summarize(TelemetrySource(), before, after)
     assert (t["external_hit_tokens"], t["external_hit_source"]) == (1792, 4)
     assert (t["lmcache_l1_hit_tokens"], t["lmcache_l2_hit_tokens"]) == (256, 1536)
+
+
+def _captured(name: str) -> Snapshot:
+    return Snapshot(metrics={"u": parse_metrics((LMCACHE_PAGES / f"{name}.txt").read_text())})
+
+
+@pytest.mark.parametrize("l2,store_gbps,load_gbps", [("disk", 1.0173415051105446 / 4, 0.19368510917700113),
+                                                      ("redis", 2.6611169163157005 / 4, 0.1423021287210416)])
+def test_lmcache_mp_figures_per_tier_from_its_real_metrics(l2, store_gbps, load_gbps):
+    # LMCache 0.5.6's /metrics around a cold and a warm round: 4 prompts of 7 chunks, an L1 of
+    # 8 MB (16 chunks of 512 KiB) that evicts, so the warm round reads 5 chunks back from L2
+    start, cold, warm = (_captured(f"{l2}-{n}") for n in ("0-start", "1-after-cold", "2-after-warm"))
+    t = summarize(TelemetrySource(), start, cold)
+    assert tier_figures(t) == {
+        "cpu": {"reads": 28, "writes": 28, "evictions": 0, "hits": 0, "hit_tokens": 0},
+        l2: {"reads": 0, "writes": 28, "evictions": 0, "hits": 0, "hit_tokens": 0,
+             "write_gbps": pytest.approx(store_gbps)}}
+    t = summarize(TelemetrySource(), cold, warm)
+    assert tier_figures(t) == {
+        "cpu": {"reads": 28, "writes": 5, "evictions": 10, "hits": 23, "hit_tokens": 5888},
+        l2: {"reads": 5, "writes": 0, "evictions": 0, "hits": 5, "hit_tokens": 1280,
+             "read_gbps": pytest.approx(load_gbps)}}  # no store this round: no store throughput
+    assert t[f"tier_hit_tokens:{l2}"] == t["lmcache_l2_hit_tokens"] == 1280  # the keys of before stay
+    assert (t["external_hit_tokens"], t["external_hit_source"], t["lmcache_l1_hit_tokens"]) == (7168, 4, 5888)
+    assert t["l1_usage_bytes"] == 6029312 and t["l2_usage_bytes"] == 7340032
+
+
+def test_lmcache_mp_without_an_l2_adapter_has_its_cpu_tier_only():
+    def l1_only(name: str) -> Snapshot:
+        text = (LMCACHE_PAGES / f"disk-{name}.txt").read_text()
+        return Snapshot(metrics={"u": parse_metrics("\n".join(
+            line for line in text.splitlines() if "l2_name" not in line and "lmcache_mp_l2_" not in line))})
+
+    t = summarize(TelemetrySource(), l1_only("1-after-cold"), l1_only("2-after-warm"))
+    assert set(tier_figures(t)) == {"cpu"} and t["tier_hits:cpu"] == 23
+
+
+def test_lmcache_mp_several_l2_adapters_share_the_unlabelled_counters():
+    before = Snapshot(metrics={"u": parse_metrics('lmcache_mp_lookup_hit_l1_tokens_total{model_name="m"} 0\n')})
+    after = Snapshot(metrics={"u": parse_metrics(
+        'lmcache_mp_lookup_hit_l1_tokens_total{model_name="m"} 0\n'
+        'lmcache_mp_l2_usage_bytes{l2_name="fs"} 10\nlmcache_mp_l2_usage_bytes{l2_name="mooncake_store"} 10\n'
+        "lmcache_mp_l2_store_completed_objects_chunks_total 12\n"
+        'lmcache_mp_l2_store_throughput_GB_per_second_sum{l2_name="fs"} 3.0\n'
+        'lmcache_mp_l2_store_throughput_GB_per_second_count{l2_name="fs"} 2\n')})
+    t = summarize(TelemetrySource(), before, after)
+    assert t["tier_writes:disk+mooncake"] == 12 and t["tier_write_gbps:disk"] == 1.5
+    assert "tier_write_gbps:mooncake" not in t and set(tier_figures(t)) == {"cpu", "disk+mooncake", "disk"}
+
+
+def test_tier_figures_groups_the_keys_per_tier_the_emulators_too():
+    telemetry = {"tier_hit_tokens:cpu": 512.0, "tier_hit_tokens:disk": 256.0, "tier_reads:cpu": 2.0,
+                 "lmcache_l1_hit_tokens": 512.0, "tier_nonsense:cpu": 1.0, "log_cause:eviction": 1.0}
+    assert tier_figures(telemetry) == {"cpu": {"hit_tokens": 512, "reads": 2}, "disk": {"hit_tokens": 256}}
 
 
 def test_no_source_no_hit_figure():
