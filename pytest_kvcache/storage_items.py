@@ -177,8 +177,9 @@ def storage_case_result(case: ScenarioCase, result: StorageResult) -> CaseResult
 
 
 def trial_figures(trial: StorageTrial) -> dict[str, float]:
-    """A trial's figures by the seed's names, and each tier's as ``<figure>:<tier>``
-    (``read_p95_ms:cpu``, ``evictions:disk``); figures a trial lacks are left out."""
+    """A trial's figures by the seed's names, and each tier's as ``tier_<figure>:<tier>``
+    (``tier_read_p95_ms:cpu``, ``tier_evictions:disk``: the names of an inference round's
+    tier figures, telemetry.TIER_FIGURES); figures a trial lacks are left out."""
     figures: dict[str, float | None] = {
         STORAGE_METRIC: trial.storage_throughput_tokens_per_sec,
         "wall_clock_throughput_tokens_per_sec": trial.wall_clock_throughput_tokens_per_sec,
@@ -188,11 +189,10 @@ def trial_figures(trial: StorageTrial) -> dict[str, float]:
         "tier_read_bytes": trial.tier_read_bytes, "tier_write_bytes": trial.tier_write_bytes}
     for name, tier in zip(tier_names(trial), trial.tiers):
         read = tier.read_latency
-        figures.update({f"read_p50_ms:{name}": read.p50_ms, f"read_p95_ms:{name}": read.p95_ms,
-                        f"read_p99_ms:{name}": read.p99_ms,
-                        f"write_p95_ms:{name}": tier.write_latency.p95_ms, f"hits:{name}": tier.hits,
-                        f"misses:{name}": tier.misses, f"evictions:{name}": tier.evictions,
-                        f"demotions:{name}": tier.demotions})
+        figures.update({f"tier_{figure}:{name}": value for figure, value in (
+            ("reads", tier.reads), ("writes", tier.writes), ("hits", tier.hits), ("misses", tier.misses),
+            ("evictions", tier.evictions), ("demotions", tier.demotions), ("read_p50_ms", read.p50_ms),
+            ("read_p95_ms", read.p95_ms), ("read_p99_ms", read.p99_ms), ("write_p95_ms", tier.write_latency.p95_ms))})
     return {k: float(v) for k, v in figures.items() if v is not None}
 
 

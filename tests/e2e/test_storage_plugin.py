@@ -227,8 +227,8 @@ def test_a_storage_item_is_confirmed_recorded_in_history_junit_and_pytest_benchm
     attempts = sorted(r["attempt"] for r in history if r["item"] == "tiers/tiers[cpu-u2]")
     assert attempts == [0, 1]
     trial = next(r for r in history if r["item"] == "tiers/tiers[cpu+disk-u2]")["trials"][0]["summary"]
-    assert trial["storage_throughput_tokens_per_sec"] > 0 and trial["read_p95_ms:disk"] > 0
-    assert trial["evictions:cpu"] > 0 and trial["read_bytes"] > trial["write_bytes"] > 0
+    assert trial["storage_throughput_tokens_per_sec"] > 0 and trial["tier_read_p95_ms:disk"] > 0
+    assert trial["tier_evictions:cpu"] > 0 and trial["read_bytes"] > trial["write_bytes"] > 0
     from pytest_kvcache.history import open_history
 
     with open_history(str(project.path / ".kvcache" / "history.sqlite"), rootdir=project.path) as store:
