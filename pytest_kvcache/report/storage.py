@@ -2,8 +2,9 @@
 
 A storage item has no TTFT or token throughput of a server: its row in the verdict table
 is its storage throughput against the baseline, and this table beside it shows what the
-seed (seed 002) reports per hierarchy: storage and wall-clock throughput, per-tier read
-p95 and evictions, and the trials excluded. Outcomes are recognised by their ``storage``
+seed (seed 002) reports per hierarchy: storage and wall-clock throughput, bandwidth, the
+users' read and write volumes and their ratio, and the trials excluded (each tier's
+figures are rows of the tier table, report/tiers.py). Outcomes are recognised by their ``storage``
 attribute (a :class:`~pytest_kvcache.storage.results.StorageResult`). Nothing here
 imports pytest; matplotlib only where a plot is drawn.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 __all__ = ["STORAGE_HEADER", "STORAGE_PLOT", "plot_storage_tiers", "storage_cells", "storage_comparison",
            "storage_lines", "storage_rows"]
 
-STORAGE_HEADER: tuple[str, ...] = ("item", "tiers", "storage tok/s", "wall tok/s", "read p95 per tier",
-                                   "evictions per tier", "trials used")
+STORAGE_HEADER: tuple[str, ...] = ("item", "tiers", "storage tok/s", "wall tok/s", "bandwidth GB/s",
+                                   "MiB read/written", "read:write", "trials used")
 #: the plot's file name under the run's plots/ and its caption
 STORAGE_PLOT = ("storage_tiers.png", "Storage phase: storage throughput per tier hierarchy (bars: mean of the "
                 "complete trials, points: trials) and each tier's read p95 latency")
@@ -25,6 +26,10 @@ STORAGE_PLOT = ("storage_tiers.png", "Storage phase: storage throughput per tier
 
 def _measured(outcomes: Sequence) -> list:
     return [o for o in outcomes if getattr(o, "storage", None) is not None]
+
+
+def _cell(value: float | None, scale: float = 1.0) -> str:
+    return "-" if value is None else f"{value / scale:.4g}"
 
 
 def _per_tier(values: dict, unit: str, digits: str) -> str:
@@ -45,12 +50,11 @@ def storage_rows(outcomes: Sequence) -> list[tuple[str, ...]]:
     for o in _measured(outcomes):
         s, result = o.storage.summary, o.storage
         tiers = "+".join(t["kind"] for t in result.config.get("tiers", ()))
-        storage = "-" if s.storage_throughput_tokens_per_sec is None else f"{s.storage_throughput_tokens_per_sec:.4g}"
-        wall = "-" if s.wall_clock_throughput_tokens_per_sec is None \
-            else f"{s.wall_clock_throughput_tokens_per_sec:.4g}"
+        volumes = f"{_cell(s.read_bytes, 2 ** 20)}/{_cell(s.write_bytes, 2 ** 20)}"
         used = f"{s.trials_used}/{len(result.trials)}" + (f" ({len(s.excluded)} excluded)" if s.excluded else "")
-        rows.append((o.case.name, tiers, storage, wall, _per_tier(s.tier_read_p95_ms, " ms", ".3g"),
-                     _per_tier(s.tier_evictions, "", ".0f"), used))
+        rows.append((o.case.name, tiers, _cell(s.storage_throughput_tokens_per_sec),
+                     _cell(s.wall_clock_throughput_tokens_per_sec), _cell(s.bandwidth_bytes_per_sec, 1e9), volumes,
+                     _cell(s.read_write_ratio), used))
     return rows
 
 

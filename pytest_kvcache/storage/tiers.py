@@ -67,6 +67,9 @@ class Tier(ABC):
 
     kind: str
     description: str
+    #: its reads and writes are CPU work (copies in RAM): timed by the thread's CPU time
+    #: (storage.hierarchy), not the wall clock
+    cpu_bound: bool = False
 
     def __init__(self, spec: TierSpec, block_bytes: int) -> None:
         self.spec = spec
@@ -125,6 +128,7 @@ class RamTier(Tier):
     a copy into resident memory and never measures the allocator."""
 
     kind = "cpu"
+    cpu_bound = True
 
     def __init__(self, spec: TierSpec, block_bytes: int, description: str = "RAM (preallocated)") -> None:
         super().__init__(spec, block_bytes)

@@ -329,3 +329,28 @@ def test_the_shipped_storage_baselines_still_key_the_shipped_items():
         assert identity.testbed["storage_config"] == testbed["storage_config"], config.name
         checked += 1
     assert checked == 4
+
+
+class _WaitingRam(RamTier):
+    """A RAM tier whose reads also spend 50 ms off the CPU (another thread's or process's turn)."""
+
+    def read(self, key: str) -> bytes:
+        import threading
+
+        threading.Event().wait(0.05)
+        return super().read(key)
+
+
+class _WaitingDevice(_WaitingRam):
+    """The same tier timed as a device is: the wait is its cost."""
+
+    cpu_bound = False
+
+
+def test_a_ram_tier_is_timed_by_cpu_time_and_a_device_tier_by_the_wall_clock():
+    for tier_class, waited in ((_WaitingRam, False), (_WaitingDevice, True)):
+        h = Hierarchy([tier_class(TierSpec("cpu", 4 * BLOCK), BLOCK)])
+        h.write("a", block("a"))
+        assert h.read("a") == block("a")
+        (latency,) = h.counters[0].read_latencies
+        assert (latency >= 0.05) is waited, (tier_class.__name__, latency)
