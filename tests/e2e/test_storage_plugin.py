@@ -260,3 +260,10 @@ def test_a_gds_tier_without_a_mount_skips_its_item_saying_what_is_missing(pytest
     given.stdout.fnmatch_lines([f"*{missing}*"])
     doc = json.loads(pytester.path.joinpath("run2", "direct", "direct[gds-u4].json").read_text())
     assert doc["status"] == "skipped" and str(missing) in doc["message"]
+
+
+def test_storage_items_run_before_the_items_that_start_servers(project):
+    # seed.yaml sorts before tiers.yaml: collected first, run after
+    result = project.runpytest_subprocess("--collect-only", "-q")
+    items = [line for line in result.stdout.lines if "::" in line]
+    assert [line.split("::")[0] for line in items] == ["scenarios/tiers.yaml"] * 2 + ["scenarios/seed.yaml"]
