@@ -275,14 +275,17 @@ RAW_COUNTERS: tuple[str, ...] = (
 #: LMCache multi-process counters (names vary by version: matched by substring). The
 #: per-tier splits (``lmcache_mp_lookup_hit_l1_tokens_total``, ``..._l2_...``) are parts of
 #: the total, not more hits: counted apart (:data:`_MP_TIER_HIT`), never in the sum.
-_MP_HIT = re.compile(r"^lmcache_mp_(?!.*_l[12]_).*(hit|retriev|load)\w*token", re.IGNORECASE)
+#: A histogram's or a counter's parts that are not its count (matched by substring: excluded).
+_NOT_A_COUNT = r"(?!.*_(?:bucket|created|sum|count)$)"
+_MP_HIT = re.compile(rf"^{_NOT_A_COUNT}lmcache_mp_(?!.*_l[12]_).*(hit|retriev|load)\w*token", re.IGNORECASE)
 _MP_TIER_HIT = re.compile(r"^lmcache_mp_lookup_hit_(l[12])_tokens", re.IGNORECASE)
-_MP_STORE = re.compile(r"^lmcache_mp_.*(stor|sav)\w*token", re.IGNORECASE)
+_MP_STORE = re.compile(rf"^{_NOT_A_COUNT}lmcache_mp_.*(stor|sav)\w*token", re.IGNORECASE)
 
 
-def _mp_sum(samples: Samples, pattern: re.Pattern[str]) -> float | None:
-    values = [v for (n, _), v in samples.items() if pattern.search(n) and not n.endswith(("_bucket", "_created"))
-              and not n.endswith(("_sum", "_count"))]
+def _mp_sum(samples: Samples, pattern: re.Pattern[str], **labels: str) -> float | None:
+    """The sum of the samples whose name ``pattern`` finds and whose labels are ``labels``, else None."""
+    values = [v for (n, ls), v in samples.items()
+              if pattern.search(n) and all(dict(ls).get(k) == want for k, want in labels.items())]
     return float(sum(values)) if values else None
 
 
@@ -308,10 +311,10 @@ def summarize(source: TelemetrySource, before: Snapshot, after: Snapshot) -> dic
     return out
 
 
-def _mp_delta(before: Samples, after: Samples, pattern: re.Pattern[str]) -> float | None:
-    """The round's difference of LMCache's multi-process counters that ``pattern`` matches."""
-    total_after = _mp_sum(after, pattern)
-    return None if total_after is None else total_after - (_mp_sum(before, pattern) or 0.0)
+def _mp_delta(before: Samples, after: Samples, pattern: re.Pattern[str], **labels: str) -> float | None:
+    """The round's difference of LMCache's multi-process counters that ``pattern`` finds."""
+    total_after = _mp_sum(after, pattern, **labels)
+    return None if total_after is None else total_after - (_mp_sum(before, pattern, **labels) or 0.0)
 
 
 def _external_hits(b: Samples, a: Samples, log_hits: int | None) -> tuple[float | None, float]:
@@ -424,24 +427,11 @@ _MP_TIER_THROUGHPUTS: tuple[tuple[str, str, str], ...] = (
 _MP_TIER_NAMES = {"dram": "cpu", "fs": "disk", "resp": "redis", "mooncake_store": "mooncake"}
 
 
-def _mp_total(samples: Samples, pattern: str, **labels: str) -> float | None:
-    """The sum of the samples whose name matches ``pattern`` (labels filtered), else None."""
-    regex = re.compile(pattern)
-    found = [v for (n, ls), v in samples.items()
-             if regex.match(n) and all(dict(ls).get(k) == want for k, want in labels.items())]
-    return float(sum(found)) if found else None
-
-
-def _mp_round(b: Samples, a: Samples, pattern: str, **labels: str) -> float | None:
-    after = _mp_total(a, pattern, **labels)
-    return None if after is None else after - (_mp_total(b, pattern, **labels) or 0.0)
-
-
 def _mp_tiers(a: Samples) -> tuple[str | None, dict[str, str]]:
     """LMCache's L1 tier at the end of the round (None: no multi-process LMCache) and its L2
     adapters (``l2_name`` -> tier)."""
     l1 = [dict(ls).get("backend", "dram") for (n, ls) in a if n == "lmcache_mp_l1_memory_usage_bytes"]
-    if not l1 and _mp_total(a, r"^lmcache_mp_lookup_hit_l1_tokens(?:_total)?$") is None:
+    if not l1 and _mp_sum(a, re.compile(r"^lmcache_mp_lookup_hit_l1_tokens(?:_total)?$")) is None:
         return None, {}
     names = sorted({dict(ls)["l2_name"] for (n, ls) in a if n.startswith("lmcache_mp_") and "l2_name" in dict(ls)})
     return _MP_TIER_NAMES.get(l1[0], l1[0]) if l1 else "cpu", {n: _MP_TIER_NAMES.get(n, n) for n in names}
@@ -455,15 +445,15 @@ def _add_lmcache_tiers(out: dict[str, float], b: Samples, a: Samples) -> None:
     for figure, level, instrument, unit in _MP_TIER_COUNTERS:
         tier = tiers[level]
         if tier is not None:
-            pattern = rf"^lmcache_mp_{instrument}" + (rf"(?:_{unit})?" if unit else "") + r"(?:_total)?$"
+            counter = re.compile(rf"^lmcache_mp_{instrument}" + (rf"(?:_{unit})?" if unit else "") + r"(?:_total)?$")
             # OpenTelemetry exports a counter from its first increment on: absent is none yet
-            out[f"tier_{figure}:{tier}"] = _mp_round(b, a, pattern) or 0.0
+            out[f"tier_{figure}:{tier}"] = _mp_delta(b, a, counter) or 0.0
     for figure, level, instrument in _MP_TIER_THROUGHPUTS:
         by_tier: list[tuple[str | None, dict[str, str]]] = \
             [(l1, {})] if level == "l1" else [(tier, {"l2_name": name}) for name, tier in l2.items()]
         for tier, labels in by_tier:
             pattern = rf"^lmcache_mp_{instrument}(?:_GB_per_second)?_"
-            total, count = (_mp_round(b, a, pattern + part + "$", **labels) for part in ("sum", "count"))
+            total, count = (_mp_delta(b, a, re.compile(pattern + part + "$"), **labels) for part in ("sum", "count"))
             if tier is not None and total is not None and count:
                 out[f"tier_{figure}:{tier}"] = total / count
 
