@@ -315,20 +315,19 @@ def test_fixed_profile_ttft_and_itl_at_concurrency_16(emu_factory):
             server_ttft.append(timing["ttft_ms"])
             itls.extend(timing["itl_ms"])
             client_ttft.append((content[0][0] - t0) * 1000)
-    # The server stamps each chunk just before its write; one thread writes 16 chunks
-    # due at the same instant one after another (~30-90 us a send on these VMs), and the
-    # client is a Python process on the same two cores, often shared with other test
-    # runs: so the bounds are on quantiles (typically: median 40.0, p90 40.5, client
-    # median 41-43 ms), with room for a loaded machine.
+    # The server stamps each chunk just before its write. On an idle machine the median is
+    # 40.0 ms, p90 40.5, the client's median 41-43 ms; a CI runner shared with other jobs
+    # made its p75 43.7. So the upper bounds are sized against what they guard, a prefill
+    # the fixed profile serializes (the k-th of 16 requests at k x 40 ms, a p75 of 480),
+    # not against the timer's accuracy on a loaded machine; never early holds on any.
     server_ttft.sort()
     client_ttft.sort()
     assert server_ttft[0] >= 40 - 0.1, server_ttft[:3]  # never early
-    assert statistics.median(server_ttft) <= 42, server_ttft
-    assert server_ttft[int(0.75 * len(server_ttft))] <= 42, server_ttft[-8:]
-    assert server_ttft[-1] <= 50, server_ttft[-8:]
-    assert 38 <= statistics.median(client_ttft) <= 45, client_ttft
-    assert client_ttft[int(0.75 * len(client_ttft))] <= 47, client_ttft[-8:]
-    assert statistics.median(itls) == pytest.approx(8, abs=0.5)
+    assert statistics.median(server_ttft) <= 50, server_ttft
+    assert server_ttft[int(0.75 * len(server_ttft))] <= 55, server_ttft[-8:]
+    assert 38 <= statistics.median(client_ttft) <= 55, client_ttft
+    assert client_ttft[int(0.75 * len(client_ttft))] <= 60, client_ttft[-8:]
+    assert statistics.median(itls) == pytest.approx(8, abs=1.0)
 
 
 def test_quick_profile_prefill_is_serialized(emu_factory):
