@@ -12,7 +12,8 @@ the session, FAIL only when significant and beyond the threshold. The tests and
 The noise model, log scale: a run's effect on a metric is ``night + run`` (their
 variances adding up to ``run_sd ** 2``, the night part shared by every item and run
 of the session, ``night_share`` of it), each trial adds ``trial_sd``; run effects are
-normal or Student t with ``tail_df`` degrees of freedom scaled to the same sd.
+normal or Student t with ``tail_df`` degrees of freedom scaled to the same sd. The last
+``noisy_items`` items may be noisier than the rest (their own run effects' sd ``noisy_sd``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ class NoiseModel:
     trial_sd: float = 0.01
     night_share: float = 0.0  # part of the run-to-run variance every item of a session shares
     tail_df: float | None = None  # Student t run effects with these df (same sd); None: normal
+    noisy_items: int = 0  # the last items of the suite are noisier than the rest:
+    noisy_sd: float = 0.0  # their own run effects have this sd (the night's part stays run_sd's)
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,9 @@ def _draw_sessions(noise: NoiseModel, setup: GateSetup, sessions: int, seed: int
     rng = np.random.default_rng(seed)
     runs, n, c = setup.baseline_runs, setup.trials, setup.comparisons
     sign = np.tile([1.0, -1.0], setup.items)  # a slow night: TTFT up, throughput down
-    item_sd = noise.run_sd * math.sqrt(1.0 - noise.night_share)
+    item_sd = np.full((1, c, 1), noise.run_sd * math.sqrt(1.0 - noise.night_share))
+    if noise.noisy_items:
+        item_sd[:, c - 2 * noise.noisy_items:] = noise.noisy_sd
     night_sd = noise.run_sd * math.sqrt(noise.night_share)
 
     def run_effects(k: int, one_night: bool) -> Any:

@@ -16,18 +16,20 @@ for simulation) share one computation:
 
 * ``tau2`` comes from the spread of the baseline's run means (``R - 1`` df), moderated
   by a :class:`NoisePrior` pooled over the items of the same testbed (empirical Bayes,
-  :func:`fit_noise_prior`); with one baseline run the prior alone, and with neither the
-  comparison cannot be made (``test = "insufficient-runs"``: p = 1, never significant).
+  :func:`fit_noise_prior`; an item :func:`beyond_prior` is judged by its own runs
+  alone); with one baseline run the prior alone, and with neither the comparison cannot
+  be made (``test = "insufficient-runs"``: p = 1, never significant).
 * One current run: ``(mean(current) - mean of the baseline run means) / sqrt(tau2 / R +
   between_var + within_var / m)`` against Student's t with the prior's plus the item's
   df: a prediction interval for a new run.
 * Several current runs (the first run plus confirmation runs on fresh servers): each
   is standardized as above; the p-value is the chance, under no change, that *every*
   run is at least as far out as the least extreme one: the upper orthant probability of
-  equicorrelated normals. Their correlation is the part they share: the baseline's mean
-  (``tau2 / R``) and the night (``night_var``, the session-wide part of the run-to-run
-  variance estimated from baseline runs of many items recorded in the same sessions,
-  :func:`night_variance`; unknown: all of it is taken as shared).
+  equicorrelated Student t's sharing one variance estimate. Their correlation is the
+  part they share: the baseline's mean (``tau2 / R``) and the night (``night_var``, the
+  session-wide part of the run-to-run variance estimated from baseline runs of many
+  items recorded in the same sessions, :func:`night_variance`; unknown: all of it is
+  taken as shared).
 
 Floors: the trial noise is floored at :data:`SD_LOG_FLOOR` (0.1%) and a run mean's
 spread at :data:`RUN_SD_FLOOR` (0.5%): an almost deterministic emulator must not make
@@ -54,6 +56,7 @@ __all__ = [
     "MetricComparison",
     "NoisePrior",
     "benjamini_hochberg",
+    "beyond_prior",
     "compare_paired",
     "compare_runs",
     "compare_runs_batch",
@@ -286,22 +289,43 @@ def _t_ppf(q: float, df: float) -> float:
     return float(st.norm.ppf(q)) if not df < _DF_NORMAL else float(st.t.ppf(q, df))
 
 
-def _min_tail(u: Any, rho: Any, k: int) -> Any:
-    """P(min of k equicorrelated standard normals >= u), correlation ``rho`` in [0, 1)
-    (docs/statistics.md, Confirmation runs).
+def _min_tail(t: Any, rho: Any, k: int, df: Any = math.inf) -> Any:
+    """P(min of k equicorrelated Student t's >= t): correlation ``rho`` in [0, 1) and one
+    variance estimate with ``df`` degrees of freedom shared by all k (the multivariate t;
+    docs/statistics.md, Confirmation runs).
 
-    ``Z_i = sqrt(rho) W + sqrt(1 - rho) E_i``: conditioning on the shared ``W`` leaves k
-    independent tails; the outer integral is Gauss-Hermite (64 nodes).
+    ``T_i = Z_i / sqrt(V / df)``, ``Z_i = sqrt(rho) W + sqrt(1 - rho) E_i``, ``V`` chi-square:
+    conditioning on ``W`` leaves k independent normal tails, integrated over ``W`` by
+    Gauss-Hermite (64 nodes) and, where ``df`` is finite, over ``V`` by Gauss-Legendre in
+    the log of its distribution function (32 nodes; within 0.2% of Student's tail down to
+    1e-5 for df >= 2). The shared ``V`` matters: with few df an underestimated variance
+    inflates every run's statistic at once.
     """
     import numpy as np
+    from scipy import special
     from scipy import stats as st
 
+    t, rho, df = np.broadcast_arrays(np.asarray(t, dtype=float),
+                                     np.clip(np.asarray(rho, dtype=float), 0.0, 0.999),
+                                     np.asarray(df, dtype=float))
     nodes, weights = np.polynomial.hermite_e.hermegauss(64)
     weights = weights / math.sqrt(2.0 * math.pi)
-    u = np.asarray(u, dtype=float)[..., None]
-    rho = np.clip(np.asarray(rho, dtype=float), 0.0, 0.999)[..., None]
-    inner = st.norm.sf((u - np.sqrt(rho) * nodes) / np.sqrt(1.0 - rho)) ** k
-    return np.clip((inner * weights).sum(-1), 0.0, 1.0)
+
+    def normal_tail(u: Any, r: Any) -> Any:
+        inner = special.ndtr(-(u[..., None] - np.sqrt(r)[..., None] * nodes) / np.sqrt(1.0 - r)[..., None]) ** k
+        return (inner * weights).sum(-1)
+
+    out = np.array(normal_tail(t, rho), dtype=float)
+    finite = df < _DF_NORMAL
+    if finite.any():
+        x, w = np.polynomial.legendre.leggauss(32)
+        lowest = math.log(1e-14)
+        q = np.exp(lowest * (1.0 - x) / 2.0)  # distribution-function values, dense near 0
+        wq = w * -lowest / 2.0 * q
+        tf, rf, dff = t[finite], rho[finite], df[finite]
+        scale = np.sqrt(st.chi2.ppf(q[None, :], dff[:, None]) / dff[:, None])
+        out[finite] = sum(wq[j] * normal_tail(tf * scale[:, j], rf) for j in range(q.size))
+    return np.clip(out, 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- noise
@@ -324,25 +348,49 @@ def _trigamma_inverse(x: np.ndarray) -> np.ndarray:
 
 
 def fit_noise_prior(variances: Any, dfs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma;
-    docs/statistics.md, Noise pooled over the testbed's items).
+    """Empirical-Bayes prior of many items' run-mean variances (Smyth 2004, limma), fitted
+    without the items that are noisier than the rest (docs/statistics.md, Noise pooled over
+    the testbed's items).
 
     ``variances`` (..., F) are the items' sample variances of their run means on the
     log scale, ``dfs`` (..., F) their degrees of freedom (runs - 1). Fits the scaled
     inverse chi-square prior ``(s0^2, d0)`` by the moments of ``log(s^2)``; returns the
     arrays ``(s0^2, d0)`` over the leading axes, ``d0 = inf`` when the items' spread is
-    no larger than sampling alone explains. Needs F >= 2.
+    no larger than sampling alone explains. An item :func:`beyond_prior` does not share
+    the pool's noise: the fit leaves it out (found from a start that takes every item to
+    share one variance, their median's, then refitted until the set stays the same), as
+    the comparison judges it by its own runs. Needs F >= 2.
     """
     import numpy as np
-    from scipy import special
+    from scipy import stats as st
 
     s2 = np.maximum(np.asarray(variances, dtype=float), RUN_SD_FLOOR ** 2)
     d = np.broadcast_to(np.asarray(dfs, dtype=float), s2.shape)
     if s2.shape[-1] < 2:
         raise ValueError("fit_noise_prior needs at least 2 items")
+    s0 = np.median(s2 / (st.chi2.median(d) / d), -1)
+    d0 = np.full(s0.shape, np.inf)
+    kept = np.ones(s2.shape, dtype=bool)
+    for fits in range(10):
+        shared = ~beyond_prior(s2, d, s0[..., None], d0[..., None])
+        shared |= (shared.sum(-1) < 2)[..., None]  # too few left to fit: the plain fit of all of them
+        if fits and np.array_equal(shared, kept):
+            break
+        kept = shared
+        s0, d0 = _fit_moments(s2, d, kept)
+    return s0, d0
+
+
+def _fit_moments(s2: Any, d: Any, kept: Any) -> tuple[Any, Any]:
+    """limma's moment fit of ``(s0^2, d0)`` to the ``kept`` items' variances."""
+    import numpy as np
+    from scipy import special
+
+    n = kept.sum(-1)
     e = np.log(s2) - special.digamma(d / 2.0) + np.log(d / 2.0)
-    e_mean = e.mean(-1)
-    e_var = ((e - e_mean[..., None]) ** 2).sum(-1) / (s2.shape[-1] - 1) - special.polygamma(1, d / 2.0).mean(-1)
+    e_mean = (e * kept).sum(-1) / n
+    e_var = (((e - e_mean[..., None]) ** 2) * kept).sum(-1) / (n - 1) - \
+        (special.polygamma(1, d / 2.0) * kept).sum(-1) / n
     finite = e_var > 0
     d0 = np.full(e_mean.shape, np.inf)
     d0[finite] = 2.0 * _trigamma_inverse(e_var[finite])
@@ -376,6 +424,24 @@ def night_variance(table: Any) -> np.ndarray:
     return np.maximum(upper - inter_var / items, 0.0)
 
 
+def beyond_prior(own_var: Any, own_df: Any, prior_var: Any, prior_df: Any, level: float = 0.01) -> Any:
+    """Whether an item's own run-mean variance (``own_df`` df) is beyond the pooled prior's:
+    the upper ``level`` tail of ``F(own_df, prior_df)`` (``prior_df`` inf: chi-square over
+    df). Such an item does not share the pool's noise, and the prior would understate it
+    (docs/statistics.md, Noise pooled over the testbed's items). False where there is no prior.
+    """
+    import numpy as np
+    from scipy import stats as st
+
+    own_var, own_df = np.asarray(own_var, dtype=float), np.asarray(own_df, dtype=float)
+    prior_var, prior_df = np.asarray(prior_var, dtype=float), np.asarray(prior_df, dtype=float)
+    known = ~(prior_df < _DF_NORMAL)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        limit = np.where(known, st.chi2.isf(level, own_df) / own_df,
+                         st.f.isf(level, own_df, np.where(known | ~(prior_df > 0), 1.0, prior_df)))
+        return (prior_df > 0) & (prior_var > 0) & (own_df > 0) & (own_var > limit * prior_var)
+
+
 # --------------------------------------------------------------------------- run level
 
 
@@ -391,6 +457,7 @@ class _RunLevel:
     between_var: Any
     within_var: Any
     df: Any
+    prior_df: Any  # the prior's df as used: 0 where the item's own runs are beyond it
 
 
 def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n: Any, cur_ss: Any,
@@ -418,6 +485,8 @@ def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n
     if runs >= 2:
         own = base_means.var(-1, ddof=1)
         d = runs - 1.0
+        # an item noisier than the pool (its own test at 1%) is judged by its own runs alone
+        prior_df = np.where(beyond_prior(own, d, prior_var, prior_df), 0.0, prior_df)
         with np.errstate(invalid="ignore", divide="ignore"):  # prior_df inf: the prior alone
             weight = np.where(np.isinf(prior_df), 1.0, prior_df / (prior_df + d))
         tau2 = np.where(prior_df > 0, weight * prior_var + (1.0 - weight) * own, own)
@@ -439,18 +508,15 @@ def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n
     if k == 1:
         p_worse, p_better = p_w[..., 0], p_b[..., 0]
     else:
-        from scipy import stats as st
-
         rho = np.maximum((tau2 / runs + shared) / var_k.max(-1), _CONFIRMATION_CORRELATION_FLOOR)
-        u_worse = st.norm.isf(np.clip(p_w, 1e-300, 1.0)).min(-1)
-        u_better = st.norm.isf(np.clip(p_b, 1e-300, 1.0)).min(-1)
-        p_worse, p_better = _min_tail(u_worse, rho, k), _min_tail(u_better, rho, k)
+        p_worse, p_better = _min_tail(z.min(-1), rho, k, df), _min_tail((-z).min(-1), rho, k, df)
     if runs < 2:  # one baseline run and no prior: the run-to-run noise is unknown, nothing is judged
         unknown = ~(prior_df > 0)
         p_worse, p_better = np.where(unknown, 1.0, p_worse), np.where(unknown, 1.0, p_better)
     var_mean = tau2 / runs + shared + (between_var - shared) / k + within_var / cur_n.sum(-1)
     return _RunLevel(diff=dev.mean(-1) * sign, p_worse=p_worse, p_better=p_better, var_one=var_k[..., 0],
-                     var_mean=var_mean, between_var=between_var, within_var=within_var, df=df)
+                     var_mean=var_mean, between_var=between_var, within_var=within_var, df=df,
+                     prior_df=prior_df)
 
 
 def _run_stats(metric: str, side: str, runs: Sequence[Sequence[float]]) -> tuple[list[float], list[int], float]:
@@ -495,23 +561,23 @@ def _unjudged_comparison(sides: MetricComparison, baseline_runs: Sequence[Sequen
     return None
 
 
-def _noise_source(b_means: Sequence[float], prior: NoisePrior | None) -> tuple[str, list[str]]:
+def _noise_source(b_means: Sequence[float], prior: NoisePrior | None, pooled: bool) -> tuple[str, list[str]]:
     """Where the run-to-run noise came from, and a note when the baseline's runs disagree
-    beyond the testbed's noise (an F test at 1%: a change between them?)."""
+    beyond the testbed's noise (:func:`beyond_prior`; then they alone were used)."""
     runs = len(b_means)
     if prior is None:
         return "this item's runs", []
-    source = prior.source if runs < 2 else f"this item's {runs} runs and {prior.source}"
-    if runs >= 2 and prior.df < _DF_NORMAL and prior.var > 0:
-        import numpy as np
-        from scipy import stats as st
+    if runs < 2:
+        return prior.source, []
+    if pooled:
+        return f"this item's {runs} runs and {prior.source}", []
+    import numpy as np
 
-        own = float(np.var(b_means, ddof=1))
-        if own / prior.var > st.f.ppf(0.99, runs - 1, prior.df):
-            return source, [f"the baseline's {runs} runs disagree beyond this testbed's run-to-run noise "
-                            f"(sd {math.sqrt(own) * 100:.1f}% against {math.sqrt(prior.var) * 100:.1f}%): a change "
-                            "between them? refresh the baseline (--reset-baselines) if so"]
-    return source, []
+    own = float(np.var(b_means, ddof=1))
+    return f"this item's {runs} runs alone", [
+        f"the baseline's {runs} runs disagree beyond this testbed's run-to-run noise (sd "
+        f"{math.sqrt(own) * 100:.1f}% against {math.sqrt(prior.var) * 100:.1f}%), so they alone were used: a noisier "
+        "item, or a change between them? refresh the baseline (--reset-baselines) if the latter"]
 
 
 @dataclass(frozen=True)
@@ -603,13 +669,13 @@ def compare_runs(
     if k > 1:
         notes.append(f"{k} runs: the first and {k - 1} confirmation run{'s' if k > 2 else ''}; "
                      "each must be as far out for the change to be significant")
-    source, disagree = _noise_source(b_means, prior)
+    source, disagree = _noise_source(b_means, prior, bool(level.prior_df > 0))
     notes += disagree
     detect = _Power(alpha=alpha, power=power, direction=d, threshold=threshold)
     mde_log = detect.detectable(float(level.var_one), df)
     needed = None
     if mde_log > threshold_log(threshold, d):
-        needed, note = detect.runs_needed(level, b_n, c_n[0], runs, prior.df if prior is not None else 0.0)
+        needed, note = detect.runs_needed(level, b_n, c_n[0], runs, float(level.prior_df))
         notes.append(note)
     return replace(
         sides, ci_low=math.exp(diff - half), ci_high=math.exp(diff + half),

@@ -37,6 +37,20 @@ def test_false_failures_at_most_5_percent_with_three_or_more_baseline_runs(model
     assert result.false_failure_rate <= 0.05
 
 
+@pytest.mark.parametrize(("runs", "limit"), [(3, 0.10), (5, 0.05)])
+def test_items_noisier_than_the_rest_keep_their_own_noise(runs: int, limit: float) -> None:
+    """Three of 23 items five times noisier (5% against 1%): pooled with the quiet ones, the
+    plain fit failed 14% of sessions with 3 baseline runs and 4% with 5. Left out of the pool
+    and judged by their own runs, far fewer; 3 runs cannot always tell such an item from an
+    unlucky quiet one (docs/statistics.md)."""
+    noise = NoiseModel(run_sd=0.01, noisy_items=3, noisy_sd=0.05)
+    result = simulate_gate(noise, GateSetup(baseline_runs=runs), sessions=2000, seed=7, effects={0: 1.15})
+    print(f"{runs} baseline runs: {result.false_failure_rate:.1%} of sessions fail, a quiet item's +15% found in "
+          f"{result.fail_rate[0]:.1%}")
+    assert result.false_failure_rate <= limit
+    assert result.fail_rate[0] >= 0.95  # a quiet item keeps the pool's noise, and its power
+
+
 @pytest.mark.parametrize("model", MODELS)
 def test_one_baseline_run_never_fails_a_noisy_night(model: str) -> None:
     result = simulate_gate(NoiseModel(run_sd=0.05, **MODELS[model]), GateSetup(baseline_runs=1), sessions=300,

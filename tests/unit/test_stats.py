@@ -111,11 +111,27 @@ def test_a_prior_moderates_the_items_own_spread() -> None:
     assert moderated.noise_df == 42 and "pooled" in moderated.noise_source
 
 
-def test_disagreeing_baseline_runs_are_reported() -> None:
+def test_disagreeing_baseline_runs_are_reported_and_judge_alone() -> None:
     base = [[100.0, 100.5], [130.0, 130.5], [100.2, 100.1]]
-    prior = NoisePrior(var=0.01 ** 2, df=50.0, source="pooled")
-    c = stats.compare_runs("m", base, [[110.0, 110.0]], direction=LOWER, threshold=0.1, prior=prior)
-    assert "disagree beyond this testbed's run-to-run noise" in c.note and "--reset-baselines" in c.note
+    cur = [[125.0, 125.0]]
+    for df in (50.0, math.inf):
+        prior = NoisePrior(var=0.01 ** 2, df=df, source="pooled")
+        c = stats.compare_runs("m", base, cur, direction=LOWER, threshold=0.1, prior=prior)
+        assert "disagree beyond this testbed's run-to-run noise" in c.note and "--reset-baselines" in c.note
+        # the pool's 1% would make +13% certain; the item's own 16% spread (2 df) does not
+        assert c.noise_source == "this item's 3 runs alone" and c.noise_df == 2 and c.p_worse > 0.05
+    quiet = stats.compare_runs("m", [[100.0], [101.5], [99.0]], cur, direction=LOWER, threshold=0.1,
+                               prior=NoisePrior(var=0.01 ** 2, df=math.inf, source="pooled"))
+    assert quiet.noise_source == "this item's 3 runs and pooled" and quiet.p_worse < 1e-6 and not quiet.note
+
+
+def test_beyond_prior_is_an_f_test_at_one_percent() -> None:
+    limit = st.f.isf(0.01, 2, 20)
+    assert stats.beyond_prior(1.01 * limit, 2.0, 1.0, 20.0) and not stats.beyond_prior(0.99 * limit, 2.0, 1.0, 20.0)
+    limit = st.chi2.isf(0.01, 4) / 4  # a prior taken as known
+    assert stats.beyond_prior(1.01 * limit, 4.0, 1.0, math.inf)
+    assert not stats.beyond_prior(0.99 * limit, 4.0, 1.0, math.inf)
+    assert not stats.beyond_prior(100.0, 2.0, 1.0, 0.0)  # no prior: nothing to be beyond
 
 
 def test_runs_needed_and_detectable_effect() -> None:
@@ -158,6 +174,30 @@ def test_min_tail_against_closed_forms_and_simulation(rng: np.random.Generator) 
     assert stats._min_tail(1.0, 0.4, 2) == pytest.approx((z.min(1) >= 1.0).mean(), abs=0.003)
 
 
+def test_min_tail_shares_one_variance_estimate_between_the_runs(rng: np.random.Generator) -> None:
+    t = np.array([0.5, 2.0, 6.0, 30.0])
+    for df in (2.0, 4.0, 30.0):
+        assert stats._min_tail(t, 0.0, 1, df) == pytest.approx(st.t.sf(t, df), rel=0.005)
+    n, df, rho = 400_000, 3.0, 0.4
+    scale = np.sqrt(rng.chisquare(df, n) / df)
+    z = math.sqrt(rho) * rng.standard_normal(n)[:, None] + math.sqrt(1 - rho) * rng.standard_normal((n, 2))
+    tmin = (z / scale[:, None]).min(1)
+    for u in (1.0, 3.0):
+        assert stats._min_tail(u, rho, 2, df) == pytest.approx((tmin >= u).mean(), rel=0.03)
+    # the shared estimate: far more likely than two independent-looking t tails say
+    assert stats._min_tail(3.0, rho, 2, df) > 1.5 * float(stats._min_tail(st.norm.isf(st.t.sf(3.0, df)), rho, 2))
+
+
+def test_confirmed_comparisons_hold_their_level_with_few_baseline_runs(rng: np.random.Generator) -> None:
+    """Three baseline runs judged alone (2 df), a first and a confirmation run, no change."""
+    n = 20_000
+    base = 100.0 * np.exp(0.05 * rng.standard_normal((n, 3, 1)) + 0.01 * rng.standard_normal((n, 3, 3)))
+    cur = 100.0 * np.exp(0.05 * rng.standard_normal((n, 2, 1)) + 0.01 * rng.standard_normal((n, 2, 3)))
+    _ratio, p_worse, _ = stats.compare_runs_batch(base, cur, direction=LOWER, night_var=0.0)
+    for level in (0.01, 0.05):
+        assert (p_worse <= level).mean() <= 1.1 * level
+
+
 def test_a_confirmed_regression_is_far_more_significant_than_one_run(rng: np.random.Generator) -> None:
     base = runs_of(rng, 100.0, 5)
     first = [list(112.0 * np.exp(rng.normal(0, 0.01, 3)))]
@@ -193,6 +233,19 @@ def test_fit_noise_prior_sees_items_that_differ(rng: np.random.Generator) -> Non
     assert np.median(d0) < 10
     with pytest.raises(ValueError, match="2 items"):
         stats.fit_noise_prior([0.001], 4.0)
+
+
+def test_fit_noise_prior_leaves_out_items_noisier_than_the_rest(rng: np.random.Generator) -> None:
+    sd = np.array([0.01] * 20 + [0.06] * 3)  # three items six times noisier, 3 runs (2 df) each
+    s2 = sd ** 2 * rng.chisquare(2, size=(500, 23)) / 2
+    s0, d0 = stats.fit_noise_prior(s2, 2.0)
+    assert np.median(np.sqrt(s0)) == pytest.approx(0.01, rel=0.15) and np.mean(np.isinf(d0)) > 0.8
+    # all of them pooled (limma's plain fit): a weak prior for every item, the quiet ones' power gone
+    _, plain_d0 = stats._fit_moments(s2, np.full(s2.shape, 2.0), np.ones(s2.shape, dtype=bool))
+    assert np.median(plain_d0) < 10
+    # what the fit left out, the comparison judges alone
+    flagged = stats.beyond_prior(s2, 2.0, s0[:, None], d0[:, None])
+    assert flagged[:, 20:].mean() > 0.75 and flagged[:, :20].mean() < 0.02
 
 
 def test_night_variance_bounds_the_shared_part(rng: np.random.Generator) -> None:
