@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
@@ -166,7 +167,7 @@ class CaseRunner:
                 given = await _given(self._local or ServerTokenizer(client, model), prompts, 1)
             return tuple(p.input_len for p in given)
 
-        return asyncio.run(lengths())
+        return _run_async(lengths())
 
     def tokenize(self, base_url: str, model: str, text: str) -> list[int]:
         """``text``'s token ids: the local ``--tokenizer``'s, else the server's /tokenize."""
@@ -174,14 +175,14 @@ class CaseRunner:
             async with open_client(base_url) as client:
                 return await (self._local or ServerTokenizer(client, model)).encode(text)
 
-        return asyncio.run(encode())
+        return _run_async(encode())
 
     def detokenize(self, base_url: str, model: str, ids: Sequence[int]) -> str:
         async def decode() -> str:
             async with open_client(base_url) as client:
                 return await (self._local or ServerTokenizer(client, model)).decode(ids)
 
-        return asyncio.run(decode())
+        return _run_async(decode())
 
     async def _round(self, pool, spec: LoadSpec, prompts: Sequence[Prompt], round_name: str,
                      tick: Callable[[], None], case: ScenarioCase) -> RoundResult:
@@ -248,12 +249,33 @@ class CaseRunner:
 
 
 def _run_async(coro):
-    """``asyncio.run``, except that a Ctrl-C or SIGTERM (a KeyboardInterrupt) that lands
-    while asyncio shuts the loop down stays what it is: that shutdown can end in
-    "RuntimeError: Event loop stopped before Future completed", which would fail the item
-    instead of ending the run as interrupted."""
+    """``asyncio.run``, made safe for a Ctrl-C or SIGTERM (a KeyboardInterrupt) at any moment.
+
+    One that lands while the loop is being built would leave a loop built half-way, whose
+    finalizer prints a traceback at exit ("no attribute '_signal_handlers'"), and the
+    coroutine never awaited: the loop is built with those signals blocked (delivered as
+    soon as it exists), and a coroutine that never started is closed. One that lands
+    while asyncio shuts the loop down can end in "RuntimeError: Event loop stopped before
+    Future completed", which would fail the item instead of ending the run as interrupted:
+    it stays the interrupt it is.
+    """
+    import inspect
+
+    runner = asyncio.Runner()
     try:
-        return asyncio.run(coro)
+        try:
+            blocked = {signal.SIGINT, signal.SIGTERM}
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+            try:
+                runner.get_loop()
+            finally:
+                if mask is not None:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            return runner.run(coro)
+        finally:
+            if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+                coro.close()
+            runner.close()
     except RuntimeError as exc:
         if isinstance(exc.__context__, KeyboardInterrupt):
             raise exc.__context__ from None

@@ -62,3 +62,31 @@ def test_single_round_keeps_every_guard_figure(monkeypatch):
     summary = _round_of_turns(monkeypatch, [guard(None, None, 10.0, 9.9, 3.0, 1.0)])
     assert summary["p99_arrival_lateness_ms"] == 3.0 and summary["concurrency_ratio"] is None
     assert summary["request_rate_ratio"] == pytest.approx(0.99) and "turns" not in summary
+
+
+def test_an_interrupt_while_the_loop_is_built_leaves_nothing_half_done(monkeypatch):
+    """A Ctrl-C that lands while asyncio builds the run's loop (a CI run printed a half-built
+    loop's finalizer traceback and a coroutine never awaited): it is delivered once the loop
+    exists, the loop is closed, the coroutine too."""
+    import inspect
+    import os
+    import signal
+
+    built = []
+    new_event_loop = asyncio.events.new_event_loop
+
+    def interrupted_while_building():
+        os.kill(os.getpid(), signal.SIGINT)
+        built.append(new_event_loop())
+        return built[-1]
+
+    monkeypatch.setattr(asyncio.runners.events, "new_event_loop", interrupted_while_building)
+
+    async def work():
+        return 1
+
+    coro = work()
+    with pytest.raises(KeyboardInterrupt):
+        runner_mod._run_async(coro)
+    assert len(built) == 1 and built[0].is_closed()
+    assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED
