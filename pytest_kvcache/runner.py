@@ -253,8 +253,9 @@ def _run_async(coro):
 
     One that lands while the loop is being built would leave a loop built half-way, whose
     finalizer prints a traceback at exit ("no attribute '_signal_handlers'"), and the
-    coroutine never awaited: the loop is built with those signals blocked (delivered as
-    soon as it exists), and a coroutine that never started is closed. One that lands
+    coroutine never awaited: the loop is built with those signals blocked in this thread
+    (delivered as soon as it exists; another thread of the process could still take
+    them), and a coroutine that never started is closed. One that lands
     while asyncio shuts the loop down can end in "RuntimeError: Event loop stopped before
     Future completed", which would fail the item instead of ending the run as interrupted:
     it stays the interrupt it is.
