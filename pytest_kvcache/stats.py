@@ -503,10 +503,8 @@ def _run_level(base_means: Any, base_n: Any, base_ss: Any, cur_means: Any, cur_n
     night = np.asarray(night_var, dtype=float)
     shared = between_var if shared_current else np.where(np.isnan(night), between_var,
                                                          np.minimum(night, between_var))
-    p_w = _t_sf(z, df[..., None])
-    p_b = _t_sf(-z, df[..., None])
     if k == 1:
-        p_worse, p_better = p_w[..., 0], p_b[..., 0]
+        p_worse, p_better = _t_sf(z[..., 0], df), _t_sf(-z[..., 0], df)
     else:
         rho = np.maximum((tau2 / runs + shared) / var_k.max(-1), _CONFIRMATION_CORRELATION_FLOOR)
         p_worse, p_better = _min_tail(z.min(-1), rho, k, df), _min_tail((-z).min(-1), rho, k, df)
